@@ -1,0 +1,91 @@
+/**
+ * Config loading: an optional YAML file, then environment variables, then flags (each
+ * overriding the last), validated once against a strict zod schema (unknown keys are
+ * rejected) and deep-frozen. No other module reads process.env.
+ */
+import { readFileSync } from 'node:fs';
+import { parse as parseYaml } from 'yaml';
+import type { z } from 'zod';
+import { scError } from './errors.js';
+
+export interface ConfigSources {
+  /** Values from command-line flags; undefined entries are ignored. */
+  flags?: Record<string, unknown>;
+  /** The environment to read; defaults to process.env. */
+  env?: NodeJS.ProcessEnv;
+  /** Env prefix; `listen` is read from `${prefix}LISTEN`. */
+  envPrefix?: string;
+  /** Optional YAML file path. */
+  file?: string;
+}
+
+/** Deep-freezes an object graph. */
+export function deepFreeze<T>(o: T): Readonly<T> {
+  if (o && typeof o === 'object' && !Object.isFrozen(o)) {
+    Object.freeze(o);
+    for (const v of Object.values(o)) deepFreeze(v);
+  }
+  return o;
+}
+
+function camelToEnv(k: string): string {
+  return k.replace(/([a-z0-9])([A-Z])/g, '$1_$2').toUpperCase();
+}
+
+function defined(o: Record<string, unknown> = {}): Record<string, unknown> {
+  return Object.fromEntries(Object.entries(o).filter(([, v]) => v !== undefined));
+}
+
+/**
+ * Loads, validates and freezes a config. Throws SC_ERR_BAD_CONFIG listing every problem.
+ * Env values are strings; the schema should coerce where it expects numbers.
+ */
+export function loadConfig<S extends z.ZodObject>(schema: S, src: ConfigSources = {}): Readonly<z.infer<S>> {
+  let fromFile: Record<string, unknown> = {};
+  if (src.file) {
+    try {
+      fromFile = (parseYaml(readFileSync(src.file, 'utf8')) as Record<string, unknown>) ?? {};
+    } catch (err) {
+      throw scError('SC_ERR_BAD_CONFIG', `cannot read config file ${src.file}: ${(err as Error).message}`);
+    }
+    if (typeof fromFile !== 'object' || Array.isArray(fromFile)) throw scError('SC_ERR_BAD_CONFIG', `${src.file}: expected a mapping`);
+  }
+  const fromEnv: Record<string, unknown> = {};
+  const env = src.env ?? process.env;
+  if (src.envPrefix) {
+    for (const key of Object.keys(schema.shape)) {
+      const v = env[src.envPrefix + camelToEnv(key)];
+      if (v !== undefined && v !== '') fromEnv[key] = v;
+    }
+  }
+  const merged = { ...fromFile, ...fromEnv, ...defined(src.flags) };
+  const r = schema.safeParse(merged);
+  if (!r.success) {
+    throw scError(
+      'SC_ERR_BAD_CONFIG',
+      `invalid configuration: ${r.error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`).join('; ')}`,
+    );
+  }
+  return deepFreeze(r.data);
+}
+
+/** Parses `host:port` (or `:port`, or a bare port) into listen options. */
+export function parseListen(s: string): { host: string; port: number } {
+  const m = /^(?:\[?([^\]]*)\]?:)?(\d{1,5})$/.exec(s.trim());
+  if (!m) throw scError('SC_ERR_BAD_CONFIG', `bad listen address ${JSON.stringify(s)}: expected HOST:PORT`);
+  const port = Number(m[2]);
+  if (port > 65535) throw scError('SC_ERR_BAD_CONFIG', `bad port ${port}`);
+  return { host: m[1] || '127.0.0.1', port };
+}
+
+/** Parses a byte size such as `20GiB`, `512MiB`, `1e9` or `4096`. */
+export function parseBytes(s: string | number): number {
+  if (typeof s === 'number') return s;
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$/i.exec(s);
+  if (!m) throw scError('SC_ERR_BAD_CONFIG', `bad byte size ${JSON.stringify(s)}`);
+  const unit = (m[2] ?? 'B').toUpperCase().replace(/B$/, '');
+  const pow = { '': 0, K: 1, KI: 1, M: 2, MI: 2, G: 3, GI: 3, T: 4, TI: 4 }[unit];
+  if (pow === undefined) throw scError('SC_ERR_BAD_CONFIG', `bad byte unit in ${s}`);
+  const base = unit.endsWith('I') || unit === '' ? 1024 : 1000;
+  return Math.floor(Number(m[1]) * base ** pow);
+}

@@ -1,0 +1,176 @@
+/**
+ * HTTP plumbing shared by every server: the single place where errors become responses, bearer
+ * token checks (constant time), serving a blob file with Range/ETag/304 exactly as the read
+ * API contract says, and listening on HOST:PORT (port 0 in tests).
+ */
+import { timingSafeEqual, createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import type { Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { pipeline } from 'node:stream/promises';
+import type { NextFunction, Request, RequestHandler, Response } from 'express';
+import parseRange from 'range-parser';
+import { type Digest, parseDigest } from './digest.js';
+import { type ErrorCode, ScError, scError, toScError } from './errors.js';
+import type { Logger } from './log.js';
+
+/** Headers every blob response carries. */
+export function blobHeaders(digest: Digest): Record<string, string> {
+  return {
+    'Accept-Ranges': 'bytes',
+    ETag: `"${digest}"`,
+    'Cache-Control': 'public, max-age=31536000, immutable',
+    'Content-Type': 'application/octet-stream',
+  };
+}
+
+/** Parses the `:ref` of `/v1/blobs/:ref`; anything but `sha256:<64 hex>` is SC_ERR_BAD_DIGEST. */
+export function blobParam(req: Request): Digest {
+  return parseDigest(req.params.ref);
+}
+
+/** True when If-None-Match matches the blob's ETag (or is `*`). */
+export function notModified(req: Request, digest: Digest): boolean {
+  const inm = req.headers['if-none-match'];
+  if (!inm) return false;
+  return inm.split(',').some((t) => {
+    const v = t.trim().replace(/^W\//, '');
+    return v === '*' || v === `"${digest}"`;
+  });
+}
+
+export type ByteRange = { start: number; end: number } | null;
+
+/**
+ * Interprets the Range header against a size. Returns null for "send it all" (no Range, a
+ * non-bytes unit, or several ranges: multi-range is answered with the full 200, as documented),
+ * the single range otherwise, and throws SC_ERR_BAD_RANGE (416) when unsatisfiable or malformed.
+ */
+export function requestedRange(req: Request, size: number): ByteRange {
+  const h = req.headers.range;
+  if (!h) return null;
+  if (h.length > 200) throw scError('SC_ERR_BAD_RANGE', 'Range header too long', { size });
+  const r = parseRange(size, h, { combine: true });
+  if (r === -1) throw scError('SC_ERR_BAD_RANGE', undefined, { size });
+  if (r === -2) throw scError('SC_ERR_BAD_RANGE', 'malformed Range header', { size });
+  if (r.type !== 'bytes' || r.length !== 1) return null;
+  return { start: r[0].start, end: r[0].end };
+}
+
+/** Writes status and headers for a blob response (200 or 206); returns the range to send. */
+export function startBlobResponse(req: Request, res: Response, digest: Digest, size: number): { start: number; end: number } | 'not-modified' {
+  res.set(blobHeaders(digest));
+  if (notModified(req, digest)) {
+    res.status(304).end();
+    return 'not-modified';
+  }
+  const range = requestedRange(req, size);
+  if (range) {
+    res.status(206);
+    res.set('Content-Range', `bytes ${range.start}-${range.end}/${size}`);
+    res.set('Content-Length', String(range.end - range.start + 1));
+    return range;
+  }
+  res.status(200);
+  res.set('Content-Length', String(size));
+  return { start: 0, end: size - 1 };
+}
+
+/**
+ * Serves a complete blob file: 200/206/304/416 per the contract, HEAD without a body. Returns
+ * the number of body bytes written.
+ */
+export async function serveBlobFile(req: Request, res: Response, path: string, digest: Digest, size: number): Promise<number> {
+  const r = startBlobResponse(req, res, digest, size);
+  if (r === 'not-modified') return 0;
+  if (req.method === 'HEAD' || size === 0 || r.end < r.start) {
+    res.end();
+    return 0;
+  }
+  let sent = 0;
+  const src = createReadStream(path, { start: r.start, end: r.end, highWaterMark: 1 << 20 });
+  src.on('data', (c: Buffer | string) => {
+    sent += c.length;
+  });
+  try {
+    await pipeline(src, res);
+  } catch (err) {
+    if (!res.headersSent) throw err;
+    res.destroy();
+  }
+  return sent;
+}
+
+/** Constant-time token comparison (hashing first so lengths never leak). */
+export function tokenMatches(given: string, expected: string): boolean {
+  const a = createHash('sha256').update(given).digest();
+  const b = createHash('sha256').update(expected).digest();
+  return timingSafeEqual(a, b) && given.length === expected.length;
+}
+
+/** Express middleware: 401 without `Authorization: Bearer`, 403 with a wrong token. */
+export function requireToken(expected: string): RequestHandler {
+  return (req, _res, next) => {
+    const h = req.headers.authorization;
+    const m = h ? /^Bearer\s+(\S+)\s*$/i.exec(h) : null;
+    if (!m) return next(scError('SC_ERR_UNAUTHORIZED'));
+    if (!tokenMatches(m[1], expected)) return next(scError('SC_ERR_FORBIDDEN'));
+    next();
+  };
+}
+
+/** The one place per server where an error becomes an HTTP response. */
+export function errorHandler(log: Logger) {
+  return (err: unknown, req: Request, res: Response, _next: NextFunction): void => {
+    let e: ScError;
+    const status = (err as { status?: number; statusCode?: number; type?: string })?.status;
+    if (err instanceof ScError) e = err;
+    else if ((err as { type?: string })?.type === 'entity.parse.failed') e = scError('SC_ERR_BAD_REQUEST', 'body is not valid JSON');
+    else if ((err as { type?: string })?.type === 'entity.too.large') e = scError('SC_ERR_TOO_LARGE');
+    else if (status === 400 || (err as { code?: string })?.code === 'ERR_INVALID_URL') e = scError('SC_ERR_BAD_PATH');
+    else e = toScError(err);
+    if (e.status >= 500) log.error({ err, code: e.code, url: req.originalUrl }, 'request failed');
+    else log.debug({ code: e.code, url: req.originalUrl }, 'request refused');
+    if (res.headersSent) {
+      res.destroy();
+      return;
+    }
+    res.status(e.status).set('Cache-Control', 'no-store').json(e.toJSON());
+  };
+}
+
+/** Catches requests no route took, with a stable code. */
+export function notFoundHandler(code: ErrorCode = 'SC_ERR_NOT_FOUND'): RequestHandler {
+  return (req, _res, next) => next(scError(code, `no route for ${req.method} ${req.path.slice(0, 200)}`));
+}
+
+/** A listening server with its base URL. */
+export interface Listening {
+  server: Server;
+  url: string;
+  port: number;
+  close(): Promise<void>;
+}
+
+/** Starts `handler` on host:port (port 0 picks a free one) and resolves once listening. */
+export async function listen(server: Server, host: string, port: number): Promise<Listening> {
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+  const addr = server.address() as AddressInfo;
+  const h = addr.family === 'IPv6' ? `[${addr.address}]` : addr.address;
+  return {
+    server,
+    port: addr.port,
+    url: `http://${h}:${addr.port}`,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        server.closeAllConnections();
+      }),
+  };
+}
