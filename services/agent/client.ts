@@ -1,0 +1,270 @@
+/**
+ * The agent's public surface for other services (control, the demo, the fleet benchmark):
+ * queue and key names, the signed step-job format, the producer API that signs and enqueues a
+ * host's install sequence as an ordered BullMQ flow, and readers for what agents publish
+ * (registrations, heartbeats, step reports). Nothing here runs a step.
+ *
+ * Redis layout (prefix P, default `stagecoach`; use `{stagecoach}` on Redis Cluster):
+ * - `P:host.<id>:*`       BullMQ queue `host.<id>`: the host's step jobs. Consumed only by that host's agent.
+ * - `P:agent:<id>`        hash: the host's registration and last heartbeat (HostRecord fields, JSON values).
+ * - `P:agents`            sorted set: host id → last heartbeat (ms).
+ * - `P:reports`           stream: one entry per step event (StepReport), written by agents, read by control.
+ * - `P:hostctl:<id>`      hash written by control, read by the agent: `abort` = rollout id to stop at the next step boundary.
+ */
+import type { KeyObject } from 'node:crypto';
+import { FlowProducer, type FlowJob } from 'bullmq';
+import type { Redis } from 'ioredis';
+import { scError } from '../../shared/errors.js';
+import { canonicalJson, keyId, signBytes, verifyBytes } from '../../shared/manifest.js';
+import { NAME_RE } from '../../shared/names.js';
+
+/** Host ids follow the bundle-name rule: `[a-z0-9][a-z0-9._-]{0,63}`. */
+export const HOST_ID_RE = NAME_RE;
+
+/** The conversion sequence, steps 1–11 of ARCHITECTURE.md, in order. */
+export const CONVERT_STEPS = [
+  'fetch',
+  'partition',
+  'install-base',
+  'capture-config',
+  'apply-config-base',
+  'boot-base',
+  'commit-base',
+  'wipe-target-disk',
+  'install-target',
+  'boot-target',
+  'verify',
+] as const;
+
+/** Every step name an agent understands. */
+export const STEP_NAMES = [...CONVERT_STEPS, 'rescue', 'fetch-other'] as const;
+export type StepName = (typeof STEP_NAMES)[number];
+
+/** The step after which the host can no longer fall back to OS A. */
+export const POINT_OF_NO_RETURN: StepName = 'commit-base';
+
+/** `name@version` of a bundle, split. */
+export interface BundleRef {
+  name: string;
+  version: string;
+}
+
+/** What a signed step job says. `exp` is a Unix time in ms after which the agent refuses it. */
+export interface StepPayload {
+  host: string;
+  rollout: string;
+  /** Position of the step in its sequence, from 0. */
+  seq: number;
+  step: StepName;
+  args: Record<string, unknown>;
+  exp: number;
+}
+
+/** The data of every BullMQ step job. */
+export interface SignedStepJob {
+  payload: StepPayload;
+  keyId: string;
+  sig: string;
+}
+
+/** One step of a sequence before signing. */
+export interface SequenceStep {
+  step: StepName;
+  args?: Record<string, unknown>;
+}
+
+/** Queue name of a host. Throws SC_ERR_BAD_NAME for a malformed host id. */
+export function hostQueueName(hostId: string): string {
+  if (!HOST_ID_RE.test(hostId)) throw scError('SC_ERR_BAD_NAME', `bad host id ${JSON.stringify(hostId.slice(0, 80))}`);
+  return `host.${hostId}`;
+}
+
+/** Redis key names under a prefix. */
+export function keys(prefix: string) {
+  return {
+    agent: (id: string) => `${prefix}:agent:${id}`,
+    agents: `${prefix}:agents`,
+    reports: `${prefix}:reports`,
+    hostctl: (id: string) => `${prefix}:hostctl:${id}`,
+  };
+}
+
+/** Signs a step payload with control's ed25519 key. */
+export function signStepJob(payload: StepPayload, key: KeyObject): SignedStepJob {
+  return { payload, keyId: keyId(key), sig: signBytes(key, Buffer.from(canonicalJson(payload))) };
+}
+
+/**
+ * Verifies a job for `hostId` at time `now` (ms). Throws SC_ERR_JOB_REJECTED, with
+ * `details.reason` one of `malformed`, `unsigned`, `bad-signature`, `wrong-host`, `expired`.
+ */
+export function verifyStepJob(data: unknown, hostId: string, controlKey: KeyObject, now: number): StepPayload {
+  const reject = (reason: string, msg: string) => scError('SC_ERR_JOB_REJECTED', msg, { reason });
+  const d = data as Partial<SignedStepJob> | null;
+  if (!d || typeof d !== 'object' || !d.payload || typeof d.payload !== 'object') throw reject('malformed', 'job has no payload');
+  if (typeof d.sig !== 'string' || typeof d.keyId !== 'string') throw reject('unsigned', 'job is not signed');
+  if (d.keyId !== keyId(controlKey) || !verifyBytes(controlKey, Buffer.from(canonicalJson(d.payload)), d.sig)) {
+    throw reject('bad-signature', 'job signature does not verify with the control key');
+  }
+  const p = d.payload;
+  if (p.host !== hostId) throw reject('wrong-host', `job is addressed to ${String(p.host).slice(0, 80)}, not ${hostId}`);
+  if (typeof p.exp !== 'number' || p.exp < now) throw reject('expired', 'job has expired');
+  if (!(STEP_NAMES as readonly string[]).includes(p.step as string)) throw reject('malformed', `unknown step ${String(p.step).slice(0, 40)}`);
+  return p as StepPayload;
+}
+
+/** The conversion A → C through base B, as a sequence. */
+export function convertSequence(base: BundleRef, target: BundleRef): SequenceStep[] {
+  return CONVERT_STEPS.map((step) => ({ step, args: { base, target } }));
+}
+
+/** Boot into the rescue OS B (from C, or from a broken disk 1). */
+export function rescueSequence(): SequenceStep[] {
+  return [{ step: 'rescue' }];
+}
+
+/** From B, reinstall the kept target bundle from disk2p2 and boot it. */
+export function reinstallSequence(): SequenceStep[] {
+  return [{ step: 'rescue' }, { step: 'wipe-target-disk' }, { step: 'install-target' }, { step: 'boot-target' }, { step: 'verify' }];
+}
+
+/** From B, fetch another OS D through the stage and install it on disk 1. */
+export function installOtherSequence(other: BundleRef): SequenceStep[] {
+  const args = { target: other };
+  return [
+    { step: 'rescue' },
+    { step: 'fetch-other', args },
+    { step: 'wipe-target-disk', args },
+    { step: 'install-target', args },
+    { step: 'boot-target', args },
+    { step: 'verify', args },
+  ];
+}
+
+/** Options of every step job (see the agent's worker for why attempts are bounded). */
+export const STEP_JOB_OPTS = {
+  attempts: 3,
+  backoff: { type: 'exponential', delay: 1000 },
+  failParentOnFailure: true,
+  removeOnComplete: { age: 7 * 24 * 3600 },
+  removeOnFail: { age: 30 * 24 * 3600 },
+} as const;
+
+/**
+ * Signs and enqueues host sequences as ordered flows: the first step is the deepest child, so
+ * BullMQ runs them strictly in order, and a failed step fails every later one. Job ids are
+ * `<rollout>.<seq>.<step>`, so enqueueing the same sequence twice adds nothing.
+ */
+export class AgentProducer {
+  readonly #flow: FlowProducer;
+  readonly #key: KeyObject;
+  readonly prefix: string;
+
+  constructor(opts: { connection: Redis; prefix?: string; signingKey: KeyObject }) {
+    this.prefix = opts.prefix ?? 'stagecoach';
+    this.#key = opts.signingKey;
+    this.#flow = new FlowProducer({ connection: opts.connection, prefix: this.prefix });
+  }
+
+  /** Enqueues `steps` for `host` under `rollout`; jobs expire `ttlMs` from now (default 24 h). */
+  async enqueueSequence(host: string, rollout: string, steps: SequenceStep[], opts: { ttlMs?: number; now?: number } = {}): Promise<string[]> {
+    const queueName = hostQueueName(host);
+    if (!/^[A-Za-z0-9_-]{1,64}$/.test(rollout)) throw scError('SC_ERR_BAD_NAME', `bad rollout id ${JSON.stringify(rollout.slice(0, 80))}`);
+    if (steps.length === 0) throw scError('SC_ERR_BAD_REQUEST', 'empty sequence');
+    const exp = (opts.now ?? Date.now()) + (opts.ttlMs ?? 24 * 3600 * 1000);
+    let node: FlowJob | undefined;
+    const ids: string[] = [];
+    steps.forEach((s, seq) => {
+      const payload: StepPayload = { host, rollout, seq, step: s.step, args: s.args ?? {}, exp };
+      const id = `${rollout}.${seq}.${s.step}`;
+      ids.push(id);
+      node = {
+        name: s.step,
+        queueName,
+        data: signStepJob(payload, this.#key),
+        opts: { jobId: id, ...STEP_JOB_OPTS },
+        ...(node ? { children: [node] } : {}),
+      };
+    });
+    await this.#flow.add(node!);
+    return ids;
+  }
+
+  async close(): Promise<void> {
+    await this.#flow.close();
+  }
+}
+
+/** A host as its agent last reported it. */
+export interface HostRecord {
+  hostId: string;
+  colo: string;
+  ip: string;
+  running: { id: string; version: string; device: string } | null;
+  bootDevice: string | null;
+  agentVersion: string;
+  lastSeen: number;
+  /** What the agent is doing: idle, running a step, rebooting, refused… */
+  state: string;
+  rollout: string | null;
+  step: string | null;
+}
+
+/** One step event from an agent, as written to the reports stream. */
+export interface StepReport {
+  host: string;
+  rollout: string;
+  seq: number;
+  step: string;
+  /** started | progress | completed | failed | refused | rebooting */
+  event: string;
+  ts: number;
+  code?: string;
+  message?: string;
+  bytes?: number;
+  percent?: number;
+}
+
+/** Encodes a HostRecord as hash fields (JSON values). */
+export function encodeHostRecord(h: Partial<HostRecord>): Record<string, string> {
+  return Object.fromEntries(Object.entries(h).map(([k, v]) => [k, JSON.stringify(v)]));
+}
+
+/** Decodes hash fields written by encodeHostRecord. */
+export function decodeHostRecord(fields: Record<string, string>): HostRecord {
+  const o: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(fields)) {
+    try {
+      o[k] = JSON.parse(v);
+    } catch {
+      o[k] = v;
+    }
+  }
+  return o as unknown as HostRecord;
+}
+
+/** Reads every registered host (registrations and heartbeats). */
+export async function readHosts(redis: Redis, prefix = 'stagecoach'): Promise<HostRecord[]> {
+  const k = keys(prefix);
+  const ids = await redis.zrange(k.agents, '0', '-1');
+  if (ids.length === 0) return [];
+  const pipe = redis.pipeline();
+  for (const id of ids) pipe.hgetall(k.agent(id));
+  const res = (await pipe.exec()) ?? [];
+  return res
+    .map(([, fields]) => fields as Record<string, string>)
+    .filter((f) => f && Object.keys(f).length > 0)
+    .map(decodeHostRecord);
+}
+
+/** Asks a host's agent to stop at its next step boundary for `rollout` (abort). */
+export async function requestAbort(redis: Redis, prefix: string, host: string, rollout: string): Promise<void> {
+  await redis.hset(keys(prefix).hostctl(host), 'abort', rollout);
+}
+
+/** Decodes one reports-stream entry's field list. */
+export function decodeReport(fields: string[]): StepReport {
+  const o: Record<string, string> = {};
+  for (let i = 0; i + 1 < fields.length; i += 2) o[fields[i]] = fields[i + 1];
+  return JSON.parse(o.r ?? '{}') as StepReport;
+}
