@@ -25,7 +25,6 @@ const modules = [
   './commands/rollout.js',
   './commands/hosts.js',
   './commands/demo.js',
-  './commands/bench.js',
 ];
 
 for (const m of modules) {
