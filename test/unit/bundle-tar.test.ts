@@ -1,0 +1,259 @@
+/**
+ * safeExtract against hostile archives (built here from raw ustar headers, so nothing
+ * sanitises them on the way) and packDirStream's order and fidelity.
+ */
+import assert from 'node:assert/strict';
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { afterEach, beforeEach, describe, it } from 'node:test';
+import * as tar from 'tar';
+import { packDirStream, safeExtract } from '../../shared/bundle/index.js';
+import { isScError } from '../../shared/errors.js';
+
+type Kind = 'file' | 'dir' | 'symlink' | 'hardlink' | 'chardev' | 'fifo';
+const TYPEFLAG: Record<Kind, string> = { file: '0', hardlink: '1', symlink: '2', chardev: '3', dir: '5', fifo: '6' };
+
+interface RawEntry {
+  path: string;
+  kind?: Kind;
+  linkpath?: string;
+  mode?: number;
+  body?: string | Buffer;
+  mtime?: number;
+}
+
+function octal(buf: Buffer, off: number, len: number, value: number): void {
+  buf.write(`${value.toString(8).padStart(len - 1, '0')}\0`, off, len, 'latin1');
+}
+
+/** One ustar header (+ padded body), written byte by byte: no library sanitises anything. */
+function rawEntry(e: RawEntry): Buffer {
+  const kind = e.kind ?? 'file';
+  const body = Buffer.from(e.body ?? '');
+  const h = Buffer.alloc(512);
+  h.write(e.path, 0, 100, 'utf8');
+  octal(h, 100, 8, e.mode ?? (kind === 'dir' ? 0o755 : 0o644));
+  octal(h, 108, 8, 0);
+  octal(h, 116, 8, 0);
+  octal(h, 124, 12, kind === 'file' ? body.length : 0);
+  octal(h, 136, 12, e.mtime ?? 1_700_000_000);
+  h.fill(0x20, 148, 156);
+  h.write(TYPEFLAG[kind], 156, 1, 'latin1');
+  if (e.linkpath) h.write(e.linkpath, 157, 100, 'utf8');
+  h.write('ustar\0', 257, 6, 'latin1');
+  h.write('00', 263, 2, 'latin1');
+  let sum = 0;
+  for (const b of h) sum += b;
+  h.write(`${sum.toString(8).padStart(6, '0')}\0 `, 148, 8, 'latin1');
+  const pad = kind === 'file' ? Buffer.alloc((512 - (body.length % 512)) % 512) : Buffer.alloc(0);
+  return Buffer.concat([h, kind === 'file' ? body : Buffer.alloc(0), pad]);
+}
+
+function archive(entries: RawEntry[]): Buffer {
+  return Buffer.concat([...entries.map(rawEntry), Buffer.alloc(1024)]);
+}
+
+/** Every path under `dir`, relative, sorted. */
+function listAll(dir: string, rel = ''): string[] {
+  const out: string[] = [];
+  for (const name of readdirSync(join(dir, rel)).sort()) {
+    const r = rel ? `${rel}/${name}` : name;
+    out.push(r);
+    const st = lstatSync(join(dir, r));
+    if (st.isDirectory()) out.push(...listAll(dir, r));
+  }
+  return out;
+}
+
+describe('safeExtract', () => {
+  let base: string;
+  let target: string;
+
+  beforeEach(() => {
+    // base/t1/t2 is the target: '../../x' from the target lands in base, where we look for it.
+    base = mkdtempSync(join(tmpdir(), 'sc-tar-'));
+    target = join(base, 't1', 't2');
+    mkdirSync(target, { recursive: true });
+  });
+  afterEach(() => rmSync(base, { recursive: true, force: true }));
+
+  const extract = (entries: RawEntry[]) => safeExtract(Readable.from([archive(entries)]), target);
+  const isUnsafe = (e: unknown) => {
+    assert.ok(isScError(e, 'SC_ERR_UNSAFE_ARCHIVE'), `expected SC_ERR_UNSAFE_ARCHIVE, got ${(e as Error)?.message}`);
+    return true;
+  };
+  /** Nothing outside the target: base holds only t1/t2 and whatever is inside t2. */
+  const assertNothingOutside = () => {
+    assert.deepEqual(readdirSync(base), ['t1']);
+    assert.deepEqual(readdirSync(join(base, 't1')), ['t2']);
+  };
+
+  const evil: [string, RawEntry[]][] = [
+    ['../evil', [{ path: '../evil', body: 'x' }]],
+    ['../../evil', [{ path: '../../evil', body: 'x' }]],
+    ['/abs/evil', [{ path: '/abs/evil', body: 'x' }]],
+    ['a/../../evil', [{ path: 'a/', kind: 'dir' }, { path: 'a/../../evil', body: 'x' }]],
+    ['symlink x -> ../../ then x/evil', [{ path: 'x', kind: 'symlink', linkpath: '../../' }, { path: 'x/evil', body: 'x' }]],
+    ['symlink /etc (allowed) then link/evil', [{ path: 'link', kind: 'symlink', linkpath: '/etc' }, { path: 'link/evil', body: 'x' }]],
+    ['hardlink to ../../outside', [{ path: 'h', kind: 'hardlink', linkpath: '../../outside' }]],
+    ['hardlink to /etc/passwd', [{ path: 'h', kind: 'hardlink', linkpath: '/etc/passwd' }]],
+    ['symlink inside, then a dir through it', [{ path: 'sub/', kind: 'dir' }, { path: 'ok', kind: 'symlink', linkpath: 'sub' }, { path: 'ok/d/', kind: 'dir' }]],
+    ['hardlink through a symlink', [{ path: 'l', kind: 'symlink', linkpath: '/etc' }, { path: 'h', kind: 'hardlink', linkpath: 'l/passwd' }]],
+    ['relative symlink escaping from a subdirectory', [{ path: 'a/b/', kind: 'dir' }, { path: 'a/b/up', kind: 'symlink', linkpath: '../../../x' }]],
+    ['a symlink named like the root', [{ path: './', kind: 'symlink', linkpath: '/' }]],
+  ];
+
+  for (const [name, entries] of evil) {
+    it(`refuses ${name} with SC_ERR_UNSAFE_ARCHIVE and writes nothing outside`, async () => {
+      await assert.rejects(extract([...entries, { path: 'after-the-bad-one', body: 'y' }]), isUnsafe);
+      assertNothingOutside();
+      assert.ok(!existsSync('/abs/evil'));
+      assert.ok(!existsSync(join(target, 'after-the-bad-one')), 'nothing after the refused entry is extracted');
+      assert.ok(!listAll(target).some((p) => p.endsWith('evil')), 'the evil entry itself was not written');
+    });
+  }
+
+  it('refuses to write through a symlink already in the target (pointing outside)', async () => {
+    mkdirSync(join(base, 'outside'));
+    symlinkSync(join(base, 'outside'), join(target, 'pre'));
+    await assert.rejects(extract([{ path: 'pre/evil', body: 'x' }]), isUnsafe);
+    assert.deepEqual(readdirSync(join(base, 'outside')), []);
+  });
+
+  it('allows absolute (root-relative) and inside relative symlinks, keeping targets verbatim', async () => {
+    const r = await extract([
+      { path: 'etc/', kind: 'dir' },
+      { path: 'etc/alternatives/', kind: 'dir' },
+      { path: 'etc/alternatives/awk', kind: 'symlink', linkpath: '/usr/bin/mawk' },
+      { path: 'usr/bin/', kind: 'dir' },
+      { path: 'usr/bin/mawk', body: 'mawk', mode: 0o755 },
+      { path: 'usr/bin/awk', kind: 'symlink', linkpath: '/etc/alternatives/awk' },
+      { path: 'usr/bin/nawk', kind: 'symlink', linkpath: 'mawk' },
+      { path: 'etc/os-release', kind: 'symlink', linkpath: '../usr/lib/os-release' },
+      { path: 'weird', kind: 'symlink', linkpath: '/../../../etc' },
+      { path: 'usr/bin/gawk', kind: 'hardlink', linkpath: 'usr/bin/mawk' },
+    ]);
+    assert.equal(r.entries, 10);
+    assert.equal(readlinkSync(join(target, 'usr/bin/awk')), '/etc/alternatives/awk');
+    assert.equal(readlinkSync(join(target, 'etc/alternatives/awk')), '/usr/bin/mawk');
+    assert.equal(readlinkSync(join(target, 'usr/bin/nawk')), 'mawk');
+    assert.equal(readlinkSync(join(target, 'etc/os-release')), '../usr/lib/os-release');
+    assert.equal(readlinkSync(join(target, 'weird')), '/../../../etc');
+    assert.equal(statSync(join(target, 'usr/bin/gawk')).ino, statSync(join(target, 'usr/bin/mawk')).ino);
+    assertNothingOutside();
+  });
+
+  it('keeps modes exactly (setuid, setgid, sticky, group-writable, 0555 dirs) whatever the umask', async () => {
+    await extract([
+      { path: 'tmp/', kind: 'dir', mode: 0o1777 },
+      { path: 'root/', kind: 'dir', mode: 0o700 },
+      { path: 'ro/', kind: 'dir', mode: 0o555 },
+      { path: 'var/mail/', kind: 'dir', mode: 0o2775 },
+      { path: 'usr/bin/passwd', body: 'p', mode: 0o4755 },
+      { path: 'usr/bin/wall', body: 'w', mode: 0o2755 },
+      { path: 'shared', body: 's', mode: 0o666 },
+      { path: 'secret', body: 's', mode: 0o600 },
+    ]);
+    const mode = (p: string) => statSync(join(target, p)).mode & 0o7777;
+    assert.equal(mode('tmp'), 0o1777);
+    assert.equal(mode('root'), 0o700);
+    assert.equal(mode('ro'), 0o555);
+    assert.equal(mode('var/mail'), 0o2775);
+    assert.equal(mode('usr/bin/passwd'), 0o4755);
+    assert.equal(mode('usr/bin/wall'), 0o2755);
+    assert.equal(mode('shared'), 0o666);
+    assert.equal(mode('secret'), 0o600);
+  });
+
+  it('restores directory and symlink mtimes after the contents are written', async () => {
+    await extract([
+      { path: 'd/', kind: 'dir', mtime: 1_600_000_000 },
+      { path: 'd/f', body: 'x', mtime: 1_600_000_100 },
+      { path: 'd/l', kind: 'symlink', linkpath: 'f', mtime: 1_600_000_200 },
+    ]);
+    assert.equal(lstatSync(join(target, 'd')).mtimeMs, 1_600_000_000_000);
+    assert.equal(lstatSync(join(target, 'd/f')).mtimeMs, 1_600_000_100_000);
+    assert.equal(lstatSync(join(target, 'd/l')).mtimeMs, 1_600_000_200_000);
+  });
+
+  it('lets the last entry for a path win (file replaced by a symlink and back)', async () => {
+    await extract([
+      { path: 'a', body: 'first' },
+      { path: 'a', kind: 'symlink', linkpath: '/etc/hostname' },
+      { path: 'b', kind: 'symlink', linkpath: '/nowhere' },
+      { path: 'b', body: 'second' },
+    ]);
+    assert.equal(readlinkSync(join(target, 'a')), '/etc/hostname');
+    assert.equal(readFileSync(join(target, 'b'), 'utf8'), 'second');
+  });
+
+  it('skips device nodes and FIFOs, counting them', async () => {
+    const r = await extract([
+      { path: 'dev/', kind: 'dir' },
+      { path: 'dev/null', kind: 'chardev', mode: 0o666 },
+      { path: 'dev/fifo', kind: 'fifo' },
+      { path: 'ok', body: 'fine' },
+    ]);
+    assert.deepEqual(r, { entries: 4, skipped: 2 });
+    assert.deepEqual(readdirSync(join(target, 'dev')), []);
+    assert.equal(readFileSync(join(target, 'ok'), 'utf8'), 'fine');
+  });
+
+  it('fails with SC_ERR_BAD_ARCHIVE on a truncated or corrupt tar', async () => {
+    const full = archive([{ path: 'big', body: Buffer.alloc(5000, 1) }]);
+    await assert.rejects(safeExtract(Readable.from([full.subarray(0, 2048)]), target), (e: unknown) => isScError(e, 'SC_ERR_BAD_ARCHIVE'));
+    const corrupt = Buffer.from(archive([{ path: 'x', body: 'x' }]));
+    corrupt[10] ^= 0xff; // header checksum no longer matches
+    await assert.rejects(safeExtract(Readable.from([corrupt]), target), (e: unknown) => isScError(e, 'SC_ERR_BAD_ARCHIVE'));
+  });
+
+  it('passes on the source stream error', async () => {
+    const src = new Readable({ read() {} });
+    const p = safeExtract(src, target);
+    src.push(archive([{ path: 'a', body: 'x' }]).subarray(0, 512));
+    src.destroy(Object.assign(new Error('network gone'), { code: 'ECONNRESET' }));
+    await assert.rejects(p, /network gone/);
+  });
+});
+
+describe('packDirStream', () => {
+  let base: string;
+  beforeEach(() => {
+    base = mkdtempSync(join(tmpdir(), 'sc-pack-'));
+  });
+  afterEach(() => rmSync(base, { recursive: true, force: true }));
+
+  it('packs in sorted order with relative paths, and the tar CLI agrees', async () => {
+    const src = join(base, 'src');
+    for (const d of ['b', 'a/z', 'a/c', 'empty']) mkdirSync(join(src, d), { recursive: true });
+    for (const f of ['b/2', 'b/1', 'a/z/f', 'a/c/f', 'top']) writeFileSync(join(src, f), f);
+    symlinkSync('/etc/hostname', join(src, 'abs'));
+    const paths: string[] = [];
+    await new Promise<void>((resolve, reject) => {
+      const p = new tar.Parser({
+        onReadEntry: (e) => {
+          paths.push(e.path);
+          e.resume();
+        },
+      });
+      p.on('end', resolve);
+      p.on('error', reject);
+      packDirStream(src).on('error', reject).pipe(p);
+    });
+    assert.deepEqual(paths, ['a/', 'a/c/', 'a/c/f', 'a/z/', 'a/z/f', 'abs', 'b/', 'b/1', 'b/2', 'empty/', 'top']);
+  });
+
+  it('fails with SC_ERR_BAD_REQUEST for a missing directory', async () => {
+    const s = packDirStream(join(base, 'nope'));
+    await assert.rejects(
+      (async () => {
+        for await (const _ of s) {
+          /* drain */
+        }
+      })(),
+      (e: unknown) => isScError(e, 'SC_ERR_BAD_REQUEST'),
+    );
+  });
+});
