@@ -1,0 +1,49 @@
+/**
+ * Benchmark results: every suite returns a SuiteResult; run.ts prints it as a table and one
+ * JSON line, stores it in loadtest/results.json (one entry per suite, last run wins), and
+ * regenerates loadtest/RESULTS.md from that file.
+ */
+import { cpus, totalmem } from 'node:os';
+
+export interface SuiteResult {
+  suite: string;
+  /** Column headers of the table. */
+  headers: string[];
+  /** Rows of cells (already formatted). */
+  rows: (string | number)[][];
+  /** Free-form lines shown under the table (goals, skipped peers, parameters). */
+  notes: string[];
+  /** Machine-readable numbers for the JSON line. */
+  data: Record<string, unknown>;
+}
+
+/** One line that identifies the machine a result was measured on. */
+export function machineLine(): string {
+  const c = cpus();
+  return `${c.length} × ${c[0]?.model.trim() ?? 'cpu'}, ${(totalmem() / 2 ** 30).toFixed(0)} GiB RAM, Node ${process.version}, ${process.platform}`;
+}
+
+/** A Markdown table. */
+export function markdownTable(headers: string[], rows: (string | number)[][]): string {
+  const line = (cells: (string | number)[]) => `| ${cells.map((c) => String(c)).join(' | ')} |`;
+  return [line(headers), line(headers.map(() => '---')), ...rows.map(line)].join('\n');
+}
+
+/** A plain-text table for the terminal. */
+export function textTable(headers: string[], rows: (string | number)[][]): string {
+  const all = [headers, ...rows].map((r) => r.map((c) => String(c)));
+  const w = headers.map((_, i) => Math.max(...all.map((r) => (r[i] ?? '').length)));
+  return all.map((r) => r.map((c, i) => c.padEnd(w[i])).join('  ')).join('\n');
+}
+
+/** Formats bytes per second as MB/s (10^6). */
+export function mbps(bytes: number, ms: number): number {
+  return Math.round((bytes / 1e6 / (ms / 1000)) * 10) / 10;
+}
+
+/** p-th percentile (0–100) of numbers. */
+export function percentile(xs: number[], p: number): number {
+  if (xs.length === 0) return Number.NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.max(0, Math.ceil((p / 100) * s.length) - 1))];
+}

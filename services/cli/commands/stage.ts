@@ -1,0 +1,44 @@
+/** `stagecoach stage`: runs a per-colo pull-through stage (see README, "Stage"). */
+import type { Command } from 'commander';
+import { action, collect, splitList } from '../util.js';
+
+/** Registers the `stage` command. */
+export function register(program: Command): void {
+  program
+    .command('stage')
+    .description('Run a stage: a pull-through blob cache that fetches every bundle once per colo')
+    .option('--listen <host:port>', 'address to listen on (default 127.0.0.1:7080)')
+    .option('--upstream <urls>', 'upstream origin or parent stage URLs, comma-separated, in order of preference', (v: string, prev: string[] = []) => [
+      ...prev,
+      ...splitList(v),
+    ])
+    .option('--cache <dir>', 'cache directory')
+    .option('--cache-size <bytes>', 'byte budget for cached blobs, e.g. 20GiB (default 20GiB)')
+    .option('--colo <name>', 'colo name (reported in /healthz and metrics)')
+    .option('--trust-key <pem>', 'trusted manifest signing public key (repeatable); untrusted manifests are refused', collect)
+    .option('--token-file <file>', 'bearer token file protecting POST /v1/prefetch')
+    .option('--idle-timeout <ms>', 'abandon and resume an upstream response idle this long (default 15000)')
+    .option('--negative-ttl <ms>', 'remember upstream 404s this long (default 5000)')
+    .option('--config <file>', 'YAML config file (keys as in the README)')
+    .option('--log-level <level>', 'pino log level (default info)')
+    .action(
+      action(async (o: Record<string, string | string[] | undefined>) => {
+        const { runStage } = await import('../../stage/main.js'); // loaded only when this command runs
+        await runStage(
+          {
+            listen: o.listen,
+            upstreams: o.upstream,
+            cache: o.cache,
+            cacheSize: o.cacheSize,
+            colo: o.colo,
+            trustKeys: o.trustKey,
+            tokenFile: o.tokenFile,
+            idleTimeoutMs: o.idleTimeout,
+            negativeTtlMs: o.negativeTtl,
+            logLevel: o.logLevel,
+          },
+          { file: o.config as string | undefined },
+        );
+      }),
+    );
+}

@@ -1,0 +1,100 @@
+/**
+ * Stage configuration: one strict zod schema with every default in one place. Validated once
+ * (by `loadStageConfig` from flags/env/file, or by `parseStageConfig` for in-process callers),
+ * then frozen.
+ */
+import { z } from 'zod';
+import { deepFreeze, loadConfig, parseBytes, parseListen, type ConfigSources } from '../../shared/config.js';
+import { scError } from '../../shared/errors.js';
+
+const bytes = z.union([z.number().int().nonnegative(), z.string()]).transform((v, ctx) => {
+  try {
+    return parseBytes(v);
+  } catch (err) {
+    ctx.addIssue({ code: 'custom', message: (err as Error).message });
+    return z.NEVER;
+  }
+});
+
+const ms = (def: number) => z.coerce.number().int().nonnegative().default(def);
+
+const upstreamUrl = z
+  .string()
+  .url()
+  .refine((u) => /^https?:\/\//.test(u), 'upstream must be an http(s) URL')
+  .transform((u) => u.replace(/\/+$/, ''));
+
+const list = <T extends z.ZodType>(item: T, what = 'a list') =>
+  z.preprocess(
+    (v) =>
+      typeof v === 'string'
+        ? v
+            .split(',')
+            .map((s) => s.trim())
+            .filter(Boolean)
+        : v,
+    z.array(item, { error: `expected ${what}` }),
+  );
+
+/** The stage config schema (unknown keys rejected). Durations are milliseconds, sizes bytes. */
+export const stageConfigSchema = z.strictObject({
+  /** HOST:PORT to listen on (port 0 picks a free one). */
+  listen: z.string().default('127.0.0.1:7080'),
+  /** Ordered upstreams (origin or parent stages); the first healthy one is used first. */
+  upstreams: list(upstreamUrl, 'at least one upstream URL (--upstream)').pipe(z.array(z.string()).min(1, 'at least one --upstream is required')),
+  /** Cache directory (created if missing). */
+  cache: z.string().min(1),
+  /** Byte budget for cached blobs (`20GiB`, `512MiB`, or a number). */
+  cacheSize: bytes.default(20 * 1024 ** 3),
+  /** Colo name, reported by /healthz and as a metrics label. */
+  colo: z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, 'colo must be [A-Za-z0-9._-], at most 64 characters'),
+  /** PEM public keys; when given, manifests must verify against one of them to be cached or served. */
+  trustKeys: list(z.string().min(1)).default([]),
+  /** File holding the bearer token for POST /v1/prefetch (first line). Without it, prefetch is refused. */
+  tokenFile: z.string().optional(),
+  /** The prefetch token itself, for in-process callers (never logged). Overrides tokenFile. */
+  token: z.string().min(1).optional(),
+  /** An upstream response that delivers no byte for this long is abandoned and resumed. */
+  idleTimeoutMs: ms(15_000),
+  /** First backoff before retrying an upstream; doubles per consecutive failure. */
+  backoffMs: ms(250),
+  /** Backoff ceiling. */
+  maxBackoffMs: ms(5_000),
+  /** Retries on the same upstream before moving to the next one. */
+  retriesPerUpstream: z.coerce.number().int().nonnegative().default(2),
+  /** Consecutive attempts without a single new byte before a fill fails. */
+  maxAttempts: z.coerce.number().int().positive().default(12),
+  /** An upstream that exhausted its retries is tried last for this long. */
+  upstreamDownMs: ms(10_000),
+  /** How long a 404 (blob or manifest) is remembered. */
+  negativeTtlMs: ms(5_000),
+  /** Finished fills kept for GET /v1/fills. */
+  fillHistory: z.coerce.number().int().nonnegative().default(200),
+  /** Log level (pino). */
+  logLevel: z.string().default('info'),
+});
+
+/** Input accepted by `parseStageConfig` / `startStage` (defaults applied on parse). */
+export type StageConfigInput = z.input<typeof stageConfigSchema>;
+/** A validated, frozen stage config. */
+export type StageConfig = Readonly<z.output<typeof stageConfigSchema>>;
+
+/** Validates an in-process config; throws SC_ERR_BAD_CONFIG listing every problem. */
+export function parseStageConfig(input: StageConfigInput | StageConfig): StageConfig {
+  const r = stageConfigSchema.safeParse(input);
+  if (!r.success) {
+    throw scError(
+      'SC_ERR_BAD_CONFIG',
+      `invalid stage configuration: ${r.error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`).join('; ')}`,
+    );
+  }
+  parseListen(r.data.listen);
+  return deepFreeze(r.data);
+}
+
+/** Loads the stage config from flags, `STAGECOACH_STAGE_*` env and an optional YAML file. */
+export function loadStageConfig(src: ConfigSources): StageConfig {
+  const c = loadConfig(stageConfigSchema, { envPrefix: 'STAGECOACH_STAGE_', ...src });
+  parseListen(c.listen);
+  return c;
+}

@@ -1,0 +1,53 @@
+/**
+ * The stage's Prometheus metrics (all named `stage_*`), registered on the stage's own Registry.
+ * The README's operator table documents each one.
+ */
+import { Counter, Gauge, httpMetrics, type Registry } from '../../shared/metrics.js';
+
+/** Creates every stage metric on `r`. Gauges that mirror live state are set by their owners. */
+export function createStageMetrics(r: Registry) {
+  const c = (name: string, help: string) => new Counter({ name, help, registers: [r] });
+  return {
+    http: httpMetrics(r, 'stage'),
+    upstreamRequests: new Counter({
+      name: 'stage_upstream_requests_total',
+      help: 'Requests sent upstream, by upstream, kind (blob|manifest|listing) and outcome (HTTP status or error)',
+      labelNames: ['upstream', 'kind', 'outcome'] as const,
+      registers: [r],
+    }),
+    upstreamBytes: new Counter({
+      name: 'stage_upstream_bytes_total',
+      help: 'Blob body bytes received from upstreams',
+      labelNames: ['upstream'] as const,
+      registers: [r],
+    }),
+    bytesServed: c('stage_bytes_served_total', 'Blob body bytes sent to clients'),
+    hits: c('stage_hits_total', 'Blob requests answered from a committed cache entry'),
+    misses: c('stage_misses_total', 'Blob requests that started a fill'),
+    coalesced: c('stage_coalesced_total', 'Blob requests that joined a fill already in flight'),
+    negativeHits: c('stage_negative_hits_total', 'Requests answered 404 from the negative cache'),
+    resumes: c('stage_resumes_total', 'Upstream attempts that continued a broken or stalled fill'),
+    digestFailures: c('stage_digest_failures_total', 'Fills whose sha256 did not match (deleted, readers aborted)'),
+    fillsFailed: c('stage_fills_failed_total', 'Fills that ended without content (digest failures, upstreams exhausted)'),
+    fillsCommitted: c('stage_fills_committed_total', 'Fills verified and committed (pass-throughs included)'),
+    evictions: c('stage_evictions_total', 'Cache entries evicted by the byte budget'),
+    evictedBytes: c('stage_evicted_bytes_total', 'Bytes evicted by the byte budget'),
+    passThroughs: c('stage_passthrough_total', 'Fills of blobs larger than the whole budget, streamed without being cached'),
+    fillsInFlight: new Gauge({ name: 'stage_fills_in_flight', help: 'Fills currently running', registers: [r] }),
+    cacheBytes: new Gauge({
+      name: 'stage_cache_bytes',
+      help: 'Bytes held by the cache: committed and reserved (filling) entries plus evicted files still open by readers',
+      registers: [r],
+    }),
+    cacheDeferredBytes: new Gauge({
+      name: 'stage_cache_deferred_bytes',
+      help: 'Bytes of evicted entries whose unlink waits for their last reader',
+      registers: [r],
+    }),
+    cacheMaxBytes: new Gauge({ name: 'stage_cache_max_bytes', help: 'The byte budget (--cache-size)', registers: [r] }),
+    cacheEntries: new Gauge({ name: 'stage_cache_entries', help: 'Entries in the cache index', registers: [r] }),
+  };
+}
+
+/** The stage's metric handles. */
+export type StageMetrics = ReturnType<typeof createStageMetrics>;
