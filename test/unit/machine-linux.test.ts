@@ -1,0 +1,291 @@
+// The linux driver's plans for a two-disk machine (/dev/sda = disk 1, /dev/sdb = disk 2), exact
+// argv arrays for both boot modes, its parsers of lsblk/efibootmgr output, and the driver run
+// against a recording runner whose read-only queries answer like a real two-disk host.
+import assert from 'node:assert/strict';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, describe, it } from 'node:test';
+import { isScError } from '../../shared/errors.js';
+import { RebootSignal } from '../../services/agent/machine/driver.js';
+import {
+  dryRunRunner,
+  grubEntriesScript,
+  LinuxMachine,
+  parseEfibootmgr,
+  parseLsblk,
+  partitionPath,
+  planBootOnce,
+  planEfiEntry,
+  planMkfs,
+  planMount,
+  planPartition,
+  planReboot,
+  planSetDefault,
+  planUnpack,
+  planWipe,
+  type Runner,
+  shellQuote,
+} from '../../services/agent/machine/linux.js';
+
+const tmp = mkdtempSync(join(tmpdir(), 'sc-linux-'));
+after(() => rmSync(tmp, { recursive: true, force: true }));
+
+const layout = [
+  { name: 'p1', role: 'rescue-root' as const },
+  { name: 'p2', role: 'bundle-store' as const },
+];
+
+describe('plans for a two-disk machine', () => {
+  it('partitions disk 2 for BIOS: GPT, p1 rescue 8 GiB, p2 the rest, bios_grub as p3 at 1 MiB', () => {
+    assert.deepEqual(planPartition('/dev/sdb', layout, 'bios-grub'), [
+      ['wipefs', '--all', '/dev/sdb'],
+      [
+        'parted', '--script', '--align', 'optimal', '/dev/sdb', '--',
+        'mklabel', 'gpt',
+        'mkpart', 'sc-rescue-root', 'ext4', '3MiB', '8195MiB',
+        'mkpart', 'sc-bundle-store', 'ext4', '8195MiB', '100%',
+        'mkpart', 'sc-bios-grub', '1MiB', '3MiB',
+        'set', '3', 'bios_grub', 'on',
+      ],
+      ['partprobe', '/dev/sdb'],
+      ['udevadm', 'settle'],
+    ]);
+  });
+
+  it('partitions disk 2 for UEFI with an ESP as p3, formatted FAT32', () => {
+    assert.deepEqual(planPartition('/dev/sdb', [{ name: 'p1', role: 'rescue-root', sizeMiB: 4096 }, layout[1]], 'uefi'), [
+      ['wipefs', '--all', '/dev/sdb'],
+      [
+        'parted', '--script', '--align', 'optimal', '/dev/sdb', '--',
+        'mklabel', 'gpt',
+        'mkpart', 'sc-rescue-root', 'ext4', '513MiB', '4609MiB',
+        'mkpart', 'sc-bundle-store', 'ext4', '4609MiB', '100%',
+        'mkpart', 'sc-esp', 'fat32', '1MiB', '513MiB',
+        'set', '3', 'esp', 'on',
+      ],
+      ['partprobe', '/dev/sdb'],
+      ['udevadm', 'settle'],
+      ['mkfs.vfat', '-F', '32', '-n', 'SC-ESP', '/dev/sdb3'],
+    ]);
+  });
+
+  it('formats, wipes, mounts and unpacks', () => {
+    assert.deepEqual(planMkfs('/dev/sdb1', 'sc-rescue-root'), [
+      ['wipefs', '--all', '/dev/sdb1'],
+      ['mkfs.ext4', '-F', '-q', '-L', 'sc-rescue-root', '/dev/sdb1'],
+    ]);
+    assert.deepEqual(planWipe('/dev/sda1'), [['wipefs', '--all', '/dev/sda1']]);
+    assert.deepEqual(planMount('/dev/sdb1', '/mnt/stagecoach/disk2p1'), [
+      ['mkdir', '-p', '/mnt/stagecoach/disk2p1'],
+      ['mount', '/dev/sdb1', '/mnt/stagecoach/disk2p1'],
+    ]);
+    assert.deepEqual(planUnpack('/mnt/stagecoach/disk2p2/bundles/c.blob', '/mnt/stagecoach/disk1p1', 'zstd'), [
+      ['tar', '--extract', '--zstd', '--file', '/mnt/stagecoach/disk2p2/bundles/c.blob', '--directory', '/mnt/stagecoach/disk1p1', '--numeric-owner', '--preserve-permissions', '--xattrs', '--acls'],
+    ]);
+  });
+
+  it('boots once and sets the default with GRUB (bios-grub)', () => {
+    const grubCfg = [
+      ['sed', '-i', '-E', 's/^#?GRUB_DEFAULT=.*/GRUB_DEFAULT=saved/', '/etc/default/grub'],
+      ['grub-mkconfig', '-o', '/boot/grub/grub.cfg'],
+    ];
+    assert.deepEqual(planBootOnce('disk2p1', { bootMode: 'bios-grub' }), [...grubCfg, ['grub-reboot', 'stagecoach-disk2p1']]);
+    assert.deepEqual(planSetDefault('disk2p1', { bootMode: 'bios-grub', diskPaths: ['/dev/sda', '/dev/sdb'] }), [
+      ...grubCfg,
+      ['grub-set-default', 'stagecoach-disk2p1'],
+      ['grub-install', '--target=i386-pc', '/dev/sda'],
+      ['grub-install', '--target=i386-pc', '/dev/sdb'],
+    ]);
+    assert.deepEqual(planReboot(), [['systemctl', 'reboot']]);
+  });
+
+  it('boots once and sets the default with efibootmgr (uefi)', () => {
+    assert.deepEqual(planBootOnce('disk2p1', { bootMode: 'uefi', bootNum: '0004' }), [['efibootmgr', '--bootnext', '0004']]);
+    assert.deepEqual(planSetDefault('disk1p1', { bootMode: 'uefi', bootNum: '0005', bootOrder: ['0001', '0004', '0005'] }), [['efibootmgr', '--bootorder', '0005,0001,0004']]);
+    assert.throws(() => planBootOnce('disk2p1', { bootMode: 'uefi' }), (e) => isScError(e, 'SC_ERR_BAD_CONFIG'));
+    assert.deepEqual(planEfiEntry('disk2p1', { espDir: '/mnt/stagecoach/esp', bootDir: '/mnt/stagecoach/disk2p1/boot', espDisk: '/dev/sdb', espPart: 3, label: 'stagecoach disk2p1' }), [
+      ['grub-install', '--target=x86_64-efi', '--efi-directory=/mnt/stagecoach/esp', '--boot-directory=/mnt/stagecoach/disk2p1/boot', '--bootloader-id=stagecoach-disk2p1', '--no-nvram'],
+      ['efibootmgr', '--create', '--disk', '/dev/sdb', '--part', '3', '--label', 'stagecoach disk2p1', '--loader', '\\EFI\\stagecoach-disk2p1\\grubx64.efi'],
+    ]);
+  });
+
+  it('writes a grub.d script that emits exactly the menu entries', () => {
+    const s = grubEntriesScript(
+      [
+        { device: 'disk1p1', label: 'sc-os-root' },
+        { device: 'disk2p1', label: 'sc-rescue-root' },
+      ],
+      { device: 'disk2p1', label: 'sc-rescue-root' },
+    );
+    const lines = s.split('\n');
+    const tail = Number(/exec tail -n \+(\d+)/.exec(s)![1]);
+    assert.equal(lines[tail - 1], "menuentry 'stagecoach disk1p1' --id stagecoach-disk1p1 {", 'tail starts at the first entry');
+    assert.match(s, /^# rescue: disk2p1$/m);
+    assert.match(s, /--id stagecoach-rescue \{\n\tsearch --no-floppy --label --set=root sc-rescue-root\n\tconfigfile \/boot\/grub\/grub.cfg\n\}/);
+  });
+
+  it('names partitions of sdX, nvme and by-id disks', () => {
+    assert.equal(partitionPath('/dev/sda', 1), '/dev/sda1');
+    assert.equal(partitionPath('/dev/nvme0n1', 2), '/dev/nvme0n1p2');
+    assert.equal(partitionPath('/dev/disk/by-id/wwn-0x5000', 1), '/dev/disk/by-id/wwn-0x5000-part1');
+  });
+
+  it('quotes argv for display', () => {
+    assert.equal(shellQuote(['efibootmgr', '--label', 'stagecoach disk2p1', "it's"]), `efibootmgr --label 'stagecoach disk2p1' 'it'\\''s'`);
+  });
+});
+
+const EFI = `BootCurrent: 0001
+BootNext: 0004
+Timeout: 1 seconds
+BootOrder: 0001,0004,0000
+Boot0000* UiApp	FvVol(7cb8bdc9-f8eb-4f34-aaea-3ee4af6516a1)/FvFile(462caa21-7614-4503-836e-8ab6f4662331)
+Boot0001* debian	HD(1,GPT,0b2c…,0x800,0x100000)/File(\\EFI\\debian\\shimx64.efi)
+Boot0004* stagecoach disk2p1	HD(3,GPT,9a1e…,0x800,0x100000)/File(\\EFI\\stagecoach-disk2p1\\grubx64.efi)
+Boot0005  stagecoach rescue disk2p1	HD(3,GPT,9a1e…,0x800,0x100000)/File(\\EFI\\stagecoach-disk2p1\\grubx64.efi)
+`;
+
+describe('parsers', () => {
+  it('reads efibootmgr output', () => {
+    const st = parseEfibootmgr(EFI);
+    assert.equal(st.current, '0001');
+    assert.equal(st.next, '0004');
+    assert.deepEqual(st.order, ['0001', '0004', '0000']);
+    assert.deepEqual(st.entries[2], { num: '0004', active: true, label: 'stagecoach disk2p1' });
+    assert.deepEqual(st.entries[3], { num: '0005', active: false, label: 'stagecoach rescue disk2p1' });
+  });
+
+  it('reads lsblk JSON, only the partitions of the asked disk', () => {
+    const json = JSON.stringify({
+      blockdevices: [
+        {
+          name: 'sdb',
+          path: '/dev/sdb',
+          type: 'disk',
+          children: [
+            { name: 'sdb1', path: '/dev/sdb1', type: 'part', partlabel: 'sc-rescue-root', fstype: 'ext4', label: 'sc-rescue-root', mountpoint: null },
+            { name: 'sdb2', path: '/dev/sdb2', type: 'part', partlabel: 'sc-bundle-store', fstype: null, label: null, mountpoint: null },
+            { name: 'sdb3', path: '/dev/sdb3', type: 'part', partlabel: 'sc-bios-grub', fstype: null, label: null, mountpoint: null },
+          ],
+        },
+      ],
+    });
+    assert.deepEqual(
+      parseLsblk(json, '/dev/sdb').map((p) => [p.n, p.partlabel, p.fstype]),
+      [
+        [1, 'sc-rescue-root', 'ext4'],
+        [2, 'sc-bundle-store', null],
+        [3, 'sc-bios-grub', null],
+      ],
+    );
+    assert.deepEqual(parseLsblk(json, '/dev/sda'), []);
+    assert.deepEqual(parseLsblk('not json', '/dev/sdb'), []);
+  });
+});
+
+/** A runner that records changes and answers queries like a host running Debian from /dev/sda1. */
+function recorder(state: { disk2: 'empty' | 'partitioned' }) {
+  const ran: string[][] = [];
+  const writes: { path: string; content: string; mode: number }[] = [];
+  const lsblk: Record<string, unknown> = {
+    '/dev/sda': { blockdevices: [{ path: '/dev/sda', type: 'disk', children: [{ path: '/dev/sda1', type: 'part', partlabel: null, fstype: 'ext4', label: 'root', mountpoint: '/' }] }] },
+  };
+  const runner: Runner = {
+    dryRun: false,
+    async run(argv) {
+      ran.push(argv);
+      if (argv[0] === 'parted') state.disk2 = 'partitioned';
+      return '';
+    },
+    async query(argv) {
+      if (argv[0] === 'findmnt') return '/dev/sda1\n';
+      if (argv[0] === 'lsblk') {
+        const disk = argv[argv.length - 1];
+        if (disk === '/dev/sdb') {
+          const children =
+            state.disk2 === 'empty'
+              ? []
+              : [
+                  { path: '/dev/sdb1', type: 'part', partlabel: 'sc-rescue-root', fstype: 'ext4', label: 'sc-rescue-root', mountpoint: null },
+                  { path: '/dev/sdb2', type: 'part', partlabel: 'sc-bundle-store', fstype: null, label: null, mountpoint: null },
+                  { path: '/dev/sdb3', type: 'part', partlabel: 'sc-bios-grub', fstype: null, label: null, mountpoint: null },
+                ];
+          return JSON.stringify({ blockdevices: [{ path: '/dev/sdb', type: 'disk', children }] });
+        }
+        return JSON.stringify(lsblk[disk] ?? { blockdevices: [] });
+      }
+      if (argv[0] === 'grub-editenv') return 'saved_entry=stagecoach-disk1p1\nnext_entry=stagecoach-disk2p1\n';
+      return null;
+    },
+    async writeFile(path, content, mode) {
+      writes.push({ path, content, mode });
+    },
+  };
+  return { runner, ran, writes };
+}
+
+describe('LinuxMachine against a recording runner', () => {
+  const sysRoot = join(tmp, 'sysroot');
+  mkdirSync(join(sysRoot, 'etc'), { recursive: true });
+  writeFileSync(join(sysRoot, 'etc/os-release'), 'ID=debian\nVERSION_ID="12"\n');
+
+  const machine = (r: ReturnType<typeof recorder>) =>
+    new LinuxMachine({
+      hostId: 'a1',
+      disks: { disk1: '/dev/sda', disk2: '/dev/sdb' },
+      bootMode: 'bios-grub',
+      runner: r.runner,
+      sysRoot,
+      exit: (n) => {
+        throw new RebootSignal(n);
+      },
+    });
+
+  it('partitions disk 2 once, refuses disk 1 (the running OS), and plans the boot entries', async () => {
+    const r = recorder({ disk2: 'empty' });
+    const m = machine(r);
+    assert.deepEqual(await m.running(), { id: 'debian', version: '12', device: 'disk1p1' });
+    assert.deepEqual(await m.partition('disk2', layout), { changed: true });
+    assert.deepEqual(r.ran, planPartition('/dev/sdb', layout, 'bios-grub'));
+    assert.deepEqual(await m.partition('disk2', layout), { changed: false });
+    assert.equal(r.ran.length, 4);
+    await assert.rejects(m.partition('disk1', layout), (e) => isScError(e, 'SC_ERR_CONFLICT'));
+    await assert.rejects(m.mkfs('disk1p1'), (e) => isScError(e, 'SC_ERR_CONFLICT'));
+    await assert.rejects(m.mkfs('disk3p1'), (e) => isScError(e, 'SC_ERR_NO_DEVICE'));
+    r.ran.length = 0;
+    await m.mkfs('disk2p1');
+    assert.deepEqual(r.ran, planMkfs('/dev/sdb1', 'sc-rescue-root'));
+    r.ran.length = 0;
+    assert.equal(await m.mountPath('disk2p1'), '/mnt/stagecoach/disk2p1');
+    assert.equal(await m.mountPath('disk1p1'), sysRoot, 'the running OS is its own root');
+    assert.deepEqual(r.ran, planMount('/dev/sdb1', '/mnt/stagecoach/disk2p1'));
+    await assert.rejects(m.mountPath('disk2p2'), (e) => isScError(e, 'SC_ERR_CONFLICT'), 'no filesystem yet');
+    r.ran.length = 0;
+    await m.setBootOnce('disk2p1');
+    assert.deepEqual(r.ran, planBootOnce('disk2p1', { bootMode: 'bios-grub' }));
+    assert.equal(r.writes[0].path, '/etc/grub.d/45_stagecoach');
+    assert.equal(r.writes[0].mode, 0o755);
+    assert.match(r.writes[0].content, /--id stagecoach-disk1p1 \{\n\tsearch --no-floppy --label --set=root sc-os-root\n/);
+    assert.match(r.writes[0].content, /--id stagecoach-disk2p1 \{\n\tsearch --no-floppy --label --set=root sc-rescue-root\n/);
+    assert.deepEqual(await m.bootConfig(), { default: 'disk1p1', once: 'disk2p1', rescue: null });
+    r.ran.length = 0;
+    await assert.rejects(m.reboot(), RebootSignal);
+    assert.deepEqual(r.ran, [['systemctl', 'reboot']]);
+  });
+
+  it('prints instead of running in a dry run', async () => {
+    const lines: string[] = [];
+    const m = new LinuxMachine({ hostId: 'a1', disks: { disk1: '/dev/sda', disk2: '/dev/sdb' }, bootMode: 'bios-grub', runner: dryRunRunner((l) => lines.push(l)), sysRoot });
+    await m.setDefault('disk2p1');
+    assert.ok(lines.includes('+ grub-set-default stagecoach-disk2p1'));
+    assert.ok(lines.includes('+ grub-install --target=i386-pc /dev/sda'));
+    assert.ok(lines.some((l) => l.startsWith('+ write /etc/grub.d/45_stagecoach (mode 0755')));
+  });
+
+  it('refuses a bad configuration', () => {
+    assert.throws(() => new LinuxMachine({ hostId: 'a', disks: { disk1: '/dev/sda' }, bootMode: 'bios-grub' }), (e) => isScError(e, 'SC_ERR_BAD_CONFIG'));
+    assert.throws(() => new LinuxMachine({ hostId: 'a', disks: { disk1: '/dev/sda', disk2: 'sdb; rm -rf /' }, bootMode: 'bios-grub' }), (e) => isScError(e, 'SC_ERR_BAD_CONFIG'));
+    assert.throws(() => new LinuxMachine({ hostId: 'a', disks: { disk1: '/dev/sda', disk2: '/dev/sdb' }, bootMode: 'coreboot' as 'uefi' }), (e) => isScError(e, 'SC_ERR_BAD_CONFIG'));
+  });
+});
