@@ -11,29 +11,30 @@ const program = new Command('stagecoach')
   .showHelpAfterError()
   .enablePositionalOptions();
 
-// Each module registers one command (or a group). Keep this list in the order of `--help`.
-const modules = [
-  './commands/keys.js',
-  './commands/origin.js',
-  './commands/publish.js',
-  './commands/bundles.js',
-  './commands/get.js',
-  './commands/stage.js',
-  './commands/machine.js',
-  './commands/agent.js',
-  './commands/control.js',
-  './commands/rollout.js',
-  './commands/hosts.js',
-  './commands/demo.js',
+// Each module registers one command (or a group), keyed by the command names it adds. Keep
+// this list in the order of `--help`. Only the module of the command being run is loaded, so a
+// long-running service (a stage, an agent) does not carry every other command's dependencies.
+const modules: [names: string[], path: string][] = [
+  [['keys'], './commands/keys.js'],
+  [['origin'], './commands/origin.js'],
+  [['publish'], './commands/publish.js'],
+  [['bundles'], './commands/bundles.js'],
+  [['get'], './commands/get.js'],
+  [['stage'], './commands/stage.js'],
+  [['machine'], './commands/machine.js'],
+  [['agent'], './commands/agent.js'],
+  [['control'], './commands/control.js'],
+  [['rollout'], './commands/rollout.js'],
+  [['hosts', 'host'], './commands/hosts.js'],
+  [['acl'], './commands/acl.js'],
+  [['demo'], './commands/demo.js'],
 ];
 
-for (const m of modules) {
-  try {
-    const mod = (await import(m)) as { register(p: Command): void };
-    mod.register(program);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ERR_MODULE_NOT_FOUND' || !String((err as Error).message).includes(m.slice(11, -3))) throw err;
-  }
+const sub = process.argv.slice(2).find((a) => !a.startsWith('-'));
+const only = modules.find(([names]) => sub !== undefined && names.includes(sub));
+for (const [, path] of only ? [only] : modules) {
+  const mod = (await import(path)) as { register(p: Command): void };
+  mod.register(program);
 }
 
 await program.parseAsync(process.argv);

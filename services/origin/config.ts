@@ -1,0 +1,79 @@
+/**
+ * Origin configuration: schema, defaults and loading (YAML file, then `STAGECOACH_ORIGIN_*`
+ * environment variables, then flags). Validated once, then frozen.
+ */
+import { readFileSync } from 'node:fs';
+import { z } from 'zod';
+import { type ConfigSources, loadConfig, parseListen } from '../../shared/config.js';
+import { scError } from '../../shared/errors.js';
+
+/** Environment variable prefix: `STAGECOACH_ORIGIN_LISTEN`, `STAGECOACH_ORIGIN_DATA`, … */
+export const ORIGIN_ENV_PREFIX = 'STAGECOACH_ORIGIN_';
+
+/** A list given as an array (flags, YAML) or a comma-separated string (environment). */
+const pathList = z.preprocess(
+  (v) =>
+    typeof v === 'string'
+      ? v
+          .split(',')
+          .map((s) => s.trim())
+          .filter(Boolean)
+      : v,
+  z.array(z.string().min(1)),
+);
+
+/** The origin's configuration schema; unknown keys are rejected. */
+export const originConfigSchema = z.strictObject({
+  /** HOST:PORT to listen on; port 0 picks a free port. */
+  listen: z
+    .string()
+    .default('127.0.0.1:7070')
+    .refine((s) => {
+      try {
+        parseListen(s);
+        return true;
+      } catch {
+        return false;
+      }
+    }, 'expected HOST:PORT'),
+  /** The data directory (blobs, manifests, temp files). */
+  data: z.string().min(1),
+  /** A file whose first line is the bearer token that writes need. */
+  tokenFile: z.string().min(1),
+  /** Release public keys (PEM files). When given, only manifests signed by one of them are accepted. */
+  trustKey: pathList.default([]),
+  /** pino level: fatal, error, warn, info, debug, trace, silent. */
+  logLevel: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+  /** Largest accepted manifest body in bytes. */
+  maxManifestBytes: z.coerce.number().int().min(1024).max(16 << 20).default(1 << 20),
+  /** A connection with no bytes moving for this many seconds is closed (0 disables). */
+  idleTimeoutSec: z.coerce.number().int().min(0).default(120),
+});
+
+/** Validated, frozen origin configuration. */
+export type OriginConfig = Readonly<z.infer<typeof originConfigSchema>>;
+/** What callers may pass to build an OriginConfig (defaults filled in). */
+export type OriginConfigInput = z.input<typeof originConfigSchema>;
+
+/** Loads the origin config from a YAML file, the environment and flags; throws SC_ERR_BAD_CONFIG. */
+export function loadOriginConfig(src: ConfigSources): OriginConfig {
+  return loadConfig(originConfigSchema, { envPrefix: ORIGIN_ENV_PREFIX, ...src });
+}
+
+/** Validates an in-process config object (no environment, no file); throws SC_ERR_BAD_CONFIG. */
+export function originConfig(input: OriginConfigInput): OriginConfig {
+  return loadConfig(originConfigSchema, { flags: input as Record<string, unknown>, env: {} });
+}
+
+/** Reads the write token (first line of the file, trimmed); throws SC_ERR_BAD_CONFIG. */
+export function readOriginToken(path: string): string {
+  let t: string;
+  try {
+    t = readFileSync(path, 'utf8').split('\n')[0].trim();
+  } catch (err) {
+    throw scError('SC_ERR_BAD_CONFIG', `cannot read token file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+  if (!t) throw scError('SC_ERR_BAD_CONFIG', `token file ${path} is empty`);
+  if (/\s/.test(t) || t.length > 4096) throw scError('SC_ERR_BAD_CONFIG', `token file ${path}: the token must be one word of at most 4096 bytes`);
+  return t;
+}

@@ -1,0 +1,291 @@
+/**
+ * The origin HTTP server: the read API every tier shares (ARCHITECTURE.md, "HTTP read API")
+ * plus token-protected writes. Paths are matched byte for byte: only
+ * `[A-Za-z0-9._~+:/-]` is accepted, no percent-encoding, no empty, `.` or `..` segments, so
+ * nothing is normalised into a path the store would read.
+ */
+import type { KeyObject } from 'node:crypto';
+import type { Server } from 'node:http';
+import { Transform } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import express, { type NextFunction, type Request, type Response } from 'express';
+import pkg from '../../package.json' with { type: 'json' };
+import { type Digest, parseDigest, sha256Of } from '../../shared/digest.js';
+import { type ErrorCode, isScError, scError } from '../../shared/errors.js';
+import { blobParam, errorHandler, notFoundHandler, notModified, requireToken, serveBlobFile, startBlobResponse } from '../../shared/http.js';
+import type { Logger } from '../../shared/log.js';
+import { canonicalJson, parseManifest, verifyManifest } from '../../shared/manifest.js';
+import { Counter, createRegistry, httpMetrics, type Registry } from '../../shared/metrics.js';
+import { parseName, parseVersion } from '../../shared/names.js';
+import { FINGERPRINT_HEADER } from './client.js';
+import type { BlobStore } from './store.js';
+
+
+/** The origin's metrics, on its own registry. */
+export interface OriginMetrics {
+  registry: Registry;
+  /** `origin_http_requests_total{method,route,status}` */
+  requests: Counter<'method' | 'route' | 'status'>;
+  /** `origin_bytes_out_total{route}`: body bytes sent. */
+  bytesOut: Counter<'route'>;
+  /** `origin_bytes_in_total{route}`: body bytes received. */
+  bytesIn: Counter<'route'>;
+  /** `origin_blob_bytes_out_total`: blob body bytes served (GET, full or ranged). */
+  blobBytesOut: Counter;
+  /** `origin_blob_requests_total{method,status}`: requests on /v1/blobs/…. */
+  blobRequests: Counter<'method' | 'status'>;
+}
+
+/** Creates the origin metrics on a fresh registry (default process metrics included). */
+export function createOriginMetrics(): OriginMetrics {
+  const registry = createRegistry('origin');
+  const http = httpMetrics(registry, 'origin');
+  return {
+    registry,
+    ...http,
+    blobBytesOut: new Counter({ name: 'origin_blob_bytes_out_total', help: 'Blob body bytes served', registers: [registry] }),
+    blobRequests: new Counter({
+      name: 'origin_blob_requests_total',
+      help: 'Requests for blobs by method and status',
+      labelNames: ['method', 'status'] as const,
+      registers: [registry],
+    }),
+  };
+}
+
+/** What the origin app needs. */
+export interface OriginAppDeps {
+  store: BlobStore;
+  /** The bearer token writes need. Never logged. */
+  token: string;
+  /** When non-empty, manifests must be signed by one of these keys (else 422). */
+  trustedKeys: KeyObject[];
+  logger: Logger;
+  metrics: OriginMetrics;
+  /** Largest manifest body in bytes (413 beyond). */
+  maxManifestBytes: number;
+}
+
+/** Metric `route` labels by express route path (bounded cardinality). */
+const ROUTE_NAMES: Record<string, string> = {
+  '/healthz': 'healthz',
+  '/metrics': 'metrics',
+  '/v1/blobs/:ref': 'blob',
+  '/v1/bundles': 'bundles',
+  '/v1/bundles/:name/:version': 'manifest',
+};
+
+const SAFE_PATH = /^\/[A-Za-z0-9._~+:/-]*$/;
+
+/** Rejects any path that is not plain ASCII segments (see the module comment). */
+function guardPath(req: Request, _res: Response, next: NextFunction): void {
+  const raw = req.originalUrl;
+  const q = raw.indexOf('?');
+  const path = q < 0 ? raw : raw.slice(0, q);
+  let why: string | undefined;
+  if (path.length > 1024) why = 'path too long';
+  else if (!SAFE_PATH.test(path)) why = 'path has characters outside [A-Za-z0-9._~+:/-] (percent-encoding is not accepted)';
+  else if (path !== '/' && path.split('/').slice(1).some((s) => s === '' || s === '.' || s === '..')) why = 'path has an empty, . or .. segment';
+  if (why === undefined) {
+    next();
+    return;
+  }
+  const code: ErrorCode = path.startsWith('/v1/blobs/') ? 'SC_ERR_BAD_DIGEST' : 'SC_ERR_BAD_PATH';
+  next(scError(code, `${why}: ${JSON.stringify(path.slice(0, 200))}`));
+}
+
+function methodNotAllowed(allow: string) {
+  return (_req: Request, res: Response, next: NextFunction) => {
+    res.set('Allow', allow);
+    next(scError('SC_ERR_METHOD_NOT_ALLOWED'));
+  };
+}
+
+/** Builds the express app (routes, metrics, request logs, the one error handler). */
+export function createOriginApp(deps: OriginAppDeps): express.Express {
+  const { store, metrics, logger } = deps;
+  const log = logger.child({ component: 'origin' });
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('etag', false);
+  app.set('case sensitive routing', true);
+  app.set('strict routing', true);
+  const auth = requireToken(deps.token);
+
+  // Metrics and request logs, recorded when the response is done (or the client went away).
+  app.use((req, res, next) => {
+    const t0 = process.hrtime.bigint();
+    res.once('close', () => {
+      const route = (res.locals.route as string | undefined) ?? ROUTE_NAMES[(req.route as { path?: string } | undefined)?.path ?? ''] ?? 'other';
+      const status = String(res.statusCode);
+      metrics.requests.inc({ method: req.method, route, status });
+      let out = res.locals.bytesOut as number | undefined;
+      if (out === undefined) out = req.method === 'HEAD' ? 0 : Number(res.getHeader('content-length') ?? 0) || 0;
+      if (out > 0) metrics.bytesOut.inc({ route }, out);
+      if (route === 'blob') metrics.blobRequests.inc({ method: req.method, status });
+      log.debug(
+        { method: req.method, path: req.path.slice(0, 200), status: res.statusCode, bytes: out, ms: Number(process.hrtime.bigint() - t0) / 1e6 },
+        'request',
+      );
+    });
+    next();
+  });
+  app.use(guardPath);
+
+  app.get('/healthz', (_req, res) => {
+    res.locals.route = 'healthz';
+    res.set('Cache-Control', 'no-store').json({ ok: true, service: 'origin', version: pkg.version });
+  });
+
+  app.get('/metrics', async (_req, res) => {
+    res.locals.route = 'metrics';
+    res.set('Content-Type', metrics.registry.contentType).set('Cache-Control', 'no-store').send(await metrics.registry.metrics());
+  });
+
+  app.get('/v1/blobs/:ref', async (req, res) => {
+    res.locals.route = 'blob';
+    const digest = blobParam(req);
+    const { size } = await store.statBlob(digest);
+    let sent = 0;
+    if (store.blobPath) {
+      sent = await serveBlobFile(req, res, store.blobPath(digest), digest, size);
+    } else {
+      const r = startBlobResponse(req, res, digest, size);
+      if (r !== 'not-modified' && req.method !== 'HEAD' && r.end >= r.start) {
+        const src = await store.openBlob(digest, r);
+        src.on('data', (c: Buffer) => {
+          sent += c.length;
+        });
+        try {
+          await pipeline(src, res);
+        } catch {
+          res.destroy();
+        }
+      } else if (r !== 'not-modified') res.end();
+    }
+    res.locals.bytesOut = sent;
+    metrics.blobBytesOut.inc(sent);
+  });
+
+  app.put('/v1/blobs/:ref', auth, async (req, res) => {
+    res.locals.route = 'blob';
+    const digest = blobParam(req);
+    const cl = req.headers['content-length'];
+    const expected = cl === undefined ? undefined : Number(cl);
+    // The store reads from this pass-through, never from the socket directly: if the store
+    // gives up early, the request is unpiped and drained so the error can still be answered.
+    const body = new Transform({
+      highWaterMark: 1 << 20,
+      transform(chunk: Buffer, _enc, cb) {
+        metrics.bytesIn.inc({ route: 'blob' }, chunk.length);
+        cb(null, chunk);
+      },
+    });
+    req.once('close', () => {
+      if (!req.complete) body.destroy(scError('SC_ERR_BAD_REQUEST', 'the client closed the connection before the upload ended'));
+    });
+    req.once('error', (err) => body.destroy(err));
+    req.pipe(body);
+    let r: { created: boolean; size: number };
+    try {
+      r = await store.putBlob(digest, body, expected);
+    } catch (err) {
+      req.unpipe(body);
+      if (!req.complete && !req.destroyed) req.resume();
+      throw err;
+    }
+    res.status(r.created ? 201 : 200).json({ digest, size: r.size, created: r.created });
+  });
+
+  app.all('/v1/blobs/:ref', methodNotAllowed('GET, HEAD, PUT'));
+  app.all('/v1/blobs/*rest', (_req, _res, next) => next(scError('SC_ERR_BAD_DIGEST')));
+
+  app.get('/v1/bundles', async (_req, res) => {
+    res.locals.route = 'bundles';
+    res.set('Cache-Control', 'no-cache').json(await store.listBundles());
+  });
+  app.all('/v1/bundles', methodNotAllowed('GET, HEAD'));
+
+  app.get('/v1/bundles/:name/:version', async (req, res) => {
+    res.locals.route = 'manifest';
+    const name = parseName(req.params.name);
+    const version = parseVersion(req.params.version);
+    const m = await store.getManifest(name, version);
+    const body = canonicalJson(m);
+    const digest = sha256Of(body);
+    res.set({ 'Cache-Control': 'no-cache', ETag: `"${digest}"`, 'Content-Type': 'application/json; charset=utf-8' });
+    const meta = await store.getManifestMeta(name, version);
+    if (meta.fingerprint) res.set(FINGERPRINT_HEADER, meta.fingerprint);
+    if (notModified(req, digest)) {
+      res.status(304).end();
+      return;
+    }
+    res.send(body);
+  });
+
+  app.put(
+    '/v1/bundles/:name/:version',
+    auth,
+    (req, res, next) => {
+      res.locals.route = 'manifest';
+      const n = Number(req.headers['content-length'] ?? 0);
+      if (n > 0) metrics.bytesIn.inc({ route: 'manifest' }, n);
+      next();
+    },
+    express.json({ limit: deps.maxManifestBytes, type: () => true, strict: true }),
+    async (req, res) => {
+      const name = parseName(req.params.name);
+      const version = parseVersion(req.params.version);
+      if (req.body === undefined || req.body === null) throw scError('SC_ERR_BAD_MANIFEST', 'empty body: expected a manifest');
+      const m = parseManifest(req.body);
+      if (m.name !== name || m.version !== version) {
+        throw scError('SC_ERR_BAD_MANIFEST', `the path says ${name}@${version} but the manifest is ${m.name}@${m.version}`);
+      }
+      if (deps.trustedKeys.length > 0) verifyManifest(m, deps.trustedKeys);
+      const fpHeader = req.get(FINGERPRINT_HEADER);
+      let fingerprint: Digest | undefined;
+      if (fpHeader !== undefined) {
+        try {
+          fingerprint = parseDigest(fpHeader);
+        } catch {
+          throw scError('SC_ERR_BAD_REQUEST', `${FINGERPRINT_HEADER} must be sha256:<64 hex>`);
+        }
+      }
+      let size: number;
+      try {
+        size = (await store.statBlob(m.blob.digest)).size;
+      } catch (err) {
+        if (isScError(err, 'SC_ERR_BLOB_NOT_FOUND')) {
+          throw scError('SC_ERR_MISSING_BLOB', `upload blob ${m.blob.digest} before its manifest`, { digest: m.blob.digest });
+        }
+        throw err;
+      }
+      if (size !== m.blob.size) {
+        throw scError('SC_ERR_SIZE_MISMATCH', `the manifest says ${m.blob.size} bytes but the stored blob has ${size}`, {
+          expected: m.blob.size,
+          actual: size,
+        });
+      }
+      const r = await store.putManifest(m, { fingerprint });
+      log.info({ name, version, manifestDigest: r.manifestDigest, created: r.created }, r.created ? 'manifest published' : 'manifest already present');
+      res.status(r.created ? 201 : 200).json({ name, version, manifestDigest: r.manifestDigest, created: r.created });
+    },
+  );
+  app.all('/v1/bundles/:name/:version', methodNotAllowed('GET, HEAD, PUT'));
+
+  app.use(notFoundHandler('SC_ERR_BAD_PATH'));
+  app.use(errorHandler(log));
+  return app;
+}
+
+/**
+ * Applies the origin's socket policy to its HTTP server: no overall request deadline (a
+ * multi-GB upload may take long), headers within 60 s, and connections idle for
+ * `idleTimeoutSec` closed. Oversized headers get Node's 431.
+ */
+export function configureOriginServer(server: Server, idleTimeoutSec: number): void {
+  server.requestTimeout = 0;
+  server.headersTimeout = 60_000;
+  server.keepAliveTimeout = 5_000;
+  if (idleTimeoutSec > 0) server.setTimeout(idleTimeoutSec * 1000);
+}
