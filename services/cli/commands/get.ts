@@ -1,0 +1,164 @@
+/**
+ * `stagecoach get NAME@VERSION`: fetch a signed bundle through the nearest healthy stage
+ * (falling back to the next one, then origin), verify the manifest signature and the blob
+ * digest, and optionally decrypt and unpack it. Success is reported only after both checks.
+ */
+import type { KeyObject } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import { mkdir, readFile } from 'node:fs/promises';
+import cliProgress from 'cli-progress';
+import type { Command } from 'commander';
+import { readIdentityFile } from '../../../shared/bundle/age.js';
+import { unpackBundle } from '../../../shared/bundle/index.js';
+import { scError } from '../../../shared/errors.js';
+import { type FetchProgress, fetchBlob, fetchManifest, selectSources } from '../../../shared/fetch.js';
+import { loadPublicKey } from '../../../shared/manifest.js';
+import { parseRef } from '../../../shared/names.js';
+import { action, collect, printJson, splitList } from '../util.js';
+
+interface GetFlags {
+  from?: string;
+  origin?: string;
+  out: string;
+  trustKey: string[];
+  identity?: string;
+  unpack?: string;
+  force?: boolean;
+  probeTimeout: string;
+  idleTimeout: string;
+  retries: string;
+  json?: boolean;
+}
+
+/** Registers `stagecoach get`. */
+export function register(program: Command): void {
+  program
+    .command('get')
+    .description('Fetch a bundle through the nearest healthy stage, verify signature and digest, optionally unpack it')
+    .argument('<ref>', 'NAME@VERSION')
+    .option('--from <urls>', 'stage URLs, comma-separated; probed, fastest healthy first')
+    .option('--origin <url>', 'origin URL, tried after every stage')
+    .requiredOption('-o, --out <file>', 'where to write the bundle file (downloads go to FILE.partial first)')
+    .option('--trust-key <pem>', 'trusted release public key (PEM file); repeatable, at least one', collect, [])
+    .option('--identity <file>', 'age identity file, to decrypt for --unpack')
+    .option('--unpack <dir>', 'after verifying, decrypt and unpack the bundle into DIR')
+    .option('--force', 'replace an existing output file whose content differs')
+    .option('--probe-timeout <ms>', 'deadline for each /healthz probe', '2000')
+    .option('--idle-timeout <ms>', 'abandon a source that sends nothing for this long', '30000')
+    .option('--retries <n>', 'extra passes over the sources after a pass without progress', '3')
+    .option('--json', 'print the result as JSON')
+    .action(action(async (ref: string, flags: GetFlags) => runGet(ref, flags)));
+}
+
+function intFlag(name: string, v: string, min: number): number {
+  const n = Number(v);
+  if (!Number.isSafeInteger(n) || n < min) throw scError('SC_ERR_BAD_CONFIG', `--${name} must be an integer ≥ ${min}, got ${JSON.stringify(v)}`);
+  return n;
+}
+
+async function readKeys(paths: string[]): Promise<KeyObject[]> {
+  if (paths.length === 0) throw scError('SC_ERR_BAD_CONFIG', 'at least one --trust-key is required');
+  return Promise.all(
+    paths.map(async (p) => {
+      let pem: Buffer;
+      try {
+        pem = await readFile(p);
+      } catch (err) {
+        throw scError('SC_ERR_BAD_CONFIG', `cannot read --trust-key ${p}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+      }
+      return loadPublicKey(pem);
+    }),
+  );
+}
+
+async function runGet(ref: string, flags: GetFlags): Promise<void> {
+  const { name, version } = parseRef(ref);
+  const stages = splitList(flags.from);
+  if (stages.length === 0 && !flags.origin) throw scError('SC_ERR_BAD_CONFIG', 'give --from and/or --origin');
+  const trusted = await readKeys(flags.trustKey ?? []);
+  const probeTimeout = intFlag('probe-timeout', flags.probeTimeout, 1);
+  const idleTimeoutMs = intFlag('idle-timeout', flags.idleTimeout, 1);
+  const retries = intFlag('retries', flags.retries, 0);
+  if (flags.identity && !flags.unpack) throw scError('SC_ERR_BAD_CONFIG', '--identity is only used with --unpack');
+  const identities = flags.identity ? await readIdentityFile(flags.identity) : [];
+
+  const { sources, probes } = await selectSources(stages, { origin: flags.origin, timeoutMs: probeTimeout });
+  const fm = await fetchManifest(sources, name, version, trusted);
+  const m = fm.manifest;
+  if (flags.unpack && m.blob.encryption === 'age' && identities.length === 0) {
+    throw scError('SC_ERR_BAD_CONFIG', `${name}@${version} is encrypted: --unpack needs --identity`);
+  }
+
+  const bar =
+    !flags.json && process.stderr.isTTY
+      ? new cliProgress.SingleBar(
+          {
+            stream: process.stderr,
+            format: ' {bar} {percentage}% | {mib}/{totalMib} MiB | {source}',
+            hideCursor: true,
+            clearOnComplete: true,
+          },
+          cliProgress.Presets.shades_classic,
+        )
+      : undefined;
+  const mib = (n: number) => (n / (1 << 20)).toFixed(1);
+  bar?.start(m.blob.size, 0, { mib: mib(0), totalMib: mib(m.blob.size), source: '' });
+  let res: Awaited<ReturnType<typeof fetchBlob>>;
+  try {
+    res = await fetchBlob({
+      sources,
+      digest: m.blob.digest,
+      size: m.blob.size,
+      out: flags.out,
+      overwrite: flags.force === true,
+      idleTimeoutMs,
+      retries,
+      onProgress: (p: FetchProgress) => bar?.update(p.bytes, { mib: mib(p.bytes), source: p.source ?? '' }),
+    });
+  } finally {
+    bar?.stop();
+  }
+
+  let unpacked: { dir: string; entries: number; skipped: number } | undefined;
+  if (flags.unpack) {
+    await mkdir(flags.unpack, { recursive: true });
+    const r = await unpackBundle(createReadStream(res.path, { highWaterMark: 1 << 20 }), {
+      dir: flags.unpack,
+      compression: m.blob.compression,
+      encryption: m.blob.encryption,
+      identities,
+    });
+    unpacked = { dir: flags.unpack, entries: r.entries, skipped: r.skipped };
+  }
+
+  const result = {
+    name,
+    version,
+    manifestDigest: fm.manifestDigest,
+    keyId: fm.keyId,
+    manifestSource: fm.source,
+    path: res.path,
+    digest: res.digest,
+    size: res.size,
+    sources: res.sources,
+    resumedFrom: res.resumedFrom,
+    downloaded: res.downloaded,
+    alreadyPresent: res.alreadyPresent,
+    probes,
+    ...(unpacked ? { unpacked } : {}),
+  };
+  if (flags.json) {
+    printJson(result);
+    return;
+  }
+  const lines = [
+    `fetched ${name}@${version} (manifest signed by ${fm.keyId}, from ${fm.source})`,
+    `  file    ${res.path}`,
+    `  digest  ${res.digest} (verified)`,
+    `  size    ${res.size} bytes`,
+    `  from    ${res.alreadyPresent ? '(already present)' : res.sources.join(', ') || '(resumed file)'}`,
+  ];
+  if (res.resumedFrom > 0) lines.push(`  resumed ${res.resumedFrom} bytes from ${res.path}.partial`);
+  if (unpacked) lines.push(`  unpacked ${unpacked.entries} entries into ${unpacked.dir}`);
+  process.stdout.write(`${lines.join('\n')}\n`);
+}

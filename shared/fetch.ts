@@ -1,0 +1,727 @@
+/**
+ * Host-side fetching over the read API (ARCHITECTURE.md, "HTTP read API"), used by the CLI
+ * (`stagecoach get`) and by the agent's fetch step:
+ *
+ * - `probeSources`: which stages answer /healthz, fastest first;
+ * - `selectSources`: the candidate list (healthy stages by RTT, then unhealthy ones, then origin);
+ * - `fetchManifest`: the first manifest that parses and verifies against the trusted keys;
+ * - `fetchBlob`: a resumable, multi-source, digest-verified download into a file.
+ *
+ * A source is a base URL (`http://stage-a:7071`, or with a path prefix). Origin and stages are
+ * indistinguishable here: they serve the same read API.
+ */
+import { createHash, type Hash, type KeyObject } from 'node:crypto';
+import { constants as fsc } from 'node:fs';
+import { type FileHandle, open, rename, stat, unlink } from 'node:fs/promises';
+import { dirname, resolve } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import type { Readable } from 'node:stream';
+import got, { type Request as GotRequest } from 'got';
+import { type Digest, digestFile, parseDigest } from './digest.js';
+import { type ErrorCode, fromErrorBody, isScError, ScError, scError, toScError } from './errors.js';
+import { type Manifest, manifestDigest, parseManifest, verifyManifest } from './manifest.js';
+import { parseName, parseVersion } from './names.js';
+
+/** Largest manifest or error body read from a source, in bytes. */
+const MAX_SMALL_BODY = 1 << 20;
+/** Downloaded bytes are written to disk in batches of about this many bytes. */
+const WRITE_BATCH = 1 << 20;
+
+// ---------------------------------------------------------------------------------------------
+// Sources
+
+/**
+ * Validates and normalises a source base URL: http or https, no query or fragment, no trailing
+ * slash. Throws SC_ERR_BAD_CONFIG.
+ */
+export function normalizeSource(url: string): string {
+  let u: URL;
+  try {
+    u = new URL(url);
+  } catch {
+    throw scError('SC_ERR_BAD_CONFIG', `not a URL: ${JSON.stringify(String(url).slice(0, 200))}`);
+  }
+  if (u.protocol !== 'http:' && u.protocol !== 'https:') throw scError('SC_ERR_BAD_CONFIG', `source must be http(s): ${u.protocol}`);
+  if (u.search || u.hash) throw scError('SC_ERR_BAD_CONFIG', `source URL must not have a query or fragment: ${url.slice(0, 200)}`);
+  return u.href.replace(/\/+$/, '');
+}
+
+function normalizeAll(urls: readonly string[]): string[] {
+  return [...new Set(urls.map(normalizeSource))];
+}
+
+/** The outcome of probing one source. */
+export interface ProbeResult {
+  /** The normalised source URL. */
+  url: string;
+  /** Milliseconds from request to complete /healthz answer (or to the failure). */
+  rttMs: number;
+  /** True when /healthz answered 2xx with `{"ok":true}`. */
+  healthy: boolean;
+  /** False when nothing answered at all (refused, reset, timed out). */
+  reachable: boolean;
+  /** HTTP status when the source answered. */
+  status?: number;
+  /** Why the source is not healthy. */
+  error?: string;
+}
+
+/** Options for probing. */
+export interface ProbeOptions {
+  /** Per-source deadline for the whole /healthz exchange, in ms (default 2000). */
+  timeoutMs?: number;
+  signal?: AbortSignal;
+  /** Clock in ms (default performance.now); injectable for tests. */
+  now?: () => number;
+}
+
+/**
+ * GETs /healthz on every URL in parallel. Returns one result per distinct URL: healthy ones
+ * sorted by RTT, then those that answered but are unhealthy (by RTT; still usable as last
+ * resorts), then unreachable ones in the given order. Never throws for a failing source;
+ * throws SC_ERR_BAD_CONFIG for a malformed URL.
+ */
+export async function probeSources(urls: readonly string[], opts: ProbeOptions = {}): Promise<ProbeResult[]> {
+  const timeoutMs = opts.timeoutMs ?? 2000;
+  const now = opts.now ?? (() => performance.now());
+  const list = normalizeAll(urls);
+  const results = await Promise.all(
+    list.map(async (url): Promise<ProbeResult> => {
+      const t0 = now();
+      try {
+        const res = await got(`${url}/healthz`, {
+          timeout: { request: timeoutMs },
+          retry: { limit: 0 },
+          throwHttpErrors: false,
+          followRedirect: false,
+          responseType: 'text',
+          signal: opts.signal,
+        });
+        const rttMs = now() - t0;
+        let ok = false;
+        try {
+          ok = (JSON.parse(res.body) as { ok?: unknown })?.ok === true;
+        } catch {
+          ok = false;
+        }
+        const healthy = res.statusCode >= 200 && res.statusCode < 300 && ok;
+        return { url, rttMs, healthy, reachable: true, status: res.statusCode, ...(healthy ? {} : { error: `HTTP ${res.statusCode}` }) };
+      } catch (err) {
+        return { url, rttMs: now() - t0, healthy: false, reachable: false, error: describe(err) };
+      }
+    }),
+  );
+  const rank = (r: ProbeResult) => (r.healthy ? 0 : r.reachable ? 1 : 2);
+  return results
+    .map((r, i) => ({ r, i }))
+    .sort((a, b) => rank(a.r) - rank(b.r) || (rank(a.r) < 2 ? a.r.rttMs - b.r.rttMs : 0) || a.i - b.i)
+    .map((x) => x.r);
+}
+
+/** Options for choosing sources. */
+export interface SelectOptions extends ProbeOptions {
+  /** The origin URL: always the last candidate, never probed. */
+  origin?: string;
+}
+
+/**
+ * Probes `stages` and returns the candidate order used for manifests and blobs: healthy stages
+ * fastest first, then stages that answered unhealthy, then `origin`. Unreachable stages are
+ * skipped, unless nothing else is left (then they are tried anyway, in the given order).
+ */
+export async function selectSources(stages: readonly string[], opts: SelectOptions = {}): Promise<{ sources: string[]; probes: ProbeResult[] }> {
+  const origin = opts.origin === undefined ? undefined : normalizeSource(opts.origin);
+  const probes = await probeSources(
+    normalizeAll(stages).filter((s) => s !== origin),
+    opts,
+  );
+  let sources = probes.filter((p) => p.reachable).map((p) => p.url);
+  if (origin) sources.push(origin);
+  if (sources.length === 0) sources = probes.map((p) => p.url);
+  return { sources, probes };
+}
+
+function withOrigin(sources: readonly string[], origin?: string): string[] {
+  const list = normalizeAll(sources);
+  if (origin !== undefined) {
+    const o = normalizeSource(origin);
+    if (!list.includes(o)) list.push(o);
+  }
+  return list;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manifests
+
+/** Options for fetchManifest. */
+export interface FetchManifestOptions {
+  /** Appended as the last source when not already in the list. */
+  origin?: string;
+  /** Deadline per source for the whole manifest exchange, in ms (default 10000). */
+  timeoutMs?: number;
+  signal?: AbortSignal;
+}
+
+/** A verified manifest and where it came from. */
+export interface FetchedManifest {
+  manifest: Manifest;
+  /** The source that served it. */
+  source: string;
+  /** Id of the trusted key whose signature verified. */
+  keyId: string;
+  /** sha256 of the manifest's canonical JSON. */
+  manifestDigest: Digest;
+}
+
+/** Order in which per-source failures are reported when every source failed: security first. */
+const MANIFEST_ERROR_PRIORITY: ErrorCode[] = ['SC_ERR_BAD_SIGNATURE', 'SC_ERR_UNTRUSTED_KEY', 'SC_ERR_BAD_MANIFEST', 'SC_ERR_MANIFEST_NOT_FOUND'];
+
+/**
+ * Fetches `name@version` from the first source whose answer parses (parseManifest), names the
+ * requested bundle, and verifies against `trusted`. A source that fails in any way (including a
+ * bad signature: a stage may be corrupt) is passed over for the next one. When all fail, the
+ * most serious failure is thrown: SC_ERR_BAD_SIGNATURE, then SC_ERR_UNTRUSTED_KEY, then
+ * SC_ERR_BAD_MANIFEST, then SC_ERR_MANIFEST_NOT_FOUND, else SC_ERR_UPSTREAM (details list every
+ * source's failure). Throws SC_ERR_BAD_NAME / SC_ERR_BAD_VERSION for malformed input,
+ * SC_ERR_BAD_CONFIG without trusted keys, SC_ERR_NO_UPSTREAM without sources.
+ */
+export async function fetchManifest(
+  sources: readonly string[],
+  name: string,
+  version: string,
+  trusted: readonly KeyObject[],
+  opts: FetchManifestOptions = {},
+): Promise<FetchedManifest> {
+  parseName(name);
+  parseVersion(version);
+  if (trusted.length === 0) throw scError('SC_ERR_BAD_CONFIG', 'no trusted public keys: refusing to accept any manifest');
+  const list = withOrigin(sources, opts.origin);
+  if (list.length === 0) throw scError('SC_ERR_NO_UPSTREAM', 'no source to fetch the manifest from');
+  const failures: { source: string; error: ScError }[] = [];
+  for (const source of list) {
+    throwIfAborted(opts.signal);
+    try {
+      const body = await getSmall(`${source}/v1/bundles/${name}/${version}`, opts.timeoutMs ?? 10_000, opts.signal);
+      if (body.status === 404) throw scError('SC_ERR_MANIFEST_NOT_FOUND', `${name}@${version} not found at ${source}`);
+      if (body.status !== 200) throw errorFromBody(body.status, body.data);
+      let json: unknown;
+      try {
+        json = JSON.parse(body.data.toString('utf8'));
+      } catch {
+        throw scError('SC_ERR_BAD_MANIFEST', `${source} answered with something that is not JSON`);
+      }
+      const manifest = parseManifest(json);
+      if (manifest.name !== name || manifest.version !== version) {
+        throw scError('SC_ERR_BAD_MANIFEST', `${source} answered ${manifest.name}@${manifest.version} for ${name}@${version}`);
+      }
+      const keyId = verifyManifest(manifest, [...trusted]);
+      return { manifest, source, keyId, manifestDigest: manifestDigest(manifest) };
+    } catch (err) {
+      if (opts.signal?.aborted) throw abortError(opts.signal);
+      failures.push({ source, error: toScError(err) });
+    }
+  }
+  const details = { sources: failures.map((f) => ({ source: f.source, code: f.error.code, message: f.error.message })) };
+  for (const code of MANIFEST_ERROR_PRIORITY) {
+    const f = failures.find((x) => x.error.code === code);
+    if (f) throw scError(code, `${f.error.message} (from ${f.source}; ${failures.length} source(s) tried)`, { ...f.error.details, ...details });
+  }
+  throw scError('SC_ERR_UPSTREAM', `no source served ${name}@${version}: ${failures.map((f) => `${f.source}: ${f.error.message}`).join('; ')}`, details);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blobs
+
+/** Progress of a blob download. */
+export interface FetchProgress {
+  /** Bytes of the blob received so far, resumed bytes included (the disk may lag by up to 1 MiB). */
+  bytes: number;
+  /** The blob size. */
+  size: number;
+  /** The source currently being read, or null before the first request. */
+  source: string | null;
+}
+
+/** Options for fetchBlob. */
+export interface FetchBlobOptions {
+  /** Candidates in order (see selectSources). */
+  sources: readonly string[];
+  /** Appended as the last candidate when not already in the list. */
+  origin?: string;
+  digest: string;
+  /** Expected size in bytes. */
+  size: number;
+  /** Destination path. The download goes to `out + '.partial'` first. */
+  out: string;
+  /** Called once at the start and for every chunk received. Must not throw. */
+  onProgress?: (p: FetchProgress) => void;
+  signal?: AbortSignal;
+  /** A source that sends nothing for this long (connect, headers or body) is abandoned, in ms. Default 30000. */
+  idleTimeoutMs?: number;
+  /** Extra passes over the candidate list after a pass that made no progress. Default 3. */
+  retries?: number;
+  /** Pause before the second pass, doubled on each further pass (capped at 16×), in ms. Default 500. */
+  backoffMs?: number;
+  /** Delete an existing `out` whose content differs, then fetch (default false: SC_ERR_FILE_EXISTS). */
+  overwrite?: boolean;
+  /** Sleep used for backoff; injectable for tests. Must reject when `signal` aborts. */
+  sleep?: (ms: number, signal?: AbortSignal) => Promise<void>;
+}
+
+/** A completed, verified download. */
+export interface FetchBlobResult {
+  /** The file, now holding exactly the blob. */
+  path: string;
+  digest: Digest;
+  size: number;
+  /** Sources that contributed bytes to the final file, in order. Empty when `out` was already there. */
+  sources: string[];
+  /** Bytes taken from a `.partial` left by an earlier run. */
+  resumedFrom: number;
+  /** Bytes received over the network by this call (including bytes later discarded). */
+  downloaded: number;
+  /** True when `out` already held the blob and nothing was fetched. */
+  alreadyPresent: boolean;
+}
+
+/** A local failure (disk): never retried on another source. */
+class LocalFailure extends Error {
+  constructor(readonly inner: unknown) {
+    super((inner as Error)?.message ?? String(inner));
+  }
+}
+
+interface DownloadState {
+  fh: FileHandle;
+  hash: Hash;
+  /** Verified-length prefix of the partial file that the hash covers. */
+  have: number;
+  /** Highest `have` reached in this epoch (progress measure). */
+  hwm: number;
+  /** Source of each contiguous piece, in file order; 'partial' for bytes from an earlier run. */
+  pieces: string[];
+  downloaded: number;
+}
+
+/**
+ * Downloads blob `digest` of `size` bytes into `out`, trying `sources` in order.
+ *
+ * - `out` already holding the right bytes → nothing is fetched (`alreadyPresent`).
+ * - Bytes go to `out + '.partial'`; an existing partial is re-hashed and continued.
+ * - On an error or a stall mid-body the download continues from the next candidate with
+ *   `Range: bytes=<have>-` (the 206 Content-Range start and total are checked; a 200 answer means
+ *   starting over from 0 with that source). After a full pass without progress it waits
+ *   (backoff) and wraps around, at most `retries` times in a row.
+ * - sha256 is computed while writing. When the size is reached, the digest is checked: on a
+ *   mismatch the partial is deleted; if one source supplied the whole file it is dropped and the
+ *   download starts over from the others, else it starts over once from all of them; when
+ *   nothing is left, SC_ERR_DIGEST_MISMATCH. Only a verified file is fsynced and renamed to `out`.
+ *
+ * Throws: SC_ERR_BAD_DIGEST / SC_ERR_BAD_REQUEST for bad input, SC_ERR_FILE_EXISTS (out differs,
+ * no `overwrite`), SC_ERR_NO_UPSTREAM (no candidates), SC_ERR_DIGEST_MISMATCH, SC_ERR_BLOB_NOT_FOUND
+ * (every source answered 404), SC_ERR_UPSTREAM (sources failed; details list them; the partial is
+ * kept for a later resume), SC_ERR_TIMEOUT / SC_ERR_UNAVAILABLE when `signal` aborts, SC_ERR_INTERNAL
+ * for local disk errors. One fetch per `out` at a time: concurrent calls for the same `out` are
+ * not coordinated.
+ */
+export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult> {
+  const digest = parseDigest(opts.digest);
+  const size = opts.size;
+  if (!Number.isSafeInteger(size) || size < 0) throw scError('SC_ERR_BAD_REQUEST', `invalid blob size ${String(size)}`);
+  const out = resolve(opts.out);
+  const partial = `${out}.partial`;
+  const idleTimeoutMs = opts.idleTimeoutMs ?? 30_000;
+  const retries = opts.retries ?? 3;
+  const backoffMs = opts.backoffMs ?? 500;
+  const sleep = opts.sleep ?? abortableSleep;
+  const signal = opts.signal;
+  throwIfAborted(signal);
+
+  const existing = await statOrNull(out);
+  if (existing) {
+    if (!existing.isFile()) throw scError('SC_ERR_FILE_EXISTS', `${out} exists and is not a regular file`);
+    if (existing.size === size && (await digestFile(out)).digest === digest) {
+      return { path: out, digest, size, sources: [], resumedFrom: 0, downloaded: 0, alreadyPresent: true };
+    }
+    if (!opts.overwrite) throw scError('SC_ERR_FILE_EXISTS', `${out} exists with other content`, { path: out });
+    // It fails its digest: it goes now, so that no failure below can leave it looking valid.
+    await unlink(out).catch((err) => {
+      throw scError('SC_ERR_INTERNAL', `cannot remove ${out}: ${describe(err)}`, { path: out }, err);
+    });
+  }
+  const candidates = withOrigin(opts.sources, opts.origin);
+  const partialStat = await statOrNull(partial);
+  if (partialStat && !partialStat.isFile()) throw scError('SC_ERR_FILE_EXISTS', `${partial} exists and is not a regular file`);
+
+  let fh: FileHandle;
+  try {
+    fh = await open(partial, fsc.O_RDWR | fsc.O_CREAT, 0o644);
+  } catch (err) {
+    throw scError('SC_ERR_INTERNAL', `cannot open ${partial}: ${describe(err)}`, { path: partial }, err);
+  }
+  const st: DownloadState = { fh, hash: createHash('sha256'), have: 0, hwm: 0, pieces: [], downloaded: 0 };
+  let done = false;
+  let discard = false;
+  try {
+    const resumedFrom = await adoptPartial(st, size);
+    if (st.have === 0 && candidates.length === 0 && size > 0) throw scError('SC_ERR_NO_UPSTREAM', 'no source to fetch the blob from');
+    const progress = (source: string | null, pending = 0) => opts.onProgress?.({ bytes: st.have + pending, size, source });
+    progress(null);
+
+    const excluded = new Set<string>();
+    const failures: { source: string; error: ScError }[] = [];
+    let idlePasses = 0;
+    let restarts = 0;
+    let contributed: string[] = [];
+    for (;;) {
+      if (st.have < size) {
+        const before = st.hwm;
+        for (const source of candidates) {
+          if (st.have >= size) break;
+          if (excluded.has(source)) continue;
+          throwIfAborted(signal);
+          try {
+            await pull(st, { source, digest, size, idleTimeoutMs, signal, progress });
+          } catch (err) {
+            if (err instanceof LocalFailure) throw scError('SC_ERR_INTERNAL', `writing ${partial}: ${err.message}`, { path: partial }, err.inner);
+            if (signal?.aborted) throw abortError(signal);
+            failures.push({ source, error: toScError(err) });
+            if (failures.length > 50) failures.shift();
+          }
+        }
+        if (st.have < size) {
+          idlePasses = st.hwm > before ? 0 : idlePasses + 1;
+          const live = candidates.filter((c) => !excluded.has(c));
+          if (idlePasses > retries || live.length === 0) throw allFailed(digest, failures, candidates.length === 0);
+          if (idlePasses > 0) await sleep(backoffMs * 2 ** Math.min(idlePasses - 1, 4), signal).catch(() => throwIfAborted(signal));
+          continue;
+        }
+      }
+      // The partial holds `size` bytes: check them.
+      const actual: Digest = `sha256:${st.hash.copy().digest('hex')}`;
+      contributed = [...new Set(st.pieces)];
+      if (actual === digest) break;
+      const mismatch = scError('SC_ERR_DIGEST_MISMATCH', `blob ${digest} from ${contributed.join(', ')} hashed to ${actual}`, {
+        expected: digest,
+        actual,
+        sources: contributed,
+      });
+      await truncateAll(st);
+      if (contributed.length === 1 && contributed[0] !== 'partial') excluded.add(contributed[0]);
+      restarts++;
+      failures.push({ source: contributed.join(','), error: mismatch });
+      if (restarts > candidates.length || candidates.every((c) => excluded.has(c))) throw mismatch;
+    }
+    await fh.sync();
+    await fh.close();
+    await rename(partial, out);
+    done = true;
+    await syncDir(dirname(out));
+    return {
+      path: out,
+      digest,
+      size,
+      sources: contributed.filter((s) => s !== 'partial'),
+      resumedFrom,
+      downloaded: st.downloaded,
+      alreadyPresent: false,
+    };
+  } catch (err) {
+    if (isScError(err, 'SC_ERR_DIGEST_MISMATCH')) discard = true;
+    if (err instanceof LocalFailure) throw scError('SC_ERR_INTERNAL', `writing ${partial}: ${err.message}`, { path: partial }, err.inner);
+    throw err;
+  } finally {
+    if (!done) {
+      await fh.close().catch(() => undefined);
+      // Keep a partial worth resuming; an empty one, or one found corrupt, goes.
+      if (discard || st.have === 0) await unlink(partial).catch(() => undefined);
+    }
+  }
+}
+
+/** Re-hashes what an earlier run left in the partial file; returns how many bytes are reused. */
+async function adoptPartial(st: DownloadState, size: number): Promise<number> {
+  const { size: len } = await st.fh.stat();
+  if (len === 0) return 0;
+  if (len > size) {
+    await truncateAll(st);
+    return 0;
+  }
+  const buf = Buffer.allocUnsafe(Math.min(WRITE_BATCH, len));
+  let pos = 0;
+  while (pos < len) {
+    const { bytesRead } = await st.fh.read(buf, 0, Math.min(buf.length, len - pos), pos);
+    if (bytesRead === 0) break;
+    st.hash.update(buf.subarray(0, bytesRead));
+    pos += bytesRead;
+  }
+  st.have = pos;
+  st.hwm = pos;
+  st.pieces = ['partial'];
+  return pos;
+}
+
+async function truncateAll(st: DownloadState): Promise<void> {
+  try {
+    await st.fh.truncate(0);
+  } catch (err) {
+    throw new LocalFailure(err);
+  }
+  st.hash = createHash('sha256');
+  st.have = 0;
+  st.hwm = 0;
+  st.pieces = [];
+}
+
+interface PullArgs {
+  source: string;
+  digest: Digest;
+  size: number;
+  idleTimeoutMs: number;
+  signal?: AbortSignal;
+  /** Reports progress; `pending` is received bytes not yet written. */
+  progress: (source: string, pending?: number) => void;
+}
+
+/**
+ * One request to one source, appending to the partial file from `st.have`. Returns when the
+ * response ended (the caller checks whether the blob is complete); throws on any failure, after
+ * keeping every byte received so far.
+ */
+async function pull(st: DownloadState, a: PullArgs): Promise<void> {
+  const start = st.have;
+  const headers: Record<string, string> = { 'user-agent': 'stagecoach-fetch' };
+  if (start > 0) headers.range = `bytes=${start}-`;
+  const req = got.stream(`${a.source}/v1/blobs/${a.digest}`, {
+    headers,
+    retry: { limit: 0 },
+    throwHttpErrors: false,
+    decompress: false,
+    followRedirect: false,
+  });
+  let timer: NodeJS.Timeout | undefined;
+  const arm = () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => req.destroy(scError('SC_ERR_TIMEOUT', `${a.source}: nothing received for ${a.idleTimeoutMs} ms`)), a.idleTimeoutMs);
+  };
+  // Failures surface through responseOf / the body iterator (stream.errored); this listener only
+  // keeps an error emitted between two awaits from becoming an uncaught exception.
+  req.on('error', () => {});
+  const onAbort = () => req.destroy(abortError(a.signal!));
+  a.signal?.addEventListener('abort', onAbort, { once: true });
+  arm();
+  try {
+    const res = await responseOf(req);
+    arm();
+    const status = res.statusCode;
+    const h = res.headers;
+    if (status !== 200 && status !== 206) {
+      const body = await readBounded(req, 64 * 1024).catch(() => Buffer.alloc(0));
+      if (status === 404) throw scError('SC_ERR_BLOB_NOT_FOUND', `${a.source}: blob ${a.digest} not found`);
+      if (status === 416) throw scError('SC_ERR_SIZE_MISMATCH', `${a.source}: Range ${start}- not satisfiable, its blob is smaller than ${a.size} bytes`);
+      throw errorFromBody(status, body, a.source);
+    }
+    const etag = typeof h.etag === 'string' ? h.etag.replace(/^W\//, '') : undefined;
+    if (etag !== undefined && etag !== `"${a.digest}"`) throw scError('SC_ERR_UPSTREAM', `${a.source}: ETag ${etag.slice(0, 80)} is not ${a.digest}`);
+    const enc = h['content-encoding'];
+    if (enc && enc !== 'identity') throw scError('SC_ERR_UPSTREAM', `${a.source}: unexpected Content-Encoding ${String(enc).slice(0, 40)}`);
+    const len = h['content-length'] === undefined ? undefined : Number(h['content-length']);
+    if (status === 206) {
+      const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(String(h['content-range'] ?? ''));
+      if (!m) throw scError('SC_ERR_UPSTREAM', `${a.source}: 206 without a valid Content-Range`);
+      const [from, to, total] = [Number(m[1]), Number(m[2]), m[3] === '*' ? undefined : Number(m[3])];
+      if (from !== start) throw scError('SC_ERR_UPSTREAM', `${a.source}: asked for bytes from ${start}, got a range from ${from}`);
+      if (total !== undefined && total !== a.size) throw scError('SC_ERR_SIZE_MISMATCH', `${a.source}: blob is ${total} bytes, expected ${a.size}`);
+      if (to < from || to >= a.size) throw scError('SC_ERR_UPSTREAM', `${a.source}: bad Content-Range ${from}-${to}`);
+    } else {
+      if (len !== undefined && len !== a.size) throw scError('SC_ERR_SIZE_MISMATCH', `${a.source}: blob is ${len} bytes, expected ${a.size}`);
+      if (st.have > 0) await truncateAll(st); // a 200 to a Range request: start over with this source
+    }
+    await copyBody(st, req, a, arm);
+    if (st.have < a.size && (status === 200 || (len !== undefined && st.have - start < len))) {
+      throw scError('SC_ERR_UPSTREAM', `${a.source}: body ended early at byte ${st.have} of ${a.size}`);
+    }
+  } finally {
+    clearTimeout(timer);
+    a.signal?.removeEventListener('abort', onAbort);
+    if (!req.destroyed) req.destroy();
+  }
+}
+
+/** Streams the body into the partial file in batches, hashing what was written. */
+async function copyBody(st: DownloadState, req: GotRequest, a: PullArgs, arm: () => void): Promise<void> {
+  let batch: Buffer[] = [];
+  let batchLen = 0;
+  const flush = async () => {
+    if (batchLen === 0) return;
+    const bufs = batch;
+    const n = batchLen;
+    batch = [];
+    batchLen = 0;
+    try {
+      const { bytesWritten } = await st.fh.writev(bufs, st.have);
+      if (bytesWritten !== n) throw new Error(`short write: ${bytesWritten} of ${n} bytes`);
+    } catch (err) {
+      throw new LocalFailure(err);
+    }
+    for (const b of bufs) st.hash.update(b);
+    st.have += n;
+    if (st.have > st.hwm) st.hwm = st.have;
+    if (st.pieces[st.pieces.length - 1] !== a.source) st.pieces.push(a.source);
+    a.progress(a.source);
+  };
+  let overflow = false;
+  try {
+    for await (const raw of req as AsyncIterable<Buffer>) {
+      arm();
+      st.downloaded += raw.length;
+      let chunk = raw;
+      const room = a.size - st.have - batchLen;
+      if (chunk.length > room) {
+        chunk = chunk.subarray(0, room);
+        overflow = true;
+      }
+      if (chunk.length) {
+        batch.push(chunk);
+        batchLen += chunk.length;
+      }
+      if (batchLen >= WRITE_BATCH) await flush();
+      else a.progress(a.source, batchLen);
+      if (overflow) break;
+    }
+  } catch (err) {
+    await flush();
+    throw err;
+  }
+  await flush();
+  if (overflow) throw scError('SC_ERR_SIZE_MISMATCH', `${a.source}: sent more than ${a.size} bytes`);
+}
+
+function allFailed(digest: Digest, failures: { source: string; error: ScError }[], none: boolean): ScError {
+  if (none) return scError('SC_ERR_NO_UPSTREAM', 'no source to fetch the blob from');
+  const details = { sources: failures.slice(-20).map((f) => ({ source: f.source, code: f.error.code, message: f.error.message })) };
+  if (failures.length > 0 && failures.every((f) => f.error.code === 'SC_ERR_BLOB_NOT_FOUND')) {
+    return scError('SC_ERR_BLOB_NOT_FOUND', `no source has blob ${digest}`, details);
+  }
+  const mismatch = failures.find((f) => f.error.code === 'SC_ERR_DIGEST_MISMATCH');
+  if (mismatch) return scError('SC_ERR_DIGEST_MISMATCH', mismatch.error.message, { ...mismatch.error.details, ...details });
+  const last = failures[failures.length - 1];
+  return scError('SC_ERR_UPSTREAM', `could not fetch blob ${digest}${last ? `; last failure: ${last.source}: ${last.error.message}` : ''}`, details);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+
+function responseOf(req: GotRequest): Promise<{ statusCode: number; headers: Record<string, string | string[] | undefined> }> {
+  return new Promise((resolveP, reject) => {
+    const onResponse = (res: { statusCode: number; headers: Record<string, string | string[] | undefined> }) => {
+      req.off('error', onError);
+      resolveP(res);
+    };
+    const onError = (err: unknown) => {
+      req.off('response', onResponse);
+      reject(err);
+    };
+    req.once('response', onResponse);
+    req.once('error', onError);
+  });
+}
+
+/** Reads a whole body, failing with SC_ERR_TOO_LARGE beyond `max` bytes. */
+async function readBounded(src: Readable, max: number): Promise<Buffer> {
+  const parts: Buffer[] = [];
+  let n = 0;
+  for await (const c of src as AsyncIterable<Buffer>) {
+    n += c.length;
+    if (n > max) {
+      src.destroy();
+      throw scError('SC_ERR_TOO_LARGE', `response body larger than ${max} bytes`);
+    }
+    parts.push(c);
+  }
+  return Buffer.concat(parts);
+}
+
+/** GET of a small document with a whole-exchange deadline. */
+async function getSmall(url: string, timeoutMs: number, signal?: AbortSignal): Promise<{ status: number; data: Buffer }> {
+  const req = got.stream(url, {
+    retry: { limit: 0 },
+    throwHttpErrors: false,
+    followRedirect: false,
+    headers: { accept: 'application/json', 'user-agent': 'stagecoach-fetch' },
+    timeout: { request: timeoutMs },
+    signal,
+  });
+  try {
+    const res = await responseOf(req);
+    return { status: res.statusCode, data: await readBounded(req, MAX_SMALL_BODY) };
+  } catch (err) {
+    if (isScError(err)) throw err;
+    throw scError((err as { code?: string })?.code === 'ETIMEDOUT' ? 'SC_ERR_TIMEOUT' : 'SC_ERR_UPSTREAM', `${url}: ${describe(err)}`);
+  } finally {
+    if (!req.destroyed) req.destroy();
+  }
+}
+
+function errorFromBody(status: number, data: Buffer, source?: string): ScError {
+  let body: unknown;
+  try {
+    body = JSON.parse(data.toString('utf8'));
+  } catch {
+    body = undefined;
+  }
+  const e = fromErrorBody(status, body);
+  return source ? scError(e.code, `${source}: ${e.message}`, e.details) : e;
+}
+
+function describe(err: unknown): string {
+  const e = err as { code?: string; message?: string };
+  return e?.code && !String(e.message).includes(e.code) ? `${e.code}: ${e.message}` : String(e?.message ?? err);
+}
+
+function abortError(signal: AbortSignal): ScError {
+  const r = signal.reason as { name?: string } | undefined;
+  if (r instanceof ScError) return r;
+  if (r?.name === 'TimeoutError') return scError('SC_ERR_TIMEOUT', 'fetch timed out');
+  return scError('SC_ERR_UNAVAILABLE', 'fetch aborted');
+}
+
+function throwIfAborted(signal?: AbortSignal): void {
+  if (signal?.aborted) throw abortError(signal);
+}
+
+function abortableSleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolveP, reject) => {
+    if (signal?.aborted) return reject(abortError(signal));
+    const t = setTimeout(() => {
+      signal?.removeEventListener('abort', onAbort);
+      resolveP();
+    }, ms);
+    const onAbort = () => {
+      clearTimeout(t);
+      reject(abortError(signal!));
+    };
+    signal?.addEventListener('abort', onAbort, { once: true });
+  });
+}
+
+async function statOrNull(path: string) {
+  try {
+    return await stat(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw scError('SC_ERR_INTERNAL', `cannot stat ${path}: ${describe(err)}`, { path }, err);
+  }
+}
+
+async function syncDir(dir: string): Promise<void> {
+  const d = await open(dir, 'r').catch(() => null);
+  if (!d) return;
+  try {
+    await d.sync();
+  } catch {
+    /* some filesystems refuse fsync on directories */
+  } finally {
+    await d.close();
+  }
+}
