@@ -202,6 +202,8 @@ export interface HostRecord {
   ip: string;
   running: { id: string; version: string; device: string } | null;
   bootDevice: string | null;
+  /** The stage URLs this agent was configured with, in its configured order (its colo's stages). */
+  stages?: string[];
   agentVersion: string;
   lastSeen: number;
   /** What the agent is doing: idle, running a step, rebooting, refused… */

@@ -1,0 +1,342 @@
+/**
+ * A sim fleet in one process, for the demo launcher, the fleet benchmark and the tests: keys,
+ * an origin with published bundles, one or more stages per colo, N sim machines per colo, and
+ * their agents running in-process (startAgent: a sim reboot restarts the agent instance after
+ * the firmware ran). Everything runs the production code; only the machines are simulated.
+ *
+ * Building blocks (use them one by one, or `startFleet` for all of it):
+ * - `makeFleetKeys(dir)`: release, control and fleet age keys (as `stagecoach keys gen`).
+ * - `publishBundle(origin, keys, …)`: pack a root filesystem directory (zstd + age to the
+ *   fleet), upload the blob, sign and upload the manifest (as `stagecoach publish`).
+ * - `publishSampleBundle(...)`: the same for a generated sample root filesystem.
+ * - `createSimHosts(root, colos)`: `stagecoach machine init` for every host.
+ * - `startFleetAgents(hosts, …)`: one in-process agent per host.
+ */
+import { createWriteStream } from 'node:fs';
+import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import type { KeyObject } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
+import { type Compression, makeSampleRootfs, packBundle } from '../shared/bundle/index.js';
+import { HashingStream } from '../shared/digest.js';
+import type { Logger } from '../shared/log.js';
+import { silentLogger } from '../shared/log.js';
+import { loadPrivateKey, loadPublicKey, type Manifest, type NetFormat, signManifest } from '../shared/manifest.js';
+import { generateKeys } from '../services/cli/commands/keys.js';
+import { type AgentHandle, type AgentRunOptions, startAgent } from '../services/agent/runtime.js';
+import type { AgentKeys } from '../services/agent/config.js';
+import { initSimMachine } from '../services/agent/machine/sim.js';
+import { OriginClient } from '../services/origin/client.js';
+import { startOrigin } from '../services/origin/main.js';
+import { type RunningStage, startStage } from '../services/stage/main.js';
+
+/** The fleet's keys: files (for CLIs and configs) and loaded objects. */
+export interface FleetKeys {
+  dir: string;
+  files: { releaseKey: string; releasePub: string; controlKey: string; controlPub: string; fleetIdentity: string; fleetRecipient: string };
+  releaseKey: KeyObject;
+  controlKey: KeyObject;
+  /** The agents' keys, loaded. */
+  agent: AgentKeys;
+  recipient: string;
+}
+
+/** Generates the fleet keys into `dir` (which must not hold key files yet). */
+export async function makeFleetKeys(dir: string): Promise<FleetKeys> {
+  const g = await generateKeys(dir);
+  const identity = (await readFile(g.files.fleetIdentity, 'utf8'))
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l.startsWith('AGE-SECRET-KEY-'));
+  return {
+    dir: g.dir,
+    files: g.files,
+    releaseKey: loadPrivateKey(await readFile(g.files.releaseKey)),
+    controlKey: loadPrivateKey(await readFile(g.files.controlKey)),
+    agent: {
+      trusted: [loadPublicKey(await readFile(g.files.releasePub))],
+      control: loadPublicKey(await readFile(g.files.controlPub)),
+      identities: identity,
+    },
+    recipient: g.recipient,
+  };
+}
+
+/** What to publish. */
+export interface PublishOptions {
+  name: string;
+  version: string;
+  role: 'base' | 'target';
+  /** A root filesystem directory. */
+  dir: string;
+  os: { id: string; version: string; netFormat: NetFormat; family?: 'linux' | 'windows' };
+  compression?: Compression;
+  /** Encrypt to the fleet (default true). */
+  encrypt?: boolean;
+  /** Where the packed blob is staged before upload (default: a temp dir next to `dir`). */
+  workDir?: string;
+  /** Sign with this key instead of the fleet's release key (tests: a foreign key). */
+  signingKey?: KeyObject;
+}
+
+/**
+ * Packs `o.dir` (tar → compression → age to the fleet) into the file `out` while hashing it,
+ * and returns the signed manifest for it. Nothing is held in memory.
+ */
+export async function packBundleFile(keys: FleetKeys, o: PublishOptions, out: string): Promise<Manifest> {
+  const compression = o.compression ?? 'zstd';
+  const encrypt = o.encrypt ?? true;
+  const hash = new HashingStream();
+  await pipeline(packBundle({ dir: o.dir }, { compression, recipients: encrypt ? [keys.recipient] : [] }), hash, createWriteStream(out));
+  return signManifest(
+    {
+      schema: 1,
+      name: o.name,
+      version: o.version,
+      role: o.role,
+      os: { id: o.os.id, version: o.os.version, family: o.os.family ?? 'linux', netFormat: o.os.netFormat },
+      blob: { digest: hash.digest(), size: (await stat(out)).size, compression, encryption: encrypt ? 'age' : 'none' },
+      publishedAt: new Date().toISOString(),
+    },
+    o.signingKey ?? keys.releaseKey,
+  );
+}
+
+/**
+ * Packs `dir` (see packBundleFile) into a temp file, uploads blob and signed manifest to the
+ * origin, and returns the manifest.
+ */
+export async function publishBundle(origin: OriginClient, keys: FleetKeys, o: PublishOptions): Promise<Manifest> {
+  const work = await mkdtemp(join(o.workDir ?? join(o.dir, '..'), '.publish-'));
+  try {
+    const file = join(work, 'bundle');
+    const m = await packBundleFile(keys, o, file);
+    await origin.putBlob(file, m.blob.digest, m.blob.size);
+    await origin.putManifest(m);
+    return m;
+  } finally {
+    await rm(work, { recursive: true, force: true });
+  }
+}
+
+/** Builds a sample root filesystem (makeSampleRootfs) under `workDir` and publishes it. */
+export async function publishSampleBundle(
+  origin: OriginClient,
+  keys: FleetKeys,
+  o: Omit<PublishOptions, 'dir'> & { workDir: string; sizeMiB?: number; prettyName?: string },
+): Promise<Manifest> {
+  const dir = join(o.workDir, `rootfs-${o.name}-${o.version}`);
+  await mkdir(dir, { recursive: true });
+  await makeSampleRootfs(dir, { id: o.os.id, name: o.prettyName ?? o.os.id, version: o.os.version, netFormat: o.os.netFormat, sizeMiB: o.sizeMiB ?? 1 });
+  try {
+    return await publishBundle(origin, keys, { ...o, dir });
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+/** A colo of the fleet and how many hosts it has. */
+export interface ColoSpec {
+  name: string;
+  hosts: number;
+}
+
+/** One sim host. */
+export interface SimHost {
+  hostId: string;
+  colo: string;
+  /** The machine directory. */
+  dir: string;
+  /** Its address with prefix. */
+  ip: string;
+}
+
+/**
+ * Creates the sim machines: host `<colo>-h<n>` (n from 1) in `root/<hostId>`; colo i (from 0)
+ * is 10.<i+1>.0.0/16 with gateway 10.<i+1>.0.1, host n is 10.<i+1>.<n div 200>.<n mod 200 + 10>.
+ * OS A is `os` (default debian-11).
+ */
+export async function createSimHosts(root: string, colos: ColoSpec[], opts: { os?: string } = {}): Promise<SimHost[]> {
+  const hosts: SimHost[] = [];
+  for (const [ci, c] of colos.entries()) {
+    for (let n = 1; n <= c.hosts; n++) {
+      const hostId = `${c.name}-h${n}`;
+      const dir = join(root, hostId);
+      const ip = `10.${ci + 1}.${Math.floor(n / 200)}.${(n % 200) + 10}/16`;
+      await initSimMachine(dir, { hostId, ip, gateway: `10.${ci + 1}.0.1`, os: opts.os ?? 'debian-11' });
+      hosts.push({ hostId, colo: c.name, dir, ip });
+    }
+  }
+  return hosts;
+}
+
+/** Options of startFleetAgents. */
+export interface FleetAgentOptions {
+  redisUrl: string;
+  prefix: string;
+  keys: FleetKeys;
+  /** Stage URLs per colo. */
+  stages: Record<string, string[]>;
+  origin?: string;
+  logger?: Logger;
+  lockDurationMs?: number;
+  heartbeatMs?: number;
+  onReboot?: AgentRunOptions['onReboot'];
+}
+
+/** The agents of a fleet. */
+export interface FleetAgents {
+  handles: Map<string, AgentHandle>;
+  /** Stops every agent (their jobs stay active, as after a crash). */
+  stop(): Promise<void>;
+}
+
+/** Starts one in-process agent per host. */
+export async function startFleetAgents(hosts: SimHost[], o: FleetAgentOptions): Promise<FleetAgents> {
+  const handles = new Map<string, AgentHandle>();
+  try {
+    for (const h of hosts) {
+      const handle = await startAgent(
+        {
+          hostId: h.hostId,
+          colo: h.colo,
+          redis: o.redisUrl,
+          machine: `sim:${h.dir}`,
+          stages: o.stages[h.colo] ?? [],
+          origin: o.origin,
+          trustKey: [o.keys.files.releasePub],
+          controlKey: o.keys.files.controlPub,
+          identity: o.keys.files.fleetIdentity,
+          prefix: o.prefix,
+          ...(o.lockDurationMs ? { lockDurationMs: o.lockDurationMs } : {}),
+          ...(o.heartbeatMs ? { heartbeatMs: o.heartbeatMs } : {}),
+        },
+        { logger: o.logger ?? silentLogger, keys: o.keys.agent, onReboot: o.onReboot },
+      );
+      handles.set(h.hostId, handle);
+    }
+  } catch (err) {
+    await Promise.all([...handles.values()].map((h) => h.stop()));
+    throw err;
+  }
+  return {
+    handles,
+    stop: async () => {
+      await Promise.all([...handles.values()].map((h) => h.stop()));
+    },
+  };
+}
+
+/** Options of startFleet. */
+export interface FleetOptions {
+  /** A directory for everything (created if missing); nothing is written outside it. */
+  root: string;
+  redisUrl: string;
+  /** Redis prefix (default: a fresh `fleet-<random>`). */
+  prefix?: string;
+  colos: ColoSpec[];
+  /** Stages per colo (default 1). */
+  stagesPerColo?: number;
+  /** Filler size of the sample bundles in MiB (default 1). */
+  bundleMiB?: number;
+  /** The bundles to publish (defaults: rescue-os@1.0.0 debian 12 base, target-os@2.0.0 ubuntu 24.04 target). */
+  base?: { name: string; version: string; os: PublishOptions['os'] };
+  target?: { name: string; version: string; os: PublishOptions['os'] };
+  /** OS A of the machines (default debian-11). */
+  os?: string;
+  /** Start the agents (default true). */
+  agents?: boolean;
+  logger?: Logger;
+  lockDurationMs?: number;
+  heartbeatMs?: number;
+}
+
+/** A running sim fleet. */
+export interface Fleet {
+  root: string;
+  prefix: string;
+  keys: FleetKeys;
+  origin: { url: string; client: OriginClient; token: string; close(): Promise<void> };
+  /** Stages per colo. */
+  stages: Record<string, RunningStage[]>;
+  base: Manifest;
+  target: Manifest;
+  hosts: SimHost[];
+  agents: FleetAgents | null;
+  /** Starts the agents if they are not running. */
+  startAgents(): Promise<FleetAgents>;
+  /** Stops agents, stages and origin. Files stay under root. */
+  close(): Promise<void>;
+}
+
+/** Starts a whole sim fleet (see the top of this file). */
+export async function startFleet(o: FleetOptions): Promise<Fleet> {
+  const log = o.logger ?? silentLogger;
+  const prefix = o.prefix ?? `fleet-${randomBytes(4).toString('hex')}`;
+  await mkdir(o.root, { recursive: true });
+  const keys = await makeFleetKeys(join(o.root, 'keys'));
+  const tokenFile = join(o.root, 'origin.token');
+  const token = randomBytes(24).toString('hex');
+  await writeFile(tokenFile, `${token}\n`, { mode: 0o600 });
+  const closers: (() => Promise<void>)[] = [];
+  try {
+    const org = await startOrigin({ listen: '127.0.0.1:0', data: join(o.root, 'origin'), tokenFile, trustKey: [keys.files.releasePub] }, { logger: log });
+    closers.push(() => org.close());
+    const client = new OriginClient(org.url, { token });
+    const stages: Record<string, RunningStage[]> = {};
+    for (const c of o.colos) {
+      stages[c.name] = [];
+      for (let i = 0; i < (o.stagesPerColo ?? 1); i++) {
+        const s = await startStage(
+          { listen: '127.0.0.1:0', upstreams: [org.url], cache: join(o.root, 'stages', `${c.name}-${i + 1}`), colo: c.name, trustKeys: [keys.files.releasePub], logLevel: 'silent' },
+          { log },
+        );
+        closers.push(() => s.close());
+        stages[c.name].push(s);
+      }
+    }
+    const work = join(o.root, 'publish');
+    await mkdir(work, { recursive: true });
+    const b = o.base ?? { name: 'rescue-os', version: '1.0.0', os: { id: 'debian', version: '12', netFormat: 'ifupdown' as const } };
+    const t = o.target ?? { name: 'target-os', version: '2.0.0', os: { id: 'ubuntu', version: '24.04', netFormat: 'netplan' as const } };
+    const base = await publishSampleBundle(client, keys, { ...b, role: 'base', workDir: work, sizeMiB: o.bundleMiB ?? 1 });
+    const target = await publishSampleBundle(client, keys, { ...t, role: 'target', workDir: work, sizeMiB: o.bundleMiB ?? 1 });
+    const hosts = await createSimHosts(join(o.root, 'machines'), o.colos, { os: o.os });
+    const stageUrls = Object.fromEntries(Object.entries(stages).map(([c, ss]) => [c, ss.map((s) => s.url)]));
+    const fleet: Fleet = {
+      root: o.root,
+      prefix,
+      keys,
+      origin: { url: org.url, client, token, close: () => org.close() },
+      stages,
+      base,
+      target,
+      hosts,
+      agents: null,
+      startAgents: async () => {
+        fleet.agents ??= await startFleetAgents(hosts, {
+          redisUrl: o.redisUrl,
+          prefix,
+          keys,
+          stages: stageUrls,
+          origin: org.url,
+          logger: log,
+          lockDurationMs: o.lockDurationMs,
+          heartbeatMs: o.heartbeatMs,
+        });
+        return fleet.agents;
+      },
+      close: async () => {
+        await fleet.agents?.stop();
+        fleet.agents = null;
+        for (const c of closers.reverse()) await c().catch(() => {});
+      },
+    };
+    if (o.agents ?? true) await fleet.startAgents();
+    return fleet;
+  } catch (err) {
+    for (const c of closers.reverse()) await c().catch(() => {});
+    throw err;
+  }
+}

@@ -1,0 +1,230 @@
+/**
+ * Running an agent.
+ *
+ * - `startAgent(config, opts)` runs an agent in this process. Its sim reboots do what a power
+ *   cycle does to a real host, in-process: the driver's exit action throws RebootSignal, the
+ *   agent instance closes without completing the job (its Redis connection too), the firmware
+ *   runs (`simBoot`), and a fresh instance starts and re-adopts the job. The demo and the fleet
+ *   benchmark run many hosts in one process this way, through the same code as production.
+ * - `runAgentOnce(config, opts)` runs one instance whose reboot really ends the process
+ *   (`stagecoach agent` without --supervise; the machine's next start, or the supervisor, boots
+ *   it). Both start by running the sim firmware when a reboot is pending (power-on).
+ *
+ * One agent per machine: each instance holds `DIR/agent.lock` (sim) or the pid file (linux)
+ * while it runs (lock.ts).
+ */
+import { join, resolve } from 'node:path';
+import pkg from '../../package.json' with { type: 'json' };
+import { scError } from '../../shared/errors.js';
+import { createLogger, type Logger } from '../../shared/log.js';
+import { createRedis } from '../../shared/redis.js';
+import type { AgentConfig, AgentConfigInput, AgentKeys } from './config.js';
+import { agentConfig, loadAgentKeys } from './config.js';
+import { crashPoints } from './hooks.js';
+import { acquireMachineLock, type MachineLock } from './lock.js';
+import { type ExitAction, type MachineDriver, RebootSignal } from './machine/driver.js';
+import { LinuxMachine } from './machine/linux.js';
+import { type SimBootResult, SimMachine, simBoot } from './machine/sim.js';
+import { AgentWorker, type WorkerExit } from './worker.js';
+
+/** The agent's version, as registered. */
+export const AGENT_VERSION: string = pkg.version;
+
+/** The sim machine directory of a `sim:DIR` spec, or null for `linux`. */
+export function simDir(machine: string): string | null {
+  return machine.startsWith('sim:') ? resolve(machine.slice(4)) : null;
+}
+
+/** Builds the machine driver for a config; `exit` is what a reboot does to the agent. */
+export function createDriver(cfg: AgentConfig, exit?: ExitAction): MachineDriver {
+  const dir = simDir(cfg.machine);
+  if (dir) return new SimMachine(dir, { exit });
+  return new LinuxMachine({
+    hostId: cfg.hostId,
+    disks: { disk1: cfg.disk1, disk2: cfg.disk2 },
+    bootMode: cfg.bootMode,
+    mountRoot: cfg.mountRoot,
+    dryRun: cfg.dryRun,
+    exit,
+    print: (l) => process.stderr.write(`${l}\n`),
+  });
+}
+
+/** The lock file that keeps a second agent off this machine. */
+export function machineLockPath(cfg: AgentConfig): string {
+  const dir = simDir(cfg.machine);
+  return dir ? join(dir, 'agent.lock') : cfg.pidFile;
+}
+
+/** Runs the sim firmware when the machine has a reboot pending or is not running (no-op otherwise, and for linux). */
+export async function powerOn(cfg: AgentConfig): Promise<SimBootResult | null> {
+  const dir = simDir(cfg.machine);
+  return dir ? simBoot(dir) : null;
+}
+
+/** Options of startAgent / runAgentOnce. */
+export interface AgentRunOptions {
+  logger?: Logger;
+  /** Pre-loaded keys (default: read from the config's files once). */
+  keys?: AgentKeys;
+  /** Called after an in-process reboot, once the firmware ran, before the fresh instance starts. */
+  onReboot?: (info: { hostId: string; reboots: number; boot: SimBootResult | null }) => void | Promise<void>;
+  /** Files the agent needs in the next OS (StepContext.agentFiles); default: its key files. */
+  agentFiles?: string[];
+  /** Called when an instance is up (registered, taking jobs). */
+  onStart?: (info: { hostId: string; instance: number }) => void;
+  now?: () => number;
+}
+
+/** A running in-process agent. */
+export interface AgentHandle {
+  hostId: string;
+  /** Instances started so far (1 + in-process reboots). */
+  readonly instances: number;
+  /** Settles when the agent has stopped (after stop(), or a fatal error: rejects). */
+  readonly done: Promise<void>;
+  /**
+   * Stops the agent: a step in progress is aborted and its job stays active, as after a crash
+   * (the next start runs it again). Idempotent.
+   */
+  stop(): Promise<void>;
+}
+
+interface Instance {
+  worker: AgentWorker;
+  exit: Promise<WorkerExit>;
+  lock: MachineLock;
+  close(): Promise<void>;
+}
+
+/** The agent's own files: config file (when given) and key files, absolute. */
+export function agentFilesOf(cfg: AgentConfig, configFile?: string): string[] {
+  return [...new Set([configFile, ...cfg.trustKey, cfg.controlKey, cfg.identity].filter((f): f is string => !!f).map((f) => resolve(f)))];
+}
+
+async function startInstance(
+  cfg: AgentConfig,
+  keys: AgentKeys,
+  exitAction: ExitAction | undefined,
+  logger: Logger,
+  opts: Pick<AgentRunOptions, 'now' | 'agentFiles'>,
+): Promise<Instance> {
+  const lock = await acquireMachineLock(machineLockPath(cfg));
+  try {
+    await powerOn(cfg);
+    const driver = createDriver(cfg, exitAction);
+    const hostId = await driver.hostId();
+    if (hostId !== cfg.hostId) throw scError('SC_ERR_BAD_CONFIG', `the machine is host ${hostId}, not ${cfg.hostId}`);
+    const redis = createRedis(cfg.redis, { forBullmq: true, name: `agent:${cfg.hostId}` });
+    redis.on('error', (err) => logger.warn({ err: err.message }, 'redis connection error'));
+    const worker = new AgentWorker({
+      hostId: cfg.hostId,
+      colo: cfg.colo,
+      prefix: cfg.prefix,
+      redis,
+      keys,
+      driver,
+      stages: cfg.stages,
+      origin: cfg.origin,
+      agentFiles: opts.agentFiles ?? agentFilesOf(cfg),
+      agentVersion: AGENT_VERSION,
+      logger,
+      lockDurationMs: cfg.lockDurationMs,
+      stalledIntervalMs: cfg.stalledIntervalMs,
+      maxStalledCount: cfg.maxStalledCount,
+      heartbeatMs: cfg.heartbeatMs,
+      reportsMaxLen: cfg.reportsMaxLen,
+      crashPoint: crashPoints(cfg.testHookDir),
+      now: opts.now,
+    });
+    let closed = false;
+    const close = async () => {
+      if (closed) return;
+      closed = true;
+      await redis.quit().catch(() => redis.disconnect());
+      await lock.release();
+    };
+    const exit = worker.run().finally(close);
+    return { worker, exit, lock, close };
+  } catch (err) {
+    await lock.release();
+    throw err;
+  }
+}
+
+/**
+ * Starts an agent in this process (see the top of this file). Resolves once the first
+ * instance is running. Throws SC_ERR_BAD_CONFIG / SC_ERR_BAD_KEY for a bad config,
+ * SC_ERR_CONFLICT when another agent runs this machine.
+ */
+export async function startAgent(config: AgentConfig | AgentConfigInput, opts: AgentRunOptions = {}): Promise<AgentHandle> {
+  const cfg = agentConfig(config as AgentConfigInput);
+  const logger = (opts.logger ?? createLogger({ level: cfg.logLevel, name: 'agent' })).child({ host: cfg.hostId });
+  const keys = opts.keys ?? (await loadAgentKeys(cfg));
+  const exitAction: ExitAction | undefined = simDir(cfg.machine)
+    ? (reboots) => {
+        throw new RebootSignal(reboots);
+      }
+    : undefined;
+  let instances = 0;
+  let stopping = false;
+  let current: Instance = await startInstance(cfg, keys, exitAction, logger, opts);
+  instances++;
+  opts.onStart?.({ hostId: cfg.hostId, instance: instances });
+  const done = (async () => {
+    for (;;) {
+      const ex = await current.exit;
+      if (ex.reason !== 'reboot' || stopping) return;
+      logger.info({ reboots: ex.reboots }, 'machine rebooted; starting the agent again');
+      const boot = await powerOn(cfg);
+      await opts.onReboot?.({ hostId: cfg.hostId, reboots: ex.reboots, boot });
+      if (stopping) return;
+      current = await startInstance(cfg, keys, exitAction, logger, opts);
+      instances++;
+      opts.onStart?.({ hostId: cfg.hostId, instance: instances });
+    }
+  })();
+  done.catch(() => {});
+  return {
+    hostId: cfg.hostId,
+    get instances() {
+      return instances;
+    },
+    done,
+    stop: async () => {
+      stopping = true;
+      await current.worker.stop();
+      await current.exit.catch(() => {});
+      await current.close();
+      await done.catch(() => {});
+    },
+  };
+}
+
+/**
+ * Runs one agent instance in this process until it is stopped (SIGTERM/SIGINT: the caller
+ * wires them to the returned stop) or the machine reboots: then the process ends through the
+ * driver's default exit action, like a real reboot. Resolves with the handle and the exit.
+ */
+export async function runAgentOnce(
+  config: AgentConfig,
+  opts: AgentRunOptions = {},
+): Promise<{ stop(): Promise<void>; exit: Promise<WorkerExit> }> {
+  const logger = (opts.logger ?? createLogger({ level: config.logLevel, name: 'agent' })).child({ host: config.hostId });
+  const keys = opts.keys ?? (await loadAgentKeys(config));
+  const exitAction: ExitAction = (reboots) => {
+    logger.info({ reboots }, 'rebooting: the agent process ends here');
+    logger.flush?.();
+    process.exit(0);
+  };
+  const inst = await startInstance(config, keys, exitAction, logger, opts);
+  opts.onStart?.({ hostId: config.hostId, instance: 1 });
+  return {
+    exit: inst.exit,
+    stop: async () => {
+      await inst.worker.stop();
+      await inst.exit.catch(() => {});
+      await inst.close();
+    },
+  };
+}

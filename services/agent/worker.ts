@@ -1,0 +1,429 @@
+/**
+ * The agent's job loop: one BullMQ queue per host (`host.<id>`), one step per job, processed
+ * manually (a Worker without a processor: `getNextJob`, `extendLock`, `moveToCompleted`,
+ * `moveToFailed`).
+ *
+ * ## Why a step interrupted by a crash or a reboot runs again, and a finished one never does
+ *
+ * 1. The lock token is stable per host: `agent:<hostId>`. A job taken by this host stays in the
+ *    queue's active list, locked with that token, until this host moves it to completed or
+ *    failed. Nothing else ever consumes the queue (one agent per machine: lock.ts).
+ * 2. A reboot (the sim's exit action, or a real reboot) and a crash (kill -9) end the agent
+ *    without touching the job: it stays active, locked with the host's token, for up to
+ *    `lockDurationMs`.
+ * 3. A returning agent first looks at its queue's active list and re-adopts what it finds there:
+ *    `extendLock(token)` succeeds because the token matches, and the step runs again at once
+ *    (no waiting for stalled-job recovery).
+ * 4. If the agent was away longer than the lock (a slow real reboot), the lock expired; BullMQ's
+ *    stalled-job check (run by this worker every `stalledIntervalMs`) moves the job back to wait,
+ *    and `getNextJob` hands it out again. `maxStalledCount` is high (reboots are expected), so a
+ *    stall never fails a job. This is the backstop.
+ * 5. The queue holds a host's sequence as a flow chain (client.ts): a step's job becomes
+ *    available only once the previous step's job completed, so the sequence continues exactly
+ *    where it stopped, and a completed job is never handed out again.
+ * 6. A step's effect and the job's completion are not one transaction: the agent can die after
+ *    the effect and before `moveToCompleted`. That is why every step is idempotent (steps/step.ts):
+ *    the re-run's `check` finds the effect in place and completes the job without producing it
+ *    again. The sim driver's action log (actions.jsonl) records every effect, so tests prove that
+ *    none happens twice.
+ *
+ * ## Refusals and aborts
+ * A job that is unsigned, signed by another key, addressed to another host, expired or
+ * malformed is failed with SC_ERR_JOB_REJECTED as an UnrecoverableError (no retry), before
+ * anything touches the machine. Before each step, `hostctl:<id>` `abort` equal to the job's
+ * rollout fails it with SC_ERR_ABORTED at that safe boundary.
+ *
+ * ## Failures
+ * A step failure is recorded with `moveToFailed`, which applies the job's attempts and backoff;
+ * failures that a retry cannot cure (steps/common.ts isPermanent) fail at once. The failed
+ * reason is `<code>: <message>`. Every event also goes to the shared reports stream.
+ */
+import { type Job, Queue, UnrecoverableError, Worker } from 'bullmq';
+import type { Redis } from 'ioredis';
+import { type ScError, scError, toScError } from '../../shared/errors.js';
+import type { Logger } from '../../shared/log.js';
+import { hostQueueName, type HostRecord, type StepPayload, verifyStepJob } from './client.js';
+import type { AgentKeys } from './config.js';
+import { type CrashPoint, noCrashPoints } from './hooks.js';
+import { type MachineDriver, RebootSignal } from './machine/driver.js';
+import { Presence } from './presence.js';
+import { isPermanent } from './steps/common.js';
+import { STEPS, type Step, type StepContext, type StepProgress } from './steps/index.js';
+
+/** The lock token of every job this host takes: stable across restarts and reboots. */
+export function hostToken(hostId: string): string {
+  return `agent:${hostId}`;
+}
+
+/** How the job loop ended. */
+export type WorkerExit = { reason: 'stopped' } | { reason: 'reboot'; reboots: number };
+
+/** Everything one agent instance needs. */
+export interface AgentWorkerOptions {
+  hostId: string;
+  colo: string;
+  prefix: string;
+  /** A connection made with createRedis(url, {forBullmq: true}); shared by the Worker, the Queue and the reports. */
+  redis: Redis;
+  keys: AgentKeys;
+  driver: MachineDriver;
+  stages: readonly string[];
+  origin?: string;
+  /** See StepContext.agentFiles. */
+  agentFiles?: readonly string[];
+  agentVersion: string;
+  logger: Logger;
+  lockDurationMs?: number;
+  stalledIntervalMs?: number;
+  maxStalledCount?: number;
+  heartbeatMs?: number;
+  reportsMaxLen?: number;
+  /** Minimum interval between progress reports of one step, ms (default 1000). */
+  progressIntervalMs?: number;
+  crashPoint?: CrashPoint;
+  now?: () => number;
+  /** Step implementations (default: every step of steps/index.ts). */
+  steps?: Readonly<Record<string, Step>>;
+}
+
+interface Running {
+  job: Job;
+  abort: AbortController;
+}
+
+/** One agent instance's job loop. Create, `run()`, and `stop()` from outside to end it. */
+export class AgentWorker {
+  readonly #o: Required<Omit<AgentWorkerOptions, 'origin'>> & { origin?: string };
+  readonly #token: string;
+  readonly #queueName: string;
+  readonly #presence: Presence;
+  #worker?: Worker;
+  #queue?: Queue;
+  #stopping = false;
+  #current?: Running;
+  #state: Pick<HostRecord, 'state' | 'rollout' | 'step'> = { state: 'starting', rollout: null, step: null };
+
+  constructor(opts: AgentWorkerOptions) {
+    this.#o = {
+      lockDurationMs: 60_000,
+      stalledIntervalMs: 30_000,
+      maxStalledCount: 1000,
+      heartbeatMs: 10_000,
+      reportsMaxLen: 1_000_000,
+      progressIntervalMs: 1000,
+      crashPoint: noCrashPoints,
+      now: Date.now,
+      steps: STEPS,
+      agentFiles: [],
+      ...(Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) as AgentWorkerOptions),
+    };
+    this.#token = hostToken(opts.hostId);
+    this.#queueName = hostQueueName(opts.hostId);
+    this.#presence = new Presence({ redis: opts.redis, prefix: opts.prefix, hostId: opts.hostId, reportsMaxLen: this.#o.reportsMaxLen, now: this.#o.now });
+  }
+
+  /**
+   * Registers the host, then takes and runs jobs until `stop()` (→ `stopped`) or until a step
+   * reboots the machine through a driver whose exit action throws RebootSignal (→ `reboot`; the
+   * job stays active for the next instance). Other errors of the loop are logged and retried.
+   */
+  async run(): Promise<WorkerExit> {
+    const o = this.#o;
+    const log = o.logger;
+    this.#worker = new Worker(this.#queueName, null, {
+      connection: o.redis,
+      prefix: o.prefix,
+      autorun: false,
+      lockDuration: o.lockDurationMs,
+      stalledInterval: o.stalledIntervalMs,
+      maxStalledCount: o.maxStalledCount,
+      name: this.#token,
+    });
+    this.#worker.on('error', (err) => log.warn({ err: err.message }, 'queue worker error'));
+    this.#queue = new Queue(this.#queueName, { connection: o.redis, prefix: o.prefix });
+    this.#queue.on('error', (err) => log.warn({ err: err.message }, 'queue error'));
+    let heartbeat: NodeJS.Timeout | undefined;
+    try {
+      await this.#worker.waitUntilReady();
+      await this.#register('idle');
+      heartbeat = setInterval(() => {
+        this.#presence.update(this.#state).catch((err) => log.warn({ err: (err as Error).message }, 'heartbeat failed'));
+      }, o.heartbeatMs);
+      heartbeat.unref();
+      this.#worker.startStalledCheckTimer().catch((err) => log.warn({ err: (err as Error).message }, 'stalled check failed'));
+      let job = await this.#readopt();
+      let readopted = job !== undefined;
+      while (!this.#stopping) {
+        if (!job) {
+          try {
+            job = await this.#worker.getNextJob(this.#token, { block: true });
+          } catch (err) {
+            if (this.#stopping) break;
+            log.warn({ err: (err as Error).message }, 'fetching the next job failed; retrying');
+            await new Promise((r) => setTimeout(r, 1000));
+            continue;
+          }
+        }
+        if (this.#stopping) break;
+        if (!job) continue; // the blocking wait timed out, or a delayed job is not due yet
+        await this.#runJob(job, readopted);
+        job = undefined;
+        readopted = false;
+      }
+      return { reason: 'stopped' };
+    } catch (err) {
+      if (err instanceof RebootSignal) return { reason: 'reboot', reboots: err.reboots };
+      throw err;
+    } finally {
+      clearInterval(heartbeat);
+      await this.#worker.close(true).catch(() => {});
+      await this.#queue.close().catch(() => {});
+    }
+  }
+
+  /**
+   * Ends the loop. A step in progress is aborted and its job left active (locked with the host
+   * token), exactly as after a crash: the next instance re-adopts it and runs it again.
+   */
+  async stop(): Promise<void> {
+    this.#stopping = true;
+    this.#current?.abort.abort(scError('SC_ERR_UNAVAILABLE', 'agent stopping'));
+    await this.#worker?.close(true).catch(() => {});
+  }
+
+  async #register(state: string): Promise<void> {
+    const ins = await this.#o.driver.inspect();
+    this.#state = { ...this.#state, state };
+    await this.#presence.update({
+      hostId: this.#o.hostId,
+      colo: this.#o.colo,
+      ip: ins.ip ?? '',
+      running: ins.running,
+      bootDevice: ins.bootDevice,
+      stages: [...this.#o.stages],
+      agentVersion: this.#o.agentVersion,
+      ...this.#state,
+    });
+  }
+
+  async #setState(s: Pick<HostRecord, 'state' | 'rollout' | 'step'>): Promise<void> {
+    this.#state = s;
+    await this.#presence.update(s).catch((err) => this.#o.logger.warn({ err: (err as Error).message }, 'state update failed'));
+  }
+
+  /** The job this host still holds from before a crash or reboot, re-locked; undefined when none. */
+  async #readopt(): Promise<Job | undefined> {
+    const active = await this.#queue!.getActive(0, 20);
+    for (const j of active) {
+      if (!j) continue;
+      const ok = await j.extendLock(this.#token, this.#o.lockDurationMs);
+      if (ok === 1) {
+        this.#o.logger.info({ job: j.id }, 'resuming the job held before the restart');
+        return j;
+      }
+      this.#o.logger.warn({ job: j.id }, 'an active job is not locked by this host (lock expired); stalled-job recovery will hand it back');
+    }
+    return undefined;
+  }
+
+  async #runJob(job: Job, readopted: boolean): Promise<void> {
+    const o = this.#o;
+    const abort = new AbortController();
+    this.#current = { job, abort };
+    const renew = setInterval(() => {
+      job.extendLock(this.#token, o.lockDurationMs).then(
+        (ok) => {
+          if (ok !== 1) {
+            o.logger.error({ job: job.id }, 'lost the job lock; abandoning the step');
+            abort.abort(scError('SC_ERR_CONFLICT', 'lost the job lock'));
+          }
+        },
+        (err) => o.logger.warn({ job: job.id, err: (err as Error).message }, 'lock renewal failed'),
+      );
+    }, Math.max(500, Math.floor(o.lockDurationMs / 2)));
+    try {
+      await this.#process(job, abort, readopted);
+    } finally {
+      clearInterval(renew);
+      this.#current = undefined;
+    }
+  }
+
+  async #process(job: Job, abort: AbortController, readopted: boolean): Promise<void> {
+    const o = this.#o;
+    let payload: StepPayload;
+    try {
+      // A job this host had already started before a crash or reboot is finished even if it
+      // expired meanwhile (its expiry is checked as of its start): that is no replay.
+      const asOf = readopted && job.processedOn ? Math.min(o.now(), job.processedOn) : o.now();
+      payload = verifyStepJob(job.data, o.hostId, o.keys.control, asOf);
+    } catch (err) {
+      const e = toScError(err);
+      if (e.code === 'SC_ERR_JOB_REJECTED') await this.#refuse(job, e);
+      else await this.#finishFailed(job, e, false);
+      return;
+    }
+    const base = { rollout: payload.rollout, seq: payload.seq, step: payload.step };
+    const log = o.logger.child({ job: job.id, step: payload.step, rollout: payload.rollout });
+    if (job.deferredFailure) {
+      // BullMQ hands out a parent whose child failed (failParentOnFailure) or a job that stalled
+      // too often, marked with a deferred failure: it is failed here without running (a normal
+      // Worker does the same before calling its processor).
+      await this.#fail(job, base, scError('SC_ERR_STEP_FAILED', `not run: ${job.deferredFailure}`), true);
+      return;
+    }
+    o.crashPoint(`${payload.step}:before`);
+    if (await this.#presence.abortRequested(payload.rollout)) {
+      await this.#fail(job, base, scError('SC_ERR_ABORTED', `rollout ${payload.rollout} was aborted; stopped before ${payload.step}`), true);
+      await this.#setState({ state: 'aborted', rollout: payload.rollout, step: payload.step });
+      return;
+    }
+    const step = o.steps[payload.step];
+    await this.#setState({ state: 'running', rollout: payload.rollout, step: payload.step });
+    await this.#report({ ...base, event: 'started', message: `attempt ${job.attemptsMade + 1}` });
+    log.info({ attempt: job.attemptsMade + 1 }, 'step started');
+
+    // Progress: the latest value is sent at most once per interval, to BullMQ and the stream.
+    let latest: StepProgress | null = null;
+    let sent: StepProgress | null = null;
+    const flush = () => {
+      if (!latest || latest === sent) return;
+      const p = latest;
+      sent = p;
+      const percent = p.total ? Math.min(100, Math.floor((p.bytes / p.total) * 1000) / 10) : undefined;
+      job.updateProgress({ bytes: p.bytes, total: p.total, percent }).catch(() => {});
+      this.#report({ ...base, event: 'progress', bytes: p.bytes, percent }).catch(() => {});
+    };
+    const ticker = setInterval(flush, o.progressIntervalMs);
+    const ctx: StepContext = {
+      hostId: o.hostId,
+      payload,
+      driver: o.driver,
+      trusted: o.keys.trusted,
+      identities: o.keys.identities,
+      stages: o.stages,
+      origin: o.origin,
+      agentFiles: o.agentFiles,
+      signal: abort.signal,
+      logger: log,
+      log: async (line) => {
+        log.info(line);
+        await job.log(line).catch(() => {});
+      },
+      progress: (p) => {
+        latest = p;
+      },
+      reboot: async () => {
+        flush();
+        await this.#setState({ state: 'rebooting', rollout: payload.rollout, step: payload.step });
+        await this.#report({ ...base, event: 'rebooting' });
+        log.info('rebooting');
+        return o.driver.reboot();
+      },
+      crashPoint: o.crashPoint,
+      now: o.now,
+    };
+
+    let result: Record<string, unknown>;
+    try {
+      result = await withDeadline(step.timeoutMs, abort, async () => {
+        const done = await step.check(ctx);
+        if (done) {
+          await ctx.log(`already done: ${done}`);
+          return { skipped: true, reason: done };
+        }
+        return step.apply(ctx);
+      });
+    } catch (err) {
+      clearInterval(ticker);
+      if (err instanceof RebootSignal) throw err;
+      if (this.#stopping) {
+        log.info('stopped during the step; the job stays active and runs again at the next start');
+        return;
+      }
+      if (abort.signal.aborted && isScError(abort.signal.reason, 'SC_ERR_CONFLICT')) {
+        log.error('the job lock was lost; leaving the job to its new holder');
+        return;
+      }
+      const e = toScError(err);
+      log.warn({ code: e.code, err: e.message }, 'step failed');
+      await this.#fail(job, base, e, isPermanent(e));
+      await this.#setState({ state: 'failed', rollout: payload.rollout, step: payload.step });
+      return;
+    }
+    clearInterval(ticker);
+    flush();
+    try {
+      await job.moveToCompleted(result, this.#token, false);
+    } catch (err) {
+      log.error({ err: (err as Error).message }, 'could not complete the job (lock lost?); it will run again and find its effect in place');
+      return;
+    }
+    await this.#report({ ...base, event: 'completed', message: typeof result.reason === 'string' ? `already done: ${result.reason}` : undefined });
+    log.info({ skipped: result.skipped === true }, 'step completed');
+    o.crashPoint(`${payload.step}:after`);
+    await this.#register('idle').catch((err) => log.warn({ err: (err as Error).message }, 'registration update failed'));
+    this.#state = { state: 'idle', rollout: payload.rollout, step: payload.step };
+  }
+
+  /** Fails a job that did not pass verification: never retried, nothing touched. */
+  async #refuse(job: Job, e: ScError): Promise<void> {
+    const d = (job.data ?? {}) as { payload?: Partial<StepPayload> };
+    const p = d.payload && typeof d.payload === 'object' ? d.payload : {};
+    const str = (v: unknown, n: number) => (typeof v === 'string' ? v.slice(0, n) : '');
+    const base = { rollout: str(p.rollout, 64), seq: typeof p.seq === 'number' ? p.seq : -1, step: str(p.step, 40) || job.name.slice(0, 40) };
+    this.#o.logger.warn({ job: job.id, reason: e.details?.reason, err: e.message }, 'job refused');
+    await this.#finishFailed(job, e, true);
+    await this.#report({ ...base, event: 'refused', code: e.code, message: e.message });
+    await this.#setState({ state: 'refused', rollout: base.rollout || null, step: base.step || null });
+  }
+
+  async #fail(job: Job, base: { rollout: string; seq: number; step: string }, e: ScError, permanent: boolean): Promise<void> {
+    const retry = await this.#finishFailed(job, e, permanent);
+    await this.#report({ ...base, event: 'failed', code: e.code, message: retry ? `${e.message} (will retry)` : e.message });
+  }
+
+  /** moveToFailed with `<code>: <message>`; returns true when BullMQ will retry it. */
+  async #finishFailed(job: Job, e: ScError, permanent: boolean): Promise<boolean> {
+    const msg = `${e.code}: ${e.message}`;
+    const err = permanent ? new UnrecoverableError(msg) : new Error(msg);
+    try {
+      await job.moveToFailed(err, this.#token, false);
+    } catch (x) {
+      this.#o.logger.error({ job: job.id, err: (x as Error).message }, 'could not fail the job');
+      return false;
+    }
+    return !permanent && job.attemptsMade < (job.opts.attempts ?? 1);
+  }
+
+  async #report(r: Parameters<Presence['report']>[0]): Promise<void> {
+    await this.#presence.report(r).catch((err) => this.#o.logger.warn({ err: (err as Error).message }, 'report failed'));
+  }
+}
+
+function isScError(v: unknown, code: string): boolean {
+  return (v as { code?: string })?.code === code;
+}
+
+/**
+ * Runs `fn` with a deadline: when it passes, `abort` is aborted with SC_ERR_TIMEOUT and, once
+ * `fn` has settled (so a timed-out step never keeps writing while the job is retried), the
+ * promise rejects with SC_ERR_TIMEOUT.
+ */
+async function withDeadline<T>(ms: number, abort: AbortController, fn: () => Promise<T>): Promise<T> {
+  let timedOut = false;
+  const t = setTimeout(() => {
+    timedOut = true;
+    abort.abort(scError('SC_ERR_TIMEOUT', `step took longer than ${ms} ms`));
+  }, ms);
+  try {
+    const r = await fn();
+    if (timedOut) throw scError('SC_ERR_TIMEOUT', `step took longer than ${ms} ms`);
+    return r;
+  } catch (err) {
+    if (timedOut && !(err instanceof RebootSignal)) throw scError('SC_ERR_TIMEOUT', `step took longer than ${ms} ms`);
+    throw err;
+  } finally {
+    clearTimeout(t);
+  }
+}
