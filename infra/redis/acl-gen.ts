@@ -1,0 +1,144 @@
+/**
+ * Redis ACL generator: one user per agent, limited to its own queue and registration keys, one
+ * user for control, the default user disabled. Passwords are derived from one secret
+ * (HMAC-SHA256(secret, user name), base64url), so the file and every agent's credentials can be
+ * regenerated at any time without storing passwords; the ACL file holds only their SHA-256
+ * (`#<hex>`), never a password.
+ *
+ * An agent user (prefix P, host id H) may touch:
+ * - `P:host.H:*` and `P:host.H`   its BullMQ queue (jobs, locks, events, markers);
+ * - `P:agent:H`                   its registration hash;
+ * - `P:agents`, `P:reports`       the shared heartbeat set and reports stream (write needed);
+ * - `P:hostctl:H`                 read only (the abort flag control writes).
+ * and run only data commands on them (no KEYS/SCAN, no admin, no pub/sub, no FLUSH*, no
+ * SCRIPT FLUSH/KILL, no FUNCTION); scripts (EVAL/EVALSHA, how BullMQ works) are checked
+ * against the same key patterns by Redis.
+ */
+import { createHash, createHmac } from 'node:crypto';
+import { HOST_ID_RE } from '../../services/agent/client.js';
+import { scError } from '../../shared/errors.js';
+
+/** The command rules every agent user gets (after `-@all`). */
+export const AGENT_COMMANDS = [
+  '+@read',
+  '+@write',
+  '+@stream',
+  '+@list',
+  '+@hash',
+  '+@sortedset',
+  '+@set',
+  '+@string',
+  '+@keyspace',
+  '+@scripting',
+  '+@transaction',
+  '+@blocking',
+  '+@connection',
+  '-@dangerous',
+  '-@admin',
+  '-@pubsub',
+  '-keys',
+  '-scan',
+  '-randomkey',
+  '-select',
+  '-swapdb',
+  '-move',
+  '-copy',
+  '-script|flush',
+  '-script|kill',
+  '-function',
+  '-fcall',
+  '-fcall_ro',
+  '-client|kill',
+  '-client|list',
+  '-client|pause',
+  '-client|unpause',
+  '-client|no-evict',
+  '-client|unblock',
+  '+info',
+];
+
+/** Rules of the control user: everything on its prefix except admin/dangerous commands. */
+export const CONTROL_COMMANDS = ['+@all', '-@dangerous', '-@admin', '-@pubsub', '+info', '+client|list'];
+
+/** ACL user name of an agent. */
+export function agentUser(hostId: string): string {
+  if (!HOST_ID_RE.test(hostId)) throw scError('SC_ERR_BAD_NAME', `bad host id ${JSON.stringify(hostId.slice(0, 80))}`);
+  return `agent-${hostId}`;
+}
+
+/** The password of a user, derived from the secret. */
+export function derivePassword(secret: string, user: string): string {
+  if (secret.length < 16) throw scError('SC_ERR_BAD_CONFIG', 'the ACL secret must be at least 16 characters');
+  return createHmac('sha256', secret).update(`stagecoach-acl:${user}`).digest('base64url');
+}
+
+/** A Redis URL with a user's credentials, from a base URL such as `redis://10.0.0.2:6379` or `rediss://…`. */
+export function credentialUrl(baseUrl: string, user: string, password: string): string {
+  const u = new URL(baseUrl);
+  if (u.protocol !== 'redis:' && u.protocol !== 'rediss:') throw scError('SC_ERR_BAD_CONFIG', `expected redis:// or rediss://, got ${u.protocol}`);
+  u.username = user;
+  u.password = password;
+  return u.toString();
+}
+
+function keyPattern(prefix: string, rest: string): string {
+  // Glob-escape the prefix: a Cluster hash tag prefix such as {stagecoach} has no glob
+  // characters, but `[`, `]`, `*`, `?` and `\` would be patterns.
+  return `${prefix.replace(/[[\]*?\\]/g, (c) => `\\${c}`)}:${rest}`;
+}
+
+/** Options of `generateAcl`. */
+export interface AclOptions {
+  /** Key prefix (`stagecoach`, or `{stagecoach}` on a cluster). */
+  prefix: string;
+  hosts: string[];
+  secret: string;
+  /** Name of the control user (default `control`). */
+  controlUser?: string;
+  /** Also add an `admin` user with every right (for operators and AOF maintenance). */
+  admin?: boolean;
+}
+
+/** One generated user and its password. */
+export interface AclUser {
+  user: string;
+  password: string;
+  role: 'agent' | 'control' | 'admin';
+  host?: string;
+}
+
+/** The ACL file text (for `aclfile` / `--aclfile`) and every user with its password. */
+export function generateAcl(o: AclOptions): { acl: string; users: AclUser[] } {
+  if (!/^[A-Za-z0-9{}_.-]{1,64}$/.test(o.prefix)) throw scError('SC_ERR_BAD_CONFIG', `bad prefix ${JSON.stringify(o.prefix)}`);
+  const hosts = [...new Set(o.hosts)].sort();
+  const users: AclUser[] = [];
+  // Redis ACL files allow no comments: every line is a user.
+  const lines = ['user default off resetkeys resetchannels -@all'];
+  const control = o.controlUser ?? 'control';
+  users.push({ user: control, password: derivePassword(o.secret, control), role: 'control' });
+  lines.push(`user ${control} on #${sha(users[0].password)} resetkeys resetchannels ~${keyPattern(o.prefix, '*')} -@all ${CONTROL_COMMANDS.join(' ')}`);
+  if (o.admin) {
+    const pw = derivePassword(o.secret, 'admin');
+    users.push({ user: 'admin', password: pw, role: 'admin' });
+    lines.push(`user admin on #${sha(pw)} ~* &* +@all`);
+  }
+  for (const h of hosts) {
+    const user = agentUser(h);
+    const pw = derivePassword(o.secret, user);
+    users.push({ user, password: pw, role: 'agent', host: h });
+    const keysRule = [
+      `~${keyPattern(o.prefix, `host.${h}:*`)}`,
+      `~${keyPattern(o.prefix, `host.${h}`)}`,
+      `~${keyPattern(o.prefix, `agent:${h}`)}`,
+      `~${keyPattern(o.prefix, 'agents')}`,
+      `~${keyPattern(o.prefix, 'reports')}`,
+      `%R~${keyPattern(o.prefix, `hostctl:${h}`)}`,
+    ];
+    lines.push(`user ${user} on #${sha(pw)} resetkeys resetchannels ${keysRule.join(' ')} -@all ${AGENT_COMMANDS.join(' ')}`);
+  }
+  return { acl: `${lines.join('\n')}\n`, users };
+}
+
+function sha(s: string): string {
+  return createHash('sha256').update(s).digest('hex');
+}

@@ -1,0 +1,67 @@
+/**
+ * `stagecoach acl gen`: the Redis ACL file (one user per agent limited to its own keys, one for
+ * control, default user off) and each user's credentials, derived from one secret file.
+ */
+import { chmodSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import type { Command } from 'commander';
+import { credentialUrl, generateAcl } from '../../../infra/redis/acl-gen.js';
+import { scError } from '../../../shared/errors.js';
+import { action, printJson, readTokenFile, splitList } from '../util.js';
+
+interface GenFlags {
+  prefix: string;
+  hosts?: string;
+  hostsFile?: string;
+  secretFile: string;
+  out?: string;
+  redisUrl: string;
+  credentialsDir?: string;
+  admin?: boolean;
+  json?: boolean;
+}
+
+/** Registers `stagecoach acl`. */
+export function register(program: Command): void {
+  const acl = program.command('acl').description('Redis ACL for a fleet: per-agent users limited to their own queue keys');
+  acl
+    .command('gen')
+    .description('Write the ACL file (Redis aclfile) and, optionally, one credentials URL file per user')
+    .requiredOption('--secret-file <file>', 'secret (first line, >= 16 chars) from which every password is derived')
+    .option('--prefix <p>', 'Redis key prefix of the fleet', 'stagecoach')
+    .option('--hosts <h1,h2>', 'host ids')
+    .option('--hosts-file <file>', 'host ids, one per line (# comments allowed)')
+    .option('--out <file>', 'write the ACL file here (default: stdout)')
+    .option('--redis-url <url>', 'base URL for the credential URLs', 'redis://127.0.0.1:6379')
+    .option('--credentials-dir <dir>', 'write <user>.url (mode 0600) per user, to hand to agents and control')
+    .option('--admin', 'also add an `admin` user with every right')
+    .option('--json', 'print {acl, users:[{user, role, host, url}]}')
+    .action(
+      action(async (f: GenFlags) => {
+        const hosts = [...splitList(f.hosts)];
+        if (f.hostsFile) {
+          let text: string;
+          try {
+            text = readFileSync(f.hostsFile, 'utf8');
+          } catch (err) {
+            throw scError('SC_ERR_BAD_CONFIG', `cannot read ${f.hostsFile}: ${(err as NodeJS.ErrnoException).code}`);
+          }
+          for (const l of text.split('\n')) if (l.trim() && !l.trim().startsWith('#')) hosts.push(l.trim());
+        }
+        const secret = readTokenFile(f.secretFile);
+        const { acl: text, users } = generateAcl({ prefix: f.prefix, hosts, secret, admin: f.admin });
+        if (f.out) {
+          writeFileSync(f.out, text, { mode: 0o640 });
+          chmodSync(f.out, 0o640);
+        }
+        const withUrls = users.map((u) => ({ user: u.user, role: u.role, ...(u.host ? { host: u.host } : {}), url: credentialUrl(f.redisUrl, u.user, u.password) }));
+        if (f.credentialsDir) {
+          mkdirSync(f.credentialsDir, { recursive: true, mode: 0o700 });
+          for (const u of withUrls) writeFileSync(join(f.credentialsDir, `${u.user}.url`), `${u.url}\n`, { mode: 0o600 });
+        }
+        if (f.json) printJson({ acl: text, users: withUrls });
+        else if (!f.out) process.stdout.write(text);
+        else process.stderr.write(`wrote ${f.out} (${users.length} users)${f.credentialsDir ? ` and credentials in ${f.credentialsDir}` : ''}\n`);
+      }),
+    );
+}

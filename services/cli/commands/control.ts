@@ -1,0 +1,63 @@
+/** `stagecoach control`: run the control plane (HTTP API, rollout engine, dashboard). */
+import type { Command } from 'commander';
+import { loadControlConfig } from '../../control/config.js';
+import { runControl } from '../../control/main.js';
+import { action, collect } from '../util.js';
+
+interface ControlFlags {
+  listen?: string;
+  redis?: string;
+  origin?: string;
+  tokenFile?: string;
+  signingKey?: string;
+  prefix?: string;
+  stageTokenFile?: string;
+  trustKey?: string[];
+  stages?: string[];
+  tickMs?: string;
+  preheatTimeout?: string;
+  config?: string;
+  logLevel?: string;
+}
+
+/** Registers `stagecoach control`. */
+export function register(program: Command): void {
+  program
+    .command('control')
+    .description('Run the control plane: inventory, rollouts in waves, host operations, audit log, dashboard at /')
+    .option('--listen <host:port>', 'address to listen on (default 127.0.0.1:7090)')
+    .option('--redis <url>', 'Redis URL (redis:// or rediss://), with the control ACL user in production')
+    .option('--origin <url>', 'origin base URL: manifests are checked there before a rollout is accepted')
+    .option('--token-file <file>', 'write tokens, one per line: NAME:TOKEN (NAME goes into the audit log) or a bare TOKEN')
+    .option('--signing-key <pem>', "control's ed25519 private key: signs every step job")
+    .option('--prefix <p>', 'Redis key prefix shared with the agents (default stagecoach; {stagecoach} on a cluster)')
+    .option('--stage-token-file <file>', "token for the stages' POST /v1/prefetch (preheat); without it preheat is skipped")
+    .option('--trust-key <pem>', 'release public key; repeatable. With any, rollout manifests must verify against one of them', collect)
+    .option('--stages <colo=url,...>', 'stages per colo, in addition to what agents register; repeatable', collect)
+    .option('--tick-ms <ms>', 'engine tick (default 500)')
+    .option('--preheat-timeout <s>', 'seconds a wave waits for preheat before starting anyway (default 600)')
+    .option('--config <file>', 'YAML config file (keys as in the README: listen, redis, origin, tokenFile, signingKey, …)')
+    .option('--log-level <level>', 'fatal|error|warn|info|debug|trace|silent (default info)')
+    .action(
+      action(async (f: ControlFlags) => {
+        const cfg = loadControlConfig({
+          file: f.config,
+          flags: {
+            listen: f.listen,
+            redis: f.redis,
+            origin: f.origin,
+            tokenFile: f.tokenFile,
+            signingKey: f.signingKey,
+            prefix: f.prefix,
+            stageTokenFile: f.stageTokenFile,
+            trustKey: f.trustKey,
+            stages: f.stages?.flatMap((s) => s.split(',').map((x) => x.trim()).filter(Boolean)),
+            tickMs: f.tickMs,
+            preheatTimeoutSec: f.preheatTimeout,
+            logLevel: f.logLevel,
+          },
+        });
+        await runControl(cfg);
+      }),
+    );
+}

@@ -1,0 +1,343 @@
+// The control dashboard: colos and stages, hosts colour-coded by state, rollouts with waves and
+// per-host step progress, failures with log tails, pause/resume/abort. Reads are open; writes
+// send the token kept in sessionStorage as a Bearer token. Live: SSE /v1/events triggers a
+// refresh of rollouts; inventory is polled. No build step, no dependencies; every string from
+// the API goes into the page as text, never as HTML.
+
+const STEPS = [
+  'fetch',
+  'partition',
+  'install-base',
+  'capture-config',
+  'apply-config-base',
+  'boot-base',
+  'commit-base',
+  'wipe-target-disk',
+  'install-target',
+  'boot-target',
+  'verify',
+];
+const STATES = ['idle', 'pending', 'queued', 'running', 'converted', 'failed', 'aborted', 'skipped', 'rescue', 'stale'];
+const FINISHED = ['aborted', 'completed', 'failed'];
+const TOKEN_KEY = 'stagecoach.token';
+
+const $ = (id) => document.getElementById(id);
+
+/** Creates an element: el('div', {class: 'x', 'data-a': 1}, child, 'text'…). */
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === 'onclick') e.addEventListener('click', v);
+    else e.setAttribute(k, String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === undefined || c === null || c === false) continue;
+    e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return e;
+}
+
+function bytes(n) {
+  if (typeof n !== 'number') return '-';
+  const u = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let i = 0;
+  while (n >= 1024 && i < u.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${n.toFixed(i ? 1 : 0)} ${u[i]}`;
+}
+
+function ago(ms) {
+  if (typeof ms !== 'number') return '-';
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  return s < 120 ? `${s}s ago` : s < 7200 ? `${Math.round(s / 60)}m ago` : `${Math.round(s / 3600)}h ago`;
+}
+
+function message(text, kind = 'error') {
+  const m = $('message');
+  m.textContent = text || '';
+  m.className = text ? kind : '';
+}
+
+async function getJson(path) {
+  const r = await fetch(path, { headers: { accept: 'application/json' }, cache: 'no-store' });
+  if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
+  return r.json();
+}
+
+function token() {
+  return sessionStorage.getItem(TOKEN_KEY) || '';
+}
+
+async function write(path, body) {
+  const t = token();
+  if (!t) {
+    message('Enter a write token first (top right).');
+    $('token').focus();
+    return null;
+  }
+  const r = await fetch(path, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${t}`, 'content-type': 'application/json', accept: 'application/json' },
+    body: JSON.stringify(body ?? {}),
+  });
+  const j = await r.json().catch(() => ({}));
+  if (!r.ok) {
+    message(`${j?.error?.code ?? `HTTP ${r.status}`}: ${j?.error?.message ?? 'request failed'}`);
+    return null;
+  }
+  message('');
+  return j;
+}
+
+// ------------------------------------------------------------------ state and rendering
+
+const state = { hosts: [], colos: [], rollouts: [], details: new Map(), audit: [] };
+
+/** The colour state of a host: its work in an active rollout, else its latest rollout result. */
+function hostState(h) {
+  if (h.stale) return 'stale';
+  if (h.work) return h.work.status.startsWith('rescue') ? 'rescue' : h.work.kind === 'op' ? 'running' : h.work.status;
+  for (const r of state.rollouts) {
+    const d = state.details.get(r.spec.id);
+    const hs = d?.hosts?.find((x) => x.host === h.hostId);
+    if (hs) return hs.rescue && hs.status === 'failed' ? 'rescue' : hs.status;
+  }
+  return 'idle';
+}
+
+function renderLegend() {
+  $('legend').replaceChildren(...STATES.map((s) => el('span', {}, el('i', { style: `background: var(--${s === 'rescue' ? 'rescue' : s})` }), s)));
+}
+
+function renderColos() {
+  $('colos').replaceChildren(
+    ...state.colos.map((c) =>
+      el(
+        'div',
+        { class: 'colo', 'data-colo': c.colo },
+        el('h3', {}, c.colo),
+        el('div', {}, `${c.hosts} hosts, ${c.online} online`),
+        c.stages.length === 0 ? el('div', { class: 'stage' }, 'no stage known') : null,
+        ...c.stages.map((s) =>
+          el(
+            'div',
+            { class: `stage${s.ok ? '' : ' down'}`, 'data-stage': s.url },
+            el('div', {}, s.url, s.ok ? '' : ` — unreachable: ${s.error ?? ''}`),
+            s.ok
+              ? el(
+                  'div',
+                  {},
+                  `fills in flight ${s.fillsInFlight ?? 0} · committed ${s.fillsCommitted ?? 0} · from upstream ${bytes(s.upstreamBytes)} · served ${bytes(s.bytesServed)} · hits ${s.hits ?? 0}`,
+                )
+              : null,
+          ),
+        ),
+      ),
+    ),
+  );
+}
+
+function renderHosts() {
+  $('hosts').replaceChildren(
+    ...state.hosts.map((h) => {
+      const st = hostState(h);
+      const run = h.running ? `${h.running.id} ${h.running.version} @${h.running.device}` : 'unknown OS';
+      const work = h.work ? `${h.work.id} ${h.work.status}${h.work.step ? ` · ${h.work.step}` : ''}` : h.state;
+      return el(
+        'div',
+        { class: 'host', 'data-host': h.hostId, 'data-state': st, title: `${h.hostId} ${st}` },
+        el('div', { class: 'id' }, h.hostId),
+        el('div', { class: 'meta' }, `${h.colo} · ${h.ip ?? ''}`),
+        el('div', { class: 'meta' }, run),
+        el('div', { class: 'meta' }, `${st} · ${work ?? ''} · ${ago(h.lastSeen)}`),
+      );
+    }),
+  );
+}
+
+function stepBar(h) {
+  return el(
+    'div',
+    { class: 'steps', title: h.step ?? '' },
+    ...STEPS.map((s) => el('span', { class: h.steps?.[s]?.state ?? '', title: `${s}${h.steps?.[s]?.percent != null ? ` ${h.steps[s].percent}%` : ''}` })),
+  );
+}
+
+function renderRollout(r) {
+  const d = state.details.get(r.spec.id);
+  const s = r.status;
+  const c = s.counts;
+  const act = (verb) => async () => {
+    const res = await write(`/v1/rollouts/${encodeURIComponent(r.spec.id)}/${verb}`);
+    if (res) {
+      await safely(refreshRollouts);
+      await safely(refreshAudit);
+    }
+  };
+  const finished = FINISHED.includes(s.state);
+  const waves = d
+    ? r.spec.waves.map((ids, i) => {
+        const hs = d.hosts.filter((h) => h.wave === i);
+        const done = hs.filter((h) => ['converted', 'failed', 'aborted', 'skipped'].includes(h.status)).length;
+        return el(
+          'div',
+          { class: 'wave', 'data-wave': i },
+          el('h4', {}, `wave ${i + 1}${i === 0 && r.spec.plan.canary > 0 ? ' (canary)' : ''} — ${done}/${ids.length} done${s.wave === i && !finished ? ` · ${s.phase}` : ''}`),
+          ...hs.map((h) => [
+            el(
+              'div',
+              { class: 'hrow', 'data-rollout-host': h.host, 'data-status': h.status },
+              el('span', {}, h.host),
+              el('span', {}, h.colo),
+              stepBar(h),
+              el('span', {}, h.status + (h.rescue ? ` (rescue ${h.rescue.state})` : '')),
+            ),
+            h.error
+              ? el(
+                  'div',
+                  { class: 'failure', 'data-failure': h.host },
+                  `${h.host} failed at ${h.error.step}: ${h.error.code} ${h.error.message}`,
+                  el('pre', {}, (h.jobLog?.length ? h.jobLog : h.log).slice(-10).join('\n')),
+                )
+              : null,
+          ]),
+        );
+      })
+    : [];
+  const preheat = Object.values(r.preheat ?? {});
+  return el(
+    'div',
+    { class: 'rollout', 'data-rollout': r.spec.id, 'data-state': s.state },
+    el(
+      'header',
+      {},
+      el('h3', {}, r.spec.id),
+      el('span', { class: 'badge', 'data-state': s.state }, s.state + (s.pauseReason ? ` (${s.pauseReason})` : '')),
+      el('span', {}, `${r.spec.base.name}@${r.spec.base.version} → ${r.spec.target.name}@${r.spec.target.version}`),
+      el(
+        'div',
+        { class: 'actions' },
+        el('button', { 'data-action': 'pause', disabled: s.state !== 'running', onclick: act('pause') }, 'Pause'),
+        el('button', { 'data-action': 'resume', disabled: s.state !== 'paused', onclick: act('resume') }, 'Resume'),
+        el('button', { 'data-action': 'abort', disabled: finished || s.state === 'aborting', onclick: act('abort') }, 'Abort'),
+      ),
+    ),
+    el(
+      'div',
+      { class: 'counts' },
+      `wave ${s.wave + 1}/${r.spec.waves.length} · converted ${c.converted}/${r.spec.hostCount} · in flight ${c.inFlight} · failed ${c.failed} (budget ${r.spec.budget}) · aborted ${c.aborted} · skipped ${c.skipped} · max in flight ${r.spec.plan.maxInFlight} (${r.spec.plan.maxInFlightPerColo}/colo) · by ${r.spec.actor}`,
+    ),
+    preheat.length
+      ? el('div', { class: 'preheat' }, `preheat: ${preheat.map((p) => `${p.colo} ${p.state}${p.reason ? ` (${p.reason})` : ''}`).join(' · ')}`)
+      : null,
+    ...waves,
+  );
+}
+
+function renderRollouts() {
+  const list = state.rollouts;
+  $('rollouts').replaceChildren(...(list.length ? list.map(renderRollout) : [el('div', { class: 'counts' }, 'no rollouts yet')]));
+}
+
+function renderAudit() {
+  $('audit')
+    .querySelector('tbody')
+    .replaceChildren(
+      ...state.audit.map((a) =>
+        el('tr', {}, el('td', {}, new Date(a.ts).toLocaleString()), el('td', {}, a.actor), el('td', {}, a.token), el('td', {}, a.action), el('td', {}, a.target)),
+      ),
+    );
+}
+
+// ------------------------------------------------------------------ data
+
+async function refreshRollouts() {
+  const { rollouts } = await getJson('/v1/rollouts?limit=10');
+  state.rollouts = rollouts;
+  // Details (hosts and steps) for the active ones and the most recent few.
+  const want = rollouts.filter((r, i) => i < 5 || !FINISHED.includes(r.status.state));
+  const details = await Promise.all(want.map((r) => getJson(`/v1/rollouts/${encodeURIComponent(r.spec.id)}`).catch(() => null)));
+  state.details = new Map(details.filter(Boolean).map((d) => [d.spec.id, d]));
+  renderRollouts();
+  renderHosts();
+}
+
+async function refreshInventory() {
+  const [h, c] = await Promise.all([getJson('/v1/hosts'), getJson('/v1/colos')]);
+  state.hosts = h.hosts;
+  state.colos = c.colos;
+  renderColos();
+  renderHosts();
+}
+
+async function refreshAudit() {
+  state.audit = (await getJson('/v1/audit?limit=15')).entries;
+  renderAudit();
+}
+
+async function safely(fn) {
+  try {
+    await fn();
+  } catch (err) {
+    message(String(err?.message ?? err));
+  }
+}
+
+let pending = null;
+function soon() {
+  if (pending) return;
+  pending = setTimeout(async () => {
+    pending = null;
+    await safely(refreshRollouts);
+    await safely(refreshAudit);
+  }, 150);
+}
+
+function connectEvents() {
+  const live = $('live');
+  const es = new EventSource('/v1/events');
+  es.onopen = () => {
+    live.textContent = 'live';
+    live.className = 'live on';
+  };
+  es.onerror = () => {
+    live.textContent = 'reconnecting…';
+    live.className = 'live';
+  };
+  es.addEventListener('change', soon);
+}
+
+async function showWho() {
+  const t = token();
+  $('whoami').textContent = '';
+  if (!t) return;
+  const r = await fetch('/v1/whoami', { headers: { authorization: `Bearer ${t}` } });
+  $('whoami').textContent = r.ok ? `as ${(await r.json()).token}` : 'token refused';
+}
+
+function setupToken() {
+  $('token-form').addEventListener('submit', async (e) => {
+    e.preventDefault();
+    const v = $('token').value.trim();
+    if (v) sessionStorage.setItem(TOKEN_KEY, v);
+    $('token').value = '';
+    await showWho();
+  });
+  $('token-clear').addEventListener('click', async () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    await showWho();
+  });
+}
+
+renderLegend();
+setupToken();
+void showWho();
+connectEvents();
+await safely(refreshInventory);
+await safely(refreshRollouts);
+await safely(refreshAudit);
+setInterval(() => safely(refreshInventory), 2000);
+setInterval(() => safely(refreshRollouts), 3000);

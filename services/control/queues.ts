@@ -1,0 +1,116 @@
+/**
+ * Control's read side of the host queues. Rollout state comes from the agents' reports stream;
+ * this module is the backstop that looks at BullMQ's own records of a host's step jobs
+ * (completed/failed sets, failure reason, job logs) in one pipelined round trip for many hosts,
+ * and keeps the bull-board view (read-only) of the known hosts' queues fresh.
+ *
+ * BullMQ key layout relied on (stable since BullMQ 1): queue `Q` under prefix `P` keeps
+ * `P:Q:completed` and `P:Q:failed` (sorted sets of job ids), the job hash `P:Q:<jobId>`
+ * (field `failedReason`) and `P:Q:<jobId>:logs` (list of log lines).
+ */
+import { createBullBoard } from '@bull-board/api';
+import { BullMQAdapter } from '@bull-board/api/bullMQAdapter';
+import { ExpressAdapter } from '@bull-board/express';
+import { Queue } from 'bullmq';
+import type { Redis } from 'ioredis';
+import { hostQueueName } from '../agent/client.js';
+import type { Logger } from '../../shared/log.js';
+
+/** What BullMQ says about one job. */
+export interface JobOutcome {
+  state: 'completed' | 'failed' | 'other';
+  failedReason?: string;
+}
+
+/** The id of step `seq` of `rollout`: `<rollout>.<seq>.<step>` (AgentProducer's rule). */
+export function stepJobId(rollout: string, seq: number, step: string): string {
+  return `${rollout}.${seq}.${step}`;
+}
+
+/** Looks up the outcome of many jobs in one pipeline. */
+export async function jobOutcomes(redis: Redis, prefix: string, jobs: { host: string; jobId: string }[]): Promise<JobOutcome[]> {
+  if (jobs.length === 0) return [];
+  const pipe = redis.pipeline();
+  for (const j of jobs) {
+    const q = `${prefix}:${hostQueueName(j.host)}`;
+    pipe.zscore(`${q}:completed`, j.jobId);
+    pipe.zscore(`${q}:failed`, j.jobId);
+    pipe.hget(`${q}:${j.jobId}`, 'failedReason');
+  }
+  const res = (await pipe.exec()) ?? [];
+  return jobs.map((_, i) => {
+    const [e1, done] = res[i * 3] ?? [];
+    const [e2, failed] = res[i * 3 + 1] ?? [];
+    const [, reason] = res[i * 3 + 2] ?? [];
+    if (e1 || e2) return { state: 'other' };
+    if (done !== null && done !== undefined) return { state: 'completed' };
+    if (failed !== null && failed !== undefined) return { state: 'failed', failedReason: (reason as string | null) ?? undefined };
+    return { state: 'other' };
+  });
+}
+
+/** The last `n` log lines a host's agent wrote for one job (BullMQ `job.log`). */
+export async function jobLogTail(redis: Redis, prefix: string, host: string, jobId: string, n = 20): Promise<string[]> {
+  return redis.lrange(`${prefix}:${hostQueueName(host)}:${jobId}:logs`, -n, -1);
+}
+
+/** An error code inside a failure reason (`SC_ERR_X: …` or `… SC_ERR_X …`), if any. */
+export function codeInReason(reason: string | undefined): string | undefined {
+  return reason ? /\bSC_ERR_[A-Z_]+\b/.exec(reason)?.[0] : undefined;
+}
+
+/**
+ * bull-board mounted under a base path, showing the queues of the first `limit` known hosts in
+ * read-only mode (no retry/clean/delete from the UI: writes go through the audited API). The
+ * list is refreshed by `refresh(hostIds)`. Queues share control's non-blocking connection.
+ */
+export class Board {
+  readonly adapter: ExpressAdapter;
+  readonly #board: ReturnType<typeof createBullBoard>;
+  readonly #queues = new Map<string, Queue>();
+  readonly #redis: Redis;
+  readonly #prefix: string;
+  readonly #limit: number;
+  readonly #log: Logger;
+
+  constructor(opts: { redis: Redis; prefix: string; basePath: string; limit: number; log: Logger }) {
+    this.#redis = opts.redis;
+    this.#prefix = opts.prefix;
+    this.#limit = opts.limit;
+    this.#log = opts.log;
+    this.adapter = new ExpressAdapter();
+    this.adapter.setBasePath(opts.basePath);
+    // @bull-board/express pins its own copy of @bull-board/api: the adapter is the same shape.
+    const serverAdapter = this.adapter as unknown as Parameters<typeof createBullBoard>[0]['serverAdapter'];
+    this.#board = createBullBoard({ queues: [], serverAdapter, options: { uiConfig: { boardTitle: 'stagecoach queues' } } });
+  }
+
+  /** Shows the queues of these hosts (sorted, at most `limit`); closes queues no longer shown. */
+  async refresh(hostIds: string[]): Promise<void> {
+    const want = [...new Set(hostIds)].sort().slice(0, this.#limit);
+    const keep = new Set(want);
+    let changed = false;
+    for (const [id, q] of this.#queues) {
+      if (!keep.has(id)) {
+        this.#queues.delete(id);
+        changed = true;
+        await q.close().catch(() => {});
+      }
+    }
+    for (const id of want) {
+      if (this.#queues.has(id)) continue;
+      const q = new Queue(hostQueueName(id), { connection: this.#redis, prefix: this.#prefix });
+      q.on('error', (err) => this.#log.debug({ err }, 'board queue error'));
+      this.#queues.set(id, q);
+      changed = true;
+    }
+    if (changed) this.#board.replaceQueues([...this.#queues.values()].map((q) => new BullMQAdapter(q, { readOnlyMode: true })));
+  }
+
+  /** Closes every queue (the shared connection stays open). */
+  async close(): Promise<void> {
+    const qs = [...this.#queues.values()];
+    this.#queues.clear();
+    await Promise.all(qs.map((q) => q.close().catch(() => {})));
+  }
+}
