@@ -19,13 +19,19 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { initSimMachine, SimMachine } from '../services/agent/machine/sim.js';
+import { type AgentHandle, startAgent } from '../services/agent/runtime.js';
+import { watchRollout } from '../services/cli/commands/rollout.js';
 import { generateKeys } from '../services/cli/commands/keys.js';
+import { ControlClient } from '../services/control/client.js';
+import { startControl } from '../services/control/main.js';
 import { ReadClient } from '../services/origin/client.js';
 import { startOrigin } from '../services/origin/main.js';
 import { startStage } from '../services/stage/main.js';
 import { makeSampleRootfs } from '../shared/bundle/index.js';
 import { scError } from '../shared/errors.js';
 import { createLogger, silentLogger } from '../shared/log.js';
+import { ensureRedis } from '../shared/redis.js';
 
 /** Options of `stagecoach demo`. */
 export interface DemoOptions {
@@ -36,6 +42,36 @@ export interface DemoOptions {
   dir?: string;
   keep: boolean;
   logLevel: string;
+  /** Redis URL; when absent a private redis-server is started. */
+  redisUrl?: string;
+  /** Redis key prefix (default: a fresh `demo-<random>`, so runs never mix). */
+  prefix?: string;
+}
+
+/** What the per-host table shows, read from the sim machine. */
+interface HostView {
+  os: string;
+  device: string;
+  ip: string;
+  fingerprint: string;
+  rescue: string;
+}
+
+async function viewHost(dir: string): Promise<HostView> {
+  const m = new SimMachine(dir);
+  const i = await m.inspect();
+  let rescue = '-';
+  if (i.rescueEntry) {
+    const os = await m.installedOs(i.rescueEntry).catch(() => null);
+    rescue = os ? `${os.id} ${os.version} @${i.rescueEntry}` : i.rescueEntry;
+  }
+  return {
+    os: i.running ? `${i.running.id} ${i.running.version}` : 'down',
+    device: i.bootDevice ?? '-',
+    ip: i.ip ?? '-',
+    fingerprint: i.hostKeyFingerprint ?? '-',
+    rescue,
+  };
 }
 
 const BIN = fileURLToPath(new URL('../services/cli/bin.js', import.meta.url));
@@ -133,13 +169,122 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     const bundleBytes = Object.values(published).reduce((s, b) => s + b.blob.size, 0);
     say(`origin egress ${egress} blob bytes = ${(egress / bundleBytes).toFixed(2)} × bundle bytes for ${colos.length} colos (one copy per colo)`);
 
-    if (opts.exit) return 0;
-    say('\nall services are up; press Ctrl-C to stop');
+    // Redis, control, and the sim hosts with their agents (in this process, supervised).
+    const redis = await ensureRedis(opts.redisUrl);
+    cleanup.push(() => redis.stop());
+    say(`redis      ${redis.url}${redis.started ? ' (private redis-server)' : ''}`);
+    const prefix = opts.prefix ?? `demo-${Math.random().toString(36).slice(2, 8)}`;
+    const controlTokenFile = join(work, 'control.token');
+    const controlToken = `ops:${Math.random().toString(36).slice(2)}${Math.random().toString(36).slice(2)}`;
+    writeFileSync(controlTokenFile, `${controlToken}\n`, { mode: 0o600 });
+    const control = await startControl(
+      {
+        listen: '127.0.0.1:0',
+        redis: redis.url,
+        origin: origin.url,
+        tokenFile: controlTokenFile,
+        signingKey: keys.files.controlKey,
+        prefix,
+        stageTokenFile: tokenFile,
+        trustKey: [keys.files.releasePub],
+        stages: Object.entries(stages).map(([c, u]) => `${c}=${u}`),
+        logLevel: opts.logLevel as 'warn',
+      },
+      { logger: log },
+    );
+    cleanup.push(() => control.close());
+    say(`control    ${control.url}   dashboard: ${control.url}/   queues: ${control.url}/queues`);
+
+    const hosts: { hostId: string; colo: string; dir: string; before: HostView }[] = [];
+    for (const [ci, colo] of colos.entries()) {
+      for (let n = 1; n <= opts.hostsPerColo; n++) {
+        const hostId = `${colo}-h${n}`;
+        const dir = join(work, 'machines', hostId);
+        await initSimMachine(dir, { hostId, ip: `10.${ci + 1}.0.${n + 10}/24`, gateway: `10.${ci + 1}.0.1`, os: 'debian-11' });
+        hosts.push({ hostId, colo, dir, before: await viewHost(dir) });
+      }
+    }
+    const agents: AgentHandle[] = [];
+    cleanup.push(async () => {
+      await Promise.all(agents.map((a) => a.stop()));
+    });
+    for (const h of hosts) {
+      agents.push(
+        await startAgent(
+          {
+            hostId: h.hostId,
+            colo: h.colo,
+            redis: redis.url,
+            machine: `sim:${h.dir}`,
+            stages: [stages[h.colo]],
+            origin: origin.url,
+            trustKey: [keys.files.releasePub],
+            controlKey: keys.files.controlPub,
+            identity: keys.files.fleetIdentity,
+            prefix,
+          },
+          { logger: log },
+        ),
+      );
+    }
+    say(`hosts      ${hosts.length} sim hosts in ${colos.length} colos, agents running`);
+
+    const client = new ControlClient(control.url, { token: controlToken.slice(controlToken.indexOf(':') + 1), actor: 'demo' });
+    const deadline = Date.now() + 30_000;
+    while ((await client.hosts({})).length < hosts.length) {
+      if (Date.now() > deadline) throw scError('SC_ERR_TIMEOUT', 'agents did not register within 30 s');
+      await new Promise((r) => setTimeout(r, 200));
+    }
+    const base = published.base;
+    const target = published.target;
+    const rollout = await client.createRollout({
+      base: `${base.name}@${base.version}`,
+      target: `${target.name}@${target.version}`,
+      colos,
+      plan: { canary: 1, waves: [1, '100%'], maxInFlight: 10, failureBudget: 0 },
+    });
+    say(`rollout    ${rollout.spec.id}: canary 1, then the rest (${base.name}@${base.version} → ${target.name}@${target.version})\n`);
+    const final = await watchRollout(client, rollout.spec.id, { intervalMs: 500 });
+
+    say('');
+    const rows = [['host', 'OS before → after', 'boot device', 'IP before → after', 'host key before → after', 'rescue entry', 'result']];
+    let failed = 0;
+    for (const h of hosts) {
+      const after = await viewHost(h.dir);
+      const st = final.hosts.find((x) => x.host === h.hostId)?.status ?? 'unknown';
+      if (st !== 'converted') failed++;
+      const fp = (x: string) => (x.length > 20 ? `${x.slice(0, 20)}…` : x);
+      rows.push([
+        h.hostId,
+        `${h.before.os} → ${after.os}`,
+        `${h.before.device} → ${after.device}`,
+        `${h.before.ip} → ${after.ip}`,
+        `${fp(h.before.fingerprint)} ${h.before.fingerprint === after.fingerprint ? '(same)' : `→ ${fp(after.fingerprint)}`}`,
+        after.rescue,
+        st,
+      ]);
+    }
+    const w = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+    for (const r of rows) say(r.map((c, i) => c.padEnd(w[i])).join('  '));
+
+    say('');
+    const originText = await new ReadClient(origin.url).metricsText();
+    const totalEgress = counterValue(originText, 'origin_blob_bytes_out_total');
+    for (const colo of colos) {
+      const st = await new ReadClient(stages[colo]).metricsText();
+      const up = counterValue(st, 'stage_upstream_bytes_total');
+      say(`origin → ${colo}: ${up} bytes (${(up / bundleBytes).toFixed(2)} × the two bundles); stage → hosts: ${counterValue(st, 'stage_bytes_served_total')} bytes`);
+    }
+    say(`origin blob bytes served in all: ${totalEgress} = ${(totalEgress / bundleBytes).toFixed(2)} × bundle bytes for ${colos.length} colos`);
+    say(`\n${hosts.length - failed} of ${hosts.length} hosts converted${failed ? `, ${failed} FAILED` : ''}`);
+
+    if (opts.exit) return failed ? 1 : 0;
+    say(`\nall services are up (dashboard ${control.url}/); press Ctrl-C to stop`);
     await new Promise<void>((r) => {
       process.once('SIGINT', () => r());
       process.once('SIGTERM', () => r());
     });
-    return 0;
+    return failed ? 1 : 0;
   } finally {
     await stopAll();
   }
