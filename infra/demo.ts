@@ -37,7 +37,8 @@ import { ensureRedis } from '../shared/redis.js';
 export interface DemoOptions {
   exit: boolean;
   colos: number;
-  hostsPerColo: number;
+  /** Sim hosts in all, spread over the colos round-robin. */
+  hosts: number;
   bundleMiB: number;
   dir?: string;
   keep: boolean;
@@ -196,13 +197,15 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     say(`control    ${control.url}   dashboard: ${control.url}/   queues: ${control.url}/queues`);
 
     const hosts: { hostId: string; colo: string; dir: string; before: HostView }[] = [];
-    for (const [ci, colo] of colos.entries()) {
-      for (let n = 1; n <= opts.hostsPerColo; n++) {
-        const hostId = `${colo}-h${n}`;
-        const dir = join(work, 'machines', hostId);
-        await initSimMachine(dir, { hostId, ip: `10.${ci + 1}.0.${n + 10}/24`, gateway: `10.${ci + 1}.0.1`, os: 'debian-11' });
-        hosts.push({ hostId, colo, dir, before: await viewHost(dir) });
-      }
+    for (let i = 0; i < opts.hosts; i++) {
+      const ci = i % colos.length;
+      const colo = colos[ci];
+      const n = Math.floor(i / colos.length) + 1;
+      const hostId = `${colo}-h${n}`;
+      const dir = join(work, 'machines', hostId);
+      const ip = `10.${ci + 1}.${Math.floor(n / 200)}.${(n % 200) + 10}/16`;
+      await initSimMachine(dir, { hostId, ip, gateway: `10.${ci + 1}.0.1`, os: 'debian-11' });
+      hosts.push({ hostId, colo, dir, before: await viewHost(dir) });
     }
     const agents: AgentHandle[] = [];
     cleanup.push(async () => {
