@@ -75,3 +75,19 @@ export async function curlDownload(url: string): Promise<{ ms: number; bytes: nu
   if (code !== 0) throw new Error(`curl ${url}: exit ${code}: ${err}`);
   return { ms: Date.now() - t, bytes: Number(out) };
 }
+
+/**
+ * Installs missing peer packages with apt-get when running as root (the benchmarks compare
+ * against them); otherwise, or when the install fails, lists what will be skipped.
+ */
+export function ensurePeers(packages: Record<string, string>): string[] {
+  const missing = Object.entries(packages).filter(([cmd]) => !have(cmd));
+  if (missing.length === 0) return [];
+  const names = [...new Set(missing.map(([, pkg]) => pkg))];
+  if (process.getuid?.() === 0 && have('apt-get')) {
+    process.stderr.write(`installing benchmark peers: ${names.join(' ')}\n`);
+    spawnSync('apt-get', ['update', '-qq'], { stdio: 'ignore' });
+    spawnSync('apt-get', ['install', '-y', '-qq', ...names], { stdio: 'ignore', env: { ...process.env, DEBIAN_FRONTEND: 'noninteractive' } });
+  }
+  return missing.filter(([cmd]) => !have(cmd)).map(([cmd, pkg]) => `${cmd} (package ${pkg})`);
+}

@@ -7,6 +7,7 @@
 import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { ensurePeers } from './peers.js';
 import { machineLine, markdownTable, type SuiteResult, textTable } from './report.js';
 
 const SUITES = ['origin', 'stage', 'agent', 'fleet'] as const;
@@ -21,6 +22,8 @@ const { values, positionals } = parseArgs({
     colos: { type: 'string' },
     'bundle-mib': { type: 'string' },
     'size-mib': { type: 'string' },
+    mode: { type: 'string' },
+    'agent-procs': { type: 'string' },
   },
 });
 
@@ -36,6 +39,9 @@ const resultsFile = here('./results.json');
 const stored: Record<string, SuiteResult & { machine: string; date: string }> = existsSync(resultsFile)
   ? JSON.parse(readFileSync(resultsFile, 'utf8'))
   : {};
+
+const skipped = ensurePeers({ '/usr/sbin/nginx': 'nginx', '/usr/sbin/varnishd': 'varnish', age: 'age', zstd: 'zstd', curl: 'curl', 'redis-server': 'redis-server' });
+if (skipped.length) process.stderr.write(`peers not available, their rows are skipped: ${skipped.join(', ')}\n`);
 
 let failed = false;
 for (const suite of chosen) {

@@ -23,6 +23,8 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 
+import type { SuiteResult } from './report.js';
+
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = resolve(HERE, '..');
 const MiB = 1024 * 1024;
@@ -459,6 +461,39 @@ export function formatTable(rows: BenchRow[]): string {
   ]);
   const w = head.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i].length)));
   return [head, ...lines].map((l) => l.map((c, i) => c.padEnd(w[i])).join('  ')).join('\n');
+}
+
+/** The stage suite in the loadtest/report.ts format (`npm run bench -- stage`). */
+export async function run(opts: Record<string, string | undefined>): Promise<SuiteResult> {
+  const quick = opts.quick !== undefined;
+  const rows = await benchStage(quick ? { bigMiB: 32, herd2MiB: 16, herd2Clients: 50, warmClients: 8 } : {});
+  const f = (v: number | null, d = 2) => (v === null ? '-' : v.toFixed(d));
+  return {
+    suite: 'stage',
+    headers: ['peer', 'scenario', 'clients', 'MiB', 'origin req', 'origin bytes ×', 'TTFB p50 s', 'TTFB p99 s', 'done p99 s', 'done ÷ transfer', 'GB/s', 'vs nginx static', 'RSS MiB', 'errors'],
+    rows: rows.map((r) => [
+      r.peer,
+      r.scenario,
+      r.clients,
+      r.objectMiB,
+      r.originRequests ?? '-',
+      f(r.originBytesRatio),
+      f(r.ttfbP50, 3),
+      f(r.ttfbP99, 3),
+      f(r.completionP99),
+      f(r.completionRatio),
+      f(r.gbps),
+      f(r.vsNginxStatic),
+      f(r.rssMiB, 0),
+      r.errors,
+    ]),
+    notes: [
+      'origin: the same test origin for every peer, throttled to 25 MB/s, in its own process; stage run as `node services/cli/bin.js stage`',
+      'goals: origin bytes 1.00× per colo; waiters TTFB p99 ≤ 0.2 s; completion ≤ 1.1× the origin transfer time; warm ≥ 0.8× nginx static; stage RSS ≤ 150 MiB',
+      ...rows.filter((r) => r.note).map((r) => `${r.peer} ${r.scenario}: ${r.note}`),
+    ],
+    data: { rows },
+  };
 }
 
 async function serveOrigin(args: string[]): Promise<void> {
