@@ -1,7 +1,6 @@
 /** Peer processes for benchmarks: nginx serving a directory statically, and curl timings. */
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 
 /** True when `cmd` is on the PATH (or is an existing absolute path). */
@@ -9,17 +8,9 @@ export function have(cmd: string): boolean {
   return spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
 }
 
-/** A free TCP port on 127.0.0.1. */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const p = (s.address() as { port: number }).port;
-      s.close(() => resolve(p));
-    });
-  });
-}
+import { freePort } from '../shared/redis.js';
+
+export { freePort };
 
 /** Waits until `url` answers any HTTP status, or throws after `ms`. */
 export async function waitHttp(url: string, ms = 10_000): Promise<void> {

@@ -89,3 +89,20 @@ export function parseBytes(s: string | number): number {
   const base = unit.endsWith('I') || unit === '' ? 1024 : 1000;
   return Math.floor(Number(m[1]) * base ** pow);
 }
+
+/**
+ * Reads a secret token file: its first line, trimmed. Throws SC_ERR_BAD_CONFIG when the file
+ * cannot be read, is empty, or the token is not one word of at most 4096 bytes. The token
+ * itself never appears in an error.
+ */
+export function readTokenFile(path: string): string {
+  let t: string;
+  try {
+    t = readFileSync(path, 'utf8').split('\n')[0].trim();
+  } catch (err) {
+    throw scError('SC_ERR_BAD_CONFIG', `cannot read token file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+  if (!t) throw scError('SC_ERR_BAD_CONFIG', `token file ${path} is empty`);
+  if (/\s/.test(t) || t.length > 4096) throw scError('SC_ERR_BAD_CONFIG', `token file ${path}: the token must be one word of at most 4096 bytes`);
+  return t;
+}

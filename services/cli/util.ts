@@ -1,18 +1,8 @@
 /** Small helpers every CLI command uses: reading secrets, printing, and exiting with a code. */
-import { readFileSync } from 'node:fs';
-import { ScError, scError, toScError } from '../../shared/errors.js';
+import { readTokenFile } from '../../shared/config.js';
+import { type ScError, toScError } from '../../shared/errors.js';
 
-/** Reads a token file (first line, trimmed); throws SC_ERR_BAD_CONFIG when missing or empty. */
-export function readTokenFile(path: string): string {
-  let t: string;
-  try {
-    t = readFileSync(path, 'utf8').split('\n')[0].trim();
-  } catch (err) {
-    throw scError('SC_ERR_BAD_CONFIG', `cannot read token file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
-  }
-  if (!t) throw scError('SC_ERR_BAD_CONFIG', `token file ${path} is empty`);
-  return t;
-}
+export { readTokenFile };
 
 /** Prints a value as one JSON document on stdout. */
 export function printJson(v: unknown): void {

@@ -2,10 +2,8 @@
  * Origin configuration: schema, defaults and loading (YAML file, then `STAGECOACH_ORIGIN_*`
  * environment variables, then flags). Validated once, then frozen.
  */
-import { readFileSync } from 'node:fs';
 import { z } from 'zod';
-import { type ConfigSources, loadConfig, parseListen } from '../../shared/config.js';
-import { scError } from '../../shared/errors.js';
+import { type ConfigSources, loadConfig, parseListen, readTokenFile } from '../../shared/config.js';
 
 /** Environment variable prefix: `STAGECOACH_ORIGIN_LISTEN`, `STAGECOACH_ORIGIN_DATA`, … */
 export const ORIGIN_ENV_PREFIX = 'STAGECOACH_ORIGIN_';
@@ -67,13 +65,5 @@ export function originConfig(input: OriginConfigInput): OriginConfig {
 
 /** Reads the write token (first line of the file, trimmed); throws SC_ERR_BAD_CONFIG. */
 export function readOriginToken(path: string): string {
-  let t: string;
-  try {
-    t = readFileSync(path, 'utf8').split('\n')[0].trim();
-  } catch (err) {
-    throw scError('SC_ERR_BAD_CONFIG', `cannot read token file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
-  }
-  if (!t) throw scError('SC_ERR_BAD_CONFIG', `token file ${path} is empty`);
-  if (/\s/.test(t) || t.length > 4096) throw scError('SC_ERR_BAD_CONFIG', `token file ${path}: the token must be one word of at most 4096 bytes`);
-  return t;
+  return readTokenFile(path);
 }

@@ -7,26 +7,15 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Queue, Worker } from 'bullmq';
 import { Redis } from 'ioredis';
 import { credentialUrl, generateAcl } from '../../infra/redis/acl-gen.js';
-import { haveRedisServer } from '../../shared/redis.js';
+import { haveRedisServer, freePort } from '../../shared/redis.js';
 import { startControlFleet } from './control-fleet-fixture.js';
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 const P = 'sc';
 const noperm = (err: unknown) => /NOPERM|NOAUTH|WRONGPASS/.test((err as Error).message);

@@ -6,14 +6,13 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Redis } from 'ioredis';
 import { CONVERT_STEPS } from '../../services/agent/client.js';
 import type { RolloutDetail } from '../../services/control/client.js';
-import { haveRedisServer } from '../../shared/redis.js';
+import { haveRedisServer, freePort } from '../../shared/redis.js';
 import { type ControlFleet, startControlFleet } from './control-fleet-fixture.js';
 import { until } from './control-fixture.js';
 
@@ -57,16 +56,6 @@ describe('control: restart control mid-rollout', () => {
   });
 });
 
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as { port: number }).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 describe('control: restart Redis mid-rollout', { skip: !haveRedisServer() && 'redis-server is not installed' }, () => {
   let dir: string;
