@@ -1,7 +1,8 @@
 /**
  * Agent pipeline benchmark: what the agent does with a bundle — fetch (resumable download with
- * sha256 verification, shared/fetch.ts), then decrypt (age, in a worker thread) → decompress
- * (zstd) → unpack (safe tar) (services/agent/unpack.ts) — on a zstd + age bundle of a sample root filesystem, against the shell pipeline
+ * sha256 verification, shared/fetch.ts), then decrypt (age) → decompress (zstd) in a worker
+ * thread → unpack (safe tar) in the main thread (services/agent/unpack.ts) — on a zstd + age
+ * bundle of a sample root filesystem, against the shell pipeline
  * `curl URL | age -d -i KEY | zstd -d | tar x` on the same bundle, in the same run, from the same
  * origin (a child process, so neither side shares its event loop with the server).
  *

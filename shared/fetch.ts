@@ -548,27 +548,49 @@ async function pull(st: DownloadState, a: PullArgs): Promise<void> {
   }
 }
 
-/** Streams the body into the partial file in batches, hashing what was written. */
+/**
+ * Streams the body into the partial file in batches, hashing what was written. One batch write
+ * is in flight while the next batch is received and the previous one hashed, so the network,
+ * the disk and sha256 overlap; `st.have` counts only bytes whose write completed.
+ */
 async function copyBody(st: DownloadState, req: GotRequest, a: PullArgs, arm: () => void): Promise<void> {
   let batch: Buffer[] = [];
   let batchLen = 0;
+  let writing: Promise<void> | null = null;
+  let writingLen = 0;
+  const settle = async () => {
+    const w = writing;
+    writing = null;
+    if (w) await w;
+  };
   const flush = async () => {
+    await settle();
     if (batchLen === 0) return;
     const bufs = batch;
     const n = batchLen;
     batch = [];
     batchLen = 0;
-    try {
-      const { bytesWritten } = await st.fh.writev(bufs, st.have);
-      if (bytesWritten !== n) throw new Error(`short write: ${bytesWritten} of ${n} bytes`);
-    } catch (err) {
-      throw new LocalFailure(err);
-    }
+    writingLen = n;
+    const w = st.fh.writev(bufs, st.have).then(
+      ({ bytesWritten }) => {
+        if (bytesWritten !== n) throw new LocalFailure(new Error(`short write: ${bytesWritten} of ${n} bytes`));
+        writingLen = 0;
+        st.have += n;
+        if (st.have > st.hwm) st.hwm = st.have;
+        if (st.pieces[st.pieces.length - 1] !== a.source) st.pieces.push(a.source);
+        a.progress(a.source);
+      },
+      (err) => {
+        throw new LocalFailure(err);
+      },
+    );
+    // Awaited by the next settle(); this only keeps a failure from being reported as unhandled meanwhile.
+    w.catch(() => {});
+    writing = w;
+    // Hashed while the write runs. A failed write fails the whole fetch (LocalFailure), and a
+    // later run re-hashes what is on disk (adoptPartial), so the hash never vouches for bytes
+    // that are not in the file.
     for (const b of bufs) st.hash.update(b);
-    st.have += n;
-    if (st.have > st.hwm) st.hwm = st.have;
-    if (st.pieces[st.pieces.length - 1] !== a.source) st.pieces.push(a.source);
-    a.progress(a.source);
   };
   let overflow = false;
   try {
@@ -576,7 +598,7 @@ async function copyBody(st: DownloadState, req: GotRequest, a: PullArgs, arm: ()
       arm();
       st.downloaded += raw.length;
       let chunk = raw;
-      const room = a.size - st.have - batchLen;
+      const room = a.size - st.have - writingLen - batchLen;
       if (chunk.length > room) {
         chunk = chunk.subarray(0, room);
         overflow = true;
@@ -586,14 +608,16 @@ async function copyBody(st: DownloadState, req: GotRequest, a: PullArgs, arm: ()
         batchLen += chunk.length;
       }
       if (batchLen >= WRITE_BATCH) await flush();
-      else a.progress(a.source, batchLen);
+      else a.progress(a.source, writingLen + batchLen);
       if (overflow) break;
     }
   } catch (err) {
     await flush();
+    await settle();
     throw err;
   }
   await flush();
+  await settle();
   if (overflow) throw scError('SC_ERR_SIZE_MISMATCH', `${a.source}: sent more than ${a.size} bytes`);
 }
 

@@ -1,45 +1,61 @@
 /**
- * Unpacking a bundle file on the host, using two cores: a worker thread reads and age-decrypts
- * the blob (the costliest stage), while this thread decompresses and extracts with the shared
- * codec's safe tar (shared/bundle). The result is the same as `unpackBundle` from the file,
- * with the same errors; only the decryption moves to another thread. Unencrypted and small
- * bundles are unpacked in this thread.
+ * Unpacking a bundle file on the host, using two cores: a worker thread (unpack-worker.mjs)
+ * reads, age-decrypts and zstd-decompresses the blob, while this thread extracts the tar with
+ * the shared codec's safe tar (shared/bundle). The result is the same as `unpackBundle` from the
+ * file, with the same errors. Unencrypted, non-zstd and small bundles are unpacked in this
+ * thread.
+ *
+ * The age header is parsed and its MAC checked here (shared/bundle/age.ts); the worker gets only
+ * the payload key. The worker is plain JavaScript and starts without the TypeScript loader.
  *
  * The caller has checked the blob against its signed digest before calling (never unpack
- * what did not verify).
+ * what did not verify); nothing here hashes the file again.
  */
-import { createReadStream } from 'node:fs';
-import { PassThrough, pipeline, Readable, type Transform } from 'node:stream';
+import { createReadStream, existsSync } from 'node:fs';
+import { open } from 'node:fs/promises';
+import { PassThrough, pipeline, Readable, type Transform, Writable } from 'node:stream';
+import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
-import { decompressStream, type ExtractResult, safeExtract, unpackBundle } from '../../shared/bundle/index.js';
-import { type ErrorCode, ERRORS, scError } from '../../shared/errors.js';
+import { AGE_MAX_HEAD, type ExtractResult, openAgePayload, safeExtract, unpackBundle } from '../../shared/bundle/index.js';
+import { type ErrorCode, ERRORS, isScError, scError } from '../../shared/errors.js';
 import type { Manifest } from '../../shared/manifest.js';
 
 /**
- * Smaller blobs are unpacked in this thread: starting a worker (about 0.6 s when it must load
- * tsx) costs more than it saves, and an in-process fleet of many small sim hosts should not
- * start a thread per install. Measured on 2 cores, a 768 MiB bundle unpacks about 20 % faster
- * with the worker.
+ * Smaller blobs are unpacked in this thread: an in-process fleet of many small sim hosts should
+ * not start a thread per install, and below this the worker's start (~70 ms) is not won back.
  */
-const WORKER_MIN_BYTES = 256 << 20;
+const WORKER_MIN_BYTES = 64 << 20;
 
-/** Bytes of decrypted data allowed in flight between the threads. */
-const CREDIT = 8 << 20;
+const WORKER_FILE = fileURLToPath(new URL('./unpack-worker.mjs', import.meta.url));
+/** A build that did not ship the worker file unpacks in this thread (slower, same result). */
+const HAVE_WORKER = existsSync(WORKER_FILE);
 
-/** Starts the worker; under tsx (TypeScript sources) the worker registers tsx itself. */
-function startWorker(file: string, identities: string[]): Worker {
-  const url = new URL(import.meta.url.endsWith('.ts') ? './unpack-worker.ts' : './unpack-worker.js', import.meta.url);
-  if (!import.meta.url.endsWith('.ts')) return new Worker(url, { workerData: { file, identities } });
-  const api = import.meta.resolve('tsx/esm/api');
-  const code = `import(${JSON.stringify(api)}).then((m) => { m.register(); return import(${JSON.stringify(url.href)}); })`;
-  return new Worker(code, { eval: true, workerData: { file, identities } });
+/** Zero bytes fed to the meter in the worker path: it counts, it does not look. */
+const ZERO = Buffer.alloc(1 << 20);
+
+/** Reads the age header of `file`; returns the payload key and offset. Throws SC_ERR_DECRYPT / SC_ERR_BAD_KEY. */
+async function readPayload(file: string, identities: string[]): Promise<{ payloadKey: Buffer; payloadOffset: number }> {
+  const fh = await open(file, 'r');
+  try {
+    const head = Buffer.alloc(AGE_MAX_HEAD);
+    const { bytesRead } = await fh.read(head, 0, head.length, 0);
+    const p = openAgePayload(head.subarray(0, bytesRead), identities);
+    if (!p) throw scError('SC_ERR_DECRYPT', 'age file truncated in its header');
+    return p;
+  } finally {
+    await fh.close();
+  }
 }
 
 /**
  * Unpacks the bundle file `file` described by `blob` into `dir`. `meter` makes a pass-through
- * Transform placed before decompression (progress: it sees the decrypted bytes);
- * `workerMinBytes` is the blob size from which a worker decrypts (default 256 MiB). Rejects like
- * unpackBundle (SC_ERR_DECRYPT, SC_ERR_BAD_ARCHIVE, SC_ERR_UNSAFE_ARCHIVE, …); `signal` aborts.
+ * Transform that counts the decrypted (still compressed) bytes, for progress: in the
+ * single-thread path it sits before decompression; in the worker path it is fed zero-filled
+ * buffers of the lengths the worker decrypted, in step with the data extracted, and its output
+ * is discarded (so it must count, not inspect). An error thrown by the meter fails the unpack.
+ * `workerMinBytes` is the blob size from which a worker decrypts and decompresses (default
+ * 64 MiB; age + zstd bundles only). Rejects like unpackBundle (SC_ERR_DECRYPT,
+ * SC_ERR_BAD_ARCHIVE, SC_ERR_UNSAFE_ARCHIVE, …); `signal` aborts (SC_ERR_UNAVAILABLE).
  */
 export async function unpackFile(
   file: string,
@@ -47,49 +63,60 @@ export async function unpackFile(
   opts: { dir: string; identities: string[]; signal?: AbortSignal; meter?: () => Transform; workerMinBytes?: number },
 ): Promise<ExtractResult> {
   const meter = opts.meter?.() ?? new PassThrough();
-  if (blob.encryption !== 'age' || blob.size < (opts.workerMinBytes ?? WORKER_MIN_BYTES)) {
+  if (!HAVE_WORKER || blob.encryption !== 'age' || blob.compression !== 'zstd' || blob.size < (opts.workerMinBytes ?? WORKER_MIN_BYTES)) {
     const src = createReadStream(file, { highWaterMark: 1 << 20, signal: opts.signal });
     return unpackBundle(pipeline(src, meter, () => {}), { dir: opts.dir, compression: blob.compression, encryption: blob.encryption, identities: opts.identities });
   }
-  const worker = startWorker(file, opts.identities);
+  if (opts.signal?.aborted) throw scError('SC_ERR_UNAVAILABLE', 'unpack aborted');
+  const { payloadKey, payloadOffset } = await readPayload(file, opts.identities);
+  // execArgv: [] keeps a TypeScript loader given to this process (--import tsx) out of the worker.
+  const worker = new Worker(WORKER_FILE, { execArgv: [], workerData: { file, size: blob.size, payloadKey, payloadOffset } });
   let ended = false;
-  // Credit granted to the worker and not yet received back as data: at most CREDIT bytes.
-  let inflight = 0;
+  // Chunks received and not yet acknowledged: acknowledged when the extractor asks for more.
+  let unacked = 0;
   const plain = new Readable({
-    highWaterMark: CREDIT,
+    highWaterMark: 4 << 20,
     read() {
-      if (inflight < CREDIT / 2) {
-        worker.postMessage({ credit: CREDIT - inflight });
-        inflight = CREDIT;
+      if (unacked > 0) {
+        worker.postMessage({ ack: unacked });
+        unacked = 0;
       }
     },
-    destroy(err, cb) {
-      if (!ended) void worker.terminate();
-      cb(err);
-    },
   });
-  worker.on('message', (m: { chunk?: ArrayBuffer; end?: boolean; error?: { code: string; message: string } }) => {
+  // The meter's output is drained; its errors (e.g. a crash point) fail the unpack.
+  meter.pipe(new Writable({ write: (_c, _e, cb) => cb() }));
+  meter.on('error', (err) => plain.destroy(isScError(err) ? err : scError('SC_ERR_INTERNAL', `unpack meter: ${err.message}`)));
+  const count = (n: number) => {
+    for (let left = n; left > 0; left -= ZERO.length) meter.write(ZERO.subarray(0, Math.min(left, ZERO.length)));
+  };
+  worker.on('message', (m: { chunk?: ArrayBuffer; decrypted?: number; end?: boolean; error?: { code: string; message: string } }) => {
+    if (plain.destroyed) return;
     if (m.chunk) {
-      inflight -= m.chunk.byteLength;
+      unacked++;
+      count(m.decrypted ?? 0);
       plain.push(Buffer.from(m.chunk));
-    }
-    else if (m.end) {
+    } else if (m.end) {
       ended = true;
+      count(m.decrypted ?? 0);
+      meter.end();
       plain.push(null);
-      void worker.terminate();
     } else if (m.error) {
       const code = (m.error.code in ERRORS ? m.error.code : 'SC_ERR_INTERNAL') as ErrorCode;
       plain.destroy(scError(code, m.error.message));
     }
   });
   worker.once('error', (err) => plain.destroy(scError('SC_ERR_INTERNAL', `unpack worker: ${err.message}`)));
+  worker.once('exit', (code) => {
+    if (!ended) plain.destroy(scError('SC_ERR_INTERNAL', `unpack worker exited (${code}) before the end`));
+  });
   const onAbort = () => plain.destroy(scError('SC_ERR_UNAVAILABLE', 'unpack aborted'));
   opts.signal?.addEventListener('abort', onAbort, { once: true });
   try {
-    return await safeExtract(pipeline(plain, meter, decompressStream(blob.compression), () => {}), opts.dir);
+    return await safeExtract(plain, opts.dir);
   } finally {
     opts.signal?.removeEventListener('abort', onAbort);
     plain.destroy();
+    if (!meter.writableEnded) meter.end();
     await worker.terminate().catch(() => 0);
   }
 }

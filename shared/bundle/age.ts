@@ -304,6 +304,39 @@ function parseHeader(buf: Buffer): { stanzas: Stanza[]; macInput: Buffer; mac: B
   return { stanzas, macInput: buf.subarray(0, macAt + 4), mac, length: end + 1 };
 }
 
+/** Header, MAC and nonce at the start of `buf` → payload key and offset; null when more bytes are needed. */
+function payloadOf(buf: Buffer, ids: AgeIdentity[]): AgePayload | null {
+  const h = parseHeader(buf);
+  if (!h || buf.length < h.length + NONCE_SIZE) return null;
+  const fileKey = unwrapFileKey(h.stanzas, ids);
+  if (!fileKey) throw scError('SC_ERR_DECRYPT', 'no identity matched any of the recipients');
+  if (!timingSafeEqual(headerMac(fileKey, h.macInput), h.mac)) throw scError('SC_ERR_DECRYPT', 'age header MAC mismatch');
+  return { payloadKey: hkdf(fileKey, buf.subarray(h.length, h.length + NONCE_SIZE), 'payload'), payloadOffset: h.length + NONCE_SIZE };
+}
+
+/** Where an age file's STREAM payload starts and the key it is sealed with. Never log the key. */
+export interface AgePayload {
+  /** 32-byte ChaCha20-Poly1305 key of the payload chunks. */
+  payloadKey: Buffer;
+  /** Byte offset of the first payload chunk (after the header and the 16-byte nonce). */
+  payloadOffset: number;
+}
+
+/** Largest header + nonce `openAgePayload` accepts: read this many bytes of a file to be sure to hold them. */
+export const AGE_MAX_HEAD = MAX_HEADER_SIZE + NONCE_SIZE;
+
+/**
+ * Reads the header of the age file starting at `head` with any of `identities`: verifies the
+ * header MAC and returns the payload key and offset, so a caller can decrypt the payload chunks
+ * itself (e.g. in another thread) under the same STREAM rules as `decryptStream`. Returns null
+ * when `head` is shorter than header + nonce. Throws SC_ERR_BAD_KEY (identities) or
+ * SC_ERR_DECRYPT (malformed header, no matching identity, MAC mismatch).
+ */
+export function openAgePayload(head: Buffer, identities: string[]): AgePayload | null {
+  if (!Array.isArray(identities) || identities.length === 0) throw scError('SC_ERR_BAD_KEY', 'age decryption needs at least one identity');
+  return payloadOf(head, identities.map(parseIdentity));
+}
+
 function chunkNonce(counter: number, last: boolean): Buffer {
   const n = Buffer.alloc(12);
   n.writeUIntBE(counter, 5, 6);
@@ -396,14 +429,11 @@ class AgeDecryptStream extends Transform {
   /** Consumes the header and nonce from #head; returns the payload bytes after them, or null. */
   #readHeader(): Buffer | null {
     const buf = this.#head!;
-    const h = parseHeader(buf);
-    if (!h || buf.length < h.length + NONCE_SIZE) return null;
-    const fileKey = unwrapFileKey(h.stanzas, this.#ids);
-    if (!fileKey) throw scError('SC_ERR_DECRYPT', 'no identity matched any of the recipients');
-    if (!timingSafeEqual(headerMac(fileKey, h.macInput), h.mac)) throw scError('SC_ERR_DECRYPT', 'age header MAC mismatch');
-    this.#key = hkdf(fileKey, buf.subarray(h.length, h.length + NONCE_SIZE), 'payload');
+    const p = payloadOf(buf, this.#ids);
+    if (!p) return null;
+    this.#key = p.payloadKey;
     this.#head = null;
-    return buf.subarray(h.length + NONCE_SIZE);
+    return buf.subarray(p.payloadOffset);
   }
 
   #take(n: number): Buffer {

@@ -15,11 +15,14 @@ import { openTarball } from './tarball.js';
 
 export {
   AGE_CHUNK_SIZE,
+  AGE_MAX_HEAD,
   type AgeIdentity,
+  type AgePayload,
   type AgeRecipient,
   decryptStream,
   encryptStream,
   generateAgeIdentity,
+  openAgePayload,
   parseIdentity,
   parseRecipient,
   readIdentityFile,
