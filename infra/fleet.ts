@@ -24,6 +24,7 @@ import type { Logger } from '../shared/log.js';
 import { silentLogger } from '../shared/log.js';
 import { loadPrivateKey, loadPublicKey, type Manifest, type NetFormat, signManifest } from '../shared/manifest.js';
 import { generateKeys } from '../services/cli/commands/keys.js';
+import { relayToken } from '../services/agent/client.js';
 import { type AgentHandle, type AgentRunOptions, startAgent } from '../services/agent/runtime.js';
 import type { AgentKeys } from '../services/agent/config.js';
 import { initSimMachine } from '../services/agent/machine/sim.js';
@@ -157,17 +158,23 @@ export interface SimHost {
  * is 10.<i+1>.0.0/16 with gateway 10.<i+1>.0.1, host n is 10.<i+1>.<n div 200>.<n mod 200 + 10>.
  * OS A is `os` (default debian-11).
  */
-export async function createSimHosts(root: string, colos: ColoSpec[], opts: { os?: string } = {}): Promise<SimHost[]> {
+export async function createSimHosts(root: string, colos: ColoSpec[], opts: { os?: string; concurrency?: number } = {}): Promise<SimHost[]> {
   const hosts: SimHost[] = [];
   for (const [ci, c] of colos.entries()) {
     for (let n = 1; n <= c.hosts; n++) {
       const hostId = `${c.name}-h${n}`;
-      const dir = join(root, hostId);
-      const ip = `10.${ci + 1}.${Math.floor(n / 200)}.${(n % 200) + 10}/16`;
-      await initSimMachine(dir, { hostId, ip, gateway: `10.${ci + 1}.0.1`, os: opts.os ?? 'debian-11' });
-      hosts.push({ hostId, colo: c.name, dir, ip });
+      hosts.push({ hostId, colo: c.name, dir: join(root, hostId), ip: `10.${ci + 1}.${Math.floor(n / 200)}.${(n % 200) + 10}/16` });
     }
   }
+  let next = 0;
+  const lane = async () => {
+    while (next < hosts.length) {
+      const h = hosts[next++];
+      const gateway = h.ip.replace(/^(10\.\d+)\..*$/, '$1.0.1');
+      await initSimMachine(h.dir, { hostId: h.hostId, ip: h.ip, gateway, os: opts.os ?? 'debian-11' });
+    }
+  };
+  await Promise.all(Array.from({ length: Math.max(1, opts.concurrency ?? 1) }, lane));
   return hosts;
 }
 
@@ -183,6 +190,14 @@ export interface FleetAgentOptions {
   lockDurationMs?: number;
   heartbeatMs?: number;
   onReboot?: AgentRunOptions['onReboot'];
+  /** Colos whose hosts run in relay mode (through their stages, no Redis); the rest are direct. */
+  relayColos?: readonly string[];
+  /** The relay secret (relay mode hosts' tokens derive from it). */
+  relaySecret?: string;
+  /** Relay mode long-poll wait, s. */
+  relayWaitSec?: number;
+  /** Hosts started at once (default 1: one after the other). */
+  startConcurrency?: number;
 }
 
 /** The agents of a fleet. */
@@ -192,30 +207,45 @@ export interface FleetAgents {
   stop(): Promise<void>;
 }
 
-/** Starts one in-process agent per host. */
+/** The agent config of one fleet host (direct or relay mode, as `o` says). */
+export function fleetAgentConfig(h: SimHost, o: FleetAgentOptions) {
+  const relay = o.relayColos?.includes(h.colo) ?? false;
+  return {
+    hostId: h.hostId,
+    colo: h.colo,
+    ...(relay ? { relay: o.stages[h.colo] ?? [], relayTokenFile: '-', relayWaitSec: o.relayWaitSec } : { redis: o.redisUrl }),
+    machine: `sim:${h.dir}`,
+    stages: o.stages[h.colo] ?? [],
+    origin: o.origin,
+    trustKey: [o.keys.files.releasePub],
+    controlKey: o.keys.files.controlPub,
+    identity: o.keys.files.fleetIdentity,
+    prefix: o.prefix,
+    ...(o.lockDurationMs ? { lockDurationMs: o.lockDurationMs } : {}),
+    ...(o.heartbeatMs ? { heartbeatMs: o.heartbeatMs } : {}),
+  };
+}
+
+/** Starts one in-process agent per host (`startConcurrency` at a time). */
 export async function startFleetAgents(hosts: SimHost[], o: FleetAgentOptions): Promise<FleetAgents> {
   const handles = new Map<string, AgentHandle>();
+  const startOne = async (h: SimHost) => {
+    const relay = o.relayColos?.includes(h.colo) ?? false;
+    if (relay && !o.relaySecret) throw new Error('relay colos need a relaySecret');
+    const handle = await startAgent(fleetAgentConfig(h, o), {
+      logger: o.logger ?? silentLogger,
+      keys: o.keys.agent,
+      onReboot: o.onReboot,
+      ...(relay ? { relayToken: relayToken(o.relaySecret!, h.hostId) } : {}),
+    });
+    handles.set(h.hostId, handle);
+  };
   try {
-    for (const h of hosts) {
-      const handle = await startAgent(
-        {
-          hostId: h.hostId,
-          colo: h.colo,
-          redis: o.redisUrl,
-          machine: `sim:${h.dir}`,
-          stages: o.stages[h.colo] ?? [],
-          origin: o.origin,
-          trustKey: [o.keys.files.releasePub],
-          controlKey: o.keys.files.controlPub,
-          identity: o.keys.files.fleetIdentity,
-          prefix: o.prefix,
-          ...(o.lockDurationMs ? { lockDurationMs: o.lockDurationMs } : {}),
-          ...(o.heartbeatMs ? { heartbeatMs: o.heartbeatMs } : {}),
-        },
-        { logger: o.logger ?? silentLogger, keys: o.keys.agent, onReboot: o.onReboot },
-      );
-      handles.set(h.hostId, handle);
-    }
+    let next = 0;
+    const lanes = Array.from({ length: Math.max(1, o.startConcurrency ?? 1) }, async () => {
+      while (next < hosts.length) await startOne(hosts[next++]);
+    });
+    await Promise.all(lanes);
   } catch (err) {
     await Promise.all([...handles.values()].map((h) => h.stop()));
     throw err;
@@ -250,6 +280,12 @@ export interface FleetOptions {
   logger?: Logger;
   lockDurationMs?: number;
   heartbeatMs?: number;
+  /** Colos whose stages run the relay (on redisUrl/prefix) and whose hosts run in relay mode. */
+  relayColos?: readonly string[];
+  /** Relay lock duration / stalled check of the relay stages, ms (tests make them short). */
+  relayLockDurationMs?: number;
+  relayStalledIntervalMs?: number;
+  relayWaitSec?: number;
 }
 
 /** A running sim fleet. */
@@ -264,6 +300,10 @@ export interface Fleet {
   target: Manifest;
   hosts: SimHost[];
   agents: FleetAgents | null;
+  /** The relay secret (relay colos' host tokens derive from it). */
+  relaySecret: string;
+  /** Restarts the stage(s) of a colo on the same cache and port (relay state re-adopted from Redis). */
+  restartStages(colo: string): Promise<void>;
   /** Starts the agents if they are not running. */
   startAgents(): Promise<FleetAgents>;
   /** Stops agents, stages and origin. Files stay under root. */
@@ -285,17 +325,35 @@ export async function startFleet(o: FleetOptions): Promise<Fleet> {
     closers.push(() => org.close());
     const client = new OriginClient(org.url, { token });
     const stages: Record<string, RunningStage[]> = {};
+    const relaySecret = randomBytes(32).toString('hex');
+    const stageConfig = (colo: string, i: number, listen: string) => ({
+      listen,
+      upstreams: [org.url],
+      cache: join(o.root, 'stages', `${colo}-${i + 1}`),
+      colo,
+      trustKeys: [keys.files.releasePub],
+      logLevel: 'silent',
+      // One relay per colo: the colo's first stage.
+      ...(o.relayColos?.includes(colo) && i === 0
+        ? {
+            redis: o.redisUrl,
+            prefix,
+            relaySecret,
+            ...(o.relayLockDurationMs ? { relayLockDurationMs: o.relayLockDurationMs } : {}),
+            ...(o.relayStalledIntervalMs ? { relayStalledIntervalMs: o.relayStalledIntervalMs } : {}),
+          }
+        : {}),
+    });
     for (const c of o.colos) {
       stages[c.name] = [];
       for (let i = 0; i < (o.stagesPerColo ?? 1); i++) {
-        const s = await startStage(
-          { listen: '127.0.0.1:0', upstreams: [org.url], cache: join(o.root, 'stages', `${c.name}-${i + 1}`), colo: c.name, trustKeys: [keys.files.releasePub], logLevel: 'silent' },
-          { log },
-        );
-        closers.push(() => s.close());
+        const s = await startStage(stageConfig(c.name, i, '127.0.0.1:0'), { log });
         stages[c.name].push(s);
       }
     }
+    closers.push(async () => {
+      for (const ss of Object.values(stages)) for (const s of ss) await s.close();
+    });
     const work = join(o.root, 'publish');
     await mkdir(work, { recursive: true });
     const b = o.base ?? { name: 'rescue-os', version: '1.0.0', os: { id: 'debian', version: '12', netFormat: 'ifupdown' as const } };
@@ -314,6 +372,14 @@ export async function startFleet(o: FleetOptions): Promise<Fleet> {
       target,
       hosts,
       agents: null,
+      relaySecret,
+      restartStages: async (colo: string) => {
+        const ss = stages[colo] ?? [];
+        for (const [i, s] of ss.entries()) {
+          await s.close();
+          ss[i] = await startStage(stageConfig(colo, i, `127.0.0.1:${s.port}`), { log });
+        }
+      },
       startAgents: async () => {
         fleet.agents ??= await startFleetAgents(hosts, {
           redisUrl: o.redisUrl,
@@ -324,6 +390,9 @@ export async function startFleet(o: FleetOptions): Promise<Fleet> {
           logger: log,
           lockDurationMs: o.lockDurationMs,
           heartbeatMs: o.heartbeatMs,
+          relayColos: o.relayColos,
+          relaySecret,
+          relayWaitSec: o.relayWaitSec,
         });
         return fleet.agents;
       },

@@ -24,6 +24,7 @@ const { values, positionals } = parseArgs({
     'size-mib': { type: 'string' },
     mode: { type: 'string' },
     'agent-procs': { type: 'string' },
+    'max-in-flight': { type: 'string' },
   },
 });
 

@@ -10,10 +10,17 @@
  * - `P:agents`            sorted set: host id → last heartbeat (ms).
  * - `P:reports`           stream: one entry per step event (StepReport), written by agents, read by control.
  * - `P:hostctl:<id>`      hash written by control, read by the agent: `abort` = rollout id to stop at the next step boundary.
+ * - `P:colo.<colo>:*`     BullMQ queue `colo.<colo>`: the step jobs of the colo's hosts in relay mode (no Redis on
+ *                         the host), consumed by the colo's relay (a stage started with `--redis`), which hands each
+ *                         job to its host over HTTP. Job ids there end in `.<host>` (see stepJobId).
+ *
+ * Which queue a host's jobs go to is its route (StepRoute), read from its registration's
+ * `transport` field (`direct` when absent): the producer and control's readers resolve it.
  */
 import type { KeyObject } from 'node:crypto';
 import { FlowProducer, type FlowJob } from 'bullmq';
-import type { Redis } from 'ioredis';
+import { createHmac } from 'node:crypto';
+import type { ChainableCommander, Redis } from 'ioredis';
 import { scError } from '../../shared/errors.js';
 import { canonicalJson, keyId, signBytes, verifyBytes } from '../../shared/manifest.js';
 import { NAME_RE } from '../../shared/names.js';
@@ -77,6 +84,94 @@ export interface SequenceStep {
 export function hostQueueName(hostId: string): string {
   if (!HOST_ID_RE.test(hostId)) throw scError('SC_ERR_BAD_NAME', `bad host id ${JSON.stringify(hostId.slice(0, 80))}`);
   return `host.${hostId}`;
+}
+
+/** Queue name of a colo's relay queue (`colo.<colo>`). Throws SC_ERR_BAD_NAME for a malformed colo. */
+export function coloQueueName(colo: string): string {
+  if (!NAME_RE.test(colo)) throw scError('SC_ERR_BAD_NAME', `bad colo ${JSON.stringify(colo.slice(0, 80))}`);
+  return `colo.${colo}`;
+}
+
+/** How a host takes its jobs: its own queue over Redis, or its colo's relay over HTTP. */
+export type Transport = 'direct' | 'relay';
+
+/** Where a host's step jobs are enqueued. */
+export interface StepRoute {
+  transport: Transport;
+  /** BullMQ queue name: `host.<id>` (direct) or `colo.<colo>` (relay). */
+  queue: string;
+}
+
+/**
+ * The route of `host` from its registration fields (decoded HostRecord or raw JSON hash values):
+ * relay when `transport` is `relay` and a colo is known, else direct. Throws SC_ERR_BAD_NAME.
+ */
+export function stepRoute(host: string, rec?: { transport?: unknown; colo?: unknown } | null): StepRoute {
+  const t = jsonish(rec?.transport);
+  const colo = jsonish(rec?.colo);
+  if (t === 'relay' && typeof colo === 'string' && colo) return { transport: 'relay', queue: coloQueueName(colo) };
+  return { transport: 'direct', queue: hostQueueName(host) };
+}
+
+function jsonish(v: unknown): unknown {
+  if (typeof v !== 'string' || !v.startsWith('"')) return v;
+  try {
+    return JSON.parse(v);
+  } catch {
+    return v;
+  }
+}
+
+/**
+ * The BullMQ job id of step `seq` of `rollout` for `host`: `<rollout>.<seq>.<step>` in the host's
+ * own queue (direct), `<rollout>.<seq>.<step>.<host>` in a colo queue shared by many hosts (relay).
+ */
+export function stepJobId(route: StepRoute | Transport, host: string, rollout: string, seq: number, step: string): string {
+  return routedJobId(route, host, `${rollout}.${seq}.${step}`);
+}
+
+/** A route-independent step id (`<rollout>.<seq>.<step>`) made into the job id on `route` (see stepJobId). */
+export function routedJobId(route: StepRoute | Transport, host: string, baseId: string): string {
+  const t = typeof route === 'string' ? route : route.transport;
+  return t === 'relay' ? `${baseId}.${host}` : baseId;
+}
+
+/** The routes of many hosts in one pipelined round trip (hosts without a registration: direct). */
+export async function readRoutes(redis: Redis, prefix: string, hosts: readonly string[]): Promise<Map<string, StepRoute>> {
+  const uniq = [...new Set(hosts)];
+  const out = new Map<string, StepRoute>();
+  if (uniq.length === 0) return out;
+  const k = keys(prefix);
+  const pipe = redis.pipeline();
+  for (const h of uniq) pipe.hmget(k.agent(h), 'transport', 'colo');
+  const res = (await pipe.exec()) ?? [];
+  uniq.forEach((h, i) => {
+    const [err, v] = res[i] ?? [];
+    const [transport, colo] = !err && Array.isArray(v) ? (v as (string | null)[]) : [null, null];
+    out.set(h, stepRoute(h, { transport, colo }));
+  });
+  return out;
+}
+
+/**
+ * A host's relay token: hex HMAC-SHA256 of the host id under the relay secret. The relay derives
+ * it again to authenticate the host (`Authorization: Bearer <token>` with header
+ * `X-Stagecoach-Host: <id>`), so a host can only take and report its own jobs.
+ */
+export function relayToken(secret: string | Buffer, hostId: string): string {
+  if (!HOST_ID_RE.test(hostId)) throw scError('SC_ERR_BAD_NAME', `bad host id ${JSON.stringify(hostId.slice(0, 80))}`);
+  return createHmac('sha256', secret).update(hostId).digest('hex');
+}
+
+/** Queues the registration/heartbeat writes of one host on a MULTI or pipeline (what an agent or its relay writes). */
+export function queuePresence(pipe: ChainableCommander, prefix: string, hostId: string, fields: Partial<HostRecord>, now: number): ChainableCommander {
+  const k = keys(prefix);
+  return pipe.hset(k.agent(hostId), encodeHostRecord({ ...fields, hostId, lastSeen: now })).zadd(k.agents, now, hostId);
+}
+
+/** Queues one report on the shared stream (field `r`: the StepReport as JSON) on a MULTI or pipeline. */
+export function queueReport(pipe: ChainableCommander, prefix: string, r: StepReport, maxLen = 1_000_000): ChainableCommander {
+  return pipe.xadd(keys(prefix).reports, 'MAXLEN', '~', maxLen, '*', 'r', JSON.stringify(r));
 }
 
 /** Redis key names under a prefix. */
@@ -152,23 +247,36 @@ export const STEP_JOB_OPTS = {
 
 /**
  * Signs and enqueues host sequences as ordered flows: the first step is the deepest child, so
- * BullMQ runs them strictly in order, and a failed step fails every later one. Job ids are
- * `<rollout>.<seq>.<step>`, so enqueueing the same sequence twice adds nothing.
+ * BullMQ runs them strictly in order, and a failed step fails every later one. The queue is the
+ * host's route (its own queue, or its colo's relay queue: read from its registration unless
+ * given). Job ids are stepJobId's, so enqueueing the same sequence twice adds nothing.
  */
 export class AgentProducer {
   readonly #flow: FlowProducer;
   readonly #key: KeyObject;
+  readonly #redis: Redis;
   readonly prefix: string;
 
   constructor(opts: { connection: Redis; prefix?: string; signingKey: KeyObject }) {
     this.prefix = opts.prefix ?? 'stagecoach';
+    this.#redis = opts.connection;
     this.#key = opts.signingKey;
     this.#flow = new FlowProducer({ connection: opts.connection, prefix: this.prefix });
   }
 
-  /** Enqueues `steps` for `host` under `rollout`; jobs expire `ttlMs` from now (default 24 h). */
-  async enqueueSequence(host: string, rollout: string, steps: SequenceStep[], opts: { ttlMs?: number; now?: number } = {}): Promise<string[]> {
-    const queueName = hostQueueName(host);
+  /**
+   * Enqueues `steps` for `host` under `rollout`; jobs expire `ttlMs` from now (default 24 h).
+   * `route` defaults to the host's registered route (one HMGET). Returns the job ids.
+   */
+  async enqueueSequence(
+    host: string,
+    rollout: string,
+    steps: SequenceStep[],
+    opts: { ttlMs?: number; now?: number; route?: StepRoute } = {},
+  ): Promise<string[]> {
+    hostQueueName(host);
+    const route = opts.route ?? (await readRoutes(this.#redis, this.prefix, [host])).get(host)!;
+    const queueName = route.queue;
     if (!/^[A-Za-z0-9_-]{1,64}$/.test(rollout)) throw scError('SC_ERR_BAD_NAME', `bad rollout id ${JSON.stringify(rollout.slice(0, 80))}`);
     if (steps.length === 0) throw scError('SC_ERR_BAD_REQUEST', 'empty sequence');
     const exp = (opts.now ?? Date.now()) + (opts.ttlMs ?? 24 * 3600 * 1000);
@@ -176,7 +284,7 @@ export class AgentProducer {
     const ids: string[] = [];
     steps.forEach((s, seq) => {
       const payload: StepPayload = { host, rollout, seq, step: s.step, args: s.args ?? {}, exp };
-      const id = `${rollout}.${seq}.${s.step}`;
+      const id = stepJobId(route, host, rollout, seq, s.step);
       ids.push(id);
       node = {
         name: s.step,
@@ -204,6 +312,8 @@ export interface HostRecord {
   bootDevice: string | null;
   /** The stage URLs this agent was configured with, in its configured order (its colo's stages). */
   stages?: string[];
+  /** How the host takes its jobs (absent: direct). Relay hosts' jobs go to queue `colo.<colo>`. */
+  transport?: Transport;
   agentVersion: string;
   lastSeen: number;
   /** What the agent is doing: idle, running a step, rebooting, refused… */

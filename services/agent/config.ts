@@ -49,8 +49,14 @@ export const agentConfigSchema = z.strictObject({
   hostId: z.string().regex(HOST_ID_RE, 'expected [a-z0-9][a-z0-9._-]{0,63}'),
   /** The colo this host lives in. */
   colo: z.string().regex(NAME_RE, 'expected [a-z0-9][a-z0-9._-]{0,63}'),
-  /** Redis URL (`redis://` or `rediss://` for TLS). */
-  redis: z.string().regex(/^rediss?:\/\/\S+$/, 'expected redis://… or rediss://…'),
+  /** Redis URL (`redis://` or `rediss://` for TLS): direct mode. Exactly one of `redis` and `relay`. */
+  redis: z.string().regex(/^rediss?:\/\/\S+$/, 'expected redis://… or rediss://…').optional(),
+  /** Relay mode: the colo's relay (stage) URLs in failover order; the host then has no Redis connection. */
+  relay: list.pipe(z.array(httpUrl)).optional(),
+  /** Relay mode: file with this host's relay token (`stagecoach acl relay-token`). */
+  relayTokenFile: z.string().min(1).optional(),
+  /** Relay mode: long-poll wait in seconds. */
+  relayWaitSec: z.coerce.number().int().min(1).max(300).default(25),
   /** `sim:DIR` or `linux`. */
   machine: machineSpec,
   /** The colo's stages, in any order (they are probed, fastest healthy first). */
@@ -97,7 +103,9 @@ export const agentConfigSchema = z.strictObject({
   testHookDir: z.string().min(1).optional(),
   /** pino level: fatal, error, warn, info, debug, trace, silent. */
   logLevel: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
-});
+})
+  .refine((c) => (c.redis ? 1 : 0) + (c.relay?.length ? 1 : 0) === 1, { message: 'give exactly one of --redis (direct mode) and --relay (relay mode)', path: ['redis'] })
+  .refine((c) => !c.relay?.length || !!c.relayTokenFile, { message: 'relay mode needs --relay-token-file', path: ['relayTokenFile'] });
 
 /** Validated, frozen agent configuration. */
 export type AgentConfig = Readonly<z.infer<typeof agentConfigSchema>>;

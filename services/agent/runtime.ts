@@ -13,6 +13,7 @@
  * One agent per machine: each instance holds `DIR/agent.lock` (sim) or the pid file (linux)
  * while it runs (lock.ts).
  */
+import { readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import pkg from '../../package.json' with { type: 'json' };
 import { scError } from '../../shared/errors.js';
@@ -25,6 +26,7 @@ import { acquireMachineLock, type MachineLock } from './lock.js';
 import { type ExitAction, type MachineDriver, RebootSignal } from './machine/driver.js';
 import { LinuxMachine } from './machine/linux.js';
 import { type SimBootResult, SimMachine, simBoot } from './machine/sim.js';
+import { RelayTransport } from './transport-relay.js';
 import { AgentWorker, type WorkerExit } from './worker.js';
 
 /** The agent's version, as registered. */
@@ -74,6 +76,20 @@ export interface AgentRunOptions {
   /** Called when an instance is up (registered, taking jobs). */
   onStart?: (info: { hostId: string; instance: number }) => void;
   now?: () => number;
+  /** Relay mode: the host's relay token (default: read from the config's relayTokenFile). */
+  relayToken?: string;
+}
+
+/** Reads the relay token file's first line; throws SC_ERR_BAD_CONFIG. */
+export function readRelayToken(cfg: Pick<AgentConfig, 'relayTokenFile'>): string {
+  let t = '';
+  try {
+    t = readFileSync(cfg.relayTokenFile ?? '', 'utf8').split('\n')[0].trim();
+  } catch (err) {
+    throw scError('SC_ERR_BAD_CONFIG', `cannot read relay token file ${cfg.relayTokenFile}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+  }
+  if (!/^[0-9a-f]{64}$/.test(t)) throw scError('SC_ERR_BAD_CONFIG', `relay token file ${cfg.relayTokenFile} does not hold a 64-hex-digit token`);
+  return t;
 }
 
 /** A running in-process agent. */
@@ -107,7 +123,7 @@ async function startInstance(
   keys: AgentKeys,
   exitAction: ExitAction | undefined,
   logger: Logger,
-  opts: Pick<AgentRunOptions, 'now' | 'agentFiles'>,
+  opts: Pick<AgentRunOptions, 'now' | 'agentFiles' | 'relayToken'>,
 ): Promise<Instance> {
   const lock = await acquireMachineLock(machineLockPath(cfg));
   try {
@@ -115,13 +131,17 @@ async function startInstance(
     const driver = createDriver(cfg, exitAction);
     const hostId = await driver.hostId();
     if (hostId !== cfg.hostId) throw scError('SC_ERR_BAD_CONFIG', `the machine is host ${hostId}, not ${cfg.hostId}`);
-    const redis = createRedis(cfg.redis, { forBullmq: true, name: `agent:${cfg.hostId}` });
-    redis.on('error', (err) => logger.warn({ err: err.message }, 'redis connection error'));
+    const redis = cfg.redis ? createRedis(cfg.redis, { forBullmq: true, name: `agent:${cfg.hostId}` }) : null;
+    redis?.on('error', (err) => logger.warn({ err: err.message }, 'redis connection error'));
+    const transport = redis
+      ? undefined
+      : new RelayTransport({ hostId: cfg.hostId, relays: cfg.relay ?? [], token: opts.relayToken ?? readRelayToken(cfg), logger, waitSec: cfg.relayWaitSec });
     const worker = new AgentWorker({
       hostId: cfg.hostId,
       colo: cfg.colo,
       prefix: cfg.prefix,
-      redis,
+      redis: redis ?? undefined,
+      transport,
       keys,
       driver,
       stages: cfg.stages,
@@ -141,7 +161,7 @@ async function startInstance(
     const close = async () => {
       if (closed) return;
       closed = true;
-      await redis.quit().catch(() => redis.disconnect());
+      if (redis) await redis.quit().catch(() => redis.disconnect());
       await lock.release();
     };
     const exit = worker.run().finally(close);

@@ -1,7 +1,9 @@
 /**
- * The agent's job loop: one BullMQ queue per host (`host.<id>`), one step per job, processed
- * manually (a Worker without a processor: `getNextJob`, `extendLock`, `moveToCompleted`,
- * `moveToFailed`).
+ * The agent's job loop: one step per job, over a StepTransport (transport.ts): the host's own
+ * BullMQ queue (`host.<id>`, transport-direct.ts: processed manually — a Worker without a
+ * processor: `getNextJob`, `extendLock`, `moveToCompleted`, `moveToFailed`), or its colo's
+ * relay over HTTP (transport-relay.ts; the relay does the BullMQ part with the same rules, one
+ * stable lock token per colo instead of per host). What follows is said for direct mode.
  *
  * ## Why a step interrupted by a crash or a reboot runs again, and a finished one never does
  *
@@ -38,22 +40,20 @@
  * failures that a retry cannot cure (steps/common.ts isPermanent) fail at once. The failed
  * reason is `<code>: <message>`. Every event also goes to the shared reports stream.
  */
-import { type Job, Queue, UnrecoverableError, Worker } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { type ScError, scError, toScError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
-import { hostQueueName, type HostRecord, type StepPayload, verifyStepJob } from './client.js';
+import type { HostRecord, StepPayload } from './client.js';
+import { verifyStepJob } from './client.js';
 import type { AgentKeys } from './config.js';
 import { type CrashPoint, noCrashPoints } from './hooks.js';
 import { type MachineDriver, RebootSignal } from './machine/driver.js';
-import { Presence } from './presence.js';
 import { isPermanent } from './steps/common.js';
 import { STEPS, type Step, type StepContext, type StepProgress } from './steps/index.js';
+import type { ReportFields, StepJob, StepTransport } from './transport.js';
+import { DirectTransport, hostToken } from './transport-direct.js';
 
-/** The lock token of every job this host takes: stable across restarts and reboots. */
-export function hostToken(hostId: string): string {
-  return `agent:${hostId}`;
-}
+export { hostToken };
 
 /** How the job loop ended. */
 export type WorkerExit = { reason: 'stopped' } | { reason: 'reboot'; reboots: number };
@@ -63,8 +63,13 @@ export interface AgentWorkerOptions {
   hostId: string;
   colo: string;
   prefix: string;
-  /** A connection made with createRedis(url, {forBullmq: true}); shared by the Worker, the Queue and the reports. */
-  redis: Redis;
+  /**
+   * Direct mode: a connection made with createRedis(url, {forBullmq: true}); shared by the
+   * Worker, the Queue and the reports. Ignored when `transport` is given.
+   */
+  redis?: Redis;
+  /** The job source (default: a DirectTransport over `redis`). Closed by the loop when it ends. */
+  transport?: StepTransport;
   keys: AgentKeys;
   driver: MachineDriver;
   stages: readonly string[];
@@ -86,24 +91,18 @@ export interface AgentWorkerOptions {
   steps?: Readonly<Record<string, Step>>;
 }
 
-interface Running {
-  job: Job;
-  abort: AbortController;
-}
+type Base = { rollout: string; seq: number; step: string };
 
 /** One agent instance's job loop. Create, `run()`, and `stop()` from outside to end it. */
 export class AgentWorker {
-  readonly #o: Required<Omit<AgentWorkerOptions, 'origin'>> & { origin?: string };
-  readonly #token: string;
-  readonly #queueName: string;
-  readonly #presence: Presence;
-  #worker?: Worker;
-  #queue?: Queue;
+  readonly #o: Required<Omit<AgentWorkerOptions, 'origin' | 'redis' | 'transport'>> & { origin?: string };
+  readonly #t: StepTransport;
   #stopping = false;
-  #current?: Running;
+  #current?: AbortController;
   #state: Pick<HostRecord, 'state' | 'rollout' | 'step'> = { state: 'starting', rollout: null, step: null };
 
   constructor(opts: AgentWorkerOptions) {
+    const { redis, transport, ...rest } = opts;
     this.#o = {
       lockDurationMs: 60_000,
       stalledIntervalMs: 30_000,
@@ -115,11 +114,28 @@ export class AgentWorker {
       now: Date.now,
       steps: STEPS,
       agentFiles: [],
-      ...(Object.fromEntries(Object.entries(opts).filter(([, v]) => v !== undefined)) as AgentWorkerOptions),
+      ...(Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== undefined)) as Omit<AgentWorkerOptions, 'redis' | 'transport'>),
     };
-    this.#token = hostToken(opts.hostId);
-    this.#queueName = hostQueueName(opts.hostId);
-    this.#presence = new Presence({ redis: opts.redis, prefix: opts.prefix, hostId: opts.hostId, reportsMaxLen: this.#o.reportsMaxLen, now: this.#o.now });
+    if (transport) this.#t = transport;
+    else if (redis) {
+      const o = this.#o;
+      this.#t = new DirectTransport({
+        hostId: o.hostId,
+        prefix: o.prefix,
+        redis,
+        logger: o.logger,
+        lockDurationMs: o.lockDurationMs,
+        stalledIntervalMs: o.stalledIntervalMs,
+        maxStalledCount: o.maxStalledCount,
+        reportsMaxLen: o.reportsMaxLen,
+        now: o.now,
+      });
+    } else throw scError('SC_ERR_BAD_CONFIG', 'an agent needs a Redis connection or a transport');
+  }
+
+  /** The transport's kind. */
+  get transport(): 'direct' | 'relay' {
+    return this.#t.kind;
   }
 
   /**
@@ -130,33 +146,19 @@ export class AgentWorker {
   async run(): Promise<WorkerExit> {
     const o = this.#o;
     const log = o.logger;
-    this.#worker = new Worker(this.#queueName, null, {
-      connection: o.redis,
-      prefix: o.prefix,
-      autorun: false,
-      lockDuration: o.lockDurationMs,
-      stalledInterval: o.stalledIntervalMs,
-      maxStalledCount: o.maxStalledCount,
-      name: this.#token,
-    });
-    this.#worker.on('error', (err) => log.warn({ err: err.message }, 'queue worker error'));
-    this.#queue = new Queue(this.#queueName, { connection: o.redis, prefix: o.prefix });
-    this.#queue.on('error', (err) => log.warn({ err: err.message }, 'queue error'));
     let heartbeat: NodeJS.Timeout | undefined;
     try {
-      await this.#worker.waitUntilReady();
+      await this.#t.open();
       await this.#register('idle');
       heartbeat = setInterval(() => {
-        this.#presence.update(this.#state).catch((err) => log.warn({ err: (err as Error).message }, 'heartbeat failed'));
+        this.#t.heartbeat(this.#state).catch((err) => log.warn({ err: (err as Error).message }, 'heartbeat failed'));
       }, o.heartbeatMs);
       heartbeat.unref();
-      this.#worker.startStalledCheckTimer().catch((err) => log.warn({ err: (err as Error).message }, 'stalled check failed'));
-      let job = await this.#readopt();
-      let readopted = job !== undefined;
+      let job = await this.#t.readopt();
       while (!this.#stopping) {
         if (!job) {
           try {
-            job = await this.#worker.getNextJob(this.#token, { block: true });
+            job = await this.#t.next();
           } catch (err) {
             if (this.#stopping) break;
             log.warn({ err: (err as Error).message }, 'fetching the next job failed; retrying');
@@ -165,10 +167,9 @@ export class AgentWorker {
           }
         }
         if (this.#stopping) break;
-        if (!job) continue; // the blocking wait timed out, or a delayed job is not due yet
-        await this.#runJob(job, readopted);
+        if (!job) continue; // the wait timed out, or a delayed job is not due yet
+        await this.#runJob(job);
         job = undefined;
-        readopted = false;
       }
       return { reason: 'stopped' };
     } catch (err) {
@@ -176,8 +177,7 @@ export class AgentWorker {
       throw err;
     } finally {
       clearInterval(heartbeat);
-      await this.#worker.close(true).catch(() => {});
-      await this.#queue.close().catch(() => {});
+      await this.#t.close().catch(() => {});
     }
   }
 
@@ -187,14 +187,14 @@ export class AgentWorker {
    */
   async stop(): Promise<void> {
     this.#stopping = true;
-    this.#current?.abort.abort(scError('SC_ERR_UNAVAILABLE', 'agent stopping'));
-    await this.#worker?.close(true).catch(() => {});
+    this.#current?.abort(scError('SC_ERR_UNAVAILABLE', 'agent stopping'));
+    await this.#t.close().catch(() => {});
   }
 
   async #register(state: string): Promise<void> {
     const ins = await this.#o.driver.inspect();
     this.#state = { ...this.#state, state };
-    await this.#presence.update({
+    await this.#t.update({
       hostId: this.#o.hostId,
       colo: this.#o.colo,
       ip: ins.ip ?? '',
@@ -202,68 +202,47 @@ export class AgentWorker {
       bootDevice: ins.bootDevice,
       stages: [...this.#o.stages],
       agentVersion: this.#o.agentVersion,
+      transport: this.#t.kind,
       ...this.#state,
     });
   }
 
   async #setState(s: Pick<HostRecord, 'state' | 'rollout' | 'step'>): Promise<void> {
     this.#state = s;
-    await this.#presence.update(s).catch((err) => this.#o.logger.warn({ err: (err as Error).message }, 'state update failed'));
+    await this.#t.update(s).catch((err) => this.#o.logger.warn({ err: (err as Error).message }, 'state update failed'));
   }
 
-  /** The job this host still holds from before a crash or reboot, re-locked; undefined when none. */
-  async #readopt(): Promise<Job | undefined> {
-    const active = await this.#queue!.getActive(0, 20);
-    for (const j of active) {
-      if (!j) continue;
-      const ok = await j.extendLock(this.#token, this.#o.lockDurationMs);
-      if (ok === 1) {
-        this.#o.logger.info({ job: j.id }, 'resuming the job held before the restart');
-        return j;
-      }
-      this.#o.logger.warn({ job: j.id }, 'an active job is not locked by this host (lock expired); stalled-job recovery will hand it back');
-    }
-    return undefined;
-  }
-
-  async #runJob(job: Job, readopted: boolean): Promise<void> {
-    const o = this.#o;
+  async #runJob(job: StepJob): Promise<void> {
     const abort = new AbortController();
-    this.#current = { job, abort };
-    const renew = setInterval(() => {
-      job.extendLock(this.#token, o.lockDurationMs).then(
-        (ok) => {
-          if (ok !== 1) {
-            o.logger.error({ job: job.id }, 'lost the job lock; abandoning the step');
-            abort.abort(scError('SC_ERR_CONFLICT', 'lost the job lock'));
-          }
-        },
-        (err) => o.logger.warn({ job: job.id, err: (err as Error).message }, 'lock renewal failed'),
-      );
-    }, Math.max(500, Math.floor(o.lockDurationMs / 2)));
+    this.#current = abort;
+    const release = this.#t.hold(job, () => {
+      this.#o.logger.error({ job: job.id }, 'lost the job lock; abandoning the step');
+      abort.abort(scError('SC_ERR_CONFLICT', 'lost the job lock'));
+    });
     try {
-      await this.#process(job, abort, readopted);
+      await this.#process(job, abort);
     } finally {
-      clearInterval(renew);
+      release();
       this.#current = undefined;
     }
   }
 
-  async #process(job: Job, abort: AbortController, readopted: boolean): Promise<void> {
+  async #process(job: StepJob, abort: AbortController): Promise<void> {
     const o = this.#o;
+    const t = this.#t;
     let payload: StepPayload;
     try {
       // A job this host had already started before a crash or reboot is finished even if it
       // expired meanwhile (its expiry is checked as of its start): that is no replay.
-      const asOf = readopted && job.processedOn ? Math.min(o.now(), job.processedOn) : o.now();
+      const asOf = job.readopted && job.processedOn ? Math.min(o.now(), job.processedOn) : o.now();
       payload = verifyStepJob(job.data, o.hostId, o.keys.control, asOf);
     } catch (err) {
       const e = toScError(err);
       if (e.code === 'SC_ERR_JOB_REJECTED') await this.#refuse(job, e);
-      else await this.#finishFailed(job, e, false);
+      else await t.fail(job, e, false, { rollout: '', seq: -1, step: job.name.slice(0, 40), event: 'failed', code: e.code, message: e.message });
       return;
     }
-    const base = { rollout: payload.rollout, seq: payload.seq, step: payload.step };
+    const base: Base = { rollout: payload.rollout, seq: payload.seq, step: payload.step };
     const log = o.logger.child({ job: job.id, step: payload.step, rollout: payload.rollout });
     if (job.deferredFailure) {
       // BullMQ hands out a parent whose child failed (failParentOnFailure) or a job that stalled
@@ -273,14 +252,14 @@ export class AgentWorker {
       return;
     }
     o.crashPoint(`${payload.step}:before`);
-    if (await this.#presence.abortRequested(payload.rollout)) {
+    if (await t.abortRequested(payload.rollout)) {
       await this.#fail(job, base, scError('SC_ERR_ABORTED', `rollout ${payload.rollout} was aborted; stopped before ${payload.step}`), true);
       await this.#setState({ state: 'aborted', rollout: payload.rollout, step: payload.step });
       return;
     }
     const step = o.steps[payload.step];
     await this.#setState({ state: 'running', rollout: payload.rollout, step: payload.step });
-    await this.#report({ ...base, event: 'started', message: `attempt ${job.attemptsMade + 1}` });
+    await t.event(job, { ...base, event: 'started', message: `attempt ${job.attemptsMade + 1}` });
     log.info({ attempt: job.attemptsMade + 1 }, 'step started');
 
     // Progress: the latest value is sent at most once per interval, to BullMQ and the stream.
@@ -291,8 +270,7 @@ export class AgentWorker {
       const p = latest;
       sent = p;
       const percent = p.total ? Math.min(100, Math.floor((p.bytes / p.total) * 1000) / 10) : undefined;
-      job.updateProgress({ bytes: p.bytes, total: p.total, percent }).catch(() => {});
-      this.#report({ ...base, event: 'progress', bytes: p.bytes, percent }).catch(() => {});
+      void t.progress(job, { bytes: p.bytes, total: p.total, percent }, { ...base, event: 'progress', bytes: p.bytes, percent });
     };
     const ticker = setInterval(flush, o.progressIntervalMs);
     const ctx: StepContext = {
@@ -308,7 +286,7 @@ export class AgentWorker {
       logger: log,
       log: async (line) => {
         log.info(line);
-        await job.log(line).catch(() => {});
+        await t.log(job, line);
       },
       progress: (p) => {
         latest = p;
@@ -316,7 +294,7 @@ export class AgentWorker {
       reboot: async () => {
         flush();
         await this.#setState({ state: 'rebooting', rollout: payload.rollout, step: payload.step });
-        await this.#report({ ...base, event: 'rebooting' });
+        await t.event(job, { ...base, event: 'rebooting' });
         log.info('rebooting');
         return o.driver.reboot();
       },
@@ -353,51 +331,37 @@ export class AgentWorker {
     }
     clearInterval(ticker);
     flush();
+    // The idle registration (with what the machine now runs) rides along with the completion in
+    // relay mode; in direct mode it is written right after it.
+    this.#state = { state: 'idle', rollout: payload.rollout, step: payload.step };
+    const ins = await o.driver.inspect().catch(() => null);
+    const reg: Partial<HostRecord> = ins ? { ...this.#state, ip: ins.ip ?? '', running: ins.running, bootDevice: ins.bootDevice } : { ...this.#state };
+    if (t.kind === 'relay') await t.update(reg);
     try {
-      await job.moveToCompleted(result, this.#token, false);
+      await t.complete(job, result, { ...base, event: 'completed', message: typeof result.reason === 'string' ? `already done: ${result.reason}` : undefined });
     } catch (err) {
       log.error({ err: (err as Error).message }, 'could not complete the job (lock lost?); it will run again and find its effect in place');
       return;
     }
-    await this.#report({ ...base, event: 'completed', message: typeof result.reason === 'string' ? `already done: ${result.reason}` : undefined });
     log.info({ skipped: result.skipped === true }, 'step completed');
     o.crashPoint(`${payload.step}:after`);
-    await this.#register('idle').catch((err) => log.warn({ err: (err as Error).message }, 'registration update failed'));
-    this.#state = { state: 'idle', rollout: payload.rollout, step: payload.step };
+    if (t.kind === 'direct') await t.update(reg).catch((err) => log.warn({ err: (err as Error).message }, 'registration update failed'));
   }
 
   /** Fails a job that did not pass verification: never retried, nothing touched. */
-  async #refuse(job: Job, e: ScError): Promise<void> {
+  async #refuse(job: StepJob, e: ScError): Promise<void> {
     const d = (job.data ?? {}) as { payload?: Partial<StepPayload> };
     const p = d.payload && typeof d.payload === 'object' ? d.payload : {};
     const str = (v: unknown, n: number) => (typeof v === 'string' ? v.slice(0, n) : '');
     const base = { rollout: str(p.rollout, 64), seq: typeof p.seq === 'number' ? p.seq : -1, step: str(p.step, 40) || job.name.slice(0, 40) };
     this.#o.logger.warn({ job: job.id, reason: e.details?.reason, err: e.message }, 'job refused');
-    await this.#finishFailed(job, e, true);
-    await this.#report({ ...base, event: 'refused', code: e.code, message: e.message });
+    await this.#t.fail(job, e, true, { ...base, event: 'refused', code: e.code, message: e.message });
     await this.#setState({ state: 'refused', rollout: base.rollout || null, step: base.step || null });
   }
 
-  async #fail(job: Job, base: { rollout: string; seq: number; step: string }, e: ScError, permanent: boolean): Promise<void> {
-    const retry = await this.#finishFailed(job, e, permanent);
-    await this.#report({ ...base, event: 'failed', code: e.code, message: retry ? `${e.message} (will retry)` : e.message });
-  }
-
-  /** moveToFailed with `<code>: <message>`; returns true when BullMQ will retry it. */
-  async #finishFailed(job: Job, e: ScError, permanent: boolean): Promise<boolean> {
-    const msg = `${e.code}: ${e.message}`;
-    const err = permanent ? new UnrecoverableError(msg) : new Error(msg);
-    try {
-      await job.moveToFailed(err, this.#token, false);
-    } catch (x) {
-      this.#o.logger.error({ job: job.id, err: (x as Error).message }, 'could not fail the job');
-      return false;
-    }
-    return !permanent && job.attemptsMade < (job.opts.attempts ?? 1);
-  }
-
-  async #report(r: Parameters<Presence['report']>[0]): Promise<void> {
-    await this.#presence.report(r).catch((err) => this.#o.logger.warn({ err: (err as Error).message }, 'report failed'));
+  async #fail(job: StepJob, base: Base, e: ScError, permanent: boolean): Promise<void> {
+    const r: ReportFields = { ...base, event: 'failed', code: e.code, message: e.message };
+    await this.#t.fail(job, e, permanent, r);
   }
 }
 

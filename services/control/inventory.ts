@@ -80,10 +80,10 @@ export class Inventory {
     this.#stageCacheMs = opts.stageCacheMs ?? 2000;
   }
 
-  /** Every registered host (cached for 250 ms so that bursts of reads cost one Redis scan). */
-  async records(): Promise<HostRecord[]> {
+  /** Every registered host (cached for 250 ms so that bursts of reads cost one Redis scan; `fresh` reads Redis now). */
+  async records(opts: { fresh?: boolean } = {}): Promise<HostRecord[]> {
     const now = Date.now();
-    if (!this.#hostCache || now - this.#hostCache.at > 250) {
+    if (opts.fresh || !this.#hostCache || now - this.#hostCache.at > 250) {
       const p = readHosts(this.#redis, this.#prefix);
       this.#hostCache = { at: now, hosts: p };
       p.catch(() => {

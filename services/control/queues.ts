@@ -13,7 +13,7 @@ import { BullMQAdapter } from '@bull-board/api/bullMQAdapter';
 import { ExpressAdapter } from '@bull-board/express';
 import { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
-import { hostQueueName } from '../agent/client.js';
+import { hostQueueName, readRoutes, routedJobId } from '../agent/client.js';
 import type { Logger } from '../../shared/log.js';
 
 /** What BullMQ says about one job. */
@@ -22,20 +22,30 @@ export interface JobOutcome {
   failedReason?: string;
 }
 
-/** The id of step `seq` of `rollout`: `<rollout>.<seq>.<step>` (AgentProducer's rule). */
+/**
+ * The route-independent id of step `seq` of `rollout`: `<rollout>.<seq>.<step>`. The BullMQ job
+ * id is this in a host's own queue, and this plus `.<host>` in a colo relay queue (client.ts
+ * stepJobId); jobOutcomes and jobLogTail resolve the host's route themselves.
+ */
 export function stepJobId(rollout: string, seq: number, step: string): string {
   return `${rollout}.${seq}.${step}`;
 }
 
-/** Looks up the outcome of many jobs in one pipeline. */
+/** The BullMQ job key (`P:<queue>:<id>`) of a step given by its route-independent id. */
+function jobKey(prefix: string, route: { transport: 'direct' | 'relay'; queue: string }, host: string, baseId: string): { q: string; id: string } {
+  return { q: `${prefix}:${route.queue}`, id: routedJobId(route, host, baseId) };
+}
+
+/** Looks up the outcome of many jobs (route-independent ids) in two pipelines (routes, then jobs). */
 export async function jobOutcomes(redis: Redis, prefix: string, jobs: { host: string; jobId: string }[]): Promise<JobOutcome[]> {
   if (jobs.length === 0) return [];
+  const routes = await readRoutes(redis, prefix, jobs.map((j) => j.host));
   const pipe = redis.pipeline();
   for (const j of jobs) {
-    const q = `${prefix}:${hostQueueName(j.host)}`;
-    pipe.zscore(`${q}:completed`, j.jobId);
-    pipe.zscore(`${q}:failed`, j.jobId);
-    pipe.hget(`${q}:${j.jobId}`, 'failedReason');
+    const { q, id } = jobKey(prefix, routes.get(j.host)!, j.host, j.jobId);
+    pipe.zscore(`${q}:completed`, id);
+    pipe.zscore(`${q}:failed`, id);
+    pipe.hget(`${q}:${id}`, 'failedReason');
   }
   const res = (await pipe.exec()) ?? [];
   return jobs.map((_, i) => {
@@ -51,7 +61,9 @@ export async function jobOutcomes(redis: Redis, prefix: string, jobs: { host: st
 
 /** The last `n` log lines a host's agent wrote for one job (BullMQ `job.log`). */
 export async function jobLogTail(redis: Redis, prefix: string, host: string, jobId: string, n = 20): Promise<string[]> {
-  return redis.lrange(`${prefix}:${hostQueueName(host)}:${jobId}:logs`, -n, -1);
+  const routes = await readRoutes(redis, prefix, [host]);
+  const { q, id } = jobKey(prefix, routes.get(host)!, host, jobId);
+  return redis.lrange(`${q}:${id}:logs`, -n, -1);
 }
 
 /** An error code inside a failure reason (`SC_ERR_X: …` or `… SC_ERR_X …`), if any. */

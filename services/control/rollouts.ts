@@ -1088,7 +1088,8 @@ export class RolloutEngine extends EventEmitter {
     const base = parseRef(req.base);
     const target = parseRef(req.target);
     const [mb, mt] = await Promise.all([this.#manifest(base, 'base', 'base'), this.#manifest(target, 'target', 'target')]);
-    const records = await this.#d.inventory.records();
+    // Fresh, not the 250 ms dashboard cache: a host that registered just now must be selectable.
+    const records = await this.#d.inventory.records({ fresh: true });
     const byId = new Map(records.map((r) => [r.hostId, r]));
     let selected: { host: string; colo: string }[];
     if (req.hosts) {

@@ -72,6 +72,22 @@ export const stageConfigSchema = z.strictObject({
   fillHistory: z.coerce.number().int().nonnegative().default(200),
   /** Log level (pino). */
   logLevel: z.string().default('info'),
+  /** Relay on: Redis URL of the control plane; the stage then serves its colo's hosts in relay mode (relay.ts). */
+  redis: z.string().regex(/^rediss?:\/\/\S+$/, 'expected redis://… or rediss://…').optional(),
+  /** Redis key prefix of the fleet (relay). */
+  prefix: z.string().regex(/^[A-Za-z0-9{}_.-]{1,64}$/).default('stagecoach'),
+  /** File whose first line is the relay secret hosts' tokens derive from (relay). */
+  relaySecretFile: z.string().optional(),
+  /** The relay secret itself, for in-process callers (never logged). Overrides relaySecretFile. */
+  relaySecret: z.string().min(16).optional(),
+  /** BullMQ lock duration of the jobs the relay holds, ms (renewed every third). */
+  relayLockDurationMs: z.coerce.number().int().min(1000).default(30_000),
+  /** Stalled-job check period of the relay's queue, ms. */
+  relayStalledIntervalMs: z.coerce.number().int().min(500).default(15_000),
+  /** How often the relay writes the heartbeat of hosts with an open poll, ms. */
+  relayHeartbeatMs: z.coerce.number().int().min(100).default(10_000),
+  /** Longest long-poll a host may ask for, s. */
+  relayMaxWaitSec: z.coerce.number().int().min(1).max(300).default(60),
 });
 
 /** Input accepted by `parseStageConfig` / `startStage` (defaults applied on parse). */

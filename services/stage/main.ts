@@ -20,6 +20,7 @@ import { FetchOnce, type FillInfo } from './fill.js';
 import { ManifestCache } from './manifests.js';
 import { createStageMetrics } from './metrics.js';
 import { createStageApp, onClientError } from './server.js';
+import { type Relay, type RelayStats, startRelay } from './relay.js';
 import { Upstreams } from './upstreams.js';
 
 /** Optional collaborators for `startStage`. */
@@ -40,6 +41,8 @@ export interface RunningStage {
   config: StageConfig;
   /** Fills in flight and recently finished (what GET /v1/fills shows). */
   fills(): FillInfo[];
+  /** The relay's numbers when the relay is on (config `redis`), else null. */
+  relay(): RelayStats | null;
   /**
    * Stops listening, drops open connections, stops fills (partial files stay on disk and are
    * resumed by the next start on the same cache directory). Idempotent.
@@ -95,7 +98,23 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
   const manifests = new ManifestCache({ dir: join(dir, 'manifests'), upstreams, trusted, clock, log, negativeTtlMs: config.negativeTtlMs });
   for (const d of partials) fills.resume(d);
 
-  const app = createStageApp({ colo: config.colo, cache, fills, manifests, upstreams, metrics, registry, log, token });
+  let relay: Relay | null = null;
+  if (config.redis) {
+    const secret = config.relaySecret ?? (config.relaySecretFile ? readToken(config.relaySecretFile) : undefined);
+    if (!secret) throw scError('SC_ERR_BAD_CONFIG', 'the relay (--redis) needs --relay-secret-file');
+    relay = await startRelay({
+      colo: config.colo,
+      redisUrl: config.redis,
+      prefix: config.prefix,
+      secret,
+      log,
+      lockDurationMs: config.relayLockDurationMs,
+      stalledIntervalMs: config.relayStalledIntervalMs,
+      heartbeatMs: config.relayHeartbeatMs,
+      maxWaitSec: config.relayMaxWaitSec,
+    });
+  }
+  const app = createStageApp({ colo: config.colo, cache, fills, manifests, upstreams, metrics, registry, log, token, relay: relay ?? undefined });
   const server = createServer({ maxHeaderSize: 16 * 1024 }, app);
   server.on('clientError', onClientError);
   server.keepAliveTimeout = 65_000;
@@ -110,8 +129,10 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
     metrics: registry,
     config,
     fills: () => fills.list(),
+    relay: () => relay?.stats() ?? null,
     close: () => {
       closing ??= (async () => {
+        await relay?.close();
         const serverClosed = l.close();
         await fills.close();
         await serverClosed;

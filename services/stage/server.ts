@@ -31,6 +31,8 @@ export interface StageAppDeps {
   log: Logger;
   /** Bearer token for POST /v1/prefetch; without one, prefetch answers 403. */
   token?: string;
+  /** The colo relay (relay.ts), mounted at /v1/relay when on. */
+  relay?: { router: express.Router; stats(): unknown };
 }
 
 /** Most digests one prefetch call may name. */
@@ -61,6 +63,7 @@ export function createStageApp(d: StageAppDeps): express.Express {
       cacheBytes: cache.bytes,
       cacheMaxBytes: cache.maxBytes,
       cacheEntries: cache.entries,
+      ...(d.relay ? { relay: d.relay.stats() } : {}),
     });
   });
 
@@ -177,6 +180,8 @@ export function createStageApp(d: StageAppDeps): express.Express {
   app.get('/v1/fills', (_req, res) => {
     res.set('Cache-Control', 'no-store').json({ fills: fills.list() });
   });
+
+  if (d.relay) app.use('/v1/relay', d.relay.router);
 
   app.use(notFoundHandler());
   app.use(errorHandler(log));

@@ -6,6 +6,7 @@ import { chmodSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Command } from 'commander';
 import { credentialUrl, generateAcl } from '../../../infra/redis/acl-gen.js';
+import { relayToken } from '../../agent/client.js';
 import { scError } from '../../../shared/errors.js';
 import { action, printJson, readTokenFile, splitList } from '../util.js';
 
@@ -62,6 +63,20 @@ export function register(program: Command): void {
         if (f.json) printJson({ acl: text, users: withUrls });
         else if (!f.out) process.stdout.write(text);
         else process.stderr.write(`wrote ${f.out} (${users.length} users)${f.credentialsDir ? ` and credentials in ${f.credentialsDir}` : ''}\n`);
+      }),
+    );
+
+  acl
+    .command('relay-token')
+    .description("Print a host's relay token: hex HMAC-SHA256(relay secret, host id); give it to the agent as --relay-token-file")
+    .requiredOption('--secret-file <file>', "the relay secret file (the stage's --relay-secret-file)")
+    .requiredOption('--host <id>', 'host id')
+    .option('--out <file>', 'write the token here (mode 0600) instead of stdout')
+    .action(
+      action(async (f: { secretFile: string; host: string; out?: string }) => {
+        const token = relayToken(readTokenFile(f.secretFile), f.host);
+        if (f.out) writeFileSync(f.out, `${token}\n`, { mode: 0o600 });
+        else process.stdout.write(`${token}\n`);
       }),
     );
 }

@@ -10,7 +10,12 @@ export function register(program: Command): void {
     .description("Run the host agent: take this host's signed step jobs from its queue and swap the OS in two reboots")
     .option('--host-id <id>', "this host's id (queue host.<id>)")
     .option('--colo <name>', 'the colo this host lives in')
-    .option('--redis <url>', 'Redis URL (redis:// or rediss://)')
+    .option('--redis <url>', 'direct mode: Redis URL (redis:// or rediss://)')
+    .option('--relay <urls>', "relay mode (no Redis on the host): the colo's relay stage URLs, comma-separated, in failover order", (v: string, prev: string[] = []) => [
+      ...prev,
+      ...splitList(v),
+    ])
+    .option('--relay-token-file <file>', 'relay mode: file with this host\'s token (stagecoach acl relay-token)')
     .option('--machine <spec>', 'sim:DIR (a sim machine directory) or linux')
     .option('--stages <urls>', "the colo's stage URLs, comma-separated (probed; fastest healthy first)", (v: string, prev: string[] = []) => [
       ...prev,
@@ -43,6 +48,8 @@ export function register(program: Command): void {
               hostId: o.hostId,
               colo: o.colo,
               redis: o.redis,
+              relay: o.relay,
+              relayTokenFile: o.relayTokenFile,
               machine: o.machine,
               stages: o.stages,
               origin: o.origin,

@@ -19,6 +19,9 @@ export function register(program: Command): void {
     .option('--token-file <file>', 'bearer token file protecting POST /v1/prefetch')
     .option('--idle-timeout <ms>', 'abandon and resume an upstream response idle this long (default 15000)')
     .option('--negative-ttl <ms>', 'remember upstream 404s this long (default 5000)')
+    .option('--redis <url>', "relay on: the fleet's Redis URL; this stage then serves its colo's hosts in relay mode")
+    .option('--prefix <p>', 'relay: Redis key prefix of the fleet (default stagecoach)')
+    .option('--relay-secret-file <file>', 'relay: file with the secret host tokens derive from (stagecoach acl relay-token)')
     .option('--config <file>', 'YAML config file (keys as in the README)')
     .option('--log-level <level>', 'pino log level (default info)')
     .action(
@@ -36,6 +39,9 @@ export function register(program: Command): void {
             idleTimeoutMs: o.idleTimeout,
             negativeTtlMs: o.negativeTtl,
             logLevel: o.logLevel,
+            redis: o.redis,
+            prefix: o.prefix,
+            relaySecretFile: o.relaySecretFile,
           },
           { file: o.config as string | undefined },
         );

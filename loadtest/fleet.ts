@@ -1,0 +1,486 @@
+/**
+ * Fleet benchmark: a whole fleet converted in one run.
+ *
+ *   npm run bench -- fleet [--hosts 1000 --colos 10 --bundle-mib 8 --mode relay|direct --agent-procs K]
+ *
+ * Starts a private redis-server (so INFO is ours alone), an origin and one stage per colo (in this
+ * process; in relay mode each stage runs its colo's relay), control as a child process
+ * (`node services/cli/bin.js control …`, so its CPU time is its own: /proc/PID/stat), and the sim
+ * hosts' agents in K child processes (default one per 5,000 hosts; no process per host). Publishes
+ * B and C, converts every host with a wave plan (canary 1, then 10 %, then the rest), and prints:
+ * wall time; hosts converted/failed; origin blob bytes ÷ (bundle bytes × colos) (must be 1.00);
+ * stage-to-host bytes; Redis connected clients (before agents, idle agents, peak) and used memory
+ * (INFO polled every second); control CPU time per host step; BullMQ jobs per second; agent-process
+ * RSS per host; time per step p50/p99 (from the reports stream: started → completed).
+ *
+ * The same file is the agents' child process entry (`--child SPEC.json`).
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { Redis } from 'ioredis';
+import { createSimHosts, type FleetKeys, makeFleetKeys, publishSampleBundle, type SimHost, startFleetAgents } from '../infra/fleet.js';
+import { counterValue } from '../infra/demo.js';
+import { decodeReport, keys as redisKeys } from '../services/agent/client.js';
+import { ControlClient } from '../services/control/client.js';
+import { OriginClient, ReadClient } from '../services/origin/client.js';
+import { startOrigin } from '../services/origin/main.js';
+import { type RunningStage, startStage } from '../services/stage/main.js';
+import { silentLogger } from '../shared/log.js';
+import { loadPrivateKey, loadPublicKey } from '../shared/manifest.js';
+import { ensureRedis } from '../shared/redis.js';
+import { type SuiteResult, percentile, textTable } from './report.js';
+
+const BIN = fileURLToPath(new URL('../services/cli/bin.js', import.meta.url));
+const SELF = fileURLToPath(import.meta.url);
+const CLK_TCK = 100;
+
+/** Options of benchFleet. */
+export interface FleetBenchOptions {
+  hosts?: number;
+  colos?: number;
+  bundleMiB?: number;
+  mode?: 'relay' | 'direct';
+  /** Agent child processes (default ceil(hosts / 5000)). */
+  agentProcs?: number;
+  /** Work dir parent (default the OS temp dir). */
+  workDir?: string;
+  /** Hosts in flight at once (default min(hosts, 1000): what two shared cores carry without timeouts). */
+  maxInFlight?: number;
+  /** Rollout deadline, s (default 3600). */
+  timeoutSec?: number;
+}
+
+/** What benchFleet measured. */
+export interface FleetBenchResult {
+  mode: string;
+  hosts: number;
+  colos: number;
+  bundleBytes: number;
+  setupMs: number;
+  registerMs: number;
+  wallMs: number;
+  converted: number;
+  failed: number;
+  originRatio: number;
+  stageToHostBytes: number;
+  /** Upstream resumes of the stages' fills (each costs the bytes in flight). */
+  stageResumes: number;
+  redisClientsBase: number;
+  redisClientsIdle: number;
+  redisClientsPerIdleAgent: number;
+  redisClientsPeak: number;
+  redisMemIdleBytes: number;
+  redisMemPeakBytes: number;
+  controlCpuMs: number;
+  controlCpuMsPerHostStep: number;
+  jobsPerSec: number;
+  agentRssBytes: number;
+  agentRssPerHostBytes: number;
+  stepP50Ms: number;
+  stepP99Ms: number;
+  stepStats: Record<string, { p50: number; p99: number }>;
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.once('error', rej);
+    s.listen(0, '127.0.0.1', () => {
+      const p = (s.address() as { port: number }).port;
+      s.close(() => res(p));
+    });
+  });
+}
+
+function procStat(pid: number): { cpuTicks: number; rssBytes: number } | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    // fields after ")" start at index 3 (state): utime=14, stime=15, rss=24 (1-based in proc(5)).
+    const utime = Number(f[14 - 3]);
+    const stime = Number(f[15 - 3]);
+    const rssPages = Number(f[24 - 3]);
+    return { cpuTicks: utime + stime, rssBytes: rssPages * 4096 };
+  } catch {
+    return null;
+  }
+}
+
+function info(text: string, key: string): number {
+  const m = new RegExp(`^${key}:(\\d+)`, 'm').exec(text);
+  return m ? Number(m[1]) : 0;
+}
+
+const say = (l: string) => process.stderr.write(`${l}\n`);
+
+interface ChildSpec {
+  hosts: SimHost[];
+  redisUrl: string;
+  prefix: string;
+  keysDir: string;
+  keyFiles: FleetKeys['files'];
+  stages: Record<string, string[]>;
+  origin: string;
+  relayColos: string[];
+  relaySecret: string;
+}
+
+/** Starts agent child processes, each running `spec.hosts` slice; resolves when all report ready. */
+async function startAgentProcs(spec: ChildSpec, procs: number, dir: string): Promise<ChildProcess[]> {
+  const per = Math.ceil(spec.hosts.length / procs);
+  const children: ChildProcess[] = [];
+  const ready: Promise<void>[] = [];
+  for (let i = 0; i < procs; i++) {
+    const slice = spec.hosts.slice(i * per, (i + 1) * per);
+    if (slice.length === 0) break;
+    const file = join(dir, `agents-${i}.json`);
+    await writeFile(file, JSON.stringify({ ...spec, hosts: slice }));
+    const c = spawn(process.execPath, ['--max-old-space-size=8192', '--import', 'tsx', SELF, '--child', file], { stdio: ['ignore', 'pipe', 'inherit'] });
+    children.push(c);
+    ready.push(
+      new Promise<void>((res, rej) => {
+        let out = '';
+        c.stdout!.on('data', (d: Buffer) => {
+          out += d.toString();
+          if (out.includes('ready')) res();
+        });
+        c.once('exit', (code) => rej(new Error(`agent process exited (${code}) before it was ready`)));
+      }),
+    );
+  }
+  await Promise.all(ready);
+  return children;
+}
+
+async function stopChild(c: ChildProcess): Promise<void> {
+  if (c.exitCode !== null || c.signalCode !== null) return;
+  const gone = new Promise((r) => c.once('exit', r));
+  c.kill('SIGTERM');
+  const t = setTimeout(() => c.kill('SIGKILL'), 20_000);
+  await gone;
+  clearTimeout(t);
+}
+
+/** Runs the fleet benchmark (see the top of this file). */
+export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchResult> {
+  const nHosts = o.hosts ?? 1000;
+  const nColos = Math.min(o.colos ?? 10, nHosts);
+  const mode = o.mode ?? 'relay';
+  const procs = o.agentProcs ?? Math.max(1, Math.ceil(nHosts / 5000));
+  const root = await mkdtemp(join(o.workDir ?? tmpdir(), 'sc-fleet-bench-'));
+  const cleanup: (() => Promise<void>)[] = [];
+  const t0 = Date.now();
+  try {
+    await mkdir(join(root, 'redis'), { recursive: true });
+    const redisH = await ensureRedis(undefined, { dir: join(root, 'redis') });
+    cleanup.push(() => redisH.stop());
+    const redis = new Redis(redisH.url, { maxRetriesPerRequest: null, connectionName: 'bench' });
+    cleanup.push(async () => void redis.disconnect());
+    await redis.config('SET', 'maxclients', '19000').catch(() => {});
+    const prefix = 'bench';
+    const keys = await makeFleetKeys(join(root, 'keys'));
+    const tokenFile = join(root, 'origin.token');
+    await writeFile(tokenFile, 'bench-origin-token\n', { mode: 0o600 });
+    const stageTokenFile = join(root, 'stage.token');
+    await writeFile(stageTokenFile, 'bench-stage-token\n', { mode: 0o600 });
+    const controlTokenFile = join(root, 'control.tokens');
+    await writeFile(controlTokenFile, 'bench:bench-control-token\n', { mode: 0o600 });
+    const relaySecret = 'bench-relay-secret-0123456789abcdef';
+
+    const origin = await startOrigin({ listen: '127.0.0.1:0', data: join(root, 'origin'), tokenFile, trustKey: [keys.files.releasePub] }, { logger: silentLogger });
+    cleanup.push(() => origin.close());
+    const colos = Array.from({ length: nColos }, (_, i) => `c${String(i + 1).padStart(3, '0')}`);
+    const stages: Record<string, RunningStage> = {};
+    cleanup.push(async () => {
+      for (const s of Object.values(stages)) await s.close().catch(() => {});
+    });
+    for (const c of colos) {
+      stages[c] = await startStage(
+        {
+          listen: '127.0.0.1:0',
+          upstreams: [origin.url],
+          cache: join(root, 'stages', c),
+          colo: c,
+          trustKeys: [keys.files.releasePub],
+          token: 'bench-stage-token',
+          logLevel: 'silent',
+          // Everything shares two cores here: a 15 s upstream silence is load, not a dead origin,
+          // and each spurious resume costs the bytes already in flight (origin ratio > 1).
+          idleTimeoutMs: 120_000,
+          ...(mode === 'relay' ? { redis: redisH.url, prefix, relaySecret } : {}),
+        },
+        { log: silentLogger },
+      );
+    }
+    const client = new OriginClient(origin.url, { token: 'bench-origin-token' });
+    const work = join(root, 'publish');
+    await mkdir(work, { recursive: true });
+    const bMiB = o.bundleMiB ?? 8;
+    const base = await publishSampleBundle(client, keys, {
+      name: 'rescue-os', version: '1.0.0', role: 'base', workDir: work, sizeMiB: bMiB,
+      os: { id: 'debian', version: '12', netFormat: 'ifupdown' },
+    });
+    const target = await publishSampleBundle(client, keys, {
+      name: 'target-os', version: '2.0.0', role: 'target', workDir: work, sizeMiB: bMiB,
+      os: { id: 'ubuntu', version: '24.04', netFormat: 'netplan' },
+    });
+    const bundleBytes = base.blob.size + target.blob.size;
+    const per = Math.floor(nHosts / nColos);
+    const coloSpecs = colos.map((name, i) => ({ name, hosts: per + (i < nHosts % nColos ? 1 : 0) }));
+    const tHosts = Date.now();
+    const hosts = await createSimHosts(join(root, 'machines'), coloSpecs, { concurrency: 16 });
+    say(`sim hosts: ${hosts.length} in ${Date.now() - tHosts} ms`);
+
+    // Control, as a child process.
+    const cport = await freePort();
+    const control = spawn(
+      process.execPath,
+      [
+        BIN, 'control', '--listen', `127.0.0.1:${cport}`, '--redis', redisH.url, '--origin', origin.url,
+        '--token-file', controlTokenFile, '--signing-key', keys.files.controlKey, '--prefix', prefix,
+        '--stage-token-file', stageTokenFile, '--trust-key', keys.files.releasePub,
+        '--stages', colos.map((c) => `${c}=${stages[c].url}`).join(','), '--log-level', 'warn',
+      ],
+      { stdio: ['ignore', 'ignore', 'inherit'] },
+    );
+    cleanup.push(() => stopChild(control));
+    const api = new ControlClient(`http://127.0.0.1:${cport}`, { token: 'bench-control-token', actor: 'bench' });
+    for (let deadline = Date.now() + 30_000; ; ) {
+      if (await fetch(`http://127.0.0.1:${cport}/healthz`).then((r) => r.ok).catch(() => false)) break;
+      if (Date.now() > deadline || control.exitCode !== null) throw new Error('control did not start');
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const clientsBase = info(await redis.info('clients'), 'connected_clients');
+
+    // Agents, in a few child processes.
+    const tAgents = Date.now();
+    const children = await startAgentProcs(
+      {
+        hosts,
+        redisUrl: redisH.url,
+        prefix,
+        keysDir: keys.dir,
+        keyFiles: keys.files,
+        stages: Object.fromEntries(colos.map((c) => [c, [stages[c].url]])),
+        origin: origin.url,
+        relayColos: mode === 'relay' ? colos : [],
+        relaySecret,
+      },
+      procs,
+      root,
+    );
+    cleanup.push(async () => {
+      await Promise.all(children.map(stopChild));
+    });
+    for (let deadline = Date.now() + 600_000; ; ) {
+      if ((await redis.zcard(redisKeys(prefix).agents)) >= nHosts) break;
+      if (Date.now() > deadline) throw new Error('agents did not register');
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    const registerMs = Date.now() - tAgents;
+    await new Promise((r) => setTimeout(r, 2000)); // idle
+    const idleInfo = await redis.info();
+    const clientsIdle = info(idleInfo, 'connected_clients');
+    const memIdle = info(idleInfo, 'used_memory');
+    const rssIdle = children.reduce((s, c) => s + (procStat(c.pid!)?.rssBytes ?? 0), 0);
+    say(`agents: ${nHosts} registered in ${registerMs} ms; redis clients ${clientsBase} → ${clientsIdle}; agent RSS ${(rssIdle / 2 ** 20).toFixed(0)} MiB`);
+    const setupMs = Date.now() - t0;
+
+    // The rollout.
+    let clientsPeak = clientsIdle;
+    let memPeak = memIdle;
+    let rssPeak = rssIdle;
+    const cpu0 = procStat(control.pid!)?.cpuTicks ?? 0;
+    const tStart = Date.now();
+    const rollout = await api.createRollout({
+      base: 'rescue-os@1.0.0',
+      target: 'target-os@2.0.0',
+      colos,
+      plan: { canary: 1, waves: ['10%', '100%'], maxInFlight: o.maxInFlight ?? Math.min(nHosts, 1000), failureBudget: '1%' },
+    });
+    const sampler = setInterval(() => {
+      redis.info().then(
+        (t) => {
+          clientsPeak = Math.max(clientsPeak, info(t, 'connected_clients'));
+          memPeak = Math.max(memPeak, info(t, 'used_memory'));
+        },
+        () => {},
+      );
+      rssPeak = Math.max(rssPeak, children.reduce((s, c) => s + (procStat(c.pid!)?.rssBytes ?? 0), 0));
+    }, 1000);
+    let detail = await api.rollout(rollout.spec.id);
+    let lastSay = 0;
+    for (const deadline = Date.now() + (o.timeoutSec ?? 3600) * 1000; ; ) {
+      detail = await api.rollout(rollout.spec.id);
+      const st = detail.status;
+      if (Date.now() - lastSay > 10_000) {
+        lastSay = Date.now();
+        say(`  ${((Date.now() - tStart) / 1000).toFixed(0)} s: ${st.state} wave ${st.wave} converted ${st.counts.converted} failed ${st.counts.failed} in flight ${st.counts.inFlight}`);
+      }
+      if (['completed', 'failed', 'aborted', 'paused'].includes(st.state)) break;
+      if (Date.now() > deadline) break;
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+    const wallMs = Date.now() - tStart;
+    clearInterval(sampler);
+    const cpuMs = (((procStat(control.pid!)?.cpuTicks ?? cpu0) - cpu0) / CLK_TCK) * 1000;
+    const converted = detail.status.counts.converted;
+    const failed = detail.status.counts.failed;
+
+    const originText = await new ReadClient(origin.url).metricsText();
+    const egress = counterValue(originText, 'origin_blob_bytes_out_total');
+    let stageToHost = 0;
+    let resumes = 0;
+    for (const s of Object.values(stages)) {
+      const text = await s.metrics.metrics();
+      stageToHost += counterValue(text, 'stage_bytes_served_total');
+      resumes += counterValue(text, 'stage_resumes_total');
+    }
+
+    // Step times from the reports stream.
+    const started = new Map<string, number>();
+    const perStep = new Map<string, number[]>();
+    let cursor = '-';
+    for (;;) {
+      const batch = await redis.xrange(redisKeys(prefix).reports, cursor, '+', 'COUNT', 10_000);
+      if (batch.length === 0) break;
+      for (const [, fields] of batch) {
+        const r = decodeReport(fields);
+        const k = `${r.host}|${r.rollout}|${r.seq}`;
+        if (r.event === 'started' && !started.has(k)) started.set(k, r.ts);
+        if (r.event === 'completed' && started.has(k)) {
+          const arr = perStep.get(r.step) ?? [];
+          arr.push(r.ts - started.get(k)!);
+          perStep.set(r.step, arr);
+        }
+      }
+      const last = batch[batch.length - 1][0];
+      const [ms, seq] = last.split('-');
+      cursor = `${ms}-${Number(seq) + 1}`;
+    }
+    const all = [...perStep.values()].flat();
+    const steps = all.length;
+    const stepStats = Object.fromEntries([...perStep].map(([k, v]) => [k, { p50: percentile(v, 50), p99: percentile(v, 99) }]));
+    return {
+      mode,
+      hosts: nHosts,
+      colos: nColos,
+      bundleBytes,
+      setupMs,
+      registerMs,
+      wallMs,
+      converted,
+      failed,
+      originRatio: Math.round((egress / (bundleBytes * nColos)) * 100) / 100,
+      stageToHostBytes: stageToHost,
+      stageResumes: resumes,
+      redisClientsBase: clientsBase,
+      redisClientsIdle: clientsIdle,
+      redisClientsPerIdleAgent: Math.round(((clientsIdle - clientsBase) / nHosts) * 1000) / 1000,
+      redisClientsPeak: clientsPeak,
+      redisMemIdleBytes: memIdle,
+      redisMemPeakBytes: memPeak,
+      controlCpuMs: Math.round(cpuMs),
+      controlCpuMsPerHostStep: steps ? Math.round((cpuMs / steps) * 1000) / 1000 : Number.NaN,
+      jobsPerSec: Math.round((steps / (wallMs / 1000)) * 10) / 10,
+      agentRssBytes: rssPeak,
+      agentRssPerHostBytes: Math.round(rssPeak / nHosts),
+      stepP50Ms: percentile(all, 50),
+      stepP99Ms: percentile(all, 99),
+      stepStats,
+    };
+  } finally {
+    for (const c of cleanup.reverse()) await c().catch(() => {});
+    await rm(root, { recursive: true, force: true }).catch(() => {});
+  }
+}
+
+const mib = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
+
+/** The suite entry for loadtest/run.ts. */
+export async function run(opts: Record<string, string | undefined>): Promise<SuiteResult> {
+  const r = await benchFleet({
+    hosts: opts.hosts ? Number(opts.hosts) : undefined,
+    colos: opts.colos ? Number(opts.colos) : undefined,
+    bundleMiB: opts['bundle-mib'] !== undefined ? Number(opts['bundle-mib']) : undefined,
+    mode: (opts.mode as 'relay' | 'direct' | undefined) ?? undefined,
+    agentProcs: opts['agent-procs'] ? Number(opts['agent-procs']) : undefined,
+    maxInFlight: opts['max-in-flight'] ? Number(opts['max-in-flight']) : undefined,
+  });
+  const rows: (string | number)[][] = [
+    ['hosts / colos / mode', `${r.hosts} / ${r.colos} / ${r.mode}`],
+    ['bundle bytes (B + C)', mib(r.bundleBytes)],
+    ['setup (Redis … agents registered)', `${(r.setupMs / 1000).toFixed(1)} s (agents registered in ${(r.registerMs / 1000).toFixed(1)} s)`],
+    ['rollout wall time', `${(r.wallMs / 1000).toFixed(1)} s`],
+    ['hosts converted / failed', `${r.converted} / ${r.failed}`],
+    ['origin blob bytes ÷ (bundle bytes × colos)', `${r.originRatio.toFixed(2)} (stage fill resumes: ${r.stageResumes})`],
+    ['stage → host bytes', mib(r.stageToHostBytes)],
+    ['Redis clients: base / idle fleet / peak', `${r.redisClientsBase} / ${r.redisClientsIdle} / ${r.redisClientsPeak}`],
+    ['Redis clients per idle agent', r.redisClientsPerIdleAgent],
+    ['Redis used memory: idle / peak', `${mib(r.redisMemIdleBytes)} / ${mib(r.redisMemPeakBytes)}`],
+    ['control CPU per host step', `${r.controlCpuMsPerHostStep} ms (${(r.controlCpuMs / 1000).toFixed(1)} s in all)`],
+    ['BullMQ jobs (steps) per second', r.jobsPerSec],
+    ['agent-process RSS per host', `${(r.agentRssPerHostBytes / 1024).toFixed(0)} KiB (${mib(r.agentRssBytes)} peak in all)`],
+    ['time per step p50 / p99', `${r.stepP50Ms} / ${r.stepP99Ms} ms`],
+  ];
+  return {
+    suite: 'fleet',
+    headers: ['fleet', 'value'],
+    rows,
+    notes: [
+      `Per step p50/p99 ms: ${Object.entries(r.stepStats)
+        .map(([k, v]) => `${k} ${v.p50}/${v.p99}`)
+        .join(', ')}.`,
+      'Origin ratio must be 1.00 (one copy per colo). Redis clients per idle agent: 2 in direct mode (a BullMQ Worker and its blocking connection), 0 in relay mode (the relay costs 2 per colo).',
+      'Everything runs on this one machine: Redis, origin, stages (relays), control (child process) and the sim agents (child processes) share its cores.',
+    ],
+    data: { ...r },
+  };
+}
+
+// ---------------------------------------------------------------- agents child process
+
+async function childMain(specFile: string): Promise<void> {
+  const spec = JSON.parse(await readFile(specFile, 'utf8')) as ChildSpec;
+  const f = spec.keyFiles;
+  const identity = (await readFile(f.fleetIdentity, 'utf8'))
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l.startsWith('AGE-SECRET-KEY-'));
+  const keys: FleetKeys = {
+    dir: spec.keysDir,
+    files: f,
+    releaseKey: loadPrivateKey(await readFile(f.releaseKey)),
+    controlKey: loadPrivateKey(await readFile(f.controlKey)),
+    agent: { trusted: [loadPublicKey(await readFile(f.releasePub))], control: loadPublicKey(await readFile(f.controlPub)), identities: identity },
+    recipient: '',
+  };
+  const agents = await startFleetAgents(spec.hosts, {
+    redisUrl: spec.redisUrl,
+    prefix: spec.prefix,
+    keys,
+    stages: spec.stages,
+    origin: spec.origin,
+    relayColos: spec.relayColos,
+    relaySecret: spec.relaySecret,
+    startConcurrency: 32,
+  });
+  process.stdout.write('ready\n');
+  await new Promise<void>((r) => process.once('SIGTERM', () => r()));
+  await agents.stop();
+  process.exit(0);
+}
+
+if (process.argv[1] && pathToFileURL(process.argv[1]).href === import.meta.url) {
+  const i = process.argv.indexOf('--child');
+  if (i > 0) await childMain(process.argv[i + 1]);
+  else {
+    const r = await run(Object.fromEntries(process.argv.slice(2).map((a, j, arr) => (a.startsWith('--') ? [a.slice(2), arr[j + 1]] : [])).filter((x) => x.length)));
+    process.stdout.write(`${textTable(r.headers, r.rows)}\n${JSON.stringify(r.data)}\n`);
+  }
+}

@@ -1,0 +1,254 @@
+/**
+ * The relay transport: the host has no Redis connection. It long-polls its colo's relay (a stage
+ * started with `--redis`, services/stage/relay.ts) for its next signed step job and reports
+ * progress and outcomes over HTTP; the relay holds the BullMQ lock, writes registrations and
+ * reports into Redis on the host's behalf, and hands an unfinished job to the host again when it
+ * comes back after a reboot or crash (`readopted: true`). The agent still verifies every job's
+ * signature, so a relay cannot forge steps.
+ *
+ * Wire (all JSON; `Authorization: Bearer <relayToken(secret, host)>`, `X-Stagecoach-Host: <host>`):
+ * - `GET  /v1/relay/hosts/:id/next?wait=S`  → 200 `{job}` or 204 after S seconds without one.
+ *   A `X-Stagecoach-Fields` header may carry pending registration fields (base64url JSON).
+ * - `POST /v1/relay/hosts/:id/heartbeat`    `{fields}` → 204
+ * - `POST /v1/relay/jobs/:jobId/progress`   `{report, progress?, log?, fields?}` → 204
+ * - `POST /v1/relay/jobs/:jobId/complete`   `{result, report, fields?}` → 204 (409 when the relay no longer holds it)
+ * - `POST /v1/relay/jobs/:jobId/fail`       `{code, message, permanent, report, fields?}` → 200 `{retry}`
+ *
+ * Round trips per step: one poll (which also carries state changes made since the last request),
+ * one `started` event, progress at most once per interval, one completion. Registration fields
+ * are not sent on their own: they ride on the next request, or go out after `flushMs`.
+ * The relay URLs are tried in order; a connection failure moves to the next one.
+ */
+import { Agent as HttpAgent, request as httpRequest } from 'node:http';
+import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
+import { type ScError, scError } from '../../shared/errors.js';
+import type { Logger } from '../../shared/log.js';
+import type { HostRecord } from './client.js';
+import type { JobProgress, ReportFields, StepJob, StepTransport } from './transport.js';
+
+// One keep-alive pool per process: an in-process fleet shares it.
+const httpAgent = new HttpAgent({ keepAlive: true, maxSockets: Number.POSITIVE_INFINITY, keepAliveMsecs: 30_000 });
+const httpsAgent = new HttpsAgent({ keepAlive: true, maxSockets: Number.POSITIVE_INFINITY, keepAliveMsecs: 30_000 });
+
+/** Options of RelayTransport. */
+export interface RelayTransportOptions {
+  hostId: string;
+  /** The colo's relay URLs, in failover order. */
+  relays: readonly string[];
+  /** relayToken(secret, hostId). Never logged. */
+  token: string;
+  logger: Logger;
+  /** Long-poll wait in seconds (default 25). */
+  waitSec?: number;
+  /** How long registration fields may wait for a request to ride on, ms (default 250). */
+  flushMs?: number;
+  /** How long completion/failure reports are retried while no relay answers, ms (default 120000). */
+  retryMs?: number;
+  /** A heartbeat is sent only after this long without an answered request and without an open poll, ms (default 5000). */
+  quietMs?: number;
+}
+
+interface Reply {
+  status: number;
+  body: unknown;
+}
+
+/** The relay's job (see the top of this file). */
+export class RelayTransport implements StepTransport {
+  readonly kind = 'relay' as const;
+  readonly #o: Required<RelayTransportOptions>;
+  #urlIndex = 0;
+  #lastAnswer = 0;
+  #pending: Partial<HostRecord> | null = null;
+  #flushTimer: NodeJS.Timeout | null = null;
+  #closed = false;
+  readonly #polls = new Set<AbortController>();
+
+  constructor(o: RelayTransportOptions) {
+    if (o.relays.length === 0) throw scError('SC_ERR_BAD_CONFIG', 'relay mode needs at least one relay URL');
+    this.#o = { waitSec: 25, flushMs: 250, retryMs: 120_000, quietMs: 5000, ...o };
+  }
+
+  async open(): Promise<void> {}
+
+  async update(fields: Partial<HostRecord>): Promise<void> {
+    this.#pending = { ...(this.#pending ?? {}), ...fields, transport: 'relay' };
+    this.#flushTimer ??= setTimeout(() => {
+      this.#flushTimer = null;
+      void this.heartbeat({});
+    }, this.#o.flushMs);
+  }
+
+  async heartbeat(fields: Partial<HostRecord>): Promise<void> {
+    // While a poll is open, or right after any request, the relay counts the host as alive: only
+    // changed fields, or a long silence (a step without progress), need a request of their own.
+    if (!this.#pending && (this.#polls.size > 0 || Date.now() - this.#lastAnswer < this.#o.quietMs)) return;
+    const body = { fields: this.#take(fields) ?? {} };
+    const r = await this.#call('POST', `/v1/relay/hosts/${this.#o.hostId}/heartbeat`, body, 15_000).catch((err) => {
+      this.#pending = { ...body.fields, ...(this.#pending ?? {}) };
+      throw err;
+    });
+    this.#check(r);
+  }
+
+  async readopt(): Promise<StepJob | undefined> {
+    return undefined; // the relay hands a held job out again on the next poll
+  }
+
+  async next(): Promise<StepJob | undefined> {
+    if (this.#closed) return undefined;
+    const ac = new AbortController();
+    this.#polls.add(ac);
+    const fields = this.#take({});
+    const headers: Record<string, string> = {};
+    if (fields) headers['x-stagecoach-fields'] = Buffer.from(JSON.stringify(fields)).toString('base64url');
+    try {
+      const r = await this.#call('GET', `/v1/relay/hosts/${this.#o.hostId}/next?wait=${this.#o.waitSec}`, undefined, (this.#o.waitSec + 15) * 1000, ac.signal, headers);
+      if (r.status === 204) return undefined;
+      this.#check(r);
+      const j = (r.body as { job?: StepJob }).job;
+      if (!j || typeof j.id !== 'string') throw scError('SC_ERR_UPSTREAM', 'relay answered without a job');
+      return j;
+    } catch (err) {
+      if (fields) this.#pending = { ...fields, ...(this.#pending ?? {}) };
+      if (this.#closed) return undefined;
+      throw err;
+    } finally {
+      this.#polls.delete(ac);
+    }
+  }
+
+  async abortRequested(): Promise<boolean> {
+    return false; // the relay checks the abort flag before it hands a job over
+  }
+
+  hold(): () => void {
+    return () => {}; // the relay holds the BullMQ lock, also while the host reboots
+  }
+
+  async event(job: StepJob, r: ReportFields): Promise<void> {
+    await this.#post(job, 'progress', { report: r }).catch((err) => this.#o.logger.warn({ err: (err as Error).message }, 'report failed'));
+  }
+
+  async progress(job: StepJob, p: JobProgress, r: ReportFields): Promise<void> {
+    await this.#post(job, 'progress', { report: r, progress: p }).catch(() => {});
+  }
+
+  async log(job: StepJob, line: string): Promise<void> {
+    await this.#post(job, 'progress', { log: [line] }).catch(() => {});
+  }
+
+  async complete(job: StepJob, result: Record<string, unknown>, r: ReportFields): Promise<void> {
+    await this.#retrying(() => this.#post(job, 'complete', { result, report: r }));
+  }
+
+  async fail(job: StepJob, e: ScError, permanent: boolean, r: ReportFields): Promise<boolean> {
+    try {
+      const body = await this.#retrying(() => this.#post(job, 'fail', { code: e.code, message: e.message, permanent, report: r }));
+      return (body as { retry?: boolean } | null)?.retry === true;
+    } catch (x) {
+      this.#o.logger.error({ job: job.id, err: (x as Error).message }, 'could not fail the job');
+      return false;
+    }
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    if (this.#flushTimer) clearTimeout(this.#flushTimer);
+    this.#flushTimer = null;
+    for (const ac of this.#polls) ac.abort();
+  }
+
+  // ---------------------------------------------------------------- wire
+
+  #take(extra: Partial<HostRecord>): Partial<HostRecord> | null {
+    const p = this.#pending;
+    this.#pending = null;
+    if (this.#flushTimer) clearTimeout(this.#flushTimer);
+    this.#flushTimer = null;
+    const merged = { ...(p ?? {}), ...extra };
+    return Object.keys(merged).length ? { ...merged, transport: 'relay' } : null;
+  }
+
+  async #post(job: StepJob, what: 'progress' | 'complete' | 'fail', body: Record<string, unknown>): Promise<unknown> {
+    const fields = this.#take({});
+    const r = await this.#call('POST', `/v1/relay/jobs/${encodeURIComponent(job.id)}/${what}`, fields ? { ...body, fields } : body, 30_000).catch((err) => {
+      if (fields) this.#pending = { ...fields, ...(this.#pending ?? {}) };
+      throw err;
+    });
+    this.#check(r);
+    return r.body;
+  }
+
+  /** Retries `fn` while no relay answers (connection errors, 5xx) for up to retryMs. */
+  async #retrying<T>(fn: () => Promise<T>): Promise<T> {
+    const deadline = Date.now() + this.#o.retryMs;
+    let delay = 250;
+    for (;;) {
+      try {
+        return await fn();
+      } catch (err) {
+        const e = err as ScError;
+        const transient = e.code === 'SC_ERR_UNAVAILABLE' || e.code === 'SC_ERR_UPSTREAM' || e.code === 'SC_ERR_TIMEOUT';
+        if (!transient || this.#closed || Date.now() > deadline) throw err;
+        await new Promise((r) => setTimeout(r, delay));
+        delay = Math.min(5000, delay * 2);
+      }
+    }
+  }
+
+  #check(r: Reply): void {
+    if (r.status >= 200 && r.status < 300) return;
+    const err = (r.body as { error?: { code?: string; message?: string } } | null)?.error;
+    const code = err?.code && /^SC_ERR_[A-Z_]+$/.test(err.code) ? err.code : r.status >= 500 ? 'SC_ERR_UPSTREAM' : 'SC_ERR_BAD_REQUEST';
+    throw scError(code as 'SC_ERR_UPSTREAM', `relay answered ${r.status}: ${err?.message ?? ''}`.trim());
+  }
+
+  /** One request to the current relay; a connection failure moves to the next relay and throws SC_ERR_UNAVAILABLE. */
+  #call(method: string, path: string, body: unknown, timeoutMs: number, signal?: AbortSignal, extra: Record<string, string> = {}): Promise<Reply> {
+    const base = this.#o.relays[this.#urlIndex % this.#o.relays.length];
+    const url = new URL(path, base.endsWith('/') ? base : `${base}/`);
+    const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
+    const https = url.protocol === 'https:';
+    return new Promise<Reply>((resolve, reject) => {
+      const req = (https ? httpsRequest : httpRequest)(
+        url,
+        {
+          method,
+          agent: https ? httpsAgent : httpAgent,
+          signal,
+          headers: {
+            authorization: `Bearer ${this.#o.token}`,
+            'x-stagecoach-host': this.#o.hostId,
+            accept: 'application/json',
+            ...(payload ? { 'content-type': 'application/json', 'content-length': String(payload.length) } : {}),
+            ...extra,
+          },
+        },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('end', () => {
+            const text = Buffer.concat(chunks).toString('utf8');
+            let parsed: unknown = null;
+            try {
+              parsed = text ? JSON.parse(text) : null;
+            } catch {
+              parsed = null;
+            }
+            this.#lastAnswer = Date.now();
+            resolve({ status: res.statusCode ?? 0, body: parsed });
+          });
+          res.on('error', (err) => reject(scError('SC_ERR_UNAVAILABLE', `relay ${base}: ${err.message}`)));
+        },
+      );
+      req.setTimeout(timeoutMs, () => req.destroy(scError('SC_ERR_TIMEOUT', `relay ${base} did not answer within ${timeoutMs} ms`)));
+      req.on('error', (err) => {
+        if ((err as ScError).code === 'SC_ERR_TIMEOUT') return reject(err);
+        if (!signal?.aborted) this.#urlIndex++;
+        reject(scError('SC_ERR_UNAVAILABLE', `relay ${base}: ${(err as NodeJS.ErrnoException).code ?? err.message}`));
+      });
+      req.end(payload);
+    });
+  }
+}

@@ -1,0 +1,466 @@
+/**
+ * The per-colo relay: a stage started with `--redis` consumes its colo's BullMQ queue
+ * (`colo.<colo>`, client.ts) on behalf of the colo's hosts, which then need no Redis connection:
+ * 10,000 hosts cost Redis two connections per colo instead of two per host.
+ *
+ * - ONE BullMQ Worker per relay, processed manually with ONE stable lock token per colo
+ *   (`relay:<colo>`): `getNextJob` takes each job that becomes available (one per host at a time:
+ *   a host's sequence is a flow chain) and holds it in memory, keyed by its host
+ *   (`payload.host` of the signed data). Every held job's lock is renewed every third of
+ *   `lockDurationMs`, also while its host reboots.
+ * - A host long-polls `GET /v1/relay/hosts/:id/next?wait=S`. The relay first checks the host's
+ *   abort flag (`hostctl:<id>`, as a direct agent does) and then hands out the host's held job,
+ *   or waits up to S seconds for one (204). A job handed out and not yet reported is handed out
+ *   again on the next poll (`readopted: true`): that is the direct mode's re-adoption, so a step
+ *   interrupted by a reboot or a crash runs again, and a finished one never does (it left the
+ *   queue when the host reported it).
+ * - `POST /v1/relay/jobs/:jobId/{progress,complete,fail}` move the job in BullMQ
+ *   (`updateProgress`/`log`, `moveToCompleted`, `moveToFailed` with the job's attempts and
+ *   backoff) and write the host's step reports; `POST /v1/relay/hosts/:id/heartbeat` and any
+ *   request's `fields` write its registration: same keys and stream as direct mode, so control
+ *   and the dashboard see no difference except `transport: relay`. Hosts with an open poll are
+ *   kept alive by the relay (one pipelined write per `heartbeatMs` for all of them).
+ * - If the relay dies, its jobs stay active under the colo token. A restarted relay re-adopts
+ *   them at once (`extendLock` with the same token succeeds) and hands them out again; if none
+ *   restarts, BullMQ's stalled-job check (run by every relay of the colo) returns them to wait
+ *   after `lockDurationMs`.
+ * - Hosts authenticate with `Authorization: Bearer <relayToken(secret, id)>` and
+ *   `X-Stagecoach-Host: <id>` (a per-host HMAC, nothing stored per host): a host can only take
+ *   and report its own jobs (403 otherwise). The relay never sees step secrets and cannot forge a
+ *   step: the agent verifies control's signature on every job.
+ *
+ * Run one relay per colo at a time (a second relay of the same colo would take half the jobs,
+ * which the hosts polling the first one would not see). A standby stage can be started with the
+ * same flags when the first one dies: it re-adopts the colo's jobs at its start.
+ */
+import { timingSafeEqual } from 'node:crypto';
+import { type Job, Queue, UnrecoverableError, Worker } from 'bullmq';
+import express, { type NextFunction, type Request, type Response } from 'express';
+import type { Redis } from 'ioredis';
+import {
+  coloQueueName,
+  HOST_ID_RE,
+  type HostRecord,
+  keys,
+  queuePresence,
+  queueReport,
+  relayToken,
+  type StepPayload,
+  type StepReport,
+} from '../agent/client.js';
+import { scError } from '../../shared/errors.js';
+import type { Logger } from '../../shared/log.js';
+import { createRedis } from '../../shared/redis.js';
+
+/** The lock token of every job a relay of `colo` takes (stable across relay restarts). */
+export function relayLockToken(colo: string): string {
+  return `relay:${colo}`;
+}
+
+/** Options of startRelay. */
+export interface RelayOptions {
+  colo: string;
+  redisUrl: string;
+  prefix: string;
+  /** The relay secret hosts' tokens derive from (never logged). */
+  secret: string | Buffer;
+  log: Logger;
+  /** BullMQ lock duration of held jobs, ms (default 30000; renewed every third). */
+  lockDurationMs?: number;
+  /** Stalled-job check period, ms (default 15000). */
+  stalledIntervalMs?: number;
+  /** Stalls a job may have before BullMQ fails it (default 1000: reboots are expected). */
+  maxStalledCount?: number;
+  /** Longest long-poll wait a host may ask for, s (default 60). */
+  maxWaitSec?: number;
+  /** How often hosts with an open poll get their heartbeat written, ms (default 10000). */
+  heartbeatMs?: number;
+  /** Approximate cap of the reports stream (default 1,000,000). */
+  reportsMaxLen?: number;
+  now?: () => number;
+}
+
+interface Held {
+  job: Job;
+  host: string;
+  /** Handed to the host at least once (a further hand-out is a re-adoption). */
+  handedOut: boolean;
+}
+
+interface Waiter {
+  /** Something changed (a job came, the request closed, the relay closes): look again. */
+  wake: () => void;
+  /** A newer poll of the same host took over: answer 204. */
+  replace: () => void;
+}
+
+/** What a relay shows on /healthz. */
+export interface RelayStats {
+  colo: string;
+  queue: string;
+  /** Jobs held (taken from the queue, not yet reported finished). */
+  held: number;
+  /** Hosts with an open long-poll. */
+  polling: number;
+  /** Jobs handed to hosts since start (re-adoptions included). */
+  handedOut: number;
+}
+
+/** A running relay (see the top of this file). */
+export interface Relay {
+  /** The express router to mount at `/v1/relay`. */
+  router: express.Router;
+  stats(): RelayStats;
+  /** Stops taking jobs and ends open polls; held jobs stay active (a restart re-adopts them). Idempotent. */
+  close(): Promise<void>;
+}
+
+const JOB_ID_RE = /^[A-Za-z0-9._-]{1,300}$/;
+
+function hostOf(job: Job): string | null {
+  const h = (job.data as { payload?: Partial<StepPayload> } | null)?.payload?.host;
+  return typeof h === 'string' && HOST_ID_RE.test(h) ? h : null;
+}
+
+/** Starts the relay of `o.colo`: connects, re-adopts the jobs its colo token holds, starts taking jobs. */
+export async function startRelay(o: RelayOptions): Promise<Relay> {
+  const log = o.log.child({ relay: o.colo });
+  const now = o.now ?? Date.now;
+  const lockMs = o.lockDurationMs ?? 30_000;
+  const maxWait = o.maxWaitSec ?? 60;
+  const hbMs = o.heartbeatMs ?? 10_000;
+  const maxLen = o.reportsMaxLen ?? 1_000_000;
+  const token = relayLockToken(o.colo);
+  const queueName = coloQueueName(o.colo);
+  const k = keys(o.prefix);
+  const redis: Redis = createRedis(o.redisUrl, { forBullmq: true, name: `relay:${o.colo}` });
+  redis.on('error', (err) => log.warn({ err: err.message }, 'redis connection error'));
+  const worker = new Worker(queueName, null, {
+    connection: redis,
+    prefix: o.prefix,
+    autorun: false,
+    lockDuration: lockMs,
+    stalledInterval: o.stalledIntervalMs ?? 15_000,
+    maxStalledCount: o.maxStalledCount ?? 1000,
+    name: token,
+  });
+  worker.on('error', (err) => log.warn({ err: err.message }, 'relay worker error'));
+  const queue = new Queue(queueName, { connection: redis, prefix: o.prefix });
+  queue.on('error', (err) => log.warn({ err: err.message }, 'relay queue error'));
+
+  const held = new Map<string, Held>();
+  const byHost = new Map<string, string[]>();
+  const waiters = new Map<string, Waiter>();
+  let handedOut = 0;
+  let closed = false;
+
+  const take = (job: Job, handed: boolean) => {
+    const host = hostOf(job);
+    if (!host) {
+      log.warn({ job: job.id }, 'a job without a valid host; failing it');
+      job.moveToFailed(new UnrecoverableError('SC_ERR_JOB_REJECTED: job names no valid host'), token, false).catch(() => {});
+      return;
+    }
+    if (held.has(job.id!)) return;
+    held.set(job.id!, { job, host, handedOut: handed });
+    const list = byHost.get(host) ?? [];
+    list.push(job.id!);
+    byHost.set(host, list);
+    waiters.get(host)?.wake();
+  };
+  const drop = (jobId: string) => {
+    const h = held.get(jobId);
+    if (!h) return;
+    held.delete(jobId);
+    const list = (byHost.get(h.host) ?? []).filter((id) => id !== jobId);
+    if (list.length) byHost.set(h.host, list);
+    else byHost.delete(h.host);
+  };
+
+  try {
+    await worker.waitUntilReady();
+    // Re-adopt what this colo's token still holds (a restart of this relay).
+    const active = await queue.getActive(0, -1);
+    await Promise.all(
+      active.map(async (j) => {
+        if (!j) return;
+        if ((await j.extendLock(token, lockMs).catch(() => 0)) === 1) take(j, true);
+      }),
+    );
+    if (held.size) log.info({ jobs: held.size }, 'resuming the jobs held before the restart');
+  } catch (err) {
+    await worker.close(true).catch(() => {});
+    await queue.close().catch(() => {});
+    redis.disconnect();
+    throw err;
+  }
+  worker.startStalledCheckTimer().catch((err) => log.warn({ err: (err as Error).message }, 'stalled check failed'));
+
+  // Lock renewal of every held job, in one burst of pipelined calls.
+  const renew = setInterval(
+    () => {
+      for (const [id, h] of held) {
+        h.job.extendLock(token, lockMs).then(
+          (ok) => {
+            if (ok !== 1 && held.get(id) === h) {
+              log.warn({ job: id }, 'lost the lock of a held job; dropping it');
+              drop(id);
+            }
+          },
+          (err) => log.warn({ job: id, err: (err as Error).message }, 'lock renewal failed'),
+        );
+      }
+    },
+    Math.max(500, Math.floor(lockMs / 3)),
+  );
+  // Heartbeats of hosts with an open poll.
+  const beat = setInterval(() => {
+    if (waiters.size === 0) return;
+    const t = now();
+    const pipe = redis.pipeline();
+    for (const host of waiters.keys()) pipe.hset(k.agent(host), 'lastSeen', String(t)).zadd(k.agents, t, host);
+    pipe.exec().catch((err) => log.warn({ err: (err as Error).message }, 'heartbeat write failed'));
+  }, hbMs);
+
+  const fetching = (async () => {
+    while (!closed) {
+      try {
+        const job = await worker.getNextJob(token, { block: true });
+        if (job && !closed) take(job, false);
+      } catch (err) {
+        if (closed) break;
+        log.warn({ err: (err as Error).message }, 'taking the next job failed; retrying');
+        await new Promise((r) => setTimeout(r, 1000));
+      }
+    }
+  })();
+
+  // ---------------------------------------------------------------- HTTP
+
+  const authHost = (req: Request): string => {
+    const m = /^Bearer\s+([0-9a-f]{64})\s*$/i.exec(req.headers.authorization ?? '');
+    const host = req.headers['x-stagecoach-host'];
+    if (!m || typeof host !== 'string') throw scError('SC_ERR_UNAUTHORIZED', 'relay requests need a host token and X-Stagecoach-Host');
+    if (!HOST_ID_RE.test(host)) throw scError('SC_ERR_FORBIDDEN', 'bad host id');
+    const want = Buffer.from(relayToken(o.secret, host), 'hex');
+    const got = Buffer.from(m[1].toLowerCase(), 'hex');
+    if (want.length !== got.length || !timingSafeEqual(want, got)) throw scError('SC_ERR_FORBIDDEN', 'wrong relay token for this host');
+    return host;
+  };
+  const pathHost = (req: Request, host: string) => {
+    if (req.params.id !== host) throw scError('SC_ERR_FORBIDDEN', 'a host token only serves its own host');
+  };
+  const checkFields = (f: unknown): Partial<HostRecord> | null => {
+    if (f === undefined || f === null) return null;
+    if (typeof f !== 'object' || Array.isArray(f)) throw scError('SC_ERR_BAD_REQUEST', 'fields must be an object');
+    const r = { ...(f as Partial<HostRecord>) };
+    if (r.colo !== undefined && r.colo !== o.colo) throw scError('SC_ERR_CONFLICT', `this relay serves colo ${o.colo}, not ${String(r.colo).slice(0, 64)}`);
+    delete (r as { lastSeen?: unknown }).lastSeen;
+    return { ...r, transport: 'relay' };
+  };
+  const report = (host: string, r: unknown): StepReport | null => {
+    if (!r || typeof r !== 'object') return null;
+    const x = r as Partial<StepReport>;
+    if (typeof x.event !== 'string' || typeof x.step !== 'string' || typeof x.rollout !== 'string') throw scError('SC_ERR_BAD_REQUEST', 'malformed report');
+    return { ...(x as StepReport), host, ts: now() };
+  };
+  const write = async (host: string, fields: Partial<HostRecord> | null, r: StepReport | null) => {
+    if (!fields && !r) return;
+    const pipe = redis.multi();
+    if (fields) queuePresence(pipe, o.prefix, host, fields, now());
+    if (r) queueReport(pipe, o.prefix, r, maxLen);
+    await pipe.exec();
+  };
+  const heldFor = (req: Request, host: string): Held => {
+    const id = String(req.params.jobId);
+    if (!JOB_ID_RE.test(id)) throw scError('SC_ERR_BAD_PATH', 'bad job id');
+    const h = held.get(id);
+    if (!h) throw scError('SC_ERR_CONFLICT', 'this relay does not hold that job (finished, or held elsewhere)');
+    if (h.host !== host) throw scError('SC_ERR_FORBIDDEN', 'that job belongs to another host');
+    return h;
+  };
+  const wrap =
+    (fn: (req: Request, res: Response) => Promise<void>) =>
+    (req: Request, res: Response, next: NextFunction): void => {
+      fn(req, res).catch(next);
+    };
+
+  const router = express.Router();
+  router.use(express.json({ limit: '256kb' }));
+
+  router.post(
+    '/hosts/:id/heartbeat',
+    wrap(async (req, res) => {
+      const host = authHost(req);
+      pathHost(req, host);
+      await write(host, checkFields((req.body as { fields?: unknown })?.fields) ?? { transport: 'relay' }, null);
+      res.status(204).end();
+    }),
+  );
+
+  router.get(
+    '/hosts/:id/next',
+    wrap(async (req, res) => {
+      const host = authHost(req);
+      pathHost(req, host);
+      const wait = Math.min(maxWait, Math.max(0, Number(req.query.wait ?? 25) || 0));
+      const hdr = req.headers['x-stagecoach-fields'];
+      if (typeof hdr === 'string' && hdr) {
+        let f: unknown;
+        try {
+          f = JSON.parse(Buffer.from(hdr, 'base64url').toString('utf8'));
+        } catch {
+          throw scError('SC_ERR_BAD_REQUEST', 'X-Stagecoach-Fields is not base64url JSON');
+        }
+        await write(host, checkFields(f), null);
+      }
+      let gone = false;
+      res.on('close', () => {
+        gone = true;
+        waiters.get(host)?.wake();
+      });
+      const deadline = now() + wait * 1000;
+      for (;;) {
+        if (gone || closed) {
+          if (!res.headersSent) res.status(204).end();
+          return;
+        }
+        const id = byHost.get(host)?.[0];
+        const h = id ? held.get(id) : undefined;
+        if (h) {
+          const rollout = (h.job.data as { payload?: { rollout?: unknown } })?.payload?.rollout;
+          if (typeof rollout === 'string' && (await redis.hget(k.hostctl(host), 'abort')) === rollout) {
+            await abortJob(h, rollout);
+            continue;
+          }
+          const readopted = h.handedOut;
+          h.handedOut = true;
+          handedOut++;
+          const j = h.job;
+          res.set('Cache-Control', 'no-store').json({
+            job: {
+              id: j.id,
+              name: j.name,
+              data: j.data,
+              attemptsMade: j.attemptsMade,
+              maxAttempts: j.opts.attempts ?? 1,
+              processedOn: j.processedOn,
+              deferredFailure: j.deferredFailure,
+              readopted,
+            },
+          });
+          return;
+        }
+        const left = deadline - now();
+        if (left <= 0) {
+          res.status(204).end();
+          return;
+        }
+        const why = await new Promise<'wake' | 'replaced'>((resolve) => {
+          const prev = waiters.get(host);
+          const t = setTimeout(() => finish('wake'), left);
+          function finish(r: 'wake' | 'replaced') {
+            clearTimeout(t);
+            if (waiters.get(host) === w) waiters.delete(host);
+            resolve(r);
+          }
+          const w: Waiter = { wake: () => finish('wake'), replace: () => finish('replaced') };
+          waiters.set(host, w);
+          prev?.replace(); // a newer poll of the same host replaces an older one
+        });
+        if (why === 'replaced') {
+          if (!res.headersSent) res.status(204).end();
+          return;
+        }
+      }
+    }),
+  );
+
+  const abortJob = async (h: Held, rollout: string) => {
+    const p = (h.job.data as { payload: StepPayload }).payload;
+    const msg = `rollout ${rollout} was aborted; stopped before ${p.step}`;
+    drop(h.job.id!);
+    await h.job.moveToFailed(new UnrecoverableError(`SC_ERR_ABORTED: ${msg}`), token, false).catch((err) => log.warn({ err: (err as Error).message }, 'could not fail an aborted job'));
+    await write(
+      h.host,
+      { state: 'aborted', rollout, step: p.step, transport: 'relay' },
+      { host: h.host, ts: now(), rollout, seq: p.seq, step: p.step, event: 'failed', code: 'SC_ERR_ABORTED', message: msg },
+    ).catch(() => {});
+  };
+
+  router.post(
+    '/jobs/:jobId/progress',
+    wrap(async (req, res) => {
+      const host = authHost(req);
+      const h = heldFor(req, host);
+      const b = (req.body ?? {}) as { report?: unknown; progress?: unknown; log?: unknown; fields?: unknown };
+      const work: Promise<unknown>[] = [write(host, checkFields(b.fields), report(host, b.report))];
+      if (b.progress && typeof b.progress === 'object') work.push(h.job.updateProgress(b.progress as object));
+      if (Array.isArray(b.log)) for (const line of b.log.slice(0, 100)) if (typeof line === 'string') work.push(h.job.log(line.slice(0, 4000)));
+      await Promise.all(work);
+      res.status(204).end();
+    }),
+  );
+
+  router.post(
+    '/jobs/:jobId/complete',
+    wrap(async (req, res) => {
+      const host = authHost(req);
+      const h = heldFor(req, host);
+      const b = (req.body ?? {}) as { result?: unknown; report?: unknown; fields?: unknown };
+      const fields = checkFields(b.fields);
+      const r = report(host, b.report);
+      try {
+        await h.job.moveToCompleted(b.result && typeof b.result === 'object' ? b.result : {}, token, false);
+      } catch (err) {
+        drop(h.job.id!);
+        throw scError('SC_ERR_CONFLICT', `could not complete the job: ${(err as Error).message}`);
+      }
+      drop(h.job.id!);
+      await write(host, fields, r);
+      res.status(204).end();
+    }),
+  );
+
+  router.post(
+    '/jobs/:jobId/fail',
+    wrap(async (req, res) => {
+      const host = authHost(req);
+      const h = heldFor(req, host);
+      const b = (req.body ?? {}) as { code?: unknown; message?: unknown; permanent?: unknown; report?: unknown; fields?: unknown };
+      const code = typeof b.code === 'string' && /^SC_ERR_[A-Z_]{1,60}$/.test(b.code) ? b.code : 'SC_ERR_STEP_FAILED';
+      const msg = `${code}: ${typeof b.message === 'string' ? b.message.slice(0, 2000) : 'step failed'}`;
+      const permanent = b.permanent === true;
+      const fields = checkFields(b.fields);
+      let r = report(host, b.report);
+      const job = h.job;
+      try {
+        await job.moveToFailed(permanent ? new UnrecoverableError(msg) : new Error(msg), token, false);
+      } catch (err) {
+        drop(job.id!);
+        throw scError('SC_ERR_CONFLICT', `could not fail the job: ${(err as Error).message}`);
+      }
+      drop(job.id!);
+      const retry = !permanent && job.attemptsMade < (job.opts.attempts ?? 1);
+      if (r && retry && r.message) r = { ...r, message: `${r.message} (will retry)` };
+      await write(host, fields, r);
+      res.json({ retry });
+    }),
+  );
+
+  return {
+    router,
+    stats: () => ({ colo: o.colo, queue: queueName, held: held.size, polling: waiters.size, handedOut }),
+    close: async () => {
+      if (closed) return;
+      closed = true;
+      clearInterval(renew);
+      clearInterval(beat);
+      for (const w of [...waiters.values()]) w.wake();
+      await worker.close(true).catch(() => {});
+      await fetching;
+      await queue.close().catch(() => {});
+      await redis.quit().catch(() => redis.disconnect());
+    },
+  };
+}

@@ -1,0 +1,197 @@
+/**
+ * Relay mode: hosts without any Redis connection take their step jobs from their colo's relay
+ * (a stage started with Redis). A supervised agent process converts through the relay while it is
+ * SIGKILLed mid-step and at step boundaries (and reboots twice); a host token cannot take or
+ * report another host's job; the relay stage restarted mid-sequence re-adopts the job it held and
+ * the sequence continues.
+ */
+import assert from 'node:assert/strict';
+import { type ChildProcess, spawn } from 'node:child_process';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import { fileURLToPath } from 'node:url';
+import { Queue } from 'bullmq';
+import { coloQueueName, convertSequence, keys, relayToken, type StepRoute } from '../../services/agent/client.js';
+import { startFleetAgents } from '../../infra/fleet.js';
+import { startTestFleet, type TestFleet, until } from '../helpers/fleet.js';
+
+const BIN = fileURLToPath(new URL('../../services/cli/bin.js', import.meta.url));
+const ROUTE: StepRoute = { transport: 'relay', queue: coloQueueName('c1') };
+
+describe('relay mode', () => {
+  let f: TestFleet;
+  let queue: Queue;
+  before(async () => {
+    f = await startTestFleet({
+      colos: [{ name: 'c1', hosts: 3 }],
+      bundleMiB: 2,
+      agents: false,
+      relayColos: ['c1'],
+      relayLockDurationMs: 4000,
+      relayStalledIntervalMs: 1000,
+      relayWaitSec: 5,
+    });
+    queue = new Queue(ROUTE.queue, { connection: f.redis, prefix: f.prefix });
+  });
+  after(async () => {
+    await queue?.close();
+    await f?.cleanup();
+  });
+
+  const seq = () => convertSequence({ name: f.base.name, version: f.base.version }, { name: f.target.name, version: f.target.version });
+  const states = async (ids: string[]) => Promise.all(ids.map((id) => queue.getJobState(id)));
+  const waitDone = (ids: string[], ms: number, onTick?: () => Promise<void>) =>
+    until(
+      async () => {
+        await onTick?.();
+        const s = await states(ids);
+        assert.ok(!s.includes('failed'), `no step failed: ${JSON.stringify(s)}`);
+        return s.every((x) => x === 'completed');
+      },
+      ms,
+      'the sequence',
+    );
+
+  it('converts a host with no Redis connection, through kills and reboots', async (t) => {
+    const host = f.hosts[0];
+    const hooks = join(f.root, 'hooks');
+    await mkdir(hooks, { recursive: true });
+    const points = ['install-base:mid', 'capture-config:after', 'boot-base:before', 'install-target:mid'];
+    for (const p of points) await writeFile(join(hooks, `${p}.arm`), '');
+    const tokenFile = join(f.root, 'relay.token');
+    await writeFile(tokenFile, `${relayToken(f.relaySecret, host.hostId)}\n`);
+    const relayUrl = f.stages.c1[0].url;
+    const sup: ChildProcess = spawn(
+      process.execPath,
+      [
+        BIN, 'agent', '--supervise',
+        '--host-id', host.hostId, '--colo', 'c1',
+        '--relay', relayUrl, '--relay-token-file', tokenFile,
+        '--machine', `sim:${host.dir}`, '--stages', relayUrl, '--origin', f.origin.url,
+        '--trust-key', f.keys.files.releasePub, '--control-key', f.keys.files.controlPub, '--identity', f.keys.files.fleetIdentity,
+        '--test-hook-dir', hooks, '--log-level', 'warn',
+      ],
+      { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, STAGECOACH_AGENT_RELAY_WAIT_SEC: '5' } },
+    );
+    let logs = '';
+    sup.stderr!.on('data', (d: Buffer) => {
+      logs += d.toString();
+    });
+    let ok = false;
+    t.after(async () => {
+      if (!ok) process.stderr.write(`--- agent logs ---\n${logs.slice(-20_000)}\n`);
+      if (sup.exitCode === null && sup.signalCode === null) {
+        const gone = new Promise((r) => sup.once('exit', r));
+        sup.kill('SIGTERM');
+        await gone;
+      }
+    });
+    // The relay registers the host on its behalf, with transport relay.
+    await until(async () => (await f.redis.hget(keys(f.prefix).agent(host.hostId), 'transport')) === '"relay"', 30_000, 'relay registration');
+    const ids = await f.producer.enqueueSequence(host.hostId, 'rrelay1', seq());
+    assert.ok(ids.every((id) => id.endsWith(`.${host.hostId}`)), 'relay job ids name the host');
+    const killed: string[] = [];
+    await waitDone(ids, 150_000, async () => {
+      for (const name of (await readdir(hooks)).filter((n) => n.endsWith('.reached'))) {
+        const point = name.slice(0, -'.reached'.length);
+        if (killed.includes(point)) continue;
+        const pid = Number((await readFile(join(hooks, name), 'utf8')).trim());
+        if (!pid) continue;
+        process.kill(pid, 'SIGKILL');
+        killed.push(point);
+      }
+    });
+    assert.deepEqual([...killed].sort(), [...points].sort(), 'killed at every armed point');
+    const ins = await f.inspect(host.hostId);
+    assert.deepEqual(ins.running, { id: 'ubuntu', version: '24.04', device: 'disk1p1' });
+    assert.equal(ins.reboots, 2);
+    const acts = await f.actions(host.hostId);
+    const count = (op: string, device?: string) => acts.filter((a) => a.op === op && (device === undefined || a.device === device)).length;
+    assert.equal(count('partition'), 1, 'no finished step ran twice');
+    assert.equal(count('apply-config', 'disk2p1'), 1);
+    assert.equal(count('set-boot-once', 'disk2p1'), 1);
+    assert.equal(count('set-default', 'disk1p1'), 1);
+    assert.equal(count('reboot'), 2);
+    // Reports reached the shared stream through the relay.
+    const reps = (await f.reports()).filter((r) => r.host === host.hostId && r.rollout === 'rrelay1');
+    assert.equal(reps.filter((r) => r.event === 'completed').length, ids.length);
+    // The host never had a Redis connection of its own.
+    const clients = (await f.redis.client('LIST')) as string;
+    assert.ok(!clients.includes(`name=agent:${host.hostId}`));
+    ok = true;
+  });
+
+  it("refuses another host's token (401/403), and its jobs", async () => {
+    const [, h2, h3] = f.hosts;
+    const url = f.stages.c1[0].url;
+    const ids = await f.producer.enqueueSequence(h3.hostId, 'rrelay2', seq(), { route: ROUTE });
+    await until(async () => (f.stages.c1[0].relay()?.held ?? 0) >= 1, 10_000, 'the relay holds the job');
+    const tok2 = relayToken(f.relaySecret, h2.hostId);
+    const hdr = (tok: string | null, host: string) => ({
+      ...(tok ? { authorization: `Bearer ${tok}` } : {}),
+      'x-stagecoach-host': host,
+      'content-type': 'application/json',
+    });
+    // h2's token for h3's queue: refused; a made-up token for h3: refused; no token: 401.
+    let r = await fetch(`${url}/v1/relay/hosts/${h3.hostId}/next?wait=0`, { headers: hdr(tok2, h2.hostId) });
+    assert.equal(r.status, 403);
+    r = await fetch(`${url}/v1/relay/hosts/${h3.hostId}/next?wait=0`, { headers: hdr(tok2, h3.hostId) });
+    assert.equal(r.status, 403);
+    r = await fetch(`${url}/v1/relay/hosts/${h3.hostId}/next?wait=0`, { headers: hdr(null, h3.hostId) });
+    assert.equal(r.status, 401);
+    // h2 reporting h3's job: refused, and the job is untouched.
+    for (const what of ['complete', 'fail', 'progress']) {
+      r = await fetch(`${url}/v1/relay/jobs/${ids[0]}/${what}`, { method: 'POST', headers: hdr(tok2, h2.hostId), body: JSON.stringify({ result: {} }) });
+      assert.equal(r.status, 403, what);
+    }
+    // h2 polling its own (empty) queue gets nothing of h3's.
+    r = await fetch(`${url}/v1/relay/hosts/${h2.hostId}/next?wait=0`, { headers: hdr(tok2, h2.hostId) });
+    assert.equal(r.status, 204);
+    assert.equal(await queue.getJobState(ids[0]), 'active');
+    // h3's own token gets it.
+    r = await fetch(`${url}/v1/relay/hosts/${h3.hostId}/next?wait=0`, { headers: hdr(relayToken(f.relaySecret, h3.hostId), h3.hostId) });
+    assert.equal(r.status, 200);
+    const body = (await r.json()) as { job: { id: string; data: { payload: { host: string } } } };
+    assert.equal(body.job.id, ids[0]);
+    assert.equal(body.job.data.payload.host, h3.hostId);
+    await queue.obliterate({ force: true }).catch(() => {});
+  });
+
+  it('continues the sequence when the relay stage restarts with a job in flight', async () => {
+    const host = f.hosts[1];
+    const start = () =>
+      startFleetAgents([host], {
+        redisUrl: f.redisUrl,
+        prefix: f.prefix,
+        keys: f.keys,
+        stages: { c1: f.stages.c1.map((s) => s.url) },
+        origin: f.origin.url,
+        relayColos: ['c1'],
+        relaySecret: f.relaySecret,
+        relayWaitSec: 5,
+      });
+    let agents = await start();
+    try {
+      await until(async () => (await f.redis.hget(keys(f.prefix).agent(host.hostId), 'transport')) === '"relay"', 30_000, 'registration');
+      const ids = await f.producer.enqueueSequence(host.hostId, 'rrelay3', seq());
+      await until(async () => (await states(ids)).filter((s) => s === 'completed').length >= 3, 60_000, 'three steps done');
+      // The host goes away in the middle of its sequence (its step aborted, as in a crash): the
+      // relay holds the next job. Then the relay stage restarts.
+      await agents.stop();
+      await until(async () => (f.stages.c1[0].relay()?.held ?? 0) >= 1, 10_000, 'the relay holds the next job');
+      assert.ok((await states(ids)).includes('active'));
+      await f.restartStages('c1');
+      assert.ok((f.stages.c1[0].relay()?.held ?? 0) >= 1, 'the restarted relay re-adopted the job at once (same colo lock token)');
+      agents = await start();
+      await waitDone(ids, 120_000);
+      const ins = await f.inspect(host.hostId);
+      assert.deepEqual(ins.running, { id: 'ubuntu', version: '24.04', device: 'disk1p1' });
+      const acts = await f.actions(host.hostId);
+      assert.equal(acts.filter((a) => a.op === 'partition').length, 1);
+      assert.equal(acts.filter((a) => a.op === 'reboot').length, 2);
+    } finally {
+      await agents.stop();
+    }
+  });
+});
