@@ -5,7 +5,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { parse as parseYaml } from 'yaml';
-import type { z } from 'zod';
+import { z } from 'zod';
 import { scError } from './errors.js';
 
 export interface ConfigSources {
@@ -106,3 +106,15 @@ export function readTokenFile(path: string): string {
   if (/\s/.test(t) || t.length > 4096) throw scError('SC_ERR_BAD_CONFIG', `token file ${path}: the token must be one word of at most 4096 bytes`);
   return t;
 }
+
+/** A list of non-empty strings given as an array (flags, YAML) or comma-separated (environment). */
+export const stringList = z.preprocess(
+  (v) =>
+    typeof v === 'string'
+      ? v
+          .split(',')
+          .map((s) => s.trim())
+          .filter(Boolean)
+      : v,
+  z.array(z.string().min(1)),
+);

@@ -6,7 +6,7 @@
 import type { KeyObject } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { z } from 'zod';
-import { type ConfigSources, loadConfig } from '../../shared/config.js';
+import { type ConfigSources, loadConfig, stringList } from '../../shared/config.js';
 import { readIdentityFile } from '../../shared/bundle/index.js';
 import { scError } from '../../shared/errors.js';
 import { loadPublicKey } from '../../shared/manifest.js';
@@ -16,17 +16,7 @@ import { HOST_ID_RE } from './client.js';
 /** Environment variable prefix: `STAGECOACH_AGENT_HOST_ID`, `STAGECOACH_AGENT_REDIS`, … */
 export const AGENT_ENV_PREFIX = 'STAGECOACH_AGENT_';
 
-/** A list given as an array (flags, YAML) or a comma-separated string (environment, `--stages`). */
-const list = z.preprocess(
-  (v) =>
-    typeof v === 'string'
-      ? v
-          .split(',')
-          .map((s) => s.trim())
-          .filter(Boolean)
-      : v,
-  z.array(z.string().min(1)),
-);
+const list = stringList;
 
 const httpUrl = z.string().refine((s) => {
   try {

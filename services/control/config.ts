@@ -6,7 +6,7 @@
 import { readFileSync } from 'node:fs';
 import type { KeyObject } from 'node:crypto';
 import { z } from 'zod';
-import { type ConfigSources, loadConfig, parseListen } from '../../shared/config.js';
+import { type ConfigSources, loadConfig, parseListen, stringList } from '../../shared/config.js';
 import { scError } from '../../shared/errors.js';
 import { loadPrivateKey, loadPublicKey } from '../../shared/manifest.js';
 import { NAME_RE } from '../../shared/names.js';
@@ -14,16 +14,7 @@ import { NAME_RE } from '../../shared/names.js';
 /** Environment variable prefix: `STAGECOACH_CONTROL_LISTEN`, `STAGECOACH_CONTROL_REDIS`, … */
 export const CONTROL_ENV_PREFIX = 'STAGECOACH_CONTROL_';
 
-const list = z.preprocess(
-  (v) =>
-    typeof v === 'string'
-      ? v
-          .split(',')
-          .map((s) => s.trim())
-          .filter(Boolean)
-      : v,
-  z.array(z.string().min(1)),
-);
+const list = stringList;
 
 const listenAddr = z.string().refine((s) => {
   try {

@@ -3,22 +3,12 @@
  * environment variables, then flags). Validated once, then frozen.
  */
 import { z } from 'zod';
-import { type ConfigSources, loadConfig, parseListen, readTokenFile } from '../../shared/config.js';
+import { type ConfigSources, loadConfig, parseListen, readTokenFile, stringList } from '../../shared/config.js';
 
 /** Environment variable prefix: `STAGECOACH_ORIGIN_LISTEN`, `STAGECOACH_ORIGIN_DATA`, … */
 export const ORIGIN_ENV_PREFIX = 'STAGECOACH_ORIGIN_';
 
-/** A list given as an array (flags, YAML) or a comma-separated string (environment). */
-const pathList = z.preprocess(
-  (v) =>
-    typeof v === 'string'
-      ? v
-          .split(',')
-          .map((s) => s.trim())
-          .filter(Boolean)
-      : v,
-  z.array(z.string().min(1)),
-);
+const pathList = stringList;
 
 /** The origin's configuration schema; unknown keys are rejected. */
 export const originConfigSchema = z.strictObject({
