@@ -23,7 +23,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 
-import type { SuiteResult } from './report.js';
+import { type SuiteResult, textTable } from './report.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = resolve(HERE, '..');
@@ -439,16 +439,17 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
   return rows;
 }
 
-/** Prints rows as an aligned table. */
-export function formatTable(rows: BenchRow[]): string {
+const HEADERS = ['peer', 'scenario', 'clients', 'MiB', 'origin req', 'origin bytes ×', 'TTFB p50 s', 'TTFB p99 s', 'done p99 s', 'done ÷ transfer', 'GB/s', 'vs nginx static', 'RSS MiB', 'errors'];
+
+/** Formats rows as table cells (HEADERS order). */
+function cells(rows: BenchRow[]): (string | number)[][] {
   const f = (v: number | null, d = 2) => (v === null ? '-' : v.toFixed(d));
-  const head = ['peer', 'scenario', 'clients', 'MiB', 'origin req', 'origin bytes x', 'ttfb p50 s', 'ttfb p99 s', 'done p99 s', 'done/transfer', 'GB/s', 'vs nginx static', 'RSS MiB', 'errors'];
-  const lines = rows.map((r) => [
+  return rows.map((r) => [
     r.peer,
     r.scenario,
-    String(r.clients),
-    String(r.objectMiB),
-    r.originRequests === null ? '-' : String(r.originRequests),
+    r.clients,
+    r.objectMiB,
+    r.originRequests ?? '-',
     f(r.originBytesRatio),
     f(r.ttfbP50, 3),
     f(r.ttfbP99, 3),
@@ -457,36 +458,23 @@ export function formatTable(rows: BenchRow[]): string {
     f(r.gbps),
     f(r.vsNginxStatic),
     f(r.rssMiB, 0),
-    r.note ? r.note : String(r.errors),
+    r.errors,
   ]);
-  const w = head.map((h, i) => Math.max(h.length, ...lines.map((l) => l[i].length)));
-  return [head, ...lines].map((l) => l.map((c, i) => c.padEnd(w[i])).join('  ')).join('\n');
+}
+
+/** Prints rows as an aligned table. */
+export function formatTable(rows: BenchRow[]): string {
+  return textTable(HEADERS, cells(rows));
 }
 
 /** The stage suite in the loadtest/report.ts format (`npm run bench -- stage`). */
 export async function run(opts: Record<string, string | undefined>): Promise<SuiteResult> {
   const quick = opts.quick !== undefined;
   const rows = await benchStage(quick ? { bigMiB: 32, herd2MiB: 16, herd2Clients: 50, warmClients: 8 } : {});
-  const f = (v: number | null, d = 2) => (v === null ? '-' : v.toFixed(d));
   return {
     suite: 'stage',
-    headers: ['peer', 'scenario', 'clients', 'MiB', 'origin req', 'origin bytes ×', 'TTFB p50 s', 'TTFB p99 s', 'done p99 s', 'done ÷ transfer', 'GB/s', 'vs nginx static', 'RSS MiB', 'errors'],
-    rows: rows.map((r) => [
-      r.peer,
-      r.scenario,
-      r.clients,
-      r.objectMiB,
-      r.originRequests ?? '-',
-      f(r.originBytesRatio),
-      f(r.ttfbP50, 3),
-      f(r.ttfbP99, 3),
-      f(r.completionP99),
-      f(r.completionRatio),
-      f(r.gbps),
-      f(r.vsNginxStatic),
-      f(r.rssMiB, 0),
-      r.errors,
-    ]),
+    headers: HEADERS,
+    rows: cells(rows),
     notes: [
       'origin: the same test origin for every peer, throttled to 25 MB/s, in its own process; stage run as `node services/cli/bin.js stage`',
       'goals: origin bytes 1.00× per colo; waiters TTFB p99 ≤ 0.2 s; completion ≤ 1.1× the origin transfer time; warm ≥ 0.8× nginx static; stage RSS ≤ 150 MiB',
