@@ -60,6 +60,8 @@ export interface ProbeResult {
   healthy: boolean;
   /** False when nothing answered at all (refused, reset, timed out). */
   reachable: boolean;
+  /** True when the source accepted the connection or simply did not answer in time (as opposed to refusing it): busy, not known to be down. */
+  slow?: boolean;
   /** HTTP status when the source answered. */
   status?: number;
   /** Why the source is not healthy. */
@@ -107,7 +109,8 @@ export async function probeSources(urls: readonly string[], opts: ProbeOptions =
         const healthy = res.statusCode >= 200 && res.statusCode < 300 && ok;
         return { url, rttMs, healthy, reachable: true, status: res.statusCode, ...(healthy ? {} : { error: `HTTP ${res.statusCode}` }) };
       } catch (err) {
-        return { url, rttMs: now() - t0, healthy: false, reachable: false, error: describe(err) };
+        const slow = (err as { code?: string })?.code === 'ETIMEDOUT';
+        return { url, rttMs: now() - t0, healthy: false, reachable: false, ...(slow ? { slow } : {}), error: describe(err) };
       }
     }),
   );
@@ -124,21 +127,32 @@ export interface SelectOptions extends ProbeOptions {
   origin?: string;
 }
 
+/** The candidates chosen by selectSources. */
+export interface SelectedSources {
+  /** Manifest candidates: `stages`, then origin. */
+  sources: string[];
+  /** The stages worth trying, best first (no origin): the blob candidates before the last resort. */
+  stages: string[];
+  /** The normalised origin, when one was given. */
+  origin?: string;
+  probes: ProbeResult[];
+}
+
 /**
  * Probes `stages` and returns the candidate order used for manifests and blobs: healthy stages
- * fastest first, then stages that answered unhealthy, then `origin`. Unreachable stages are
- * skipped, unless nothing else is left (then they are tried anyway, in the given order).
+ * fastest first, then stages that answered unhealthy, then stages that did not answer within the
+ * probe timeout (busy is not down), then `origin`. Stages that refused the connection are skipped,
+ * unless nothing else is left (then they are tried anyway, in the given order).
  */
-export async function selectSources(stages: readonly string[], opts: SelectOptions = {}): Promise<{ sources: string[]; probes: ProbeResult[] }> {
+export async function selectSources(stages: readonly string[], opts: SelectOptions = {}): Promise<SelectedSources> {
   const origin = opts.origin === undefined ? undefined : normalizeSource(opts.origin);
   const probes = await probeSources(
     normalizeAll(stages).filter((s) => s !== origin),
     opts,
   );
-  let sources = probes.filter((p) => p.reachable).map((p) => p.url);
-  if (origin) sources.push(origin);
-  if (sources.length === 0) sources = probes.map((p) => p.url);
-  return { sources, probes };
+  let usable = probes.filter((p) => p.reachable || p.slow).map((p) => p.url);
+  if (usable.length === 0 && !origin) usable = probes.map((p) => p.url);
+  return { sources: origin ? [...usable, origin] : usable, stages: usable, ...(origin ? { origin } : {}), probes };
 }
 
 function withOrigin(sources: readonly string[], origin?: string): string[] {
@@ -244,9 +258,14 @@ export interface FetchProgress {
 
 /** Options for fetchBlob. */
 export interface FetchBlobOptions {
-  /** Candidates in order (see selectSources). */
+  /** Candidates in order (see selectSources: its `stages`). */
   sources: readonly string[];
-  /** Appended as the last candidate when not already in the list. */
+  /**
+   * The last resort: tried only once `sources` are used up (every one failed `retries` + 1 passes
+   * in a row without progress, answered 404, or was dropped for bad bytes), or when there are
+   * none; from then on it comes first, the stages behind it. A stage that is merely slow keeps
+   * its hosts; origin serves one copy per colo, not one per host.
+   */
   origin?: string;
   digest: string;
   /** Expected size in bytes. */
@@ -311,7 +330,9 @@ interface DownloadState {
  * - On an error or a stall mid-body the download continues from the next candidate with
  *   `Range: bytes=<have>-` (the 206 Content-Range start and total are checked; a 200 answer means
  *   starting over from 0 with that source). After a full pass without progress it waits
- *   (backoff) and wraps around, at most `retries` times in a row.
+ *   (backoff) and wraps around, at most `retries` times in a row. Then `origin` joins, first in
+ *   the passes that follow with the stages behind it (at once when every stage answered 404 or
+ *   none is left), and the count starts again.
  * - sha256 is computed while writing. When the size is reached, the digest is checked: on a
  *   mismatch the partial is deleted; if one source supplied the whole file it is dropped and the
  *   download starts over from the others, else it starts over once from all of them; when
@@ -349,7 +370,16 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
       throw scError('SC_ERR_INTERNAL', `cannot remove ${out}: ${describe(err)}`, { path: out }, err);
     });
   }
-  const candidates = withOrigin(opts.sources, opts.origin);
+  const originUrl = opts.origin === undefined ? undefined : normalizeSource(opts.origin);
+  const stagesOnly = normalizeAll(opts.sources).filter((u) => u !== originUrl);
+  // Origin joins the candidates only when the stages are used up (see `origin` above).
+  let candidates = stagesOnly.length === 0 && originUrl ? [originUrl] : stagesOnly;
+  const allCandidates = withOrigin(stagesOnly, originUrl);
+  const toLastResort = (): boolean => {
+    if (!originUrl || candidates.includes(originUrl)) return false;
+    candidates = [originUrl, ...candidates];
+    return true;
+  };
   const partialStat = await statOrNull(partial);
   if (partialStat && !partialStat.isFile()) throw scError('SC_ERR_FILE_EXISTS', `${partial} exists and is not a regular file`);
 
@@ -376,6 +406,7 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
     for (;;) {
       if (st.have < size) {
         const before = st.hwm;
+        let passFailures = 0;
         for (const source of candidates) {
           if (st.have >= size) break;
           if (excluded.has(source)) continue;
@@ -386,12 +417,18 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
             if (err instanceof LocalFailure) throw scError('SC_ERR_INTERNAL', `writing ${partial}: ${err.message}`, { path: partial }, err.inner);
             if (signal?.aborted) throw abortError(signal);
             failures.push({ source, error: toScError(err) });
+            passFailures++;
             if (failures.length > 50) failures.shift();
           }
         }
+        const notFoundPass = passFailures > 0 && failures.slice(-passFailures).every((f) => f.error.code === 'SC_ERR_BLOB_NOT_FOUND');
         if (st.have < size) {
           idlePasses = st.hwm > before ? 0 : idlePasses + 1;
           const live = candidates.filter((c) => !excluded.has(c));
+          if ((idlePasses > retries || live.length === 0 || (notFoundPass && st.hwm === before)) && toLastResort()) {
+            idlePasses = 0;
+            continue;
+          }
           if (idlePasses > retries || live.length === 0) throw allFailed(digest, failures, candidates.length === 0);
           if (idlePasses > 0) await sleep(backoffMs * 2 ** Math.min(idlePasses - 1, 4), signal).catch(() => throwIfAborted(signal));
           continue;
@@ -410,7 +447,8 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
       if (contributed.length === 1 && contributed[0] !== 'partial') excluded.add(contributed[0]);
       restarts++;
       failures.push({ source: contributed.join(','), error: mismatch });
-      if (restarts > candidates.length || candidates.every((c) => excluded.has(c))) throw mismatch;
+      if (candidates.every((c) => excluded.has(c))) toLastResort();
+      if (restarts > allCandidates.length || candidates.every((c) => excluded.has(c))) throw mismatch;
     }
     await fh.sync();
     await fh.close();

@@ -240,3 +240,81 @@ test('bad input is refused with codes', async () => {
   await assert.rejects(fetchBlob({ sources: ['http://127.0.0.1:1'], digest, size: -1, out }), { code: 'SC_ERR_BAD_REQUEST' });
   await assert.rejects(fetchBlob({ sources: [], digest, size: 1, out }), { code: 'SC_ERR_NO_UPSTREAM' });
 });
+
+test('origin is the last resort: a slow stage that keeps making progress keeps the download', async () => {
+  // The stage cuts every response after 400 kB (busy), so each pass gains bytes: origin is never asked.
+  const stage = await server({ cutAfter: 400_000 });
+  const origin = await server();
+  const out = join(dir, 'out.bin');
+  const r = await fetchBlob({ sources: [stage.url], origin: origin.url, digest, size: SIZE, out, retries: 1, sleep: noSleep });
+  assert.ok((await readFile(out)).equals(data));
+  assert.equal(origin.blobRequests.length, 0, 'no origin blob request while the stage makes progress');
+  assert.deepEqual(r.sources, [stage.url]);
+});
+
+test('origin is the last resort: a stalled stage is retried `retries` + 1 passes before origin serves the rest', async () => {
+  const stage = await server({ stallAfter: 0 });
+  const origin = await server();
+  const out = join(dir, 'out.bin');
+  let sleeps = 0;
+  const r = await fetchBlob({
+    sources: [stage.url],
+    origin: origin.url,
+    digest,
+    size: SIZE,
+    out,
+    retries: 2,
+    idleTimeoutMs: 200,
+    sleep: async () => {
+      sleeps++;
+    },
+  });
+  assert.ok((await readFile(out)).equals(data));
+  assert.equal(stage.blobRequests.length, 3, 'the stage got 1 + retries passes first');
+  assert.equal(sleeps, 2, 'with a backoff before each extra pass');
+  assert.equal(origin.blobRequests.length, 1);
+  assert.deepEqual(r.sources, [origin.url]);
+});
+
+test('origin is asked at once when every stage answers 404, or when there is no stage', async () => {
+  const stage = await startReadServer(); // knows no blob
+  servers.push(stage);
+  const origin = await server();
+  const out = join(dir, 'out.bin');
+  let sleeps = 0;
+  const sleep = async () => {
+    sleeps++;
+  };
+  const r = await fetchBlob({ sources: [stage.url], origin: origin.url, digest, size: SIZE, out, sleep });
+  assert.deepEqual(r.sources, [origin.url]);
+  assert.equal(stage.blobRequests.length, 1);
+  assert.equal(sleeps, 0, 'no backoff before origin');
+  const out2 = join(dir, 'out2.bin');
+  const r2 = await fetchBlob({ sources: [], origin: origin.url, digest, size: SIZE, out: out2, sleep });
+  assert.deepEqual(r2.sources, [origin.url]);
+});
+
+test('a stage that recovers after origin joined is still preferred for the rest', async () => {
+  const stage = await server({ cutAfter: 0 });
+  const origin = await server({ cutAfter: 300_000 });
+  const out = join(dir, 'out.bin');
+  let sleeps = 0;
+  const r = await fetchBlob({
+    sources: [stage.url],
+    origin: origin.url,
+    digest,
+    size: SIZE,
+    out,
+    retries: 1,
+    sleep: async () => {
+      sleeps++;
+    },
+    onProgress: (p) => {
+      if (p.source === origin.url && p.bytes > 0) stage.faults = {};
+    },
+  });
+  assert.ok((await readFile(out)).equals(data));
+  assert.equal(origin.blobRequests.length, 1, 'origin served one piece only');
+  assert.deepEqual(r.sources, [origin.url, stage.url]);
+  assert.equal(sleeps, 1);
+});

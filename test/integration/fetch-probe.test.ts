@@ -55,13 +55,17 @@ test('probe: a source that does not answer within the timeout counts as unreacha
       [hung.url, false, false],
     ],
   );
+  assert.equal(r[1].slow, true, 'a timeout is slow, not refused');
 });
 
-test('select: dead stage skipped, origin last', async () => {
-  const { sources, probes } = await selectSources([dead, sick.url, slow.url, fast.url], { origin: origin.url });
-  assert.deepEqual(sources, [fast.url, slow.url, sick.url, origin.url]);
-  assert.equal(probes.length, 4);
-  assert.ok(!probes.some((p) => p.url === origin.url), 'origin is not probed');
+test('select: a refusing stage is skipped, a busy one kept after the answering ones, origin last', async () => {
+  const r = await selectSources([dead, hung.url, sick.url, slow.url, fast.url], { origin: origin.url, timeoutMs: 500 });
+  assert.deepEqual(r.sources, [fast.url, slow.url, sick.url, hung.url, origin.url]);
+  assert.deepEqual(r.stages, [fast.url, slow.url, sick.url, hung.url], 'the blob candidates: no origin');
+  assert.equal(r.origin, origin.url);
+  assert.equal(r.probes.length, 5);
+  assert.ok(!r.probes.some((p) => p.url === origin.url), 'origin is not probed');
+  assert.equal(r.probes.find((p) => p.url === dead)?.slow, undefined, 'refused is not slow');
 });
 
 test('select: when every stage is unreachable they are still returned as a last resort', async () => {
@@ -69,6 +73,7 @@ test('select: when every stage is unreachable they are still returned as a last 
   assert.deepEqual(sources, [dead]);
   const withOrigin = await selectSources([dead], { origin: origin.url });
   assert.deepEqual(withOrigin.sources, [origin.url]);
+  assert.deepEqual(withOrigin.stages, []);
 });
 
 test('select: malformed URLs are refused with a code', async () => {

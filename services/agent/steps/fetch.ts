@@ -1,7 +1,7 @@
 /**
  * Step 1, `fetch`: get bundles B (base) and C (target) into the running OS's state dir, through
  * the nearest healthy stage (probe the colo's stages, fastest healthy first, fall back to the
- * next, then origin). The manifest signature is checked against the trusted release keys before
+ * next; origin only when the stages are used up: a busy stage keeps its hosts). The manifest signature is checked against the trusted release keys before
  * a byte of the blob is fetched; the blob is sha256-checked while it downloads and only a
  * verified blob is renamed into place (shared/fetch.ts). A download cut mid-way continues with
  * Range from the next source, and a `.partial` left by a crash is resumed.
@@ -34,7 +34,7 @@ export async function fetchBundles(ctx: StepContext, dir: BundleDir, wanted: Wan
   for (const w of wanted) if (!(await dir.find(w.ref, ctx.trusted))) missing.push(w);
   if (missing.length === 0) return { fetched: [], bytes: 0 };
   await mkdir(dir.dir, { recursive: true });
-  const { sources, probes } = await selectSources(ctx.stages, { origin: ctx.origin, signal: ctx.signal });
+  const { sources, stages, origin, probes } = await selectSources(ctx.stages, { origin: ctx.origin, signal: ctx.signal });
   await ctx.log(`sources: ${probes.map((p) => `${p.url} ${p.healthy ? `${Math.round(p.rttMs)}ms` : `unhealthy (${p.error})`}`).join(', ') || 'none'}${ctx.origin ? `; origin ${ctx.origin}` : ''}`);
   const fetched: FetchedManifest[] = [];
   for (const w of missing) {
@@ -52,7 +52,8 @@ export async function fetchBundles(ctx: StepContext, dir: BundleDir, wanted: Wan
   for (const f of fetched) {
     const m: Manifest = f.manifest;
     const r = await fetchBlob({
-      sources,
+      sources: stages,
+      origin,
       digest: m.blob.digest,
       size: m.blob.size,
       out: dir.blobPath(m.blob.digest),

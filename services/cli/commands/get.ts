@@ -37,7 +37,7 @@ export function register(program: Command): void {
     .description('Fetch a bundle through the nearest healthy stage, verify signature and digest, optionally unpack it')
     .argument('<ref>', 'NAME@VERSION')
     .option('--from <urls>', 'stage URLs, comma-separated; probed, fastest healthy first')
-    .option('--origin <url>', 'origin URL, tried after every stage')
+    .option('--origin <url>', 'origin URL: manifests after every stage; blob bytes only once the stages are used up (--retries passes without progress)')
     .requiredOption('-o, --out <file>', 'where to write the bundle file (downloads go to FILE.partial first)')
     .option('--trust-key <pem>', 'trusted release public key (PEM file); repeatable, at least one', collect, [])
     .option('--identity <file>', 'age identity file, to decrypt for --unpack')
@@ -82,7 +82,7 @@ async function runGet(ref: string, flags: GetFlags): Promise<void> {
   if (flags.identity && !flags.unpack) throw scError('SC_ERR_BAD_CONFIG', '--identity is only used with --unpack');
   const identities = flags.identity ? await readIdentityFile(flags.identity) : [];
 
-  const { sources, probes } = await selectSources(stages, { origin: flags.origin, timeoutMs: probeTimeout });
+  const { sources, stages: stageList, origin, probes } = await selectSources(stages, { origin: flags.origin, timeoutMs: probeTimeout });
   const fm = await fetchManifest(sources, name, version, trusted);
   const m = fm.manifest;
   if (flags.unpack && m.blob.encryption === 'age' && identities.length === 0) {
@@ -106,7 +106,8 @@ async function runGet(ref: string, flags: GetFlags): Promise<void> {
   let res: Awaited<ReturnType<typeof fetchBlob>>;
   try {
     res = await fetchBlob({
-      sources,
+      sources: stageList,
+      origin,
       digest: m.blob.digest,
       size: m.blob.size,
       out: flags.out,
