@@ -1,19 +1,22 @@
 /**
  * Fleet benchmark: a whole fleet converted in one run.
  *
- *   npm run bench -- fleet [--hosts 1000 --colos 10 --bundle-mib 8 --mode relay|direct --agent-procs K]
+ *   npm run bench -- fleet [--hosts 1000 --colos 10 --bundle-mib 8 --mode relay|direct --agent-procs K --stage-procs S]
  *
- * Starts a private redis-server (so INFO is ours alone), an origin and one stage per colo (in this
- * process; in relay mode each stage runs its colo's relay), control as a child process
- * (`node services/cli/bin.js control …`, so its CPU time is its own: /proc/PID/stat), and the sim
- * hosts' agents in K child processes (default one per 5,000 hosts; no process per host). Publishes
+ * Starts a private redis-server (so INFO is ours alone), an origin (in this process), one stage per
+ * colo in S child processes (default one per 50 colos; in relay mode each stage runs its colo's
+ * relay), control as a child process (`node services/cli/bin.js control …`), and the sim hosts'
+ * agents in K child processes (default one per 5,000 hosts; no process per host). Every group's
+ * CPU time is its own (/proc/PID/stat, Redis INFO cpu, process.cpuUsage). Publishes
  * B and C, converts every host with a wave plan (canary 1, then 10 %, then the rest), and prints:
  * wall time; hosts converted/failed; origin blob bytes ÷ (bundle bytes × colos) (must be 1.00);
  * stage-to-host bytes; Redis connected clients (before agents, idle agents, peak) and used memory
  * (INFO polled every second); control CPU time per host step; BullMQ jobs per second; agent-process
- * RSS per host; time per step p50/p99 (from the reports stream: started → completed).
+ * RSS per host; time per step p50/p99 (from the reports stream: started → completed); CPU seconds
+ * per process group during the rollout.
  *
- * The same file is the agents' child process entry (`--child SPEC.json`).
+ * The same file is the entry of the agents' child processes (`--child SPEC.json`) and of the
+ * stages' (`--stage-child SPEC.json`).
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
@@ -47,6 +50,8 @@ export interface FleetBenchOptions {
   mode?: 'relay' | 'direct';
   /** Agent child processes (default ceil(hosts / 5000)). */
   agentProcs?: number;
+  /** Stage child processes; the colos are spread over them (default ceil(colos / 50)). */
+  stageProcs?: number;
   /** Work dir parent (default the OS temp dir). */
   workDir?: string;
   /** Hosts in flight at once (default min(hosts, 1000): what two shared cores carry without timeouts). */
@@ -84,6 +89,8 @@ export interface FleetBenchResult {
   stepP50Ms: number;
   stepP99Ms: number;
   stepStats: Record<string, { p50: number; p99: number }>;
+  /** CPU seconds spent during the rollout, per process group. */
+  cpuSec: { control: number; stages: number; agents: number; redis: number; origin: number };
 }
 
 async function freePort(): Promise<number> {
@@ -130,31 +137,91 @@ interface ChildSpec {
   relaySecret: string;
 }
 
-/** Starts agent child processes, each running `spec.hosts` slice; resolves when all report ready. */
+/** What a stage child process runs: the stages (and relays) of `colos`. */
+interface StageChildSpec {
+  colos: string[];
+  root: string;
+  origin: string;
+  trustKey: string;
+  token: string;
+  relay: { redisUrl: string; prefix: string; relaySecret: string } | null;
+}
+
+/**
+ * Spawns this file as a child process with `flag FILE` (FILE holding `spec` as JSON); resolves
+ * with the child and the JSON the child printed after `ready ` on stdout.
+ */
+async function startChild<T>(flag: string, spec: unknown, file: string): Promise<{ child: ChildProcess; info: T }> {
+  await writeFile(file, JSON.stringify(spec));
+  const c = spawn(process.execPath, ['--max-old-space-size=8192', '--import', 'tsx', SELF, flag, file], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const info = await new Promise<T>((res, rej) => {
+    let out = '';
+    const onData = (d: Buffer) => {
+      out += d.toString();
+      const m = /^ready (.*)$/m.exec(out);
+      if (m) {
+        c.stdout!.off('data', onData);
+        c.off('exit', onExit);
+        res(JSON.parse(m[1]) as T);
+      }
+    };
+    const onExit = (code: number | null) => rej(new Error(`${flag} process exited (${code}) before it was ready`));
+    c.stdout!.on('data', onData);
+    c.once('exit', onExit);
+  });
+  c.stdout!.resume();
+  return { child: c, info };
+}
+
+/** Starts agent child processes, each running a slice of `spec.hosts`; resolves when all report ready. */
 async function startAgentProcs(spec: ChildSpec, procs: number, dir: string): Promise<ChildProcess[]> {
   const per = Math.ceil(spec.hosts.length / procs);
-  const children: ChildProcess[] = [];
-  const ready: Promise<void>[] = [];
+  const started: Promise<{ child: ChildProcess }>[] = [];
   for (let i = 0; i < procs; i++) {
     const slice = spec.hosts.slice(i * per, (i + 1) * per);
     if (slice.length === 0) break;
-    const file = join(dir, `agents-${i}.json`);
-    await writeFile(file, JSON.stringify({ ...spec, hosts: slice }));
-    const c = spawn(process.execPath, ['--max-old-space-size=8192', '--import', 'tsx', SELF, '--child', file], { stdio: ['ignore', 'pipe', 'inherit'] });
-    children.push(c);
-    ready.push(
-      new Promise<void>((res, rej) => {
-        let out = '';
-        c.stdout!.on('data', (d: Buffer) => {
-          out += d.toString();
-          if (out.includes('ready')) res();
-        });
-        c.once('exit', (code) => rej(new Error(`agent process exited (${code}) before it was ready`)));
-      }),
+    started.push(startChild('--child', { ...spec, hosts: slice }, join(dir, `agents-${i}.json`)));
+  }
+  return (await Promise.all(started)).map((x) => x.child);
+}
+
+/** Starts stage child processes for `colos`; resolves with them and each colo's stage URL. */
+async function startStageProcs(spec: Omit<StageChildSpec, 'colos'>, colos: string[], procs: number, dir: string) {
+  const per = Math.ceil(colos.length / procs);
+  const started: Promise<{ child: ChildProcess; info: Record<string, string> }>[] = [];
+  for (let i = 0; i < procs; i++) {
+    const slice = colos.slice(i * per, (i + 1) * per);
+    if (slice.length === 0) break;
+    started.push(startChild<Record<string, string>>('--stage-child', { ...spec, colos: slice }, join(dir, `stages-${i}.json`)));
+  }
+  const all = await Promise.all(started);
+  return { children: all.map((x) => x.child), urls: Object.assign({}, ...all.map((x) => x.info)) as Record<string, string> };
+}
+
+/** Starts the stages of `spec.colos` in this process (see StageChildSpec). */
+async function startStages(spec: StageChildSpec): Promise<RunningStage[]> {
+  const stages: RunningStage[] = [];
+  for (const c of spec.colos) {
+    stages.push(
+      await startStage(
+        {
+          listen: '127.0.0.1:0',
+          upstreams: [spec.origin],
+          cache: join(spec.root, 'stages', c),
+          colo: c,
+          trustKeys: [spec.trustKey],
+          token: spec.token,
+          logLevel: 'silent',
+          // Everything shares two cores here: a 15 s upstream silence is load, not a dead origin,
+          // and each spurious resume costs the bytes already in flight (origin ratio > 1).
+          idleTimeoutMs: 120_000,
+          ...(spec.relay ? { redis: spec.relay.redisUrl, prefix: spec.relay.prefix, relaySecret: spec.relay.relaySecret } : {}),
+        },
+        { log: silentLogger },
+      ),
     );
   }
-  await Promise.all(ready);
-  return children;
+  return stages;
 }
 
 async function stopChild(c: ChildProcess): Promise<void> {
@@ -195,28 +262,24 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
     const origin = await startOrigin({ listen: '127.0.0.1:0', data: join(root, 'origin'), tokenFile, trustKey: [keys.files.releasePub] }, { logger: silentLogger });
     cleanup.push(() => origin.close());
     const colos = Array.from({ length: nColos }, (_, i) => `c${String(i + 1).padStart(3, '0')}`);
-    const stages: Record<string, RunningStage> = {};
+    // Stages (and their relays) in child processes, a few colos each, so that origin, stages,
+    // control and agents are separate processes and their CPU time can be told apart.
+    const stageProcs = await startStageProcs(
+      {
+        root,
+        origin: origin.url,
+        trustKey: keys.files.releasePub,
+        token: 'bench-stage-token',
+        relay: mode === 'relay' ? { redisUrl: redisH.url, prefix, relaySecret } : null,
+      },
+      colos,
+      Math.min(nColos, o.stageProcs ?? Math.max(1, Math.ceil(nColos / 50))),
+      root,
+    );
     cleanup.push(async () => {
-      for (const s of Object.values(stages)) await s.close().catch(() => {});
+      await Promise.all(stageProcs.children.map(stopChild));
     });
-    for (const c of colos) {
-      stages[c] = await startStage(
-        {
-          listen: '127.0.0.1:0',
-          upstreams: [origin.url],
-          cache: join(root, 'stages', c),
-          colo: c,
-          trustKeys: [keys.files.releasePub],
-          token: 'bench-stage-token',
-          logLevel: 'silent',
-          // Everything shares two cores here: a 15 s upstream silence is load, not a dead origin,
-          // and each spurious resume costs the bytes already in flight (origin ratio > 1).
-          idleTimeoutMs: 120_000,
-          ...(mode === 'relay' ? { redis: redisH.url, prefix, relaySecret } : {}),
-        },
-        { log: silentLogger },
-      );
-    }
+    const stageUrl = stageProcs.urls;
     const client = new OriginClient(origin.url, { token: 'bench-origin-token' });
     const work = join(root, 'publish');
     await mkdir(work, { recursive: true });
@@ -244,7 +307,7 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
         BIN, 'control', '--listen', `127.0.0.1:${cport}`, '--redis', redisH.url, '--origin', origin.url,
         '--token-file', controlTokenFile, '--signing-key', keys.files.controlKey, '--prefix', prefix,
         '--stage-token-file', stageTokenFile, '--trust-key', keys.files.releasePub,
-        '--stages', colos.map((c) => `${c}=${stages[c].url}`).join(','), '--log-level', 'warn',
+        '--stages', colos.map((c) => `${c}=${stageUrl[c]}`).join(','), '--log-level', 'warn',
       ],
       { stdio: ['ignore', 'ignore', 'inherit'] },
     );
@@ -266,7 +329,7 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
         prefix,
         keysDir: keys.dir,
         keyFiles: keys.files,
-        stages: Object.fromEntries(colos.map((c) => [c, [stages[c].url]])),
+        stages: Object.fromEntries(colos.map((c) => [c, [stageUrl[c]]])),
         origin: origin.url,
         relayColos: mode === 'relay' ? colos : [],
         relaySecret,
@@ -295,6 +358,20 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
     let clientsPeak = clientsIdle;
     let memPeak = memIdle;
     let rssPeak = rssIdle;
+    const cpuNow = async () => {
+      const ticks = (cs: ChildProcess[]) => cs.reduce((a, c) => a + (procStat(c.pid!)?.cpuTicks ?? 0), 0) / CLK_TCK;
+      const r = await redis.info('cpu');
+      const f = (k: string) => Number(new RegExp(`^${k}:([\\d.]+)`, 'm').exec(r)?.[1] ?? 0);
+      const self = process.cpuUsage();
+      return {
+        control: ticks([control]),
+        stages: ticks(stageProcs.children),
+        agents: ticks(children),
+        redis: f('used_cpu_sys') + f('used_cpu_user'),
+        origin: (self.user + self.system) / 1e6,
+      };
+    };
+    const cpuStart = await cpuNow();
     const cpu0 = procStat(control.pid!)?.cpuTicks ?? 0;
     const tStart = Date.now();
     const rollout = await api.createRollout({
@@ -329,6 +406,10 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
     const wallMs = Date.now() - tStart;
     clearInterval(sampler);
     const cpuMs = (((procStat(control.pid!)?.cpuTicks ?? cpu0) - cpu0) / CLK_TCK) * 1000;
+    const cpuEnd = await cpuNow();
+    const cpuSec = Object.fromEntries(
+      Object.entries(cpuEnd).map(([k, v]) => [k, Math.round((v - cpuStart[k as keyof typeof cpuStart]) * 10) / 10]),
+    ) as FleetBenchResult['cpuSec'];
     const converted = detail.status.counts.converted;
     const failed = detail.status.counts.failed;
 
@@ -336,8 +417,8 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
     const egress = counterValue(originText, 'origin_blob_bytes_out_total');
     let stageToHost = 0;
     let resumes = 0;
-    for (const s of Object.values(stages)) {
-      const text = await s.metrics.metrics();
+    for (const url of Object.values(stageUrl)) {
+      const text = await new ReadClient(url).metricsText();
       stageToHost += counterValue(text, 'stage_bytes_served_total');
       resumes += counterValue(text, 'stage_resumes_total');
     }
@@ -393,6 +474,7 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
       stepP50Ms: percentile(all, 50),
       stepP99Ms: percentile(all, 99),
       stepStats,
+      cpuSec,
     };
   } finally {
     for (const c of cleanup.reverse()) await c().catch(() => {});
@@ -410,6 +492,7 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
     bundleMiB: opts['bundle-mib'] !== undefined ? Number(opts['bundle-mib']) : undefined,
     mode: (opts.mode as 'relay' | 'direct' | undefined) ?? undefined,
     agentProcs: opts['agent-procs'] ? Number(opts['agent-procs']) : undefined,
+    stageProcs: opts['stage-procs'] ? Number(opts['stage-procs']) : undefined,
     maxInFlight: opts['max-in-flight'] ? Number(opts['max-in-flight']) : undefined,
   });
   const rows: (string | number)[][] = [
@@ -427,6 +510,10 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
     ['BullMQ jobs (steps) per second', r.jobsPerSec],
     ['agent-process RSS per host', `${(r.agentRssPerHostBytes / 1024).toFixed(0)} KiB (${mib(r.agentRssBytes)} peak in all)`],
     ['time per step p50 / p99', `${r.stepP50Ms} / ${r.stepP99Ms} ms`],
+    [
+      'CPU during the rollout: control / stages / agents / Redis / origin',
+      `${r.cpuSec.control} / ${r.cpuSec.stages} / ${r.cpuSec.agents} / ${r.cpuSec.redis} / ${r.cpuSec.origin} s`,
+    ],
   ];
   return {
     suite: 'fleet',
@@ -470,15 +557,26 @@ async function childMain(specFile: string): Promise<void> {
     relaySecret: spec.relaySecret,
     startConcurrency: 32,
   });
-  process.stdout.write('ready\n');
+  process.stdout.write('ready {}\n');
   await new Promise<void>((r) => process.once('SIGTERM', () => r()));
   await agents.stop();
   process.exit(0);
 }
 
+async function stageChildMain(specFile: string): Promise<void> {
+  const spec = JSON.parse(await readFile(specFile, 'utf8')) as StageChildSpec;
+  const stages = await startStages(spec);
+  process.stdout.write(`ready ${JSON.stringify(Object.fromEntries(stages.map((st) => [st.config.colo, st.url])))}\n`);
+  await new Promise<void>((r) => process.once('SIGTERM', () => r()));
+  for (const st of stages) await st.close().catch(() => {});
+  process.exit(0);
+}
+
 if (process.argv[1] && pathToFileURL(process.argv[1]).href === import.meta.url) {
   const i = process.argv.indexOf('--child');
+  const j = process.argv.indexOf('--stage-child');
   if (i > 0) await childMain(process.argv[i + 1]);
+  else if (j > 0) await stageChildMain(process.argv[j + 1]);
   else {
     const r = await run(Object.fromEntries(process.argv.slice(2).map((a, j, arr) => (a.startsWith('--') ? [a.slice(2), arr[j + 1]] : [])).filter((x) => x.length)));
     process.stdout.write(`${textTable(r.headers, r.rows)}\n${JSON.stringify(r.data)}\n`);
