@@ -1,7 +1,7 @@
 /**
  * Fleet benchmark: a whole fleet converted in one run.
  *
- *   npm run bench -- fleet [--hosts 1000 --colos 10 --bundle-mib 8 --mode relay|direct --agent-procs K --stage-procs S]
+ *   npm run bench -- fleet [--hosts 1000 --colos 10 --bundle-mib 8 --mode relay|direct --agent-procs K --stage-procs S --cpu-prof DIR]
  *
  * Starts a private redis-server (so INFO is ours alone), an origin (in this process), one stage per
  * colo in S child processes (default one per 50 colos; in relay mode each stage runs its colo's
@@ -41,6 +41,8 @@ import { type SuiteResult, percentile, textTable } from './report.js';
 const BIN = fileURLToPath(new URL('../services/cli/bin.js', import.meta.url));
 const SELF = fileURLToPath(import.meta.url);
 const CLK_TCK = 100;
+/** `--cpu-prof DIR`: every child process (stages, control, agents) writes a V8 CPU profile into DIR when it exits. */
+let profArgs: string[] = [];
 
 /** Options of benchFleet. */
 export interface FleetBenchOptions {
@@ -58,6 +60,8 @@ export interface FleetBenchOptions {
   maxInFlight?: number;
   /** Rollout deadline, s (default 3600). */
   timeoutSec?: number;
+  /** Write V8 CPU profiles of the child processes into this directory. */
+  cpuProfDir?: string;
 }
 
 /** What benchFleet measured. */
@@ -153,7 +157,7 @@ interface StageChildSpec {
  */
 async function startChild<T>(flag: string, spec: unknown, file: string): Promise<{ child: ChildProcess; info: T }> {
   await writeFile(file, JSON.stringify(spec));
-  const c = spawn(process.execPath, ['--max-old-space-size=8192', '--import', 'tsx', SELF, flag, file], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const c = spawn(process.execPath, [...profArgs, '--max-old-space-size=8192', '--import', 'tsx', SELF, flag, file], { stdio: ['ignore', 'pipe', 'inherit'] });
   const info = await new Promise<T>((res, rej) => {
     let out = '';
     const onData = (d: Buffer) => {
@@ -240,6 +244,7 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
   const mode = o.mode ?? 'relay';
   const procs = o.agentProcs ?? Math.max(1, Math.ceil(nHosts / 5000));
   const root = await mkdtemp(join(o.workDir ?? tmpdir(), 'sc-fleet-bench-'));
+  profArgs = o.cpuProfDir ? ['--cpu-prof', '--cpu-prof-dir', o.cpuProfDir] : [];
   const cleanup: (() => Promise<void>)[] = [];
   const t0 = Date.now();
   try {
@@ -304,6 +309,7 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
     const control = spawn(
       process.execPath,
       [
+        ...profArgs,
         BIN, 'control', '--listen', `127.0.0.1:${cport}`, '--redis', redisH.url, '--origin', origin.url,
         '--token-file', controlTokenFile, '--signing-key', keys.files.controlKey, '--prefix', prefix,
         '--stage-token-file', stageTokenFile, '--trust-key', keys.files.releasePub,
@@ -493,6 +499,7 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
     mode: (opts.mode as 'relay' | 'direct' | undefined) ?? undefined,
     agentProcs: opts['agent-procs'] ? Number(opts['agent-procs']) : undefined,
     stageProcs: opts['stage-procs'] ? Number(opts['stage-procs']) : undefined,
+    cpuProfDir: opts['cpu-prof'],
     maxInFlight: opts['max-in-flight'] ? Number(opts['max-in-flight']) : undefined,
   });
   const rows: (string | number)[][] = [

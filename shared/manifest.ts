@@ -97,9 +97,17 @@ export function loadPublicKey(pem: string | Buffer): KeyObject {
 
 /** A key's id: the first 16 hex characters of sha256 over its SPKI DER encoding. */
 export function keyId(key: KeyObject): string {
-  const pub = key.type === 'private' ? createPublicKey(key) : key;
-  return createHash('sha256').update(pub.export({ type: 'spki', format: 'der' })).digest('hex').slice(0, 16);
+  let id = keyIds.get(key);
+  if (id === undefined) {
+    const pub = key.type === 'private' ? createPublicKey(key) : key;
+    id = createHash('sha256').update(pub.export({ type: 'spki', format: 'der' })).digest('hex').slice(0, 16);
+    keyIds.set(key, id);
+  }
+  return id;
 }
+
+/** Key ids of KeyObjects already seen (they are immutable): every job and manifest check needs one. */
+const keyIds = new WeakMap<KeyObject, string>();
 
 /** Signs arbitrary bytes with ed25519; returns base64. */
 export function signBytes(key: KeyObject, data: Buffer): string {

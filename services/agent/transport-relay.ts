@@ -11,12 +11,13 @@
  *   A `X-Stagecoach-Fields` header may carry pending registration fields (base64url JSON).
  * - `POST /v1/relay/hosts/:id/heartbeat`    `{fields}` → 204
  * - `POST /v1/relay/jobs/:jobId/progress`   `{report, progress?, log?, fields?}` → 204
- * - `POST /v1/relay/jobs/:jobId/complete`   `{result, report, fields?}` → 204 (409 when the relay no longer holds it)
- * - `POST /v1/relay/jobs/:jobId/fail`       `{code, message, permanent, report, fields?}` → 200 `{retry}`
+ * - `POST /v1/relay/jobs/:jobId/complete`   `{result, report, log?, fields?}` → 204 (409 when the relay no longer holds it)
+ * - `POST /v1/relay/jobs/:jobId/fail`       `{code, message, permanent, report, log?, fields?}` → 200 `{retry}`
  *
  * Round trips per step: one poll (which also carries state changes made since the last request),
  * one `started` event, progress at most once per interval, one completion. Registration fields
- * are not sent on their own: they ride on the next request, or go out after `flushMs`.
+ * and log lines are not sent on their own: they ride on the next request, or go out after
+ * `flushMs`.
  * The relay URLs are tried in order; a connection failure moves to the next one.
  */
 import { Agent as HttpAgent, request as httpRequest } from 'node:http';
@@ -61,6 +62,8 @@ export class RelayTransport implements StepTransport {
   #lastAnswer = 0;
   #pending: Partial<HostRecord> | null = null;
   #flushTimer: NodeJS.Timeout | null = null;
+  /** Log lines not sent yet: they ride on the job's next request, or go out after `flushMs`. */
+  #logs: { job: StepJob; lines: string[]; timer: NodeJS.Timeout } | null = null;
   #closed = false;
   readonly #polls = new Set<AbortController>();
 
@@ -135,7 +138,19 @@ export class RelayTransport implements StepTransport {
   }
 
   async log(job: StepJob, line: string): Promise<void> {
-    await this.#post(job, 'progress', { log: [line] }).catch(() => {});
+    if (this.#logs && this.#logs.job.id !== job.id) await this.#flushLogs();
+    if (this.#logs) this.#logs.lines.push(line);
+    else this.#logs = { job, lines: [line], timer: setTimeout(() => void this.#flushLogs(), this.#o.flushMs) };
+    if (this.#logs.lines.length >= 100) await this.#flushLogs();
+  }
+
+  /** Sends pending log lines on a request of their own. */
+  async #flushLogs(): Promise<void> {
+    const l = this.#logs;
+    if (!l) return;
+    clearTimeout(l.timer);
+    this.#logs = null;
+    await this.#post(l.job, 'progress', { log: l.lines }).catch(() => {});
   }
 
   async complete(job: StepJob, result: Record<string, unknown>, r: ReportFields): Promise<void> {
@@ -154,6 +169,8 @@ export class RelayTransport implements StepTransport {
 
   async close(): Promise<void> {
     this.#closed = true;
+    if (this.#logs) clearTimeout(this.#logs.timer);
+    this.#logs = null;
     if (this.#flushTimer) clearTimeout(this.#flushTimer);
     this.#flushTimer = null;
     for (const ac of this.#polls) ac.abort();
@@ -172,8 +189,17 @@ export class RelayTransport implements StepTransport {
 
   async #post(job: StepJob, what: 'progress' | 'complete' | 'fail', body: Record<string, unknown>): Promise<unknown> {
     const fields = this.#take({});
-    const r = await this.#call('POST', `/v1/relay/jobs/${encodeURIComponent(job.id)}/${what}`, fields ? { ...body, fields } : body, 30_000).catch((err) => {
+    let logs: string[] | undefined;
+    if (this.#logs?.job.id === job.id && body.log === undefined) {
+      clearTimeout(this.#logs.timer);
+      logs = this.#logs.lines;
+      this.#logs = null;
+    }
+    const full = { ...body, ...(fields ? { fields } : {}), ...(logs ? { log: logs } : {}) };
+    const r = await this.#call('POST', `/v1/relay/jobs/${encodeURIComponent(job.id)}/${what}`, full, 30_000).catch((err) => {
       if (fields) this.#pending = { ...fields, ...(this.#pending ?? {}) };
+      // Lines not delivered go back in front, for the job's next request (completion retries included).
+      if (logs && !this.#logs) this.#logs = { job, lines: logs, timer: setTimeout(() => void this.#flushLogs(), this.#o.flushMs) };
       throw err;
     });
     this.#check(r);

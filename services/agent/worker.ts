@@ -93,6 +93,9 @@ export interface AgentWorkerOptions {
 
 type Base = { rollout: string; seq: number; step: string };
 
+/** How long the running OS's inspected identity (IP, OS) is reused for registrations, ms. */
+const IDENTITY_TTL_MS = 60_000;
+
 /** One agent instance's job loop. Create, `run()`, and `stop()` from outside to end it. */
 export class AgentWorker {
   readonly #o: Required<Omit<AgentWorkerOptions, 'origin' | 'redis' | 'transport'>> & { origin?: string };
@@ -100,6 +103,8 @@ export class AgentWorker {
   #stopping = false;
   #current?: AbortController;
   #state: Pick<HostRecord, 'state' | 'rollout' | 'step'> = { state: 'starting', rollout: null, step: null };
+  /** What the running OS looks like (IP, OS), from the last full inspection, and when it was taken. */
+  #identity: { ip: string; running: HostRecord['running']; at: number } | null = null;
 
   constructor(opts: AgentWorkerOptions) {
     const { redis, transport, ...rest } = opts;
@@ -191,8 +196,25 @@ export class AgentWorker {
     await this.#t.close().catch(() => {});
   }
 
+  /**
+   * The registration facts of the machine. The running OS and its IP only change with a reboot
+   * (which starts a new agent instance), so the full inspection (it reads network config, host
+   * keys and every partition) runs at start and then at most once a minute; the boot entry, which
+   * steps do change, is read every time.
+   */
+  async #facts(): Promise<Pick<HostRecord, 'ip' | 'running' | 'bootDevice'>> {
+    const d = this.#o.driver;
+    if (!this.#identity || this.#o.now() - this.#identity.at > IDENTITY_TTL_MS) {
+      const ins = await d.inspect();
+      this.#identity = { ip: ins.ip ?? '', running: ins.running, at: this.#o.now() };
+      return { ip: this.#identity.ip, running: ins.running, bootDevice: ins.bootDevice };
+    }
+    return { ip: this.#identity.ip, running: this.#identity.running, bootDevice: (await d.bootConfig()).default };
+  }
+
   async #register(state: string): Promise<void> {
-    const ins = await this.#o.driver.inspect();
+    this.#identity = null;
+    const ins = await this.#facts();
     this.#state = { ...this.#state, state };
     await this.#t.update({
       hostId: this.#o.hostId,
@@ -334,8 +356,8 @@ export class AgentWorker {
     // The idle registration (with what the machine now runs) rides along with the completion in
     // relay mode; in direct mode it is written right after it.
     this.#state = { state: 'idle', rollout: payload.rollout, step: payload.step };
-    const ins = await o.driver.inspect().catch(() => null);
-    const reg: Partial<HostRecord> = ins ? { ...this.#state, ip: ins.ip ?? '', running: ins.running, bootDevice: ins.bootDevice } : { ...this.#state };
+    const facts = await this.#facts().catch(() => null);
+    const reg: Partial<HostRecord> = facts ? { ...this.#state, ...facts } : { ...this.#state };
     if (t.kind === 'relay') await t.update(reg);
     try {
       await t.complete(job, result, { ...base, event: 'completed', message: typeof result.reason === 'string' ? `already done: ${result.reason}` : undefined });

@@ -37,6 +37,7 @@ import { timingSafeEqual } from 'node:crypto';
 import { type Job, Queue, UnrecoverableError, Worker } from 'bullmq';
 import express, { type NextFunction, type Request, type Response } from 'express';
 import type { Redis } from 'ioredis';
+import { LRUCache } from 'lru-cache';
 import {
   coloQueueName,
   HOST_ID_RE,
@@ -237,12 +238,18 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
 
   // ---------------------------------------------------------------- HTTP
 
+  // Each host's expected token, derived once (an HMAC per request adds up at thousands of hosts).
+  const tokens = new LRUCache<string, Buffer>({ max: 100_000 });
   const authHost = (req: Request): string => {
     const m = /^Bearer\s+([0-9a-f]{64})\s*$/i.exec(req.headers.authorization ?? '');
     const host = req.headers['x-stagecoach-host'];
     if (!m || typeof host !== 'string') throw scError('SC_ERR_UNAUTHORIZED', 'relay requests need a host token and X-Stagecoach-Host');
     if (!HOST_ID_RE.test(host)) throw scError('SC_ERR_FORBIDDEN', 'bad host id');
-    const want = Buffer.from(relayToken(o.secret, host), 'hex');
+    let want = tokens.get(host);
+    if (!want) {
+      want = Buffer.from(relayToken(o.secret, host), 'hex');
+      tokens.set(host, want);
+    }
     const got = Buffer.from(m[1].toLowerCase(), 'hex');
     if (want.length !== got.length || !timingSafeEqual(want, got)) throw scError('SC_ERR_FORBIDDEN', 'wrong relay token for this host');
     return host;
@@ -278,6 +285,12 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
     if (!h) throw scError('SC_ERR_CONFLICT', 'this relay does not hold that job (finished, or held elsewhere)');
     if (h.host !== host) throw scError('SC_ERR_FORBIDDEN', 'that job belongs to another host');
     return h;
+  };
+  /** Appends a host's log lines (at most 100 per request, 4000 characters each) to its job, in order. */
+  const addLogs = async (h: Held, lines: unknown): Promise<void> => {
+    if (!Array.isArray(lines)) return;
+    // One connection sends commands in order, so the lines keep theirs.
+    await Promise.all(lines.slice(0, 100).flatMap((line) => (typeof line === 'string' ? [h.job.log(line.slice(0, 4000))] : [])));
   };
   const wrap =
     (fn: (req: Request, res: Response) => Promise<void>) =>
@@ -396,7 +409,7 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
       const b = (req.body ?? {}) as { report?: unknown; progress?: unknown; log?: unknown; fields?: unknown };
       const work: Promise<unknown>[] = [write(host, checkFields(b.fields), report(host, b.report))];
       if (b.progress && typeof b.progress === 'object') work.push(h.job.updateProgress(b.progress as object));
-      if (Array.isArray(b.log)) for (const line of b.log.slice(0, 100)) if (typeof line === 'string') work.push(h.job.log(line.slice(0, 4000)));
+      work.push(addLogs(h, b.log));
       await Promise.all(work);
       res.status(204).end();
     }),
@@ -407,9 +420,10 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
     wrap(async (req, res) => {
       const host = authHost(req);
       const h = heldFor(req, host);
-      const b = (req.body ?? {}) as { result?: unknown; report?: unknown; fields?: unknown };
+      const b = (req.body ?? {}) as { result?: unknown; report?: unknown; log?: unknown; fields?: unknown };
       const fields = checkFields(b.fields);
       const r = report(host, b.report);
+      await addLogs(h, b.log);
       try {
         await h.job.moveToCompleted(b.result && typeof b.result === 'object' ? b.result : {}, token, false);
       } catch (err) {
@@ -427,13 +441,14 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
     wrap(async (req, res) => {
       const host = authHost(req);
       const h = heldFor(req, host);
-      const b = (req.body ?? {}) as { code?: unknown; message?: unknown; permanent?: unknown; report?: unknown; fields?: unknown };
+      const b = (req.body ?? {}) as { code?: unknown; message?: unknown; permanent?: unknown; report?: unknown; log?: unknown; fields?: unknown };
       const code = typeof b.code === 'string' && /^SC_ERR_[A-Z_]{1,60}$/.test(b.code) ? b.code : 'SC_ERR_STEP_FAILED';
       const msg = `${code}: ${typeof b.message === 'string' ? b.message.slice(0, 2000) : 'step failed'}`;
       const permanent = b.permanent === true;
       const fields = checkFields(b.fields);
       let r = report(host, b.report);
       const job = h.job;
+      await addLogs(h, b.log);
       try {
         await job.moveToFailed(permanent ? new UnrecoverableError(msg) : new Error(msg), token, false);
       } catch (err) {

@@ -190,6 +190,11 @@ describe('relay mode', () => {
       const acts = await f.actions(host.hostId);
       assert.equal(acts.filter((a) => a.op === 'partition').length, 1);
       assert.equal(acts.filter((a) => a.op === 'reboot').length, 2);
+      // The step's log lines reached the job (batched onto the host's later requests), in order.
+      const { logs } = await queue.getJobLogs(ids[0]);
+      const iSources = logs.findIndex((l) => l.startsWith('sources: '));
+      const iVerified = logs.findIndex((l) => /bytes verified from/.test(l));
+      assert.ok(iSources >= 0 && iVerified > iSources, `fetch logs: ${JSON.stringify(logs)}`);
     } finally {
       await agents.stop();
     }
