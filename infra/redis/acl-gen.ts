@@ -13,10 +13,18 @@
  * and run only data commands on them (no KEYS/SCAN, no admin, no pub/sub, no FLUSH*, no
  * SCRIPT FLUSH/KILL, no FUNCTION); scripts (EVAL/EVALSHA, how BullMQ works) are checked
  * against the same key patterns by Redis.
+ *
+ * A relay user (a stage running colo C's relay, services/stage/relay.ts) has the same commands on:
+ * - `P:colo.C:*` and `P:colo.C`   its colo's BullMQ queue (no host queue, no other colo's);
+ * - `P:agent:*`, `P:agents`, `P:reports`   the registrations, heartbeats and reports it writes
+ *   for its hosts (host ids carry no colo, so this is every registration: a relay is trusted to
+ *   speak for the hosts it serves; it still cannot touch a job outside its colo's queue);
+ * - `P:hostctl:*`                 read only (abort flags, checked before a job is handed out).
  */
 import { createHash, createHmac } from 'node:crypto';
 import { HOST_ID_RE } from '../../services/agent/client.js';
 import { scError } from '../../shared/errors.js';
+import { NAME_RE } from '../../shared/names.js';
 
 /** The command rules every agent user gets (after `-@all`). */
 export const AGENT_COMMANDS = [
@@ -60,6 +68,12 @@ export const AGENT_COMMANDS = [
 /** Rules of the control user: everything on its prefix except admin/dangerous commands. */
 export const CONTROL_COMMANDS = ['+@all', '-@dangerous', '-@admin', '-@pubsub', '+info', '+client|list'];
 
+/** ACL user name of the relay of a colo. */
+export function relayUser(colo: string): string {
+  if (!NAME_RE.test(colo)) throw scError('SC_ERR_BAD_NAME', `bad colo ${JSON.stringify(colo.slice(0, 80))}`);
+  return `relay-${colo}`;
+}
+
 /** ACL user name of an agent. */
 export function agentUser(hostId: string): string {
   if (!HOST_ID_RE.test(hostId)) throw scError('SC_ERR_BAD_NAME', `bad host id ${JSON.stringify(hostId.slice(0, 80))}`);
@@ -97,14 +111,17 @@ export interface AclOptions {
   controlUser?: string;
   /** Also add an `admin` user with every right (for operators and AOF maintenance). */
   admin?: boolean;
+  /** Colos whose relay (a stage with `--redis`) gets a user of its own. */
+  relayColos?: string[];
 }
 
 /** One generated user and its password. */
 export interface AclUser {
   user: string;
   password: string;
-  role: 'agent' | 'control' | 'admin';
+  role: 'agent' | 'relay' | 'control' | 'admin';
   host?: string;
+  colo?: string;
 }
 
 /** The ACL file text (for `aclfile` / `--aclfile`) and every user with its password. */
@@ -133,6 +150,20 @@ export function generateAcl(o: AclOptions): { acl: string; users: AclUser[] } {
       `~${keyPattern(o.prefix, 'agents')}`,
       `~${keyPattern(o.prefix, 'reports')}`,
       `%R~${keyPattern(o.prefix, `hostctl:${h}`)}`,
+    ];
+    lines.push(`user ${user} on #${sha(pw)} resetkeys resetchannels ${keysRule.join(' ')} -@all ${AGENT_COMMANDS.join(' ')}`);
+  }
+  for (const c of [...new Set(o.relayColos ?? [])].sort()) {
+    const user = relayUser(c);
+    const pw = derivePassword(o.secret, user);
+    users.push({ user, password: pw, role: 'relay', colo: c });
+    const keysRule = [
+      `~${keyPattern(o.prefix, `colo.${c}:*`)}`,
+      `~${keyPattern(o.prefix, `colo.${c}`)}`,
+      `~${keyPattern(o.prefix, 'agent:*')}`,
+      `~${keyPattern(o.prefix, 'agents')}`,
+      `~${keyPattern(o.prefix, 'reports')}`,
+      `%R~${keyPattern(o.prefix, 'hostctl:*')}`,
     ];
     lines.push(`user ${user} on #${sha(pw)} resetkeys resetchannels ${keysRule.join(' ')} -@all ${AGENT_COMMANDS.join(' ')}`);
   }

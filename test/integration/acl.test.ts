@@ -38,7 +38,7 @@ describe('redis ACL', { skip: !haveRedisServer() && 'redis-server is not install
 
   before(async () => {
     dir = mkdtempSync(join(tmpdir(), 'sc-acl-'));
-    const gen = generateAcl({ prefix: P, hosts: ['h1', 'h2', 'acl-h1', 'acl-h2'], secret: 'a-test-secret-of-enough-length', admin: true });
+    const gen = generateAcl({ prefix: P, hosts: ['h1', 'h2', 'acl-h1', 'acl-h2'], secret: 'a-test-secret-of-enough-length', admin: true, relayColos: ['c1', 'c2'] });
     users = gen.users;
     writeFileSync(join(dir, 'users.acl'), gen.acl);
     const port = await freePort();
@@ -146,6 +146,45 @@ describe('redis ACL', { skip: !haveRedisServer() && 'redis-server is not install
     const q2c = new Queue('host.h2', { connection: ctl, prefix: P });
     closers.push(() => q2c.close());
     assert.equal(await q2c.getJobState('r1.0.fetch'), 'waiting', 'h2’s job is untouched');
+  });
+
+  it("relay c1 runs its colo's queue and writes its hosts' presence, and nothing else", async () => {
+    const ctl = connect('control');
+    const q1 = new Queue('colo.c1', { connection: ctl, prefix: P });
+    const q2 = new Queue('colo.c2', { connection: ctl, prefix: P });
+    closers.push(() => q1.close(), () => q2.close());
+    await q1.add('fetch', { n: 1 }, { jobId: 'r9.0.fetch.h1', attempts: 3 });
+    await q2.add('fetch', { n: 2 }, { jobId: 'r9.0.fetch.h2', attempts: 3 });
+    await ctl.hset(`${P}:hostctl:h1`, 'abort', 'none');
+
+    const r1 = connect('relay-c1', { bullmq: true });
+    const w = new Worker('colo.c1', null, { connection: r1, prefix: P, lockDuration: 30_000, maxStalledCount: 1000, autorun: false });
+    closers.push(() => w.close());
+    await w.waitUntilReady();
+    const token = 'relay:c1';
+    const job = await w.getNextJob(token, { block: true });
+    assert.equal(job?.id, 'r9.0.fetch.h1');
+    await job!.extendLock(token, 30_000);
+    await job!.log('relayed');
+    await job!.moveToCompleted({ ok: true }, token, false);
+    assert.equal(await q1.getJobState('r9.0.fetch.h1'), 'completed');
+    await r1.multi().hset(`${P}:agent:h1`, 'transport', '"relay"').zadd(`${P}:agents`, Date.now(), 'h1').exec();
+    await r1.xadd(`${P}:reports`, 'MAXLEN', '~', '1000', '*', 'r', '{}');
+    assert.equal(await r1.hget(`${P}:hostctl:h1`, 'abort'), 'none');
+
+    // Not: another colo's queue, any host queue, abort flags, control's keys.
+    const r1p = connect('relay-c1');
+    await assert.rejects(r1p.lrange(`${P}:colo.c2:wait`, 0, -1), noperm);
+    await assert.rejects(r1p.hgetall(`${P}:colo.c2:r9.0.fetch.h2`), noperm);
+    await assert.rejects(r1p.lrange(`${P}:host.h1:wait`, 0, -1), noperm);
+    await assert.rejects(r1p.hset(`${P}:hostctl:h1`, 'abort', ''), noperm);
+    await assert.rejects(r1p.get(`${P}:control:audit`), noperm);
+    await assert.rejects(r1p.keys('*'), noperm);
+    const w2 = new Worker('colo.c2', null, { connection: connect('relay-c1', { bullmq: true }), prefix: P, autorun: false });
+    w2.on('error', () => {});
+    closers.push(() => w2.close());
+    await assert.rejects(w2.getNextJob('relay:c1'), noperm);
+    assert.equal(await q2.getJobState('r9.0.fetch.h2'), 'waiting', 'c2’s job is untouched');
   });
 
   it('a rollout converges with every agent on its own ACL user and control on its own', async () => {

@@ -1,6 +1,6 @@
 /**
- * `stagecoach acl gen`: the Redis ACL file (one user per agent limited to its own keys, one for
- * control, default user off) and each user's credentials, derived from one secret file.
+ * `stagecoach acl gen`: the Redis ACL file (one user per agent limited to its own keys, one per
+ * relay limited to its colo's queue, one for control, default user off) and each user's credentials, derived from one secret file.
  */
 import { chmodSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -14,6 +14,7 @@ interface GenFlags {
   prefix: string;
   hosts?: string;
   hostsFile?: string;
+  relayColos?: string;
   secretFile: string;
   out?: string;
   redisUrl: string;
@@ -32,11 +33,12 @@ export function register(program: Command): void {
     .option('--prefix <p>', 'Redis key prefix of the fleet', 'stagecoach')
     .option('--hosts <h1,h2>', 'host ids')
     .option('--hosts-file <file>', 'host ids, one per line (# comments allowed)')
+    .option('--relay-colos <c1,c2>', "colos whose relay stage gets a user (relay-<colo>: its colo's queue, registrations, reports)")
     .option('--out <file>', 'write the ACL file here (default: stdout)')
     .option('--redis-url <url>', 'base URL for the credential URLs', 'redis://127.0.0.1:6379')
     .option('--credentials-dir <dir>', 'write <user>.url (mode 0600) per user, to hand to agents and control')
     .option('--admin', 'also add an `admin` user with every right')
-    .option('--json', 'print {acl, users:[{user, role, host, url}]}')
+    .option('--json', 'print {acl, users:[{user, role, host?, colo?, url}]}')
     .action(
       action(async (f: GenFlags) => {
         const hosts = [...splitList(f.hosts)];
@@ -50,12 +52,12 @@ export function register(program: Command): void {
           for (const l of text.split('\n')) if (l.trim() && !l.trim().startsWith('#')) hosts.push(l.trim());
         }
         const secret = readTokenFile(f.secretFile);
-        const { acl: text, users } = generateAcl({ prefix: f.prefix, hosts, secret, admin: f.admin });
+        const { acl: text, users } = generateAcl({ prefix: f.prefix, hosts, secret, admin: f.admin, relayColos: [...splitList(f.relayColos)] });
         if (f.out) {
           writeFileSync(f.out, text, { mode: 0o640 });
           chmodSync(f.out, 0o640);
         }
-        const withUrls = users.map((u) => ({ user: u.user, role: u.role, ...(u.host ? { host: u.host } : {}), url: credentialUrl(f.redisUrl, u.user, u.password) }));
+        const withUrls = users.map((u) => ({ user: u.user, role: u.role, ...(u.host ? { host: u.host } : {}), ...(u.colo ? { colo: u.colo } : {}), url: credentialUrl(f.redisUrl, u.user, u.password) }));
         if (f.credentialsDir) {
           mkdirSync(f.credentialsDir, { recursive: true, mode: 0o700 });
           for (const u of withUrls) writeFileSync(join(f.credentialsDir, `${u.user}.url`), `${u.url}\n`, { mode: 0o600 });

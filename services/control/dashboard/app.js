@@ -286,14 +286,35 @@ async function safely(fn) {
   }
 }
 
+// Pacing: a refresh that took D ms is not repeated sooner than 10 × D, so a large fleet (whose
+// host list and rollout details are megabytes) costs control and the browser at most about a
+// tenth of their time, while a small one stays near real time.
+const took = new Map();
+async function timed(fn) {
+  const t0 = performance.now();
+  try {
+    await safely(fn);
+  } finally {
+    took.set(fn, performance.now() - t0);
+  }
+}
+const pace = (fn, base) => Math.max(base, 10 * (took.get(fn) ?? 0));
+function every(fn, base) {
+  const loop = async () => {
+    await timed(fn);
+    setTimeout(loop, pace(fn, base));
+  };
+  setTimeout(loop, pace(fn, base));
+}
+
 let pending = null;
 function soon() {
   if (pending) return;
   pending = setTimeout(async () => {
-    pending = null;
-    await safely(refreshRollouts);
+    await timed(refreshRollouts);
     await safely(refreshAudit);
-  }, 150);
+    pending = null;
+  }, pace(refreshRollouts, 150));
 }
 
 function connectEvents() {
@@ -336,8 +357,8 @@ renderLegend();
 setupToken();
 void showWho();
 connectEvents();
-await safely(refreshInventory);
-await safely(refreshRollouts);
+await timed(refreshInventory);
+await timed(refreshRollouts);
 await safely(refreshAudit);
-setInterval(() => safely(refreshInventory), 2000);
-setInterval(() => safely(refreshRollouts), 3000);
+every(refreshInventory, 2000);
+every(refreshRollouts, 3000);
