@@ -76,7 +76,7 @@ export async function startControl(config: ControlConfig | ControlConfigInput, o
   const refreshBoard = async () => {
     if (!board) return;
     try {
-      await board.refresh((await inventory.records()).map((h) => h.hostId));
+      await board.refresh(await inventory.records());
     } catch (err) {
       log.debug({ err: (err as Error).message }, 'bull-board refresh failed');
     }

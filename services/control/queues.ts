@@ -13,7 +13,7 @@ import { BullMQAdapter } from '@bull-board/api/bullMQAdapter';
 import { ExpressAdapter } from '@bull-board/express';
 import { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
-import { hostQueueName, readRoutes, routedJobId } from '../agent/client.js';
+import { coloQueueName, type HostRecord, hostQueueName, readRoutes, routedJobId } from '../agent/client.js';
 import type { Logger } from '../../shared/log.js';
 
 /** What BullMQ says about one job. */
@@ -97,23 +97,42 @@ export class Board {
     this.#board = createBullBoard({ queues: [], serverAdapter, options: { uiConfig: { boardTitle: 'stagecoach queues' } } });
   }
 
-  /** Shows the queues of these hosts (sorted, at most `limit`); closes queues no longer shown. */
-  async refresh(hostIds: string[]): Promise<void> {
-    const want = [...new Set(hostIds)].sort().slice(0, this.#limit);
-    const keep = new Set(want);
+  /**
+   * Shows the queues of these hosts: the colo queue of each colo with relay hosts, then the host
+   * queues of direct hosts (sorted), at most `limit` in all; closes queues no longer shown.
+   */
+  async refresh(hosts: Pick<HostRecord, 'hostId' | 'colo' | 'transport'>[]): Promise<void> {
+    const colos = [...new Set(hosts.filter((h) => h.transport === 'relay').map((h) => h.colo))].sort();
+    const direct = [...new Set(hosts.filter((h) => h.transport !== 'relay').map((h) => h.hostId))].sort();
+    const want: string[] = [];
+    for (const c of colos) {
+      try {
+        want.push(coloQueueName(c));
+      } catch {
+        // a registration with a malformed colo names no queue
+      }
+    }
+    for (const id of direct) {
+      try {
+        want.push(hostQueueName(id));
+      } catch {
+        // likewise
+      }
+    }
+    const keep = new Set(want.slice(0, this.#limit));
     let changed = false;
-    for (const [id, q] of this.#queues) {
-      if (!keep.has(id)) {
-        this.#queues.delete(id);
+    for (const [name, q] of this.#queues) {
+      if (!keep.has(name)) {
+        this.#queues.delete(name);
         changed = true;
         await q.close().catch(() => {});
       }
     }
-    for (const id of want) {
-      if (this.#queues.has(id)) continue;
-      const q = new Queue(hostQueueName(id), { connection: this.#redis, prefix: this.#prefix });
+    for (const name of keep) {
+      if (this.#queues.has(name)) continue;
+      const q = new Queue(name, { connection: this.#redis, prefix: this.#prefix });
       q.on('error', (err) => this.#log.debug({ err }, 'board queue error'));
-      this.#queues.set(id, q);
+      this.#queues.set(name, q);
       changed = true;
     }
     if (changed) this.#board.replaceQueues([...this.#queues.values()].map((q) => new BullMQAdapter(q, { readOnlyMode: true })));

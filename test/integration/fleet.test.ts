@@ -149,4 +149,18 @@ describe('fleet: 40 hosts in 4 colos, half of them through relays', () => {
       assert.ok(maxOverlap(inColo) <= PER_COLO, `maxInFlightPerColo held in ${c}`);
     }
   });
+
+  it("bull-board shows the relay colos' queues and the direct hosts' queues", async () => {
+    const names = await until(
+      async () => {
+        const r = await fetch(`${control.url}/queues/api/queues?page=1&jobsPerPage=1`);
+        const n = ((await r.json()) as { queues: { name: string }[] }).queues.map((q) => q.name);
+        return n.includes(`colo.${RELAY[0]}`) && n.includes(`colo.${RELAY[1]}`) ? n : null;
+      },
+      20_000,
+      'the board',
+    );
+    assert.ok(names.includes(`host.${COLOS[2]}-h1`), 'a direct host has its queue');
+    assert.ok(!names.some((n) => n.startsWith(`host.${RELAY[0]}-`)), 'relay hosts have no queue of their own');
+  });
 });
