@@ -493,9 +493,17 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
 
 const mib = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
 
-/** The suite entry for loadtest/run.ts. */
+/**
+ * The suite entry for loadtest/run.ts. With `from-json FILE`, nothing runs: the result is the
+ * last JSON line of FILE (what an earlier run printed), rendered again.
+ */
 export async function run(opts: Record<string, string | undefined>): Promise<SuiteResult> {
-  const r = await benchFleet({
+  if (opts['from-json']) {
+    const lines = (await readFile(opts['from-json'], 'utf8')).split('\n').filter((l) => l.startsWith('{'));
+    if (lines.length === 0) throw new Error(`${opts['from-json']} holds no result line`);
+    return fleetSuite(JSON.parse(lines[lines.length - 1]) as FleetBenchResult);
+  }
+  return fleetSuite(await benchFleet({
     hosts: opts.hosts ? Number(opts.hosts) : undefined,
     colos: opts.colos ? Number(opts.colos) : undefined,
     bundleMiB: opts['bundle-mib'] !== undefined ? Number(opts['bundle-mib']) : undefined,
@@ -505,7 +513,11 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
     cpuProfDir: opts['cpu-prof'],
     timeoutSec: opts['timeout-sec'] ? Number(opts['timeout-sec']) : undefined,
     maxInFlight: opts['max-in-flight'] ? Number(opts['max-in-flight']) : undefined,
-  });
+  }));
+}
+
+/** The table of a fleet run. */
+export function fleetSuite(r: FleetBenchResult): SuiteResult {
   const rows: (string | number)[][] = [
     ['hosts / colos / mode', `${r.hosts} / ${r.colos} / ${r.mode}`],
     ['bundle bytes (B + C)', mib(r.bundleBytes)],
@@ -523,7 +535,8 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
     ['time per step p50 / p99', `${r.stepP50Ms} / ${r.stepP99Ms} ms`],
     [
       'CPU during the rollout: control / stages / agents / Redis / origin',
-      `${r.cpuSec.control} / ${r.cpuSec.stages} / ${r.cpuSec.agents} / ${r.cpuSec.redis} / ${r.cpuSec.origin} s`,
+      // (absent from results recorded before the processes were measured apart)
+      r.cpuSec ? `${r.cpuSec.control} / ${r.cpuSec.stages} / ${r.cpuSec.agents} / ${r.cpuSec.redis} / ${r.cpuSec.origin} s` : 'not measured',
     ],
   ];
   return {
