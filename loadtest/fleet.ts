@@ -6,7 +6,7 @@
  * Starts a private redis-server (so INFO is ours alone), an origin (in this process), one stage per
  * colo in S child processes (default one per 50 colos; in relay mode each stage runs its colo's
  * relay), control as a child process (`node services/cli/bin.js control …`), and the sim hosts'
- * agents in K child processes (default one per 5,000 hosts; no process per host). Every group's
+ * agents in K child processes (default one per 5,000 hosts, at least 2; no process per host). Every group's
  * CPU time is its own (/proc/PID/stat, Redis INFO cpu, process.cpuUsage). Publishes
  * B and C, converts every host with a wave plan (canary 1, then 10 %, then the rest), and prints:
  * wall time; hosts converted/failed; origin blob bytes ÷ (bundle bytes × colos) (must be 1.00);
@@ -50,7 +50,7 @@ export interface FleetBenchOptions {
   colos?: number;
   bundleMiB?: number;
   mode?: 'relay' | 'direct';
-  /** Agent child processes (default ceil(hosts / 5000)). */
+  /** Agent child processes (default ceil(hosts / 5000), at least 2: one sim process per core). */
   agentProcs?: number;
   /** Stage child processes; the colos are spread over them (default ceil(colos / 50)). */
   stageProcs?: number;
@@ -242,7 +242,7 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
   const nHosts = o.hosts ?? 1000;
   const nColos = Math.min(o.colos ?? 10, nHosts);
   const mode = o.mode ?? 'relay';
-  const procs = o.agentProcs ?? Math.max(1, Math.ceil(nHosts / 5000));
+  const procs = o.agentProcs ?? Math.min(nHosts, Math.max(2, Math.ceil(nHosts / 5000)));
   const root = await mkdtemp(join(o.workDir ?? tmpdir(), 'sc-fleet-bench-'));
   profArgs = o.cpuProfDir ? ['--cpu-prof', '--cpu-prof-dir', o.cpuProfDir] : [];
   const cleanup: (() => Promise<void>)[] = [];
