@@ -16,7 +16,6 @@ import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -26,6 +25,7 @@ import { OriginClient } from '../services/origin/client.js';
 import { makeSampleRootfs } from '../shared/bundle/index.js';
 import { unpackFile } from '../services/agent/unpack.js';
 import { fetchBlob } from '../shared/fetch.js';
+import { freePort } from '../shared/redis.js';
 import { machineLine, mbps, type SuiteResult, textTable } from './report.js';
 
 const BIN = fileURLToPath(new URL('../services/cli/bin.js', import.meta.url));
@@ -56,16 +56,6 @@ export interface AgentBenchResult {
   peerMissing: string[];
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((res, rej) => {
-    const s = createServer();
-    s.once('error', rej);
-    s.listen(0, '127.0.0.1', () => {
-      const p = (s.address() as { port: number }).port;
-      s.close(() => res(p));
-    });
-  });
-}
 
 function sh(script: string): Promise<void> {
   return new Promise((res, rej) => {

@@ -21,7 +21,6 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -35,7 +34,7 @@ import { startOrigin } from '../services/origin/main.js';
 import { type RunningStage, startStage } from '../services/stage/main.js';
 import { silentLogger } from '../shared/log.js';
 import { loadPrivateKey, loadPublicKey } from '../shared/manifest.js';
-import { ensureRedis } from '../shared/redis.js';
+import { ensureRedis, freePort } from '../shared/redis.js';
 import { type SuiteResult, percentile, textTable } from './report.js';
 
 const BIN = fileURLToPath(new URL('../services/cli/bin.js', import.meta.url));
@@ -97,16 +96,6 @@ export interface FleetBenchResult {
   cpuSec: { control: number; stages: number; agents: number; redis: number; origin: number };
 }
 
-async function freePort(): Promise<number> {
-  return new Promise((res, rej) => {
-    const s = createServer();
-    s.once('error', rej);
-    s.listen(0, '127.0.0.1', () => {
-      const p = (s.address() as { port: number }).port;
-      s.close(() => res(p));
-    });
-  });
-}
 
 function procStat(pid: number): { cpuTicks: number; rssBytes: number } | null {
   try {

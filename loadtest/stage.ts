@@ -18,11 +18,10 @@ import { randomFillSync } from 'node:crypto';
 import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm, symlink } from 'node:fs/promises';
 import { request } from 'node:http';
-import { type AddressInfo, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-
+import { freePort } from '../shared/redis.js';
 import { type SuiteResult, textTable } from './report.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -106,14 +105,6 @@ async function stop(c: ChildProcess): Promise<void> {
   }, 5000);
   await exited;
   clearTimeout(t);
-}
-
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const p = (s.address() as AddressInfo).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return p;
 }
 
 function httpStatus(url: string): Promise<number> {

@@ -107,14 +107,21 @@ export function readTokenFile(path: string): string {
   return t;
 }
 
-/** A list of non-empty strings given as an array (flags, YAML) or comma-separated (environment). */
-export const stringList = z.preprocess(
-  (v) =>
-    typeof v === 'string'
-      ? v
-          .split(',')
-          .map((s) => s.trim())
-          .filter(Boolean)
-      : v,
-  z.array(z.string().min(1)),
-);
+/**
+ * A list given as an array (flags, YAML) or comma-separated (environment), each item checked by
+ * `item`; `what` names the list in the error.
+ */
+export const commaList = <T extends z.ZodType>(item: T, what = 'a list') =>
+  z.preprocess(
+    (v) =>
+      typeof v === 'string'
+        ? v
+            .split(',')
+            .map((s) => s.trim())
+            .filter(Boolean)
+        : v,
+    z.array(item, { error: `expected ${what}` }),
+  );
+
+/** A list of non-empty strings (see commaList). */
+export const stringList = commaList(z.string().min(1));

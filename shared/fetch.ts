@@ -406,7 +406,8 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
     for (;;) {
       if (st.have < size) {
         const before = st.hwm;
-        let passFailures = 0;
+        // True while every source of this pass answered 404 (origin is then asked at once).
+        let notFoundPass = true;
         for (const source of candidates) {
           if (st.have >= size) break;
           if (excluded.has(source)) continue;
@@ -416,12 +417,12 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
           } catch (err) {
             if (err instanceof LocalFailure) throw scError('SC_ERR_INTERNAL', `writing ${partial}: ${err.message}`, { path: partial }, err.inner);
             if (signal?.aborted) throw abortError(signal);
-            failures.push({ source, error: toScError(err) });
-            passFailures++;
+            const e = toScError(err);
+            failures.push({ source, error: e });
+            if (e.code !== 'SC_ERR_BLOB_NOT_FOUND') notFoundPass = false;
             if (failures.length > 50) failures.shift();
           }
         }
-        const notFoundPass = passFailures > 0 && failures.slice(-passFailures).every((f) => f.error.code === 'SC_ERR_BLOB_NOT_FOUND');
         if (st.have < size) {
           idlePasses = st.hwm > before ? 0 : idlePasses + 1;
           const live = candidates.filter((c) => !excluded.has(c));

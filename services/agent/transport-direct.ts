@@ -12,7 +12,7 @@ import type { ScError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
 import { hostQueueName, type HostRecord } from './client.js';
 import { Presence } from './presence.js';
-import type { JobProgress, ReportFields, StepJob, StepTransport } from './transport.js';
+import { type JobProgress, type ReportFields, type StepJob, type StepTransport, stepJobOf } from './transport.js';
 
 /** The lock token of every job this host takes: stable across restarts and reboots. */
 export function hostToken(hostId: string): string {
@@ -80,16 +80,7 @@ export class DirectTransport implements StepTransport {
 
   #wrap(j: Job, readopted: boolean): StepJob {
     this.#jobs.set(j.id!, j);
-    return {
-      id: j.id!,
-      name: j.name,
-      data: j.data,
-      attemptsMade: j.attemptsMade,
-      maxAttempts: j.opts.attempts ?? 1,
-      processedOn: j.processedOn,
-      deferredFailure: j.deferredFailure,
-      readopted,
-    };
+    return stepJobOf(j, readopted);
   }
 
   async readopt(): Promise<StepJob | undefined> {

@@ -5,6 +5,7 @@
  * and has no Redis connection at all. Steps, their idempotence and the re-adoption rule are the
  * same in both: a job taken and not finished is handed to the host again when it comes back.
  */
+import type { Job } from 'bullmq';
 import type { ScError } from '../../shared/errors.js';
 import type { HostRecord, StepReport } from './client.js';
 
@@ -26,6 +27,20 @@ export interface StepJob {
   deferredFailure?: string;
   /** True when this host already held the job before a restart or reboot (re-adopted). */
   readopted: boolean;
+}
+
+/** The StepJob of a BullMQ job (what a direct agent runs and what a relay hands out). */
+export function stepJobOf(j: Job, readopted: boolean): StepJob {
+  return {
+    id: j.id!,
+    name: j.name,
+    data: j.data,
+    attemptsMade: j.attemptsMade,
+    maxAttempts: j.opts.attempts ?? 1,
+    processedOn: j.processedOn,
+    deferredFailure: j.deferredFailure,
+    readopted,
+  };
 }
 
 /** A report without the fields the transport fills in (host, time). */

@@ -4,7 +4,7 @@
  * then frozen.
  */
 import { z } from 'zod';
-import { deepFreeze, loadConfig, parseBytes, parseListen, type ConfigSources } from '../../shared/config.js';
+import { commaList, deepFreeze, loadConfig, parseBytes, parseListen, type ConfigSources } from '../../shared/config.js';
 import { scError } from '../../shared/errors.js';
 
 const bytes = z.union([z.number().int().nonnegative(), z.string()]).transform((v, ctx) => {
@@ -24,17 +24,7 @@ const upstreamUrl = z
   .refine((u) => /^https?:\/\//.test(u), 'upstream must be an http(s) URL')
   .transform((u) => u.replace(/\/+$/, ''));
 
-const list = <T extends z.ZodType>(item: T, what = 'a list') =>
-  z.preprocess(
-    (v) =>
-      typeof v === 'string'
-        ? v
-            .split(',')
-            .map((s) => s.trim())
-            .filter(Boolean)
-        : v,
-    z.array(item, { error: `expected ${what}` }),
-  );
+const list = commaList;
 
 /** The stage config schema (unknown keys rejected). Durations are milliseconds, sizes bytes. */
 export const stageConfigSchema = z.strictObject({

@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { createServer } from 'node:http';
 import { join, resolve } from 'node:path';
-import { type ConfigSources, parseListen } from '../../shared/config.js';
+import { type ConfigSources, parseListen, readTokenFile } from '../../shared/config.js';
 import { scError } from '../../shared/errors.js';
 import { listen } from '../../shared/http.js';
 import { type Logger, createLogger } from '../../shared/log.js';
@@ -50,17 +50,6 @@ export interface RunningStage {
   close(): Promise<void>;
 }
 
-function readToken(path: string): string {
-  let t: string;
-  try {
-    t = readFileSync(path, 'utf8').split('\n')[0].trim();
-  } catch (err) {
-    throw scError('SC_ERR_BAD_CONFIG', `cannot read token file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
-  }
-  if (!t) throw scError('SC_ERR_BAD_CONFIG', `token file ${path} is empty`);
-  return t;
-}
-
 /**
  * Starts a stage from a config (validated here; throws SC_ERR_BAD_CONFIG). Rebuilds the cache
  * index from disk and resumes partial fills before it answers. Resolves once listening.
@@ -69,7 +58,7 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
   const config = parseStageConfig(input);
   const log = (deps.log ?? createLogger({ level: config.logLevel })).child({ component: 'stage', colo: config.colo });
   const clock = deps.clock ?? realClock;
-  const token = config.token ?? (config.tokenFile ? readToken(config.tokenFile) : undefined);
+  const token = config.token ?? (config.tokenFile ? readTokenFile(config.tokenFile) : undefined);
   const trusted = config.trustKeys.map((p) => {
     try {
       return loadPublicKey(readFileSync(p));
@@ -100,7 +89,7 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
 
   let relay: Relay | null = null;
   if (config.redis) {
-    const secret = config.relaySecret ?? (config.relaySecretFile ? readToken(config.relaySecretFile) : undefined);
+    const secret = config.relaySecret ?? (config.relaySecretFile ? readTokenFile(config.relaySecretFile) : undefined);
     if (!secret) throw scError('SC_ERR_BAD_CONFIG', 'the relay (--redis) needs --relay-secret-file');
     relay = await startRelay({
       colo: config.colo,

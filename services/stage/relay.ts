@@ -49,6 +49,7 @@ import {
   type StepPayload,
   type StepReport,
 } from '../agent/client.js';
+import { stepJobOf } from '../agent/transport.js';
 import { scError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
 import { createRedis } from '../../shared/redis.js';
@@ -292,6 +293,20 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
     // One connection sends commands in order, so the lines keep theirs.
     await Promise.all(lines.slice(0, 100).flatMap((line) => (typeof line === 'string' ? [h.job.log(line.slice(0, 4000))] : [])));
   };
+  /**
+   * Appends the request's log lines, then moves the held job out of the queue's active set
+   * (`move` completes or fails it) and lets go of it. SC_ERR_CONFLICT when BullMQ refuses (lock lost).
+   */
+  const settle = async (h: Held, lines: unknown, what: string, move: () => Promise<unknown>): Promise<void> => {
+    await addLogs(h, lines);
+    try {
+      await move();
+    } catch (err) {
+      throw scError('SC_ERR_CONFLICT', `could not ${what} the job: ${(err as Error).message}`);
+    } finally {
+      drop(h.job.id!);
+    }
+  };
   const wrap =
     (fn: (req: Request, res: Response) => Promise<void>) =>
     (req: Request, res: Response, next: NextFunction): void => {
@@ -349,19 +364,7 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
           const readopted = h.handedOut;
           h.handedOut = true;
           handedOut++;
-          const j = h.job;
-          res.set('Cache-Control', 'no-store').json({
-            job: {
-              id: j.id,
-              name: j.name,
-              data: j.data,
-              attemptsMade: j.attemptsMade,
-              maxAttempts: j.opts.attempts ?? 1,
-              processedOn: j.processedOn,
-              deferredFailure: j.deferredFailure,
-              readopted,
-            },
-          });
+          res.set('Cache-Control', 'no-store').json({ job: stepJobOf(h.job, readopted) });
           return;
         }
         const left = deadline - now();
@@ -423,14 +426,7 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
       const b = (req.body ?? {}) as { result?: unknown; report?: unknown; log?: unknown; fields?: unknown };
       const fields = checkFields(b.fields);
       const r = report(host, b.report);
-      await addLogs(h, b.log);
-      try {
-        await h.job.moveToCompleted(b.result && typeof b.result === 'object' ? b.result : {}, token, false);
-      } catch (err) {
-        drop(h.job.id!);
-        throw scError('SC_ERR_CONFLICT', `could not complete the job: ${(err as Error).message}`);
-      }
-      drop(h.job.id!);
+      await settle(h, b.log, 'complete', () => h.job.moveToCompleted(b.result && typeof b.result === 'object' ? b.result : {}, token, false));
       await write(host, fields, r);
       res.status(204).end();
     }),
@@ -448,14 +444,7 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
       const fields = checkFields(b.fields);
       let r = report(host, b.report);
       const job = h.job;
-      await addLogs(h, b.log);
-      try {
-        await job.moveToFailed(permanent ? new UnrecoverableError(msg) : new Error(msg), token, false);
-      } catch (err) {
-        drop(job.id!);
-        throw scError('SC_ERR_CONFLICT', `could not fail the job: ${(err as Error).message}`);
-      }
-      drop(job.id!);
+      await settle(h, b.log, 'fail', () => job.moveToFailed(permanent ? new UnrecoverableError(msg) : new Error(msg), token, false));
       const retry = !permanent && job.attemptsMade < (job.opts.attempts ?? 1);
       if (r && retry && r.message) r = { ...r, message: `${r.message} (will retry)` };
       await write(host, fields, r);

@@ -15,6 +15,18 @@ let digest: Digest;
 let blobPath: string;
 const servers: ReadServer[] = [];
 const noSleep = async () => {};
+/** A sleep that returns at once and counts its calls (the backoffs). */
+function countingSleep(): { sleep: () => Promise<void>; readonly calls: number } {
+  let calls = 0;
+  return {
+    sleep: async () => {
+      calls++;
+    },
+    get calls() {
+      return calls;
+    },
+  };
+}
 
 async function server(faults = {}): Promise<ReadServer> {
   const s = await startReadServer(faults);
@@ -101,16 +113,13 @@ test('wraps around the sources while each pass makes progress', async () => {
 test('gives up after `retries` passes without progress and keeps the partial', async () => {
   const a = await server({ cutAfter: 500_000 });
   const out = join(dir, 'out.bin');
-  let calls = 0;
-  const sleep = async () => {
-    calls++;
-  };
+  const backoff = countingSleep();
   // After the first bytes, a sends headers and nothing else: no further progress.
   const onProgress = (p: { bytes: number }) => {
     if (p.bytes > 0) a.faults = { cutAfter: 0 };
   };
-  await assert.rejects(fetchBlob({ sources: [a.url], digest, size: SIZE, out, retries: 2, sleep, onProgress }), { code: 'SC_ERR_UPSTREAM' });
-  assert.equal(calls, 2, 'backoff before each extra pass');
+  await assert.rejects(fetchBlob({ sources: [a.url], digest, size: SIZE, out, retries: 2, sleep: backoff.sleep, onProgress }), { code: 'SC_ERR_UPSTREAM' });
+  assert.equal(backoff.calls, 2, 'backoff before each extra pass');
   assert.equal(a.blobRequests.length, 4, 'one pass with progress, then 1 + retries passes without');
   assert.equal(existsSync(out), false);
   const partial = await readFile(`${out}.partial`);
@@ -256,22 +265,11 @@ test('origin is the last resort: a stalled stage is retried `retries` + 1 passes
   const stage = await server({ stallAfter: 0 });
   const origin = await server();
   const out = join(dir, 'out.bin');
-  let sleeps = 0;
-  const r = await fetchBlob({
-    sources: [stage.url],
-    origin: origin.url,
-    digest,
-    size: SIZE,
-    out,
-    retries: 2,
-    idleTimeoutMs: 200,
-    sleep: async () => {
-      sleeps++;
-    },
-  });
+  const backoff = countingSleep();
+  const r = await fetchBlob({ sources: [stage.url], origin: origin.url, digest, size: SIZE, out, retries: 2, idleTimeoutMs: 200, sleep: backoff.sleep });
   assert.ok((await readFile(out)).equals(data));
   assert.equal(stage.blobRequests.length, 3, 'the stage got 1 + retries passes first');
-  assert.equal(sleeps, 2, 'with a backoff before each extra pass');
+  assert.equal(backoff.calls, 2, 'with a backoff before each extra pass');
   assert.equal(origin.blobRequests.length, 1);
   assert.deepEqual(r.sources, [origin.url]);
 });
@@ -281,14 +279,12 @@ test('origin is asked at once when every stage answers 404, or when there is no 
   servers.push(stage);
   const origin = await server();
   const out = join(dir, 'out.bin');
-  let sleeps = 0;
-  const sleep = async () => {
-    sleeps++;
-  };
+  const backoff = countingSleep();
+  const sleep = backoff.sleep;
   const r = await fetchBlob({ sources: [stage.url], origin: origin.url, digest, size: SIZE, out, sleep });
   assert.deepEqual(r.sources, [origin.url]);
   assert.equal(stage.blobRequests.length, 1);
-  assert.equal(sleeps, 0, 'no backoff before origin');
+  assert.equal(backoff.calls, 0, 'no backoff before origin');
   const out2 = join(dir, 'out2.bin');
   const r2 = await fetchBlob({ sources: [], origin: origin.url, digest, size: SIZE, out: out2, sleep });
   assert.deepEqual(r2.sources, [origin.url]);
@@ -298,7 +294,7 @@ test('a stage that recovers after origin joined is still preferred for the rest'
   const stage = await server({ cutAfter: 0 });
   const origin = await server({ cutAfter: 300_000 });
   const out = join(dir, 'out.bin');
-  let sleeps = 0;
+  const backoff = countingSleep();
   const r = await fetchBlob({
     sources: [stage.url],
     origin: origin.url,
@@ -306,9 +302,7 @@ test('a stage that recovers after origin joined is still preferred for the rest'
     size: SIZE,
     out,
     retries: 1,
-    sleep: async () => {
-      sleeps++;
-    },
+    sleep: backoff.sleep,
     onProgress: (p) => {
       if (p.source === origin.url && p.bytes > 0) stage.faults = {};
     },
@@ -316,5 +310,5 @@ test('a stage that recovers after origin joined is still preferred for the rest'
   assert.ok((await readFile(out)).equals(data));
   assert.equal(origin.blobRequests.length, 1, 'origin served one piece only');
   assert.deepEqual(r.sources, [origin.url, stage.url]);
-  assert.equal(sleeps, 1);
+  assert.equal(backoff.calls, 1);
 });
