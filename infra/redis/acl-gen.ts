@@ -151,7 +151,7 @@ export function generateAcl(o: AclOptions): { acl: string; users: AclUser[] } {
       `~${keyPattern(o.prefix, 'reports')}`,
       `%R~${keyPattern(o.prefix, `hostctl:${h}`)}`,
     ];
-    lines.push(`user ${user} on #${sha(pw)} resetkeys resetchannels ${keysRule.join(' ')} -@all ${AGENT_COMMANDS.join(' ')}`);
+    lines.push(limitedUser(user, pw, keysRule));
   }
   for (const c of [...new Set(o.relayColos ?? [])].sort()) {
     const user = relayUser(c);
@@ -165,9 +165,14 @@ export function generateAcl(o: AclOptions): { acl: string; users: AclUser[] } {
       `~${keyPattern(o.prefix, 'reports')}`,
       `%R~${keyPattern(o.prefix, 'hostctl:*')}`,
     ];
-    lines.push(`user ${user} on #${sha(pw)} resetkeys resetchannels ${keysRule.join(' ')} -@all ${AGENT_COMMANDS.join(' ')}`);
+    lines.push(limitedUser(user, pw, keysRule));
   }
   return { acl: `${lines.join('\n')}\n`, users };
+}
+
+/** The ACL line of an agent or relay user: only `keys`, only the agent commands. */
+function limitedUser(user: string, password: string, keys: string[]): string {
+  return `user ${user} on #${sha(password)} resetkeys resetchannels ${keys.join(' ')} -@all ${AGENT_COMMANDS.join(' ')}`;
 }
 
 function sha(s: string): string {

@@ -4,9 +4,8 @@
  * — wherever the payload is damaged or cut, exactly as the single-thread decryptStream does.
  */
 import assert from 'node:assert/strict';
-import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { copyFile, lstat, mkdtemp, open, readdir, readFile, readlink, rm, truncate } from 'node:fs/promises';
+import { copyFile, mkdtemp, open, rm, truncate } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Transform } from 'node:stream';
@@ -15,20 +14,7 @@ import { type FleetKeys, makeFleetKeys, packBundleFile } from '../../infra/fleet
 import { AGE_CHUNK_SIZE, makeSampleRootfs, unpackBundle } from '../../shared/bundle/index.js';
 import type { Manifest } from '../../shared/manifest.js';
 import { unpackFile } from '../../services/agent/unpack.js';
-
-async function snapshot(dir: string, rel = ''): Promise<Record<string, string>> {
-  const out: Record<string, string> = {};
-  for (const e of (await readdir(join(dir, rel))).sort()) {
-    const r = rel ? `${rel}/${e}` : e;
-    const st = await lstat(join(dir, r));
-    if (st.isSymbolicLink()) out[r] = `link ${await readlink(join(dir, r))}`;
-    else if (st.isDirectory()) {
-      out[r] = `dir ${(st.mode & 0o7777).toString(8)}`;
-      Object.assign(out, await snapshot(dir, r));
-    } else out[r] = `file ${(st.mode & 0o7777).toString(8)} ${createHash('sha256').update(await readFile(join(dir, r))).digest('hex')}`;
-  }
-  return out;
-}
+import { treeSnapshot } from '../helpers/tree.js';
 
 const isDecrypt = (e: { code?: string }) => e.code === 'SC_ERR_DECRYPT';
 
@@ -90,7 +76,7 @@ describe('agent: worker-thread unpack', () => {
     const r = await unpackFile(file, m.blob, { dir: b, identities: keys.agent.identities, workerMinBytes: 0, meter });
     assert.ok(r.entries > 10);
     assert.ok(seen > m.blob.size * 0.99 && seen <= m.blob.size, `meter saw ${seen} of ${m.blob.size}`);
-    assert.deepEqual(await snapshot(b), await snapshot(a));
+    assert.deepEqual(await treeSnapshot(b), await treeSnapshot(a));
   });
 
   it('fails closed on a flipped bit in the first, a middle and the last payload chunk', async () => {

@@ -4,9 +4,9 @@
  * damaged blob; the agent's own files are carried into the new OS (linux).
  */
 import assert from 'node:assert/strict';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { chmod, lstat, mkdir, mkdtemp, open, readdir, readFile, readlink, rm, writeFile } from 'node:fs/promises';
+import { chmod, lstat, mkdir, mkdtemp, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -18,21 +18,7 @@ import { unpackFile } from '../../services/agent/unpack.js';
 import { carryAgentFiles } from '../../services/agent/steps/common.js';
 import { LinuxMachine } from '../../services/agent/machine/linux.js';
 import { SimMachine } from '../../services/agent/machine/sim.js';
-
-/** path → mode, size and content hash (or link target), for every entry under `dir`. */
-async function snapshot(dir: string, rel = ''): Promise<Record<string, string>> {
-  const out: Record<string, string> = {};
-  for (const e of (await readdir(join(dir, rel))).sort()) {
-    const r = rel ? `${rel}/${e}` : e;
-    const st = await lstat(join(dir, r));
-    if (st.isSymbolicLink()) out[r] = `link ${await readlink(join(dir, r))}`;
-    else if (st.isDirectory()) {
-      out[r] = `dir ${(st.mode & 0o7777).toString(8)}`;
-      Object.assign(out, await snapshot(dir, r));
-    } else out[r] = `file ${(st.mode & 0o7777).toString(8)} ${createHash('sha256').update(await readFile(join(dir, r))).digest('hex')}`;
-  }
-  return out;
-}
+import { treeSnapshot } from '../helpers/tree.js';
 
 describe('agent: two-thread unpack', () => {
   let root: string;
@@ -67,7 +53,7 @@ describe('agent: two-thread unpack', () => {
     const r = await unpackFile(file, m.blob, { dir: b, identities: keys.agent.identities, workerMinBytes: 0, meter });
     assert.ok(r.entries > 10);
     assert.ok(seen > m.blob.size * 0.99 && seen <= m.blob.size, `the meter saw the decrypted bytes (${seen} of ${m.blob.size})`);
-    assert.deepEqual(await snapshot(b), await snapshot(a));
+    assert.deepEqual(await treeSnapshot(b), await treeSnapshot(a));
   });
 
   it('fails with SC_ERR_DECRYPT for a wrong identity and for a damaged blob', async () => {
