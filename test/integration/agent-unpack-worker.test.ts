@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { Transform } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
 import { type FleetKeys, makeFleetKeys, packBundleFile } from '../../infra/fleet.js';
-import { AGE_CHUNK_SIZE, makeSampleRootfs, unpackBundle } from '../../shared/bundle/index.js';
+import { AGE_CHUNK_SIZE, generateAgeIdentity, makeSampleRootfs, unpackBundle } from '../../shared/bundle/index.js';
 import type { Manifest } from '../../shared/manifest.js';
 import { unpackFile } from '../../services/agent/unpack.js';
 import { treeSnapshot } from '../helpers/tree.js';
@@ -77,6 +77,11 @@ describe('agent: worker-thread unpack', () => {
     assert.ok(r.entries > 10);
     assert.ok(seen > m.blob.size * 0.99 && seen <= m.blob.size, `meter saw ${seen} of ${m.blob.size}`);
     assert.deepEqual(await treeSnapshot(b), await treeSnapshot(a));
+  });
+
+  it('fails with SC_ERR_DECRYPT for an identity the bundle is not encrypted to', async () => {
+    const other = await generateAgeIdentity();
+    await assert.rejects(unpackFile(file, m.blob, { dir: fresh(), identities: [other.identity], workerMinBytes: 0 }), isDecrypt);
   });
 
   it('fails closed on a flipped bit in the first, a middle and the last payload chunk', async () => {
