@@ -14,6 +14,8 @@ import { fileURLToPath } from 'node:url';
 import { Queue } from 'bullmq';
 import { coloQueueName, convertSequence, keys, relayToken, type StepRoute } from '../../services/agent/client.js';
 import { startFleetAgents } from '../../infra/fleet.js';
+import { RelayTransport } from '../../services/agent/transport-relay.js';
+import { silentLogger } from '../../shared/log.js';
 import { startTestFleet, type TestFleet, until } from '../helpers/fleet.js';
 
 const BIN = fileURLToPath(new URL('../../services/cli/bin.js', import.meta.url));
@@ -156,6 +158,33 @@ describe('relay mode', () => {
     assert.equal(body.job.id, ids[0]);
     assert.equal(body.job.data.payload.host, h3.hostId);
     await queue.obliterate({ force: true }).catch(() => {});
+  });
+
+  it("sends a step's log lines with its completion, not one request each", async () => {
+    const [, h2] = f.hosts;
+    const stage = f.stages.c1[0];
+    const ids = await f.producer.enqueueSequence(h2.hostId, 'rrelay4', seq(), { route: ROUTE });
+    const t = new RelayTransport({ hostId: h2.hostId, relays: [stage.url], token: relayToken(f.relaySecret, h2.hostId), logger: silentLogger, waitSec: 5 });
+    try {
+      const job = await until(async () => (await t.next()) ?? null, 20_000, 'the first job');
+      assert.equal(job.id, ids[0]);
+      const posts = async (route: string) => {
+        const m = new RegExp(`^stage_http_requests_total\\{[^}]*method="POST"[^}]*route="${route}"[^}]*\\} (\\d+)`, 'gm');
+        let n = 0;
+        for (const x of (await stage.metrics.metrics()).matchAll(m)) n += Number(x[1]);
+        return n;
+      };
+      const before = await posts('/jobs/:jobId/progress');
+      await t.log(job, 'line one');
+      await t.log(job, 'line two');
+      await t.complete(job, {}, { rollout: 'rrelay4', seq: 0, step: job.name, event: 'completed' });
+      assert.equal(await posts('/jobs/:jobId/progress'), before, 'no request of their own for the log lines');
+      assert.deepEqual((await queue.getJobLogs(job.id)).logs, ['line one', 'line two']);
+      assert.equal(await queue.getJobState(job.id), 'completed');
+    } finally {
+      await t.close();
+      await queue.obliterate({ force: true }).catch(() => {});
+    }
   });
 
   it('continues the sequence when the relay stage restarts with a job in flight', async () => {
