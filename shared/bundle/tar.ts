@@ -66,7 +66,11 @@ async function* walk(root: string, rel: string): AsyncGenerator<string> {
 export function packDirStream(dir: string): Readable {
   const root = resolve(dir);
   const out = new PassThrough({ highWaterMark: 1 << 20 });
-  const pack = new tar.Pack({ cwd: root, noDirRecurse: true, strict: true, portable: false, jobs: 8 });
+  // jobs: 1. With several entries in flight, node-tar 7.5's packer defers a hardlinked file
+  // whose inode it has not written yet, and when such a group ends the archive it writes the
+  // EOF blocks and then the deferred entries: "write after end", thrown from a callback (the
+  // process dies). One entry at a time, the first name of an inode is always written first.
+  const pack = new tar.Pack({ cwd: root, noDirRecurse: true, strict: true, portable: false, jobs: 1 });
   const fail = (err: unknown) => {
     if (out.destroyed) return;
     const e = err as NodeJS.ErrnoException;

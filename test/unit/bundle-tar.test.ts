@@ -3,10 +3,12 @@
  * sanitises them on the way) and packDirStream's order and fidelity.
  */
 import assert from 'node:assert/strict';
-import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { createReadStream, createWriteStream, existsSync, linkSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { spawnSync } from 'node:child_process';
 import { afterEach, beforeEach, describe, it } from 'node:test';
 import * as tar from 'tar';
 import { packDirStream, safeExtract } from '../../shared/bundle/index.js';
@@ -243,6 +245,44 @@ describe('packDirStream', () => {
       packDirStream(src).on('error', reject).pipe(p);
     });
     assert.deepEqual(paths, ['a/', 'a/c/', 'a/c/f', 'a/z/', 'a/z/f', 'abs', 'b/', 'b/1', 'b/2', 'empty/', 'top']);
+  });
+
+  it('packs hardlink groups once and unpacks them as hardlinks (same inode)', async () => {
+    const src = join(base, 'src');
+    mkdirSync(join(src, 'usr/bin'), { recursive: true });
+    mkdirSync(join(src, 'etc'), { recursive: true });
+    // Enough files around the links that the packer works on several at once.
+    for (let i = 0; i < 64; i++) writeFileSync(join(src, 'usr/bin', `tool${String(i).padStart(2, '0')}`), `tool ${i}\n`.repeat(100));
+    writeFileSync(join(src, 'usr/bin/perl5.36'), 'perl');
+    linkSync(join(src, 'usr/bin/perl5.36'), join(src, 'usr/bin/perl'));
+    linkSync(join(src, 'usr/bin/tool10'), join(src, 'usr/bin/zz-tool10'));
+    linkSync(join(src, 'usr/bin/tool10'), join(src, 'etc/tool10-copy'));
+    // Last in the archive, a group of three names after a bigger file, like /bin/bzip2, bunzip2
+    // and bzcat (node-tar 7's packer ended its stream early on this: "write after end").
+    mkdirSync(join(src, 'var/bin'), { recursive: true });
+    writeFileSync(join(src, 'var/bin/bash'), Buffer.alloc(1 << 20, 7));
+    writeFileSync(join(src, 'var/bin/bunzip2'), 'bzip2');
+    linkSync(join(src, 'var/bin/bunzip2'), join(src, 'var/bin/bzcat'));
+    linkSync(join(src, 'var/bin/bunzip2'), join(src, 'var/bin/bzip2'));
+    writeFileSync(join(src, 'etc/empty'), '');
+    linkSync(join(src, 'etc/empty'), join(src, 'usr/bin/empty-too'));
+    const out = join(base, 'out');
+    const tarFile = join(base, 'x.tar');
+    await pipeline(packDirStream(src), createWriteStream(tarFile));
+    const listing = spawnSync('tar', ['-tvf', tarFile], { encoding: 'utf8' });
+    assert.equal(listing.status, 0, listing.stderr);
+    assert.equal(listing.stdout.split('\n').filter((l) => l.startsWith('h')).length, 6, 'each extra name is a hardlink entry, not a copy');
+    await safeExtract(createReadStream(tarFile), out);
+    const ino = (p: string) => statSync(join(out, p)).ino;
+    assert.equal(ino('usr/bin/perl'), ino('usr/bin/perl5.36'));
+    assert.equal(ino('usr/bin/tool10'), ino('usr/bin/zz-tool10'));
+    assert.equal(ino('usr/bin/tool10'), ino('etc/tool10-copy'));
+    assert.equal(ino('etc/empty'), ino('usr/bin/empty-too'));
+    assert.equal(ino('var/bin/bzip2'), ino('var/bin/bunzip2'));
+    assert.equal(ino('var/bin/bzcat'), ino('var/bin/bunzip2'));
+    assert.notEqual(ino('usr/bin/tool10'), ino('usr/bin/tool11'));
+    assert.equal(statSync(join(out, 'usr/bin/tool10')).nlink, 3);
+    assert.equal(readFileSync(join(out, 'etc/tool10-copy'), 'utf8'), 'tool 10\n'.repeat(100));
   });
 
   it('fails with SC_ERR_BAD_REQUEST for a missing directory', async () => {
