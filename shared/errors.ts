@@ -35,6 +35,7 @@ export const ERRORS = {
   SC_ERR_BAD_KEY: { status: 400, message: 'Malformed key' },
   SC_ERR_FILE_EXISTS: { status: 409, message: 'Refusing to overwrite an existing file' },
   SC_ERR_JOB_REJECTED: { status: 403, message: 'Step job refused' },
+  SC_ERR_JOB_REPLAYED: { status: 409, message: 'Step job refused: this host already finished it (replay)' },
   SC_ERR_STEP_FAILED: { status: 500, message: 'Install step failed' },
   SC_ERR_BOOT_FAILED: { status: 500, message: 'Boot did not come up as expected' },
   SC_ERR_ABORTED: { status: 409, message: 'Stopped at a step boundary because the rollout was aborted' },

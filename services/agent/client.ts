@@ -19,7 +19,7 @@
  */
 import type { KeyObject } from 'node:crypto';
 import { FlowProducer, type FlowJob } from 'bullmq';
-import { createHmac } from 'node:crypto';
+import { createHash, createHmac, randomBytes } from 'node:crypto';
 import type { ChainableCommander, Redis } from 'ioredis';
 import { scError } from '../../shared/errors.js';
 import { canonicalJson, keyId, signBytes, verifyBytes } from '../../shared/manifest.js';
@@ -56,16 +56,27 @@ export interface BundleRef {
   version: string;
 }
 
-/** What a signed step job says. `exp` is a Unix time in ms after which the agent refuses it. */
+/**
+ * What a signed step job says. `exp` is a Unix time in ms after which the agent refuses it (by
+ * its own clock, when it takes the job). `seq`, `total` and `nonce` are what the agent's journal
+ * (journal.ts) keys on: a host runs the steps of a rollout once each, in order.
+ */
 export interface StepPayload {
   host: string;
   rollout: string;
-  /** Position of the step in its sequence, from 0. */
+  /** Position of the step in its sequence, from 0 (an integer below `total`). */
   seq: number;
+  /** Number of steps in the sequence: the rollout is finished on the host once step `total - 1` is. */
+  total: number;
   step: StepName;
   args: Record<string, unknown>;
   exp: number;
+  /** Random, fresh at every signing (16–64 base64url characters): two signings never look alike. */
+  nonce: string;
 }
+
+/** The nonce rule of StepPayload. */
+export const NONCE_RE = /^[A-Za-z0-9_-]{16,64}$/;
 
 /** The data of every BullMQ step job. */
 export interface SignedStepJob {
@@ -184,29 +195,74 @@ export function keys(prefix: string) {
   };
 }
 
+/**
+ * The BullMQ lock token (and worker name, which BullMQ records as the job's `processedBy`) of
+ * every job a direct-mode host takes: stable across its restarts and reboots.
+ */
+export function hostLockToken(hostId: string): string {
+  return `agent:${hostId}`;
+}
+
+/** The lock token (and worker name) of every job a relay of `colo` takes: stable across relay restarts. */
+export function relayLockToken(colo: string): string {
+  return `relay:${colo}`;
+}
+
+/** `sha256:<hex>` of a payload's canonical JSON: what the agent's journal remembers of a job. */
+export function stepPayloadDigest(p: StepPayload): string {
+  return `sha256:${createHash('sha256').update(canonicalJson(p)).digest('hex')}`;
+}
+
 /** Signs a step payload with control's ed25519 key. */
 export function signStepJob(payload: StepPayload, key: KeyObject): SignedStepJob {
   return { payload, keyId: keyId(key), sig: signBytes(key, Buffer.from(canonicalJson(payload))) };
 }
 
 /**
- * Verifies a job for `hostId` at time `now` (ms). Throws SC_ERR_JOB_REJECTED, with
- * `details.reason` one of `malformed`, `unsigned`, `bad-signature`, `wrong-host`, `expired`.
+ * Verifies a job for `hostId` at time `now` (ms): verifyStepJobSignature, then checkStepExpiry.
+ * Throws SC_ERR_JOB_REJECTED, with `details.reason` one of `malformed`, `unsigned`,
+ * `bad-signature`, `wrong-host`, `expired`.
  */
 export function verifyStepJob(data: unknown, hostId: string, controlKey: KeyObject, now: number): StepPayload {
-  const reject = (reason: string, msg: string) => scError('SC_ERR_JOB_REJECTED', msg, { reason });
+  const p = verifyStepJobSignature(data, hostId, controlKey);
+  checkStepExpiry(p, now);
+  return p;
+}
+
+/**
+ * Everything verifyStepJob checks except expiry: the signature under control's key, the host,
+ * and the payload's shape (step name, integer `seq` below integer `total`, a nonce). Throws
+ * SC_ERR_JOB_REJECTED (`malformed`, `unsigned`, `bad-signature`, `wrong-host`).
+ */
+export function verifyStepJobSignature(data: unknown, hostId: string, controlKey: KeyObject): StepPayload {
   const d = data as Partial<SignedStepJob> | null;
-  if (!d || typeof d !== 'object' || !d.payload || typeof d.payload !== 'object') throw reject('malformed', 'job has no payload');
-  if (typeof d.sig !== 'string' || typeof d.keyId !== 'string') throw reject('unsigned', 'job is not signed');
+  if (!d || typeof d !== 'object' || !d.payload || typeof d.payload !== 'object') throw rejectJob('malformed', 'job has no payload');
+  if (typeof d.sig !== 'string' || typeof d.keyId !== 'string') throw rejectJob('unsigned', 'job is not signed');
   if (d.keyId !== keyId(controlKey) || !verifyBytes(controlKey, Buffer.from(canonicalJson(d.payload)), d.sig)) {
-    throw reject('bad-signature', 'job signature does not verify with the control key');
+    throw rejectJob('bad-signature', 'job signature does not verify with the control key');
   }
   const p = d.payload;
-  if (p.host !== hostId) throw reject('wrong-host', `job is addressed to ${String(p.host).slice(0, 80)}, not ${hostId}`);
-  if (typeof p.exp !== 'number' || p.exp < now) throw reject('expired', 'job has expired');
-  if (!(STEP_NAMES as readonly string[]).includes(p.step as string)) throw reject('malformed', `unknown step ${String(p.step).slice(0, 40)}`);
+  if (p.host !== hostId) throw rejectJob('wrong-host', `job is addressed to ${String(p.host).slice(0, 80)}, not ${hostId}`);
+  if (!(STEP_NAMES as readonly string[]).includes(p.step as string)) throw rejectJob('malformed', `unknown step ${String(p.step).slice(0, 40)}`);
+  if (typeof p.rollout !== 'string' || !ROLLOUT_RE.test(p.rollout)) throw rejectJob('malformed', 'job has no valid rollout id');
+  if (typeof p.nonce !== 'string' || !NONCE_RE.test(p.nonce)) throw rejectJob('malformed', 'job has no nonce');
+  if (!Number.isSafeInteger(p.total) || (p.total as number) < 1) throw rejectJob('malformed', 'job has no sequence length');
+  if (!Number.isSafeInteger(p.seq) || (p.seq as number) < 0 || (p.seq as number) >= (p.total as number)) throw rejectJob('malformed', 'job has no valid sequence number');
+  if (typeof p.exp !== 'number') throw rejectJob('malformed', 'job has no expiry');
   return p as StepPayload;
 }
+
+/** Throws SC_ERR_JOB_REJECTED (`expired`) when `p` expired before `asOf` (ms). */
+export function checkStepExpiry(p: StepPayload, asOf: number): void {
+  if (!(p.exp >= asOf)) throw rejectJob('expired', 'job has expired');
+}
+
+function rejectJob(reason: string, msg: string) {
+  return scError('SC_ERR_JOB_REJECTED', msg, { reason });
+}
+
+/** Rollout (and host operation) ids. */
+const ROLLOUT_RE = /^[A-Za-z0-9_-]{1,64}$/;
 
 /** The conversion A → C through base B, as a sequence. */
 export function convertSequence(base: BundleRef, target: BundleRef): SequenceStep[] {
@@ -277,13 +333,13 @@ export class AgentProducer {
     hostQueueName(host);
     const route = opts.route ?? (await readRoutes(this.#redis, this.prefix, [host])).get(host)!;
     const queueName = route.queue;
-    if (!/^[A-Za-z0-9_-]{1,64}$/.test(rollout)) throw scError('SC_ERR_BAD_NAME', `bad rollout id ${JSON.stringify(rollout.slice(0, 80))}`);
+    if (!ROLLOUT_RE.test(rollout)) throw scError('SC_ERR_BAD_NAME', `bad rollout id ${JSON.stringify(rollout.slice(0, 80))}`);
     if (steps.length === 0) throw scError('SC_ERR_BAD_REQUEST', 'empty sequence');
     const exp = (opts.now ?? Date.now()) + (opts.ttlMs ?? 24 * 3600 * 1000);
     let node: FlowJob | undefined;
     const ids: string[] = [];
     steps.forEach((s, seq) => {
-      const payload: StepPayload = { host, rollout, seq, step: s.step, args: s.args ?? {}, exp };
+      const payload: StepPayload = { host, rollout, seq, total: steps.length, step: s.step, args: s.args ?? {}, exp, nonce: randomBytes(18).toString('base64url') };
       const id = stepJobId(route, host, rollout, seq, s.step);
       ids.push(id);
       node = {

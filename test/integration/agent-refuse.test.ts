@@ -4,7 +4,7 @@
  * signature or blob digest fails, which are never unpacked.
  */
 import assert from 'node:assert/strict';
-import { generateKeyPairSync } from 'node:crypto';
+import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { mkdir, open, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
@@ -51,9 +51,11 @@ describe('agent: refusals', () => {
       host,
       rollout: 'evil',
       seq: 0,
+      total: 1,
       step: 'partition',
       args: {},
       exp: Date.now() + 3_600_000,
+      nonce: randomBytes(16).toString('base64url'),
       ...over,
     });
     const other = generateKeyPairSync('ed25519').privateKey;
