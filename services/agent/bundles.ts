@@ -20,7 +20,9 @@
  * - `installed.json`: device → manifest digest of the bundle completely installed there;
  * - `boot.json`: the boot attempt in flight (which job asked to boot which device, at which
  *   boot identity), so that a step run again after the reboot can tell "the boot failed and the
- *   firmware fell back" from "the agent died before rebooting".
+ *   firmware fell back" from "the agent died before rebooting";
+ * - `journal.json`: the host's journal of step jobs (journal.ts), also kept in the running OS's
+ *   state dir, `<root of the running device>/var/lib/stagecoach/journal.json` (journalPaths).
  * Every file is written atomically (temp file, fsync, rename, fsync of the directory).
  */
 import { createReadStream, createWriteStream } from 'node:fs';
@@ -181,6 +183,21 @@ export function byteMeter(onBytes?: (n: number) => void): Transform {
 export async function stateBundles(driver: MachineDriver): Promise<BundleDir> {
   const running = await driver.running();
   return new BundleDir(join(await driver.mountPath(running.device), 'var/lib/stagecoach/bundles'));
+}
+
+/**
+ * The directories that hold a copy of the journal (journal.ts), as they exist now: the running
+ * OS's state dir `<root of the running device>/var/lib/stagecoach` (absent while no OS runs),
+ * then the kept store's directory on disk2p2 (absent until disk2p2 has a filesystem).
+ */
+export async function journalPaths(driver: MachineDriver): Promise<string[]> {
+  const out: string[] = [];
+  const running = await driver.running().catch(() => null);
+  const root = running ? await driver.mountPath(running.device).catch(() => null) : null;
+  if (root) out.push(join(root, 'var/lib/stagecoach'));
+  const kept = await KeptStore.tryOpen(driver);
+  if (kept) out.push(kept.dir);
+  return out;
 }
 
 /** The agent's persistent state on disk2p2 (see the layout above). */

@@ -10,14 +10,12 @@ import { type Job, Queue, UnrecoverableError, Worker } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { ScError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
-import { hostQueueName, type HostRecord } from './client.js';
+import { hostLockToken, hostQueueName, type HostRecord } from './client.js';
 import { Presence } from './presence.js';
 import { type JobProgress, type ReportFields, type StepJob, type StepTransport, stepJobOf } from './transport.js';
 
-/** The lock token of every job this host takes: stable across restarts and reboots. */
-export function hostToken(hostId: string): string {
-  return `agent:${hostId}`;
-}
+/** The lock token of every job this host takes: stable across restarts and reboots (client.ts hostLockToken). */
+export const hostToken = hostLockToken;
 
 /** Options of DirectTransport. */
 export interface DirectTransportOptions {
@@ -83,6 +81,10 @@ export class DirectTransport implements StepTransport {
     return stepJobOf(j, readopted);
   }
 
+  /**
+   * An active job this host's token still locks. Anyone who can write the queue can put a job
+   * there under that (predictable) token: the step loop trusts only its journal about it.
+   */
   async readopt(): Promise<StepJob | undefined> {
     const active = await this.#queue!.getActive(0, 20);
     for (const j of active) {

@@ -4,7 +4,8 @@
  * progress and outcomes over HTTP; the relay holds the BullMQ lock, writes registrations and
  * reports into Redis on the host's behalf, and hands an unfinished job to the host again when it
  * comes back after a reboot or crash (`readopted: true`). The agent still verifies every job's
- * signature, so a relay cannot forge steps.
+ * signature, so a relay cannot forge steps, and checks every job against its own journal
+ * (journal.ts), so a relay cannot replay them: `readopted` and `processedOn` are not believed.
  *
  * Wire (all JSON; `Authorization: Bearer <relayToken(secret, host)>`, `X-Stagecoach-Host: <host>`):
  * - `GET  /v1/relay/hosts/:id/next?wait=S`  → 200 `{job}` or 204 after S seconds without one.

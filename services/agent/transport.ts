@@ -4,6 +4,8 @@
  * Redis; `RelayTransport` (transport-relay.ts) long-polls its colo's relay (a stage) over HTTP
  * and has no Redis connection at all. Steps, their idempotence and the re-adoption rule are the
  * same in both: a job taken and not finished is handed to the host again when it comes back.
+ * Nothing a transport says about a job is trusted: the loop verifies its signature and asks the
+ * host's journal (journal.ts) whether it is a replay or a re-adoption.
  */
 import type { Job } from 'bullmq';
 import type { ScError } from '../../shared/errors.js';
@@ -21,11 +23,17 @@ export interface StepJob {
   attemptsMade: number;
   /** Attempts allowed in all (job option `attempts`). */
   maxAttempts: number;
-  /** When the job was first taken (ms), if known. */
+  /**
+   * When the job was first taken (ms), as the transport says. Informational only: the step loop
+   * never uses it (a relay or a queue writer can put any value here).
+   */
   processedOn?: number;
   /** Set when BullMQ hands out a job that must fail without running (a failed child, too many stalls). */
   deferredFailure?: string;
-  /** True when this host already held the job before a restart or reboot (re-adopted). */
+  /**
+   * True when the transport says this host already held the job before a restart or reboot.
+   * Informational only: whether the host started the job is its journal's word (journal.ts).
+   */
   readopted: boolean;
 }
 

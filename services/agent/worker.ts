@@ -29,10 +29,28 @@
  *    again. The sim driver's action log (actions.jsonl) records every effect, so tests prove that
  *    none happens twice.
  *
+ * ## Replays: the journal decides, never the transport
+ * Points 1–5 say what an honest queue does. The agent does not rely on them: whoever can write
+ * the host's queue, a relay, or the network between a relay and its hosts can hand the host any
+ * job control ever signed for it, marked re-adopted or not. Every job therefore goes through the
+ * host's durable journal (journal.ts) before it runs:
+ * - a job of a rollout that finished (or failed for good) on this host, or whose `seq` is at or
+ *   below the highest step the host finished in its rollout, is refused with
+ *   SC_ERR_JOB_REPLAYED and never run;
+ * - a job is re-adopted (run again although it may have expired meanwhile: its expiry is checked
+ *   as of its first start) only when the journal says this host started exactly that job (job id
+ *   and payload digest) and did not finish it; the transport's `readopted` and `processedOn` are
+ *   ignored;
+ * - any other job is taken fresh: it must not have expired by the host's clock now, and it must
+ *   be the next step of its rollout (SC_ERR_JOB_REJECTED, reason `out-of-order`, otherwise).
+ * The journal records the start before the step's first effect, the finish after the job's
+ * completion, and the end of a rollout that failed for good. The same holds in both transports.
+ *
  * ## Refusals and aborts
- * A job that is unsigned, signed by another key, addressed to another host, expired or
- * malformed is failed with SC_ERR_JOB_REJECTED as an UnrecoverableError (no retry), before
- * anything touches the machine. Before each step, `hostctl:<id>` `abort` equal to the job's
+ * A job that is unsigned, signed by another key, addressed to another host, expired, out of
+ * order or malformed is failed with SC_ERR_JOB_REJECTED as an UnrecoverableError (no retry),
+ * before anything touches the machine; a replayed one likewise with SC_ERR_JOB_REPLAYED. Both
+ * are reported as `refused`. Before each step, `hostctl:<id>` `abort` equal to the job's
  * rollout fails it with SC_ERR_ABORTED at that safe boundary.
  *
  * ## Failures
@@ -44,9 +62,10 @@ import type { Redis } from 'ioredis';
 import { type ScError, scError, toScError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
 import type { HostRecord, StepPayload } from './client.js';
-import { verifyStepJob } from './client.js';
+import { checkStepExpiry, stepPayloadDigest, verifyStepJobSignature } from './client.js';
 import type { AgentKeys } from './config.js';
 import { type CrashPoint, noCrashPoints } from './hooks.js';
+import { Journal } from './journal.js';
 import { type MachineDriver, RebootSignal } from './machine/driver.js';
 import { isPermanent } from './steps/common.js';
 import { STEPS, type Step, type StepContext, type StepProgress } from './steps/index.js';
@@ -89,6 +108,8 @@ export interface AgentWorkerOptions {
   now?: () => number;
   /** Step implementations (default: every step of steps/index.ts). */
   steps?: Readonly<Record<string, Step>>;
+  /** The host's journal (default: the journal on the machine's own disks, journal.ts). */
+  journal?: Journal;
 }
 
 type Base = { rollout: string; seq: number; step: string };
@@ -98,8 +119,9 @@ const IDENTITY_TTL_MS = 60_000;
 
 /** One agent instance's job loop. Create, `run()`, and `stop()` from outside to end it. */
 export class AgentWorker {
-  readonly #o: Required<Omit<AgentWorkerOptions, 'origin' | 'redis' | 'transport'>> & { origin?: string };
+  readonly #o: Required<Omit<AgentWorkerOptions, 'origin' | 'redis' | 'transport' | 'journal'>> & { origin?: string };
   readonly #t: StepTransport;
+  readonly #journal: Journal;
   #stopping = false;
   #current?: AbortController;
   #state: Pick<HostRecord, 'state' | 'rollout' | 'step'> = { state: 'starting', rollout: null, step: null };
@@ -107,7 +129,7 @@ export class AgentWorker {
   #identity: { ip: string; running: HostRecord['running']; at: number } | null = null;
 
   constructor(opts: AgentWorkerOptions) {
-    const { redis, transport, ...rest } = opts;
+    const { redis, transport, journal, ...rest } = opts;
     this.#o = {
       lockDurationMs: 60_000,
       stalledIntervalMs: 30_000,
@@ -119,8 +141,9 @@ export class AgentWorker {
       now: Date.now,
       steps: STEPS,
       agentFiles: [],
-      ...(Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== undefined)) as Omit<AgentWorkerOptions, 'redis' | 'transport'>),
+      ...(Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== undefined)) as Omit<AgentWorkerOptions, 'redis' | 'transport' | 'journal'>),
     };
+    this.#journal = journal ?? new Journal({ driver: this.#o.driver, hostId: this.#o.hostId, now: this.#o.now });
     if (transport) this.#t = transport;
     else if (redis) {
       const o = this.#o;
@@ -254,10 +277,7 @@ export class AgentWorker {
     const t = this.#t;
     let payload: StepPayload;
     try {
-      // A job this host had already started before a crash or reboot is finished even if it
-      // expired meanwhile (its expiry is checked as of its start): that is no replay.
-      const asOf = job.readopted && job.processedOn ? Math.min(o.now(), job.processedOn) : o.now();
-      payload = verifyStepJob(job.data, o.hostId, o.keys.control, asOf);
+      payload = verifyStepJobSignature(job.data, o.hostId, o.keys.control);
     } catch (err) {
       const e = toScError(err);
       if (e.code === 'SC_ERR_JOB_REJECTED') await this.#refuse(job, e);
@@ -273,10 +293,47 @@ export class AgentWorker {
       await this.#fail(job, base, scError('SC_ERR_STEP_FAILED', `not run: ${job.deferredFailure}`), true);
       return;
     }
+    // The journal, not the transport, says whether this host already ran or started this job.
+    const digest = stepPayloadDigest(payload);
+    let adm: Awaited<ReturnType<Journal['admit']>>;
+    try {
+      adm = await this.#journal.admit(payload, job.id, digest);
+    } catch (err) {
+      const e = toScError(err);
+      log.error({ err: e.message }, 'cannot read the journal; leaving the job for a retry');
+      await this.#fail(job, base, e, false);
+      return;
+    }
+    if (adm.kind === 'replayed') {
+      await this.#refuse(job, scError('SC_ERR_JOB_REPLAYED', adm.reason, { reason: 'replayed' }));
+      return;
+    }
+    if (adm.kind === 'out-of-order') {
+      await this.#refuse(job, scError('SC_ERR_JOB_REJECTED', adm.reason, { reason: 'out-of-order' }));
+      return;
+    }
+    try {
+      // A job this host started before a crash or reboot (by its own journal) is finished even if
+      // it expired meanwhile: its expiry is checked as of its first start. Anything else by now.
+      checkStepExpiry(payload, adm.kind === 'readopt' ? adm.since : o.now());
+    } catch (err) {
+      await this.#refuse(job, toScError(err));
+      return;
+    }
+    if (adm.kind === 'readopt') log.info('resuming a step this host started and did not finish');
     o.crashPoint(`${payload.step}:before`);
     if (await t.abortRequested(payload.rollout)) {
       await this.#fail(job, base, scError('SC_ERR_ABORTED', `rollout ${payload.rollout} was aborted; stopped before ${payload.step}`), true);
+      await this.#journal.end(payload).catch((err) => log.warn({ err: (err as Error).message }, 'journal write failed'));
       await this.#setState({ state: 'aborted', rollout: payload.rollout, step: payload.step });
+      return;
+    }
+    try {
+      await this.#journal.begin(payload, job.id, digest);
+    } catch (err) {
+      const e = toScError(err);
+      log.error({ err: e.message }, 'cannot write the journal; the step does not start');
+      await this.#fail(job, base, e, false);
       return;
     }
     const step = o.steps[payload.step];
@@ -347,7 +404,9 @@ export class AgentWorker {
       }
       const e = toScError(err);
       log.warn({ code: e.code, err: e.message }, 'step failed');
-      await this.#fail(job, base, e, isPermanent(e));
+      const retry = await this.#fail(job, base, e, isPermanent(e));
+      // Failed for good: no job of this rollout runs here again (a rescue runs under its own id).
+      if (!retry) await this.#journal.end(payload).catch((x) => log.warn({ err: (x as Error).message }, 'journal write failed'));
       await this.#setState({ state: 'failed', rollout: payload.rollout, step: payload.step });
       return;
     }
@@ -365,6 +424,9 @@ export class AgentWorker {
       log.error({ err: (err as Error).message }, 'could not complete the job (lock lost?); it will run again and find its effect in place');
       return;
     }
+    // Should this write be lost (a crash right here), the next step is still taken: the journal
+    // accepts the step after the one it saw start.
+    await this.#journal.finish(payload).catch((err) => log.error({ err: (err as Error).message }, 'journal write failed'));
     log.info({ skipped: result.skipped === true }, 'step completed');
     o.crashPoint(`${payload.step}:after`);
     if (t.kind === 'direct') await t.update(reg).catch((err) => log.warn({ err: (err as Error).message }, 'registration update failed'));
@@ -381,9 +443,10 @@ export class AgentWorker {
     await this.#setState({ state: 'refused', rollout: base.rollout || null, step: base.step || null });
   }
 
-  async #fail(job: StepJob, base: Base, e: ScError, permanent: boolean): Promise<void> {
+  /** Fails a job; true when it will be retried. */
+  async #fail(job: StepJob, base: Base, e: ScError, permanent: boolean): Promise<boolean> {
     const r: ReportFields = { ...base, event: 'failed', code: e.code, message: e.message };
-    await this.#t.fail(job, e, permanent, r);
+    return this.#t.fail(job, e, permanent, r);
   }
 }
 

@@ -13,7 +13,10 @@
  *   or waits up to S seconds for one (204). A job handed out and not yet reported is handed out
  *   again on the next poll (`readopted: true`): that is the direct mode's re-adoption, so a step
  *   interrupted by a reboot or a crash runs again, and a finished one never does (it left the
- *   queue when the host reported it).
+ *   queue when the host reported it). The host does not take the relay's word for either: its
+ *   own journal (services/agent/journal.ts) decides whether it started a job and whether it
+ *   already finished it, so a relay that hands out old jobs gets them refused
+ *   (SC_ERR_JOB_REPLAYED).
  * - `POST /v1/relay/jobs/:jobId/{progress,complete,fail}` move the job in BullMQ
  *   (`updateProgress`/`log`, `moveToCompleted`, `moveToFailed` with the job's attempts and
  *   backoff) and write the host's step reports; `POST /v1/relay/hosts/:id/heartbeat` and any
@@ -27,7 +30,9 @@
  * - Hosts authenticate with `Authorization: Bearer <relayToken(secret, id)>` and
  *   `X-Stagecoach-Host: <id>` (a per-host HMAC, nothing stored per host): a host can only take
  *   and report its own jobs (403 otherwise). The relay never sees step secrets and cannot forge a
- *   step: the agent verifies control's signature on every job.
+ *   step: the agent verifies control's signature on every job. It cannot replay one either (the
+ *   host's journal), and what it reports is not believed by control on its word: a final state
+ *   changes a rollout only once the BullMQ job itself is completed or failed (services/control).
  *
  * Run one relay per colo at a time (a second relay of the same colo would take half the jobs,
  * which the hosts polling the first one would not see). A standby stage can be started with the
@@ -45,6 +50,7 @@ import {
   keys,
   queuePresence,
   queueReport,
+  relayLockToken,
   relayToken,
   type StepPayload,
   type StepReport,
@@ -54,10 +60,8 @@ import { scError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
 import { createRedis } from '../../shared/redis.js';
 
-/** The lock token of every job a relay of `colo` takes (stable across relay restarts). */
-export function relayLockToken(colo: string): string {
-  return `relay:${colo}`;
-}
+/** The lock token of every job a relay of `colo` takes (stable across relay restarts; client.ts). */
+export { relayLockToken };
 
 /** Options of startRelay. */
 export interface RelayOptions {
