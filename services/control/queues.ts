@@ -6,20 +6,36 @@
  *
  * BullMQ key layout relied on (stable since BullMQ 1): queue `Q` under prefix `P` keeps
  * `P:Q:completed` and `P:Q:failed` (sorted sets of job ids), the job hash `P:Q:<jobId>`
- * (field `failedReason`) and `P:Q:<jobId>:logs` (list of log lines).
+ * (fields `failedReason`, and `pb`: the worker name that took it, BullMQ ≥ 5) and
+ * `P:Q:<jobId>:logs` (list of log lines).
  */
 import { createBullBoard } from '@bull-board/api';
 import { BullMQAdapter } from '@bull-board/api/bullMQAdapter';
 import { ExpressAdapter } from '@bull-board/express';
 import { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
-import { coloQueueName, type HostRecord, hostQueueName, readRoutes, routedJobId } from '../agent/client.js';
+import {
+  coloQueueName,
+  type HostRecord,
+  hostLockToken,
+  hostQueueName,
+  readRoutes,
+  relayLockToken,
+  routedJobId,
+  type StepRoute,
+} from '../agent/client.js';
 import type { Logger } from '../../shared/log.js';
 
 /** What BullMQ says about one job. */
 export interface JobOutcome {
   state: 'completed' | 'failed' | 'other';
   failedReason?: string;
+  /**
+   * True when the job was last taken under the lock token the host's route takes jobs with
+   * (`agent:<host>` in its own queue, `relay:<colo>` in its colo's queue): BullMQ records the
+   * taker's worker name as `processedBy`, and only the lock holder can complete or fail a job.
+   */
+  byHost: boolean;
 }
 
 /**
@@ -45,18 +61,25 @@ export async function jobOutcomes(redis: Redis, prefix: string, jobs: { host: st
     const { q, id } = jobKey(prefix, routes.get(j.host)!, j.host, j.jobId);
     pipe.zscore(`${q}:completed`, id);
     pipe.zscore(`${q}:failed`, id);
-    pipe.hget(`${q}:${id}`, 'failedReason');
+    pipe.hmget(`${q}:${id}`, 'failedReason', 'pb');
   }
   const res = (await pipe.exec()) ?? [];
-  return jobs.map((_, i) => {
+  return jobs.map((j, i) => {
     const [e1, done] = res[i * 3] ?? [];
     const [e2, failed] = res[i * 3 + 1] ?? [];
-    const [, reason] = res[i * 3 + 2] ?? [];
-    if (e1 || e2) return { state: 'other' };
-    if (done !== null && done !== undefined) return { state: 'completed' };
-    if (failed !== null && failed !== undefined) return { state: 'failed', failedReason: (reason as string | null) ?? undefined };
-    return { state: 'other' };
+    const [, fields] = res[i * 3 + 2] ?? [];
+    const [reason, pb] = Array.isArray(fields) ? (fields as (string | null)[]) : [null, null];
+    const byHost = pb === routeLockToken(routes.get(j.host)!, j.host);
+    if (e1 || e2) return { state: 'other', byHost: false };
+    if (done !== null && done !== undefined) return { state: 'completed', byHost };
+    if (failed !== null && failed !== undefined) return { state: 'failed', failedReason: reason ?? undefined, byHost };
+    return { state: 'other', byHost };
   });
+}
+
+/** The lock token (and worker name) that takes `host`'s jobs on `route`. */
+function routeLockToken(route: StepRoute, host: string): string {
+  return route.transport === 'relay' ? relayLockToken(route.queue.slice('colo.'.length)) : hostLockToken(host);
 }
 
 /** The last `n` log lines a host's agent wrote for one job (BullMQ `job.log`). */

@@ -48,7 +48,19 @@ import { HOST_ID_RE } from '../agent/client.js';
 import { parseRef } from '../../shared/names.js';
 import type { Inventory } from './inventory.js';
 import { type CreateRolloutRequest, type Plan, planWaves, resolveBudget } from './plan.js';
-import { codeInReason, jobLogTail, jobOutcomes, stepJobId } from './queues.js';
+import { codeInReason, type JobOutcome, jobLogTail, jobOutcomes, stepJobId } from './queues.js';
+
+/** Report events that settle a step: believed only when the step's BullMQ job agrees. */
+const FINAL_EVENTS: readonly string[] = ['completed', 'failed', 'refused'];
+
+/** The error code of a confirmed failure report: the host's, else the one in BullMQ's reason. */
+function failCode(rep: StepReport, o?: JobOutcome): string {
+  return rep.code ?? codeInReason(o?.failedReason) ?? (rep.event === 'refused' ? 'SC_ERR_JOB_REJECTED' : 'SC_ERR_STEP_FAILED');
+}
+
+function failMessage(rep: StepReport, o?: JobOutcome): string {
+  return rep.message ?? o?.failedReason ?? rep.event;
+}
 
 /** Where a host is in a rollout. */
 export type HostStatus = 'pending' | 'queued' | 'running' | 'converted' | 'failed' | 'aborted' | 'skipped';
@@ -376,16 +388,24 @@ export class RolloutEngine extends EventEmitter {
         const entries = await this.#readReports();
         if (this.#stopped) break;
         await this.#exclusive(async () => {
+          const reps: StepReport[] = [];
           for (const [, fields] of entries) {
             if (!fields) continue;
             this.#reportsApplied++;
             try {
-              this.#applyReport(decodeReport(fields));
+              reps.push(decodeReport(fields));
             } catch (err) {
               this.#d.log.warn({ err }, 'ignoring a malformed report');
             }
           }
-          await this.#checkFailures();
+          const outcomes = await this.#finalOutcomes(reps);
+          for (const rep of reps) {
+            try {
+              this.#applyReport(rep, outcomes.get(rep));
+            } catch (err) {
+              this.#d.log.warn({ err }, 'ignoring a malformed report');
+            }
+          }
           await this.#tickAll();
           await this.#flush();
         });
@@ -532,7 +552,8 @@ export class RolloutEngine extends EventEmitter {
 
   // ---------------------------------------------------------------- reports
 
-  #pendingFailures: { a?: Active; op?: HostOp; h?: HostState; rep: StepReport }[] = [];
+  /** Final reports (completed, failed, refused) applied since start: confirmed by BullMQ, and not. */
+  readonly finalReports = { confirmed: 0, unconfirmed: 0 };
 
   #logLine(list: string[], rep: StepReport): void {
     const t = new Date(rep.ts || this.#now()).toISOString().slice(11, 19);
@@ -541,25 +562,79 @@ export class RolloutEngine extends EventEmitter {
     if (list.length > LOG_TAIL) list.splice(0, list.length - LOG_TAIL);
   }
 
-  #applyReport(rep: StepReport): void {
-    if (!rep || typeof rep.rollout !== 'string' || typeof rep.host !== 'string') return;
+  /** The host, rollout or operation a report is about, if control is following it. */
+  #target(rep: StepReport): { a: Active; h: HostState; rescue: boolean } | { op: HostOp } | null {
+    if (!rep || typeof rep.rollout !== 'string' || typeof rep.host !== 'string') return null;
     const rescue = rep.rollout.endsWith('-rescue');
     const a = this.#active.get(rescue ? rep.rollout.slice(0, -'-rescue'.length) : rep.rollout);
     if (a) {
       const h = a.hosts.get(rep.host);
-      if (!h) return;
-      h.lastEventAt = this.#now();
-      if (rescue) {
-        if (h.rescue) this.#applyRescueReport(a, h, rep);
-      } else this.#applyHostReport(a, h, rep);
-      this.#touchHost(a, h);
-      return;
+      return h ? { a, h, rescue } : null;
     }
     const op = this.#ops.get(rep.rollout);
-    if (op && op.host === rep.host) this.#applyOpReport(op, rep);
+    return op && op.host === rep.host ? { op } : null;
   }
 
-  #applyHostReport(a: Active, h: HostState, rep: StepReport): void {
+  /**
+   * What BullMQ says about the job of every final report (completed, failed, refused) of a
+   * followed host, in one round trip. Anyone who can write the reports stream (every agent in
+   * direct mode, every relay) can write a report naming any host: a final report is believed only
+   * when the named host's own job agrees (see #confirmed).
+   */
+  async #finalOutcomes(reps: StepReport[]): Promise<Map<StepReport, JobOutcome>> {
+    const out = new Map<StepReport, JobOutcome>();
+    const todo = reps.filter((r) => FINAL_EVENTS.includes(r?.event) && Number.isSafeInteger(r.seq) && typeof r.step === 'string' && this.#target(r));
+    if (todo.length === 0) return out;
+    const res = await jobOutcomes(
+      this.#d.redis,
+      this.#d.prefix,
+      todo.map((r) => ({ host: r.host, jobId: stepJobId(r.rollout, r.seq, r.step) })),
+    );
+    for (const [i, r] of todo.entries()) out.set(r, res[i]);
+    return out;
+  }
+
+  /**
+   * True when the BullMQ job a final report names is in the state it claims, reached under the
+   * lock the host holds: completed by the host's lock holder, or failed (by its lock holder, or by
+   * BullMQ itself, which fails a parent whose child failed without anyone taking it).
+   */
+  #confirmed(rep: StepReport, o: JobOutcome | undefined): boolean {
+    let ok = false;
+    if (o && rep.event === 'completed') ok = o.state === 'completed' && o.byHost;
+    else if (o && (rep.event === 'failed' || rep.event === 'refused')) ok = o.state === 'failed';
+    if (ok) this.finalReports.confirmed++;
+    else this.finalReports.unconfirmed++;
+    return ok;
+  }
+
+  /**
+   * Applies one report. `outcome` is BullMQ's view of the job of a final report (#finalOutcomes):
+   * an unconfirmed `completed` or `refused` changes nothing, an unconfirmed `failed` only marks
+   * the step as retrying (not a final state).
+   */
+  #applyReport(rep: StepReport, outcome?: JobOutcome): void {
+    const t = this.#target(rep);
+    if (!t) return;
+    const final = FINAL_EVENTS.includes(rep.event);
+    const confirmed = final && this.#confirmed(rep, outcome);
+    if (final && !confirmed && rep.event !== 'failed') {
+      this.#d.log.warn({ host: rep.host, rollout: rep.rollout, step: rep.step, event: rep.event }, 'ignoring a final report its BullMQ job does not confirm');
+      return;
+    }
+    if ('op' in t) {
+      this.#applyOpReport(t.op, rep, confirmed, outcome);
+      return;
+    }
+    const { a, h } = t;
+    h.lastEventAt = this.#now();
+    if (t.rescue) {
+      if (h.rescue) this.#applyRescueReport(h, rep, confirmed, outcome);
+    } else this.#applyHostReport(a, h, rep, confirmed, outcome);
+    this.#touchHost(a, h);
+  }
+
+  #applyHostReport(a: Active, h: HostState, rep: StepReport, confirmed: boolean, outcome?: JobOutcome): void {
     if (TERMINAL_HOST.includes(h.status)) return;
     const ts = rep.ts || this.#now();
     if (rep.event !== 'progress') this.#logLine(h.log, rep);
@@ -597,26 +672,26 @@ export class RolloutEngine extends EventEmitter {
         st.state = 'retrying';
         h.step = rep.step;
         h.seq = rep.seq;
-        // A refused or aborted job is never retried; other failures are final only when BullMQ
-        // moved the job to its failed set (else it is being retried): checked after the batch.
-        if (rep.event === 'refused' || rep.code === 'SC_ERR_JOB_REJECTED' || rep.code === 'SC_ERR_ABORTED') {
-          this.#hostFailed(a, h, rep.step, rep.seq, rep.code ?? 'SC_ERR_JOB_REJECTED', rep.message ?? rep.event, ts);
-        } else this.#pendingFailures.push({ a, h, rep });
+        // Final only when BullMQ moved the job to its failed set (else it is being retried).
+        if (confirmed) this.#hostFailed(a, h, rep.step, rep.seq, failCode(rep, outcome), failMessage(rep, outcome), ts);
         break;
       default:
         break;
     }
   }
 
-  #applyRescueReport(a: Active, h: HostState, rep: StepReport): void {
+  #applyRescueReport(h: HostState, rep: StepReport, confirmed: boolean, outcome?: JobOutcome): void {
     const r = h.rescue!;
     if (rep.event !== 'progress') this.#logLine(h.log, rep);
     if (rep.event === 'started' && r.state === 'queued') r.state = 'running';
     else if (rep.event === 'completed') r.state = 'done';
-    else if (rep.event === 'failed' || rep.event === 'refused') this.#pendingFailures.push({ a, h, rep });
+    else if ((rep.event === 'failed' || rep.event === 'refused') && confirmed) {
+      r.state = 'failed';
+      r.error = `${failCode(rep, outcome)}: ${failMessage(rep, outcome)}`.slice(0, 500);
+    }
   }
 
-  #applyOpReport(op: HostOp, rep: StepReport): void {
+  #applyOpReport(op: HostOp, rep: StepReport, confirmed: boolean, outcome?: JobOutcome): void {
     if (op.status === 'done' || op.status === 'failed') return;
     if (rep.event !== 'progress') this.#logLine(op.log, rep);
     if (rep.event === 'started') {
@@ -630,35 +705,10 @@ export class RolloutEngine extends EventEmitter {
         op.status = 'done';
         op.finishedAt = rep.ts || this.#now();
       }
-    } else if (rep.event === 'failed' || rep.event === 'refused') {
-      if (rep.event === 'refused' || rep.code === 'SC_ERR_JOB_REJECTED') {
-        this.#opFailed(op, rep.step, rep.code ?? 'SC_ERR_JOB_REJECTED', rep.message ?? rep.event, rep.ts);
-      } else this.#pendingFailures.push({ op, rep });
+    } else if ((rep.event === 'failed' || rep.event === 'refused') && confirmed) {
+      this.#opFailed(op, rep.step, failCode(rep, outcome), failMessage(rep, outcome), rep.ts);
     }
     this.#dirtyOps.add(op.id);
-  }
-
-  /** Settles failure reports: final when BullMQ holds the job in its failed set. */
-  async #checkFailures(): Promise<void> {
-    const list = this.#pendingFailures;
-    this.#pendingFailures = [];
-    if (list.length === 0) return;
-    const outcomes = await jobOutcomes(
-      this.#d.redis,
-      this.#d.prefix,
-      list.map((f) => ({ host: f.rep.host, jobId: stepJobId(f.rep.rollout, f.rep.seq, f.rep.step) })),
-    );
-    list.forEach((f, i) => {
-      if (outcomes[i].state !== 'failed') return;
-      const code = f.rep.code ?? codeInReason(outcomes[i].failedReason) ?? 'SC_ERR_STEP_FAILED';
-      const msg = f.rep.message ?? outcomes[i].failedReason ?? 'step failed';
-      if (f.op) this.#opFailed(f.op, f.rep.step, code, msg, f.rep.ts);
-      else if (f.a && f.h && f.rep.step === 'rescue' && f.h.rescue) {
-        f.h.rescue.state = 'failed';
-        f.h.rescue.error = `${code}: ${msg}`.slice(0, 500);
-        this.#touchHost(f.a, f.h);
-      } else if (f.a && f.h) this.#hostFailed(f.a, f.h, f.rep.step, f.rep.seq, code, msg, f.rep.ts);
-    });
   }
 
   /**
@@ -883,7 +933,7 @@ export class RolloutEngine extends EventEmitter {
       const cur = out[i * 2];
       const last = out[i * 2 + 1];
       if (!IN_FLIGHT_HOST.includes(h.status)) {
-        if (cur.state === 'completed') h.rescue!.state = 'done';
+        if (cur.state === 'completed' && cur.byHost) h.rescue!.state = 'done';
         else if (cur.state === 'failed') {
           h.rescue!.state = 'failed';
           h.rescue!.error = cur.failedReason?.slice(0, 500);
@@ -892,7 +942,7 @@ export class RolloutEngine extends EventEmitter {
         return;
       }
       const seq = h.status === 'queued' ? 0 : h.seq;
-      if (last.state === 'completed') {
+      if (last.state === 'completed' && last.byHost) {
         h.status = 'converted';
         h.finishedAt = now;
         h.step = CONVERT_STEPS[LAST_SEQ];
@@ -901,7 +951,7 @@ export class RolloutEngine extends EventEmitter {
       } else if (cur.state === 'failed') {
         const code = codeInReason(cur.failedReason) ?? 'SC_ERR_STEP_FAILED';
         this.#hostFailed(a, h, CONVERT_STEPS[seq], seq, code, cur.failedReason ?? 'step failed', now);
-      } else if (cur.state === 'completed' && seq < LAST_SEQ) {
+      } else if (cur.state === 'completed' && cur.byHost && seq < LAST_SEQ) {
         // The next step's reports were lost: move the cursor on; the next pass looks at it.
         h.steps[CONVERT_STEPS[seq]] = { ...h.steps[CONVERT_STEPS[seq]], state: 'completed' };
         h.status = 'running';
@@ -925,7 +975,7 @@ export class RolloutEngine extends EventEmitter {
       { host: op.host, jobId: stepJobId(op.id, op.seq, op.steps[op.seq]) },
       { host: op.host, jobId: stepJobId(op.id, lastSeq, op.steps[lastSeq]) },
     ]);
-    if (last.state === 'completed') {
+    if (last.state === 'completed' && last.byHost) {
       op.status = 'done';
       op.finishedAt = this.#now();
       this.#dirtyOps.add(op.id);
