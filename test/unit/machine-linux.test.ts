@@ -15,13 +15,24 @@ import {
   parseEfibootmgr,
   parseLsblk,
   partitionPath,
-  planBootOnce,
+  bootRoot,
+  DEFAULT_KERNEL_ARGS,
+  efiLoaderConfig,
+  efiLoaderPath,
+  fstabFor,
+  grubMenuEntry,
+  loaderConfig,
+  planBootNext,
+  planBootOrder,
+  planEditEnv,
   planEfiEntry,
+  planEfiLoader,
+  planLoaderInstall,
+  planOsGrubOnce,
   planMkfs,
   planMount,
   planPartition,
   planReboot,
-  planSetDefault,
   planUnpack,
   planWipe,
   type Runner,
@@ -85,44 +96,68 @@ describe('plans for a two-disk machine', () => {
     ]);
   });
 
-  it('boots once and sets the default with GRUB (bios-grub)', () => {
-    const grubCfg = [
-      ['sed', '-i', '-E', 's/^#?GRUB_DEFAULT=.*/GRUB_DEFAULT=saved/', '/etc/default/grub'],
-      ['grub-mkconfig', '-o', '/boot/grub/grub.cfg'],
-    ];
-    assert.deepEqual(planBootOnce('disk2p1', { bootMode: 'bios-grub' }), [...grubCfg, ['grub-reboot', 'stagecoach-disk2p1']]);
-    assert.deepEqual(planSetDefault('disk2p1', { bootMode: 'bios-grub', diskPaths: ['/dev/sda', '/dev/sdb'] }), [
-      ...grubCfg,
-      ['grub-set-default', 'stagecoach-disk2p1'],
-      ['grub-install', '--target=i386-pc', '/dev/sda'],
-      ['grub-install', '--target=i386-pc', '/dev/sdb'],
-    ]);
-    assert.deepEqual(planReboot(), [['systemctl', 'reboot']]);
+  it('boots an entry directly: partition modules loaded, kernel by label, never another grub.cfg', () => {
+    const e = grubMenuEntry(bootRoot('disk2p1', 'sc-rescue-root'), 'stagecoach disk2p1', 'stagecoach-disk2p1');
+    assert.equal(
+      e,
+      "menuentry 'stagecoach disk2p1' --id stagecoach-disk2p1 {\n" +
+        '\tinsmod part_gpt\n\tinsmod part_msdos\n\tinsmod ext2\n' +
+        '\tsearch --no-floppy --label --set=root sc-rescue-root\n' +
+        `\tlinux /vmlinuz root=LABEL=sc-rescue-root ${DEFAULT_KERNEL_ARGS}\n` +
+        '\tinitrd /initrd.img\n}\n',
+    );
+    assert.doesNotMatch(e, /configfile/, 'an entry that loads a grub.cfg can select itself again for ever');
+    assert.match(DEFAULT_KERNEL_ARGS, /panic=10/, 'a kernel that panics reboots, so a failed one-shot falls back');
+    assert.match(DEFAULT_KERNEL_ARGS, /console=ttyS0,115200n8$/, 'the serial console is /dev/console');
+    const fedora = grubMenuEntry(bootRoot('disk1p1', 'sc-os-root', { kernel: '/boot/vmlinuz-6.8', initrd: '/boot/initramfs-6.8.img' }), 't', 'i', 'ro quiet');
+    assert.match(fedora, /\tlinux \/boot\/vmlinuz-6.8 root=LABEL=sc-os-root ro quiet\n\tinitrd \/boot\/initramfs-6.8.img\n/);
   });
 
-  it('boots once and sets the default with efibootmgr (uefi)', () => {
-    assert.deepEqual(planBootOnce('disk2p1', { bootMode: 'uefi', bootNum: '0004' }), [['efibootmgr', '--bootnext', '0004']]);
-    assert.deepEqual(planSetDefault('disk1p1', { bootMode: 'uefi', bootNum: '0005', bootOrder: ['0001', '0004', '0005'] }), [['efibootmgr', '--bootorder', '0005,0001,0004']]);
-    assert.throws(() => planBootOnce('disk2p1', { bootMode: 'uefi' }), (e) => isScError(e, 'SC_ERR_BAD_CONFIG'));
-    assert.deepEqual(planEfiEntry('disk2p1', { espDir: '/mnt/stagecoach/esp', bootDir: '/mnt/stagecoach/disk2p1/boot', espDisk: '/dev/sdb', espPart: 3, label: 'stagecoach disk2p1' }), [
-      ['grub-install', '--target=x86_64-efi', '--efi-directory=/mnt/stagecoach/esp', '--boot-directory=/mnt/stagecoach/disk2p1/boot', '--bootloader-id=stagecoach-disk2p1', '--no-nvram'],
-      ['efibootmgr', '--create', '--disk', '/dev/sdb', '--part', '3', '--label', 'stagecoach disk2p1', '--loader', '\\EFI\\stagecoach-disk2p1\\grubx64.efi'],
+  it("plans the BIOS boot: A's GRUB once, then the stagecoach loader on both disks", () => {
+    assert.deepEqual(planOsGrubOnce('disk2p1'), [['grub-mkconfig', '-o', '/boot/grub/grub.cfg'], ['grub-reboot', 'stagecoach-disk2p1']]);
+    assert.deepEqual(planLoaderInstall('/boot/stagecoach', ['/dev/sda', '/dev/sdb']), [
+      ['grub-install', '--target=i386-pc', '--boot-directory=/boot/stagecoach', '/dev/sda'],
+      ['grub-install', '--target=i386-pc', '--boot-directory=/boot/stagecoach', '/dev/sdb'],
     ]);
+    assert.deepEqual(planEditEnv('/e', { saved_entry: 'stagecoach-disk1p1', stagecoach_loader: '1' }, true), [
+      ['grub-editenv', '/e', 'create'],
+      ['grub-editenv', '/e', 'set', 'saved_entry=stagecoach-disk1p1', 'stagecoach_loader=1'],
+    ]);
+    assert.deepEqual(planReboot(), [['systemctl', 'reboot']]);
+    const cfg = loaderConfig([bootRoot('disk1p1', 'sc-os-root'), bootRoot('disk2p1', 'sc-rescue-root')], bootRoot('disk2p1', 'sc-rescue-root'));
+    assert.match(cfg, /if \[ "\$\{next_entry\}" \]; then\n\tset default="\$\{next_entry\}"\n\tset next_entry=\n\tsave_env next_entry\nelse\n\tset default="\$\{saved_entry\}"\nfi/);
+    assert.match(cfg, /^set fallback=stagecoach-rescue$/m);
+    assert.equal(cfg.match(/^menuentry /gm)?.length, 3);
+    assert.doesNotMatch(cfg, /configfile/);
+  });
+
+  it('plans the UEFI boot: a standalone loader per device, entries outside BootOrder until chosen', () => {
+    assert.deepEqual(efiLoaderPath('disk2p1'), 'EFI/stagecoach/disk2p1.efi');
+    assert.deepEqual(planEfiLoader('/esp/EFI/stagecoach/disk2p1.efi', '/esp/EFI/stagecoach/disk2p1.cfg'), [
+      ['mkdir', '-p', '/esp/EFI/stagecoach'],
+      ['grub-mkstandalone', '--format=x86_64-efi', '--output=/esp/EFI/stagecoach/disk2p1.efi', '--locales=', '--fonts=', '--themes=', 'boot/grub/grub.cfg=/esp/EFI/stagecoach/disk2p1.cfg'],
+    ]);
+    assert.deepEqual(planEfiEntry({ espDisk: '/dev/sdb', espPart: 3, label: 'stagecoach disk2p1', loader: 'EFI/stagecoach/disk2p1.efi' }), [
+      ['efibootmgr', '--create-only', '--disk', '/dev/sdb', '--part', '3', '--label', 'stagecoach disk2p1', '--loader', '\\EFI\\stagecoach\\disk2p1.efi'],
+    ]);
+    assert.deepEqual(planBootNext('0004'), [['efibootmgr', '--bootnext', '0004']]);
+    assert.deepEqual(planBootOrder('0005', ['0001', '0004', '0005']), [['efibootmgr', '--bootorder', '0005,0001,0004']]);
+    const cfg = efiLoaderConfig(bootRoot('disk2p1', 'sc-rescue-root'));
+    assert.match(cfg, /^if search --no-floppy --label --set=root sc-rescue-root; then\n\tsearch[^\n]*\n\tlinux \/vmlinuz root=LABEL=sc-rescue-root [^\n]*\n\tinitrd \/initrd.img\n\tboot\nfi\n/m);
+    assert.match(cfg, /\nexit\n$/, 'a loader that cannot boot its device returns to the firmware');
   });
 
   it('writes a grub.d script that emits exactly the menu entries', () => {
-    const s = grubEntriesScript(
-      [
-        { device: 'disk1p1', label: 'sc-os-root' },
-        { device: 'disk2p1', label: 'sc-rescue-root' },
-      ],
-      { device: 'disk2p1', label: 'sc-rescue-root' },
-    );
+    const s = grubEntriesScript([bootRoot('disk1p1', 'sc-os-root'), bootRoot('disk2p1', 'sc-rescue-root')], bootRoot('disk2p1', 'sc-rescue-root'));
     const lines = s.split('\n');
     const tail = Number(/exec tail -n \+(\d+)/.exec(s)![1]);
     assert.equal(lines[tail - 1], "menuentry 'stagecoach disk1p1' --id stagecoach-disk1p1 {", 'tail starts at the first entry');
     assert.match(s, /^# rescue: disk2p1$/m);
-    assert.match(s, /--id stagecoach-rescue \{\n\tsearch --no-floppy --label --set=root sc-rescue-root\n\tconfigfile \/boot\/grub\/grub.cfg\n\}/);
+    assert.match(s, /--id stagecoach-rescue \{\n\tinsmod part_gpt\n/);
+  });
+
+  it('makes an installed root boot by label', () => {
+    assert.equal(fstabFor('os-root'), '# Written by stagecoach: the root filesystem by its label.\nLABEL=sc-os-root / ext4 errors=remount-ro 0 1\n');
   });
 
   it('names partitions of sdX, nvme and by-id disks', () => {
@@ -263,11 +298,12 @@ describe('LinuxMachine against a recording runner', () => {
     await assert.rejects(m.mountPath('disk2p2'), (e) => isScError(e, 'SC_ERR_CONFLICT'), 'no filesystem yet');
     r.ran.length = 0;
     await m.setBootOnce('disk2p1');
-    assert.deepEqual(r.ran, planBootOnce('disk2p1', { bootMode: 'bios-grub' }));
+    const changes = r.ran.filter((x) => x[0] !== 'mkdir' && x[0] !== 'mount'); // the recorder never reports a mount
+    assert.deepEqual(changes, planOsGrubOnce('disk2p1'), "before the point of no return, A's own GRUB boots B once");
     assert.equal(r.writes[0].path, '/etc/grub.d/45_stagecoach');
     assert.equal(r.writes[0].mode, 0o755);
-    assert.match(r.writes[0].content, /--id stagecoach-disk1p1 \{\n\tsearch --no-floppy --label --set=root sc-os-root\n/);
-    assert.match(r.writes[0].content, /--id stagecoach-disk2p1 \{\n\tsearch --no-floppy --label --set=root sc-rescue-root\n/);
+    assert.match(r.writes[0].content, /--id stagecoach-disk1p1 \{\n\tinsmod part_gpt\n\tinsmod part_msdos\n\tinsmod ext2\n\tsearch --no-floppy --label --set=root sc-os-root\n/);
+    assert.match(r.writes[0].content, /--id stagecoach-disk2p1 \{\n(\tinsmod [^\n]*\n){3}\tsearch --no-floppy --label --set=root sc-rescue-root\n\tlinux \/vmlinuz root=LABEL=sc-rescue-root /);
     assert.deepEqual(await m.bootConfig(), { default: 'disk1p1', once: 'disk2p1', rescue: null });
     r.ran.length = 0;
     await assert.rejects(m.reboot(), RebootSignal);
@@ -278,9 +314,9 @@ describe('LinuxMachine against a recording runner', () => {
     const lines: string[] = [];
     const m = new LinuxMachine({ hostId: 'a1', disks: { disk1: '/dev/sda', disk2: '/dev/sdb' }, bootMode: 'bios-grub', runner: dryRunRunner((l) => lines.push(l)), sysRoot });
     await m.setDefault('disk2p1');
-    assert.ok(lines.includes('+ grub-set-default stagecoach-disk2p1'));
-    assert.ok(lines.includes('+ grub-install --target=i386-pc /dev/sda'));
-    assert.ok(lines.some((l) => l.startsWith('+ write /etc/grub.d/45_stagecoach (mode 0755')));
+    assert.ok(lines.includes('+ grub-install --target=i386-pc --boot-directory=/mnt/stagecoach/disk2p1/boot/stagecoach /dev/sda'), lines.join('\n'));
+    assert.ok(lines.includes('+ grub-editenv /mnt/stagecoach/disk2p1/boot/stagecoach/grub/grubenv set saved_entry=stagecoach-disk2p1 stagecoach_loader=1'));
+    assert.ok(lines.some((l) => l.startsWith('+ write /mnt/stagecoach/disk2p1/boot/stagecoach/grub/grub.cfg (mode 0644')));
   });
 
   it('refuses a bad configuration', () => {

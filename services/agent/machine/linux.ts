@@ -1,34 +1,27 @@
 /**
  * The `linux` machine driver: real commands for a two-disk machine. Every change is a plan (a
- * list of argv arrays, built by the pure `plan*` functions below) handed to a Runner; the
- * default runner executes them, the dry-run runner prints them (`+ parted --script …`) and runs
- * only read-only queries (lsblk, findmnt, efibootmgr, grub-editenv list). Nothing is run
- * through a shell.
+ * list of argv arrays, built by the pure functions of linux-plans.ts and linux-boot.ts) handed
+ * to a Runner; the default runner executes them, the dry-run runner prints them
+ * (`+ parted --script …`) and runs only read-only queries (lsblk, findmnt, efibootmgr,
+ * grub-editenv list). Nothing is run through a shell.
  *
  * Decisions (see README, "Machine drivers"):
- * - Partitioning: GPT with `parted --script` (argv only, no stdin script). Partition names
- *   (GPT PARTLABEL) are `sc-<role>`, which is how the driver recognises its own layout. A boot
- *   helper partition is added after the layout's partitions (so p1/p2 keep their numbers) but
- *   placed first on the disk: `sc-bios-grub` (2 MiB, bios_grub flag) for BIOS, `sc-esp`
- *   (512 MiB FAT32, esp flag) for UEFI.
- * - Filesystems: ext4 with label `sc-<role>` (`sc-os-root`, `sc-rescue-root`,
- *   `sc-bundle-store`); a bundle's boot config finds its root by that label.
+ * - Partitioning: GPT with `parted --script` (argv only). Partition names (GPT PARTLABEL) are
+ *   `sc-<role>`, which is how the driver recognises its own layout. A boot helper partition is
+ *   added after the layout's partitions (so p1/p2 keep their numbers) but placed first on the
+ *   disk: `sc-bios-grub` (2 MiB, bios_grub flag) for BIOS, `sc-esp` (512 MiB FAT32) for UEFI.
+ * - Filesystems: ext4 with label `sc-<role>`; boot entries and /etc/fstab find roots by label.
  * - Mounts: `<mountRoot>/<device>`; the running OS's device is `/`.
- * - bios-grub: the running OS's GRUB is the boot loader. /etc/grub.d/45_stagecoach adds one
- *   menu entry per managed root partition (`--id stagecoach-<device>`: search by label, then
- *   `configfile /boot/grub/grub.cfg` of that OS) and a rescue entry (`stagecoach-rescue`).
- *   One-shot: `grub-reboot`; default: `grub-set-default` (GRUB_DEFAULT=saved is set) and
- *   `grub-install` of the running OS's GRUB onto both disks, so either disk boots it.
- * - uefi: one NVRAM entry per device (`stagecoach <device>`) whose loader is a GRUB installed
- *   on disk 2's ESP with that OS's /boot; one-shot `efibootmgr --bootnext`, default
- *   `efibootmgr --bootorder` (that entry first), rescue an entry labelled `stagecoach rescue <device>`.
+ * - Boot loader: see linux-boot.ts (A's GRUB until the point of no return, then the stagecoach
+ *   loader on disk 2 for BIOS; per-device EFI loaders on disk 2's ESP for UEFI).
+ * - An installed tree is made bootable here (markInstalled): fstab by label, empty machine id.
  */
-import { execFile } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import { scError } from '../../../shared/errors.js';
-import type { Compression, NetFormat } from '../../../shared/manifest.js';
+import type { NetFormat } from '../../../shared/manifest.js';
 import { apply, capture, type Nic, render } from '../carry/index.js';
+import { readInside, writeInside } from '../carry/rootfs.js';
 import type { CarryConfig } from '../carry/types.js';
 import { normalizeMac } from '../carry/types.js';
 import {
@@ -49,296 +42,49 @@ import {
   type RunningOs,
   validateLayout,
 } from './driver.js';
+import {
+  type BootMode,
+  type BootRoot,
+  bootRoot,
+  DEFAULT_KERNEL_ARGS,
+  efiLoaderConfig,
+  efiLoaderPath,
+  fsLabel,
+  fstabFor,
+  GRUB_ENTRIES_FILE,
+  grubEntriesScript,
+  grubEntryId,
+  LOADER_BOOT_DIR,
+  loaderConfig,
+  planBootNext,
+  planBootOrder,
+  planEditEnv,
+  planEfiEntry,
+  planEfiLoader,
+  planLoaderInstall,
+  planOsGrubOnce,
+} from './linux-boot.js';
+import {
+  BOOT_HELPER,
+  dryRunRunner,
+  type EfiBootState,
+  execRunner,
+  type LsblkPart,
+  parseEfibootmgr,
+  parseLsblk,
+  partitionPath,
+  planMkfs,
+  planMount,
+  planPartition,
+  planReboot,
+  planUmount,
+  planWipe,
+  type Runner,
+} from './linux-plans.js';
 import { identityAt, installedOsAt, readOsReleaseAt, writeMarker } from './os.js';
 
-/** Boot loader flavour. */
-export type BootMode = 'bios-grub' | 'uefi';
-
-/** Runs commands. `run` changes the machine; `query` only reads (a dry run still executes it). */
-export interface Runner {
-  /** Runs argv; resolves stdout. Throws SC_ERR_COMMAND_FAILED on a non-zero exit. */
-  run(argv: string[]): Promise<string>;
-  /** Runs a read-only command; resolves stdout, or null when it fails or is missing. */
-  query(argv: string[]): Promise<string | null>;
-  /** Writes a file (mode exact). */
-  writeFile(path: string, content: string, mode: number): Promise<void>;
-  /** True when nothing is changed for real. */
-  readonly dryRun: boolean;
-}
-
-/** Quotes argv for display the way a POSIX shell would read it back. */
-export function shellQuote(argv: string[]): string {
-  return argv.map((a) => (/^[A-Za-z0-9_@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`)).join(' ');
-}
-
-function exec(argv: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    execFile(argv[0], argv.slice(1), { maxBuffer: 16 << 20, env: { ...process.env, LC_ALL: 'C' } }, (err, stdout, stderr) => {
-      const code = err ? (typeof (err as NodeJS.ErrnoException).code === 'number' ? Number((err as NodeJS.ErrnoException).code) : 127) : 0;
-      resolve({ code, stdout: String(stdout), stderr: String(stderr) || (err && !stderr ? err.message : '') });
-    });
-  });
-}
-
-/** The runner that executes commands (execFile, no shell, LC_ALL=C). */
-export function execRunner(): Runner {
-  return {
-    dryRun: false,
-    async run(argv) {
-      const r = await exec(argv);
-      if (r.code !== 0) {
-        throw scError('SC_ERR_COMMAND_FAILED', `${shellQuote(argv).slice(0, 200)} exited ${r.code}`, { argv, code: r.code, stderr: r.stderr.slice(-2000) });
-      }
-      return r.stdout;
-    },
-    async query(argv) {
-      const r = await exec(argv);
-      return r.code === 0 ? r.stdout : null;
-    },
-    async writeFile(path, content, mode) {
-      const tmp = `${path}.sc-tmp`;
-      await fsp.writeFile(tmp, content, { mode });
-      await fsp.chmod(tmp, mode);
-      await fsp.rename(tmp, path);
-    },
-  };
-}
-
-/** The dry-run runner: prints every change as `+ argv` (or `+ write PATH (mode, N bytes)`) and runs only queries. */
-export function dryRunRunner(print: (line: string) => void = (l) => process.stdout.write(`${l}\n`)): Runner {
-  const real = execRunner();
-  return {
-    dryRun: true,
-    async run(argv) {
-      print(`+ ${shellQuote(argv)}`);
-      return '';
-    },
-    query: (argv) => real.query(argv),
-    async writeFile(path, content, mode) {
-      print(`+ write ${path} (mode ${mode.toString(8).padStart(4, '0')}, ${Buffer.byteLength(content)} bytes)`);
-      for (const line of content.replace(/\n$/, '').split('\n')) print(`|   ${line}`);
-    },
-  };
-}
-
-// ---------------------------------------------------------------------------------------------
-// Pure plan builders
-
-/** Partition n of a disk path: /dev/sda → /dev/sda1, /dev/nvme0n1 → /dev/nvme0n1p1, by-id links → -partN. */
-export function partitionPath(diskPath: string, n: number): string {
-  if (/^\/dev\/disk\/by-/.test(diskPath)) return `${diskPath}-part${n}`;
-  return /\d$/.test(diskPath) ? `${diskPath}p${n}` : `${diskPath}${n}`;
-}
-
-/** ext4 label (and GPT partition name) of a role. */
-export function fsLabel(role: PartitionRole): string {
-  return `sc-${role}`;
-}
-
-/** Boot helper partition per boot mode: its GPT name, size, flag and filesystem. */
-export const BOOT_HELPER = {
-  'bios-grub': { name: 'sc-bios-grub', sizeMiB: 2, flag: 'bios_grub', fs: null },
-  uefi: { name: 'sc-esp', sizeMiB: 512, flag: 'esp', fs: 'fat32' },
-} as const;
-
-/**
- * Partitions `diskPath` as `layout` (GPT), plus the boot helper partition numbered after the
- * layout and placed at 1 MiB. Sizes in MiB; the last partition without a size takes the rest.
- */
-export function planPartition(diskPath: string, layout: PartitionSpec[], bootMode: BootMode): string[][] {
-  const parts = validateLayout(layout);
-  const helper = BOOT_HELPER[bootMode];
-  const helperN = parts.length + 1;
-  const script: string[] = ['mklabel', 'gpt'];
-  let start = 1 + helper.sizeMiB;
-  for (const p of parts) {
-    const end = p.sizeMiB === undefined ? '100%' : `${start + p.sizeMiB}MiB`;
-    script.push('mkpart', fsLabel(p.role), 'ext4', `${start}MiB`, end);
-    if (p.sizeMiB !== undefined) start += p.sizeMiB;
-  }
-  script.push('mkpart', helper.name, ...(helper.fs ? [helper.fs] : []), '1MiB', `${1 + helper.sizeMiB}MiB`, 'set', String(helperN), helper.flag, 'on');
-  const plan = [['wipefs', '--all', diskPath], ['parted', '--script', '--align', 'optimal', diskPath, '--', ...script], ['partprobe', diskPath], ['udevadm', 'settle']];
-  if (bootMode === 'uefi') plan.push(['mkfs.vfat', '-F', '32', '-n', 'SC-ESP', partitionPath(diskPath, helperN)]);
-  return plan;
-}
-
-/** An empty ext4 filesystem labelled `label` on `partPath`. */
-export function planMkfs(partPath: string, label: string): string[][] {
-  return [
-    ['wipefs', '--all', partPath],
-    ['mkfs.ext4', '-F', '-q', '-L', label, partPath],
-  ];
-}
-
-/** Removes every filesystem signature from `partPath` (the partition then has no filesystem). */
-export function planWipe(partPath: string): string[][] {
-  return [['wipefs', '--all', partPath]];
-}
-
-/** Mounts `partPath` on `dir`. */
-export function planMount(partPath: string, dir: string): string[][] {
-  return [
-    ['mkdir', '-p', dir],
-    ['mount', partPath, dir],
-  ];
-}
-
-/** Unmounts `dir`. */
-export function planUmount(dir: string): string[][] {
-  return [['umount', dir]];
-}
-
-/**
- * The tar command equivalent to what the agent's codec does in-process for an unencrypted
- * bundle file (for operators unpacking by hand; the agent itself never shells out to tar).
- */
-export function planUnpack(bundleFile: string, dir: string, compression: Compression): string[][] {
-  const z = compression === 'zstd' ? ['--zstd'] : compression === 'gzip' ? ['--gzip'] : [];
-  return [['tar', '--extract', ...z, '--file', bundleFile, '--directory', dir, '--numeric-owner', '--preserve-permissions', '--xattrs', '--acls']];
-}
-
-/** GRUB menu entry id of a device. */
-export function grubEntryId(device: string): string {
-  return `stagecoach-${device}`;
-}
-
-/** Where the stagecoach GRUB entries live in the running OS. */
-export const GRUB_ENTRIES_FILE = '/etc/grub.d/45_stagecoach';
-
-/**
- * The /etc/grub.d/45_stagecoach script: one entry per managed root partition (found by its
- * filesystem label, then that OS's own grub.cfg), plus `stagecoach-rescue` when set.
- */
-export function grubEntriesScript(entries: { device: string; label: string }[], rescue: { device: string; label: string } | null): string {
-  const body = entries.map(
-    (e) => `menuentry 'stagecoach ${e.device}' --id ${grubEntryId(e.device)} {\n\tsearch --no-floppy --label --set=root ${e.label}\n\tconfigfile /boot/grub/grub.cfg\n}\n`,
-  );
-  if (rescue) {
-    body.push(`menuentry 'stagecoach rescue (${rescue.device})' --id stagecoach-rescue {\n\tsearch --no-floppy --label --set=root ${rescue.label}\n\tconfigfile /boot/grub/grub.cfg\n}\n`);
-  }
-  const head = ['#!/bin/sh', '# Written by stagecoach: boot entries for the partitions it manages (grub-mkconfig runs this).', `# rescue: ${rescue?.device ?? 'none'}`];
-  return `${head.join('\n')}\nexec tail -n +${head.length + 2} "$0"\n${body.join('')}`;
-}
-
-/** Regenerates grub.cfg with the stagecoach entries (GRUB_DEFAULT=saved so saved/next entries work). */
-export function planGrubConfig(): string[][] {
-  return [
-    ['sed', '-i', '-E', 's/^#?GRUB_DEFAULT=.*/GRUB_DEFAULT=saved/', '/etc/default/grub'],
-    ['grub-mkconfig', '-o', '/boot/grub/grub.cfg'],
-  ];
-}
-
-/** Context of the boot plans: mode, and for UEFI the NVRAM boot number of the device's entry and the current order. */
-export interface BootPlanContext {
-  bootMode: BootMode;
-  /** uefi: `Boot####` number of the device's entry (4 hex digits). */
-  bootNum?: string;
-  /** uefi: the current BootOrder. */
-  bootOrder?: string[];
-  /** bios-grub: every disk the running GRUB is installed on by setDefault. */
-  diskPaths?: string[];
-}
-
-function needNum(ctx: BootPlanContext): string {
-  if (!ctx.bootNum || !/^[0-9A-Fa-f]{4}$/.test(ctx.bootNum)) throw scError('SC_ERR_BAD_CONFIG', 'uefi boot plans need the 4-hex-digit boot number of the entry');
-  return ctx.bootNum.toUpperCase();
-}
-
-/** Next boot (only) from `device`. bios-grub: regenerate entries + grub-reboot; uefi: efibootmgr --bootnext. */
-export function planBootOnce(device: string, ctx: BootPlanContext): string[][] {
-  if (ctx.bootMode === 'uefi') return [['efibootmgr', '--bootnext', needNum(ctx)]];
-  return [...planGrubConfig(), ['grub-reboot', grubEntryId(device)]];
-}
-
-/** Default boot from `device`. bios-grub: grub-set-default + GRUB on every disk; uefi: that entry first in BootOrder. */
-export function planSetDefault(device: string, ctx: BootPlanContext): string[][] {
-  if (ctx.bootMode === 'uefi') {
-    const n = needNum(ctx);
-    return [['efibootmgr', '--bootorder', [n, ...(ctx.bootOrder ?? []).map((x) => x.toUpperCase()).filter((x) => x !== n)].join(',')]];
-  }
-  return [...planGrubConfig(), ['grub-set-default', grubEntryId(device)], ...(ctx.diskPaths ?? []).map((d) => ['grub-install', '--target=i386-pc', d])];
-}
-
-/**
- * A UEFI loader and NVRAM entry for `device`: GRUB for that OS's /boot (`bootDir`) on the ESP
- * mounted at `espDir`, registered as `label` on partition `espPart` of `espDisk`.
- */
-export function planEfiEntry(device: string, o: { espDir: string; bootDir: string; espDisk: string; espPart: number; label: string }): string[][] {
-  return [
-    ['grub-install', '--target=x86_64-efi', `--efi-directory=${o.espDir}`, `--boot-directory=${o.bootDir}`, `--bootloader-id=${grubEntryId(device)}`, '--no-nvram'],
-    ['efibootmgr', '--create', '--disk', o.espDisk, '--part', String(o.espPart), '--label', o.label, '--loader', `\\EFI\\${grubEntryId(device)}\\grubx64.efi`],
-  ];
-}
-
-/** Restart the machine. */
-export function planReboot(): string[][] {
-  return [['systemctl', 'reboot']];
-}
-
-// ---------------------------------------------------------------------------------------------
-// Parsers of command output
-
-/** `efibootmgr` output: BootCurrent, BootNext, BootOrder and the entries (number, label, active). */
-export interface EfiBootState {
-  current: string | null;
-  next: string | null;
-  order: string[];
-  entries: { num: string; label: string; active: boolean }[];
-}
-
-/** Parses `efibootmgr` (no arguments) output. */
-export function parseEfibootmgr(text: string): EfiBootState {
-  const st: EfiBootState = { current: null, next: null, order: [], entries: [] };
-  for (const line of text.split('\n')) {
-    let m = /^BootCurrent:\s*([0-9A-Fa-f]{4})/.exec(line);
-    if (m) st.current = m[1].toUpperCase();
-    m = /^BootNext:\s*([0-9A-Fa-f]{4})/.exec(line);
-    if (m) st.next = m[1].toUpperCase();
-    m = /^BootOrder:\s*([0-9A-Fa-f,]*)/.exec(line);
-    if (m) st.order = m[1].split(',').filter(Boolean).map((x) => x.toUpperCase());
-    m = /^Boot([0-9A-Fa-f]{4})(\*?)\s+(.*)$/.exec(line);
-    if (m) st.entries.push({ num: m[1].toUpperCase(), active: m[2] === '*', label: m[3].split('\t')[0].replace(/\s+(HD|PciRoot|VenHw|BBS)\(.*$/, '').trim() });
-  }
-  return st;
-}
-
-/** A partition as lsblk reports it. */
-export interface LsblkPart {
-  n: number;
-  path: string;
-  partlabel: string | null;
-  fstype: string | null;
-  label: string | null;
-  mountpoint: string | null;
-}
-
-/** Parses `lsblk --json --output NAME,PATH,TYPE,PARTLABEL,FSTYPE,LABEL,MOUNTPOINT DISK` into the disk's partitions. */
-export function parseLsblk(json: string, diskPath: string): LsblkPart[] {
-  let doc: { blockdevices?: { path?: string; type?: string; partlabel?: string | null; fstype?: string | null; label?: string | null; mountpoint?: string | null; children?: unknown[] }[] };
-  try {
-    doc = JSON.parse(json);
-  } catch {
-    return [];
-  }
-  const out: LsblkPart[] = [];
-  const visit = (nodes: unknown[] | undefined) => {
-    for (const raw of nodes ?? []) {
-      const d = raw as NonNullable<typeof doc.blockdevices>[number];
-      if (d.type === 'part' && d.path) {
-        const m = /(\d+)$/.exec(d.path);
-        if (m && partitionPath(diskPath, Number(m[1])) === d.path) {
-          out.push({ n: Number(m[1]), path: d.path, partlabel: d.partlabel ?? null, fstype: d.fstype ?? null, label: d.label ?? null, mountpoint: d.mountpoint ?? null });
-        }
-      }
-      visit(d.children);
-    }
-  };
-  visit(doc.blockdevices);
-  return out.sort((a, b) => a.n - b.n);
-}
-
-// ---------------------------------------------------------------------------------------------
-// The driver
+export * from './linux-boot.js';
+export * from './linux-plans.js';
 
 /** Configuration of a LinuxMachine. */
 export interface LinuxMachineConfig {
@@ -358,9 +104,11 @@ export interface LinuxMachineConfig {
   sysRoot?: string;
   /** Where dry-run notes go (default stdout). */
   print?: (line: string) => void;
+  /** Kernel arguments of the stagecoach boot entries besides `root=` (default DEFAULT_KERNEL_ARGS). */
+  kernelArgs?: string;
 }
 
-/** The linux MachineDriver (see the decisions at the top of this file). */
+/** The linux MachineDriver (see the decisions at the top of this file and of linux-boot.ts). */
 export class LinuxMachine implements MachineDriver {
   readonly kind = 'linux' as const;
   readonly #c: Required<Omit<LinuxMachineConfig, 'runner' | 'exit' | 'print'>>;
@@ -375,7 +123,7 @@ export class LinuxMachine implements MachineDriver {
     if (!cfg.disks?.disk1 || !cfg.disks?.disk2) throw scError('SC_ERR_BAD_CONFIG', 'the linux driver needs disk1 and disk2 device paths');
     if (cfg.bootMode !== 'bios-grub' && cfg.bootMode !== 'uefi') throw scError('SC_ERR_BAD_CONFIG', `bad boot mode ${String(cfg.bootMode)}`);
     this.#print = cfg.print ?? ((l) => process.stdout.write(`${l}\n`));
-    this.#c = { hostId: cfg.hostId, disks: { ...cfg.disks }, bootMode: cfg.bootMode, mountRoot: cfg.mountRoot ?? '/mnt/stagecoach', dryRun: cfg.dryRun ?? false, sysRoot: cfg.sysRoot ?? '/' };
+    this.#c = { hostId: cfg.hostId, disks: { ...cfg.disks }, bootMode: cfg.bootMode, mountRoot: cfg.mountRoot ?? '/mnt/stagecoach', dryRun: cfg.dryRun ?? false, sysRoot: cfg.sysRoot ?? '/', kernelArgs: cfg.kernelArgs ?? DEFAULT_KERNEL_ARGS };
     this.runner = cfg.runner ?? (this.#c.dryRun ? dryRunRunner(this.#print) : execRunner());
     this.#exit = cfg.exit ?? processExit;
   }
@@ -431,7 +179,8 @@ export class LinuxMachine implements MachineDriver {
     for (const disk of Object.keys(this.#c.disks).sort()) {
       const parts: PartitionInfo[] = [];
       for (const p of await this.#parts(disk)) {
-        if (p.partlabel === BOOT_HELPER['bios-grub'].name || p.partlabel === BOOT_HELPER.uefi.name) continue;
+        // Boot helpers and ESPs (an OS's own, e.g. A's on disk 1) are not OS partitions.
+        if (p.partlabel === BOOT_HELPER['bios-grub'].name || p.partlabel === BOOT_HELPER.uefi.name || p.fstype === 'vfat') continue;
         const device = `${disk}p${p.n}`;
         const os = p.fstype === 'ext4' && p.mountpoint ? await installedOsAt(p.mountpoint) : null;
         const empty = !p.fstype || (p.mountpoint ? (await fsp.readdir(p.mountpoint).catch(() => [])).filter((e) => e !== 'lost+found').length === 0 : false);
@@ -549,11 +298,22 @@ export class LinuxMachine implements MachineDriver {
     return entries.filter((e) => e !== 'lost+found').length === 0;
   }
 
+  /**
+   * Records the OS on `device` as complete, after making its tree boot on this machine: /etc/fstab
+   * with the root by label (fstabFor), and an empty machine id, so the OS makes its own at its
+   * first boot instead of sharing the image's.
+   */
   async markInstalled(device: string, os: InstallMark): Promise<void> {
     const root = await this.mountPath(device);
+    const role = (await this.#part(device)).role;
     if (this.runner.dryRun) {
+      this.#print(`+ write ${join(root, 'etc/fstab')} (root LABEL=${fsLabel(role)})`);
       this.#print(`+ write ${join(root, 'etc/stagecoach/installed.json')} (${os.id} ${os.version}, ${os.netFormat})`);
       return;
+    }
+    if (device !== (await this.#runningDevice())) {
+      await writeInside(root, '/etc/fstab', fstabFor(role), 0o644);
+      if ((await readInside(root, '/etc/machine-id').catch(() => null)) !== null) await writeInside(root, '/etc/machine-id', '', 0o444);
     }
     await writeMarker(root, os, new Date().toISOString());
   }
@@ -564,85 +324,140 @@ export class LinuxMachine implements MachineDriver {
     return installedOsAt(await this.mountPath(device));
   }
 
-  /** Managed root partitions (os-root / rescue-root) on every disk, for the GRUB entries. */
-  async #rootEntries(): Promise<{ device: string; label: string }[]> {
-    const out: { device: string; label: string }[] = [];
+  /** The roots stagecoach boots: os-root and rescue-root partitions (by GPT name, else the standard layout), with their kernels. */
+  async #bootRoots(): Promise<BootRoot[]> {
+    const out: BootRoot[] = [];
     for (const disk of Object.keys(this.#c.disks).sort()) {
-      let parts: { n: number; partlabel: string | null }[] = await this.#parts(disk);
+      let parts: Pick<LsblkPart, 'n' | 'partlabel' | 'fstype'>[] = await this.#parts(disk);
       // A dry run on a machine without these disks plans for the standard layout.
-      if (parts.length === 0 && this.runner.dryRun) parts = disk === 'disk1' ? [{ n: 1, partlabel: null }] : disk === 'disk2' ? [{ n: 1, partlabel: null }, { n: 2, partlabel: null }] : [];
+      if (parts.length === 0 && this.runner.dryRun) parts = disk === 'disk1' ? [{ n: 1, partlabel: null, fstype: null }] : disk === 'disk2' ? [{ n: 1, partlabel: null, fstype: null }] : [];
       for (const p of parts) {
+        const device = `${disk}p${p.n}`;
+        const named = p.partlabel?.startsWith('sc-') ?? false;
         const role = roleOf(p, disk);
-        if (role !== 'bundle-store' && p.partlabel !== BOOT_HELPER['bios-grub'].name && p.partlabel !== BOOT_HELPER.uefi.name) {
-          out.push({ device: `${disk}p${p.n}`, label: fsLabel(role) });
-        }
+        if (role === 'bundle-store' || (!named && !STANDARD_ROLES[device])) continue;
+        const root = p.fstype === 'ext4' ? await this.mountPath(device).catch(() => null) : null;
+        out.push(bootRoot(device, fsLabel(role), root ? await kernelAt(root) : null));
       }
     }
     return out;
   }
 
-  async #grubRescue(): Promise<string | null> {
-    const text = await fsp.readFile(join(this.#c.sysRoot, GRUB_ENTRIES_FILE), 'utf8').catch(() => '');
-    const m = /^# rescue: (disk[1-9]p[1-9])$/m.exec(text);
-    return m ? m[1] : null;
+  async #bootRoot(device: string): Promise<BootRoot> {
+    const found = (await this.#bootRoots()).find((r) => r.device === device);
+    return found ?? bootRoot(device, fsLabel((await this.#part(device)).role));
   }
 
-  async #writeGrubEntries(rescue: string | null): Promise<void> {
-    const entries = await this.#rootEntries();
-    const r = rescue ? { device: rescue, label: fsLabel((await this.#part(rescue)).role) } : null;
-    await this.runner.writeFile(GRUB_ENTRIES_FILE, grubEntriesScript(entries, r), 0o755);
+  /** The stagecoach loader's place on disk2p1 (BIOS), or null while disk2p1 has no filesystem. */
+  async #loader(): Promise<{ bootDir: string; grubDir: string; env: string } | null> {
+    const p = await this.#part('disk2p1').catch(() => null);
+    if (!p || (!p.fstype && !this.runner.dryRun)) return null;
+    const root = await this.mountPath('disk2p1').catch(() => null);
+    if (!root) return null;
+    const bootDir = join(root, LOADER_BOOT_DIR);
+    return { bootDir, grubDir: join(bootDir, 'grub'), env: join(bootDir, 'grub/grubenv') };
+  }
+
+  async #env(file: string): Promise<Record<string, string>> {
+    const text = (await this.runner.query(['grub-editenv', file, 'list'])) ?? '';
+    return Object.fromEntries(text.split('\n').filter((l) => l.includes('=')).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1).trim()]));
+  }
+
+  async #writeLoaderConfig(l: { grubDir: string }, rescue: string | null): Promise<void> {
+    await this.#runAll([['mkdir', '-p', l.grubDir]]);
+    const r = rescue ? await this.#bootRoot(rescue) : null;
+    await this.runner.writeFile(join(l.grubDir, 'grub.cfg'), loaderConfig(await this.#bootRoots(), r, this.#c.kernelArgs), 0o644);
+  }
+
+  async #needLoader(): Promise<{ bootDir: string; grubDir: string; env: string }> {
+    const l = await this.#loader();
+    if (!l) throw scError('SC_ERR_CONFLICT', 'disk2p1 has no filesystem: there is no rescue OS to hold the boot loader');
+    return l;
+  }
+
+  async #grubRescue(): Promise<string | null> {
+    const text = await fsp.readFile(join(this.#c.sysRoot, GRUB_ENTRIES_FILE), 'utf8').catch(() => '');
+    return /^# rescue: (disk[1-9]p[1-9])$/m.exec(text)?.[1] ?? null;
   }
 
   async #efi(): Promise<EfiBootState> {
     return parseEfibootmgr((await this.runner.query(['efibootmgr'])) ?? '');
   }
 
-  /** The NVRAM entry labelled `label`, created (loader on disk 2's ESP) when missing. */
+  /** Disk 2's ESP, mounted. */
+  async #esp(): Promise<{ dir: string; disk: string; part: number }> {
+    const parts = await this.#parts('disk2');
+    const p = parts.find((x) => x.partlabel === BOOT_HELPER.uefi.name);
+    if (!p && !this.runner.dryRun) throw scError('SC_ERR_CONFLICT', 'disk 2 has no ESP (sc-esp): partition it first');
+    const n = p?.n ?? 3;
+    if (p?.mountpoint) return { dir: p.mountpoint, disk: this.#diskPath('disk2'), part: n };
+    const dir = `${this.#c.mountRoot}/esp`;
+    await this.#runAll(planMount(partitionPath(this.#diskPath('disk2'), n), dir));
+    return { dir, disk: this.#diskPath('disk2'), part: n };
+  }
+
+  /** (Re)writes `device`'s UEFI loader on disk 2's ESP and returns the number of its NVRAM entry `label` (created when missing). */
   async #efiEntry(device: string, label: string): Promise<string> {
+    const esp = await this.#esp();
+    const cfg = join(esp.dir, `EFI/stagecoach/${device}.cfg`);
+    await this.#runAll([['mkdir', '-p', join(esp.dir, 'EFI/stagecoach')]]);
+    await this.runner.writeFile(cfg, efiLoaderConfig(await this.#bootRoot(device), this.#c.kernelArgs), 0o644);
+    await this.#runAll(planEfiLoader(join(esp.dir, efiLoaderPath(device)), cfg));
     const found = (await this.#efi()).entries.find((e) => e.label === label);
     if (found) return found.num;
-    const espN = (await this.#parts('disk2')).find((p) => p.partlabel === BOOT_HELPER.uefi.name)?.n ?? 3;
-    const espDisk = this.#diskPath('disk2');
-    const espDir = `${this.#c.mountRoot}/esp`;
-    const espMounted = (await this.#parts('disk2')).find((p) => p.n === espN)?.mountpoint;
-    if (!espMounted) await this.#runAll(planMount(partitionPath(espDisk, espN), espDir));
-    const bootDir = `${(await this.mountPath(device)).replace(/\/$/, '')}/boot`;
-    await this.#runAll(planEfiEntry(device, { espDir: espMounted ?? espDir, bootDir, espDisk, espPart: espN, label }));
+    await this.#runAll(planEfiEntry({ espDisk: esp.disk, espPart: esp.part, label, loader: efiLoaderPath(device) }));
     const created = (await this.#efi()).entries.find((e) => e.label === label);
     if (!created && this.runner.dryRun) this.#print(`# dry run: the new entry '${label}' has no boot number yet; shown as FFFF`);
+    if (!created && !this.runner.dryRun) throw scError('SC_ERR_COMMAND_FAILED', `efibootmgr did not create the entry '${label}'`);
     return created?.num ?? 'FFFF';
   }
 
   async setBootOnce(device: string): Promise<void> {
     this.#split(device);
     if (this.#c.bootMode === 'uefi') {
-      const bootNum = await this.#efiEntry(device, `stagecoach ${device}`);
-      await this.#runAll(planBootOnce(device, { bootMode: 'uefi', bootNum }));
+      await this.#runAll(planBootNext(await this.#efiEntry(device, `stagecoach ${device}`)));
       return;
     }
-    await this.#writeGrubEntries(await this.#grubRescue());
-    await this.#runAll(planBootOnce(device, { bootMode: 'bios-grub' }));
+    const l = await this.#loader();
+    const env = l ? await this.#env(l.env) : {};
+    if (l && env.stagecoach_loader === '1') {
+      await this.#writeLoaderConfig(l, env.stagecoach_rescue ?? null);
+      await this.#runAll(planEditEnv(l.env, { next_entry: grubEntryId(device) }, false));
+      return;
+    }
+    // Before the point of no return: the running OS's own GRUB boots the entry once.
+    const rescue = env.stagecoach_rescue ?? (await this.#grubRescue());
+    await this.runner.writeFile(GRUB_ENTRIES_FILE, grubEntriesScript(await this.#bootRoots(), rescue ? await this.#bootRoot(rescue) : null, this.#c.kernelArgs), 0o755);
+    await this.#runAll(planOsGrubOnce(device));
   }
 
   async setDefault(device: string): Promise<void> {
     this.#split(device);
     if (this.#c.bootMode === 'uefi') {
-      const bootNum = await this.#efiEntry(device, `stagecoach ${device}`);
-      await this.#runAll(planSetDefault(device, { bootMode: 'uefi', bootNum, bootOrder: (await this.#efi()).order }));
+      const num = await this.#efiEntry(device, `stagecoach ${device}`);
+      await this.#runAll(planBootOrder(num, (await this.#efi()).order));
       return;
     }
-    await this.#writeGrubEntries(await this.#grubRescue());
-    await this.#runAll(planSetDefault(device, { bootMode: 'bios-grub', diskPaths: Object.keys(this.#c.disks).sort().map((d) => this.#diskPath(d)) }));
+    const l = await this.#needLoader();
+    const env = await this.#env(l.env);
+    await this.#writeLoaderConfig(l, env.stagecoach_rescue ?? null);
+    await this.#runAll(planLoaderInstall(l.bootDir, Object.keys(this.#c.disks).sort().map((d) => this.#diskPath(d))));
+    const exists = !!(await fsp.stat(l.env).catch(() => null));
+    await this.#runAll(planEditEnv(l.env, { saved_entry: grubEntryId(device), stagecoach_loader: '1' }, !exists && !this.runner.dryRun));
   }
 
   async setRescueEntry(device: string): Promise<void> {
     this.#split(device);
     if (this.#c.bootMode === 'uefi') {
-      await this.#efiEntry(device, `stagecoach rescue ${device}`);
+      const num = await this.#efiEntry(device, `stagecoach rescue ${device}`);
+      const order = (await this.#efi()).order.filter((x) => x !== num);
+      await this.#runAll([['efibootmgr', '--bootorder', [...order.slice(0, 1), num, ...order.slice(1)].join(',')]]);
       return;
     }
-    await this.#writeGrubEntries(device);
-    await this.#runAll(planGrubConfig());
+    const l = await this.#needLoader();
+    const exists = !!(await fsp.stat(l.env).catch(() => null));
+    await this.#writeLoaderConfig(l, device);
+    await this.#runAll(planEditEnv(l.env, { stagecoach_rescue: device }, !exists && !this.runner.dryRun));
   }
 
   async bootConfig(): Promise<BootConfig> {
@@ -653,9 +468,11 @@ export class LinuxMachine implements MachineDriver {
       const rescue = st.entries.map((e) => /^stagecoach rescue (disk[1-9]p[1-9])$/.exec(e.label)?.[1]).find(Boolean) ?? null;
       return { default: dev(label(st.order[0])), once: dev(label(st.next)), rescue };
     }
-    const env = (await this.runner.query(['grub-editenv', '/boot/grub/grubenv', 'list'])) ?? '';
-    const get = (k: string) => new RegExp(`^${k}=(.*)$`, 'm').exec(env)?.[1]?.trim();
-    return { default: dev(get('saved_entry')), once: dev(get('next_entry')), rescue: await this.#grubRescue() };
+    const l = await this.#loader();
+    const env = l ? await this.#env(l.env) : {};
+    if (env.stagecoach_loader === '1') return { default: dev(env.saved_entry), once: dev(env.next_entry), rescue: env.stagecoach_rescue ?? null };
+    const os = await this.#env(join(this.#c.sysRoot, 'boot/grub/grubenv'));
+    return { default: dev(os.saved_entry), once: dev(os.next_entry), rescue: env.stagecoach_rescue ?? (await this.#grubRescue()) };
   }
 
   async reboot(): Promise<never> {
@@ -688,4 +505,24 @@ function roleOf(p: { partlabel: string | null; n: number }, disk: string): Parti
   const r = p.partlabel?.startsWith('sc-') ? p.partlabel.slice(3) : null;
   if (r && (PARTITION_ROLES as readonly string[]).includes(r)) return r as PartitionRole;
   return STANDARD_ROLES[`${disk}p${p.n}`] ?? (disk === 'disk1' ? 'os-root' : 'bundle-store');
+}
+
+/**
+ * The kernel and initramfs of the OS at `root`, as paths inside it: Debian's `/vmlinuz` and
+ * `/initrd.img` links when present, else the newest `/boot/vmlinuz-<version>` with its
+ * `initrd.img-<version>` or `initramfs-<version>.img`; null when there is no kernel.
+ */
+export async function kernelAt(root: string): Promise<{ kernel: string; initrd: string } | null> {
+  const has = async (p: string) => !!(await fsp.stat(join(root, p)).catch(() => null));
+  if ((await has('vmlinuz')) && (await has('initrd.img'))) return { kernel: '/vmlinuz', initrd: '/initrd.img' };
+  const names = await fsp.readdir(join(root, 'boot')).catch(() => [] as string[]);
+  const versions = names.filter((n) => n.startsWith('vmlinuz-')).map((n) => n.slice(8)).sort(compareVersions).reverse();
+  for (const v of versions) {
+    for (const i of [`initrd.img-${v}`, `initramfs-${v}.img`]) if (names.includes(i)) return { kernel: `/boot/vmlinuz-${v}`, initrd: `/boot/${i}` };
+  }
+  return null;
+}
+
+function compareVersions(a: string, b: string): number {
+  return a.localeCompare(b, 'en', { numeric: true });
 }
