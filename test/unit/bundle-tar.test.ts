@@ -105,6 +105,7 @@ describe('safeExtract', () => {
     ['hardlink through a symlink', [{ path: 'l', kind: 'symlink', linkpath: '/etc' }, { path: 'h', kind: 'hardlink', linkpath: 'l/passwd' }]],
     ['relative symlink escaping from a subdirectory', [{ path: 'a/b/', kind: 'dir' }, { path: 'a/b/up', kind: 'symlink', linkpath: '../../../x' }]],
     ['a symlink named like the root', [{ path: './', kind: 'symlink', linkpath: '/' }]],
+    ['an absolute symlink that climbs out of the root', [{ path: 'weird', kind: 'symlink', linkpath: '/../../../etc' }]],
   ];
 
   for (const [name, entries] of evil) {
@@ -134,15 +135,13 @@ describe('safeExtract', () => {
       { path: 'usr/bin/awk', kind: 'symlink', linkpath: '/etc/alternatives/awk' },
       { path: 'usr/bin/nawk', kind: 'symlink', linkpath: 'mawk' },
       { path: 'etc/os-release', kind: 'symlink', linkpath: '../usr/lib/os-release' },
-      { path: 'weird', kind: 'symlink', linkpath: '/../../../etc' },
       { path: 'usr/bin/gawk', kind: 'hardlink', linkpath: 'usr/bin/mawk' },
     ]);
-    assert.equal(r.entries, 10);
+    assert.equal(r.entries, 9);
     assert.equal(readlinkSync(join(target, 'usr/bin/awk')), '/etc/alternatives/awk');
     assert.equal(readlinkSync(join(target, 'etc/alternatives/awk')), '/usr/bin/mawk');
     assert.equal(readlinkSync(join(target, 'usr/bin/nawk')), 'mawk');
     assert.equal(readlinkSync(join(target, 'etc/os-release')), '../usr/lib/os-release');
-    assert.equal(readlinkSync(join(target, 'weird')), '/../../../etc');
     assert.equal(statSync(join(target, 'usr/bin/gawk')).ino, statSync(join(target, 'usr/bin/mawk')).ino);
     assertNothingOutside();
   });
@@ -191,15 +190,18 @@ describe('safeExtract', () => {
     assert.equal(readFileSync(join(target, 'b'), 'utf8'), 'second');
   });
 
-  it('skips device nodes and FIFOs, counting them', async () => {
+  it('creates FIFOs, and skips device nodes, counting them', async () => {
     const r = await extract([
       { path: 'dev/', kind: 'dir' },
       { path: 'dev/null', kind: 'chardev', mode: 0o666 },
-      { path: 'dev/fifo', kind: 'fifo' },
+      { path: 'run/initctl', kind: 'fifo', mode: 0o600 },
       { path: 'ok', body: 'fine' },
     ]);
-    assert.deepEqual(r, { entries: 4, skipped: 2 });
+    assert.deepEqual(r, { entries: 4, skipped: 1 });
     assert.deepEqual(readdirSync(join(target, 'dev')), []);
+    const fifo = lstatSync(join(target, 'run/initctl'));
+    assert.ok(fifo.isFIFO());
+    assert.equal(fifo.mode & 0o7777, 0o600);
     assert.equal(readFileSync(join(target, 'ok'), 'utf8'), 'fine');
   });
 

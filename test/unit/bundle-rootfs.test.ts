@@ -1,0 +1,149 @@
+/**
+ * Real root filesystems through the tar codec: a tree like a Debian rootfs (hardlink groups,
+ * symlinks, setuid/setgid/sticky, numeric owners, security.capability, a sparse file, long and
+ * non-ASCII paths, a FIFO) must come out of packDirStream → safeExtract unchanged, and the
+ * format must be GNU tar's `--xattrs` one in both directions. Runs as root.
+ */
+import assert from 'node:assert/strict';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { createReadStream, createWriteStream, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { after, before, describe, it } from 'node:test';
+import { setAttribute } from '@napi-rs/xattr';
+import * as tar from 'tar';
+import { packDirStream, safeExtract } from '../../shared/bundle/index.js';
+import { decodePax, encodePax } from '../../shared/bundle/pax.js';
+import { isScError } from '../../shared/errors.js';
+import { CAP_NET_RAW_EP, makeRealRootfs, REAL_ROOTFS, treeFacts } from '../helpers/tree.js';
+
+const asRoot = process.getuid?.() === 0;
+
+/** A tar built from header fields, with an optional PAX record set before it (node-tar encodes the blocks). */
+function rawTar(entries: { path: string; type?: string; body?: string; linkpath?: string; pax?: [string, string | Buffer][] }[]): Buffer {
+  const parts: Buffer[] = [];
+  const pad = (n: number) => Buffer.alloc((512 - (n % 512)) % 512);
+  for (const e of entries) {
+    if (e.pax) {
+      const body = encodePax(e.pax);
+      const h = new tar.Header({ path: 'PaxHeader/x', type: 'ExtendedHeader', size: body.length, mode: 0o644, mtime: new Date(0) });
+      h.encode();
+      parts.push(h.block as Buffer, body, pad(body.length));
+    }
+    const body = Buffer.from(e.body ?? '');
+    const h = new tar.Header({ path: e.path, type: e.type ?? 'File', size: body.length, mode: 0o644, mtime: new Date(1_700_000_000_000), linkpath: e.linkpath });
+    h.encode();
+    parts.push(h.block as Buffer, body, pad(body.length));
+  }
+  parts.push(Buffer.alloc(1024));
+  return Buffer.concat(parts);
+}
+
+describe('real root filesystems through the tar codec', { skip: !asRoot && 'needs root (owners, trusted.* attributes)' }, () => {
+  let base: string;
+  let src: string;
+  before(() => {
+    base = mkdtempSync(join(tmpdir(), 'sc-rootfs-'));
+    src = join(base, 'src');
+    makeRealRootfs(src);
+  });
+  after(() => rmSync(base, { recursive: true, force: true }));
+
+  it('the source tree has what a real rootfs has', async () => {
+    const f = await treeFacts(src);
+    assert.equal(f['usr/bin/bzcat'].hardlinkGroup, 'usr/bin/bunzip2');
+    assert.equal(f['usr/lib/fsck.ext4-in-lib'].hardlinkGroup, 'usr/lib/fsck.ext4-in-lib');
+    assert.equal(f['etc/os-release'].target, '../usr/lib/os-release');
+    assert.equal(f['usr/bin/passwd'].mode, '4755');
+    assert.equal(f.tmp.mode, '1777');
+    assert.equal(f['var/mail'].mode, '2775');
+    assert.equal(f['etc/gshadow'].mode, '0');
+    assert.equal(f[REAL_ROOTFS.ping].xattrs['security.capability'], CAP_NET_RAW_EP.toString('hex'));
+    assert.equal(f[REAL_ROOTFS.sparse].sparse, true);
+    assert.equal(f[REAL_ROOTFS.fifo].type, 'fifo');
+    assert.ok(REAL_ROOTFS.longPath.length > 255);
+    assert.equal(f['home/user/big-ids'].uid, 3_000_000);
+    assert.deepEqual(f.srv, { ...f.srv, type: 'dir' });
+  });
+
+  it('packs and extracts it unchanged: types, modes, owners, contents, links, hardlink groups, xattrs, mtimes, holes', async () => {
+    const out = join(base, 'out');
+    const r = await safeExtract(packDirStream(src), out);
+    assert.equal(r.skipped, 0);
+    assert.deepEqual(await treeFacts(out), await treeFacts(src));
+  });
+
+  it('writes what GNU tar --xattrs extracts to the same tree (capabilities included)', async () => {
+    const file = join(base, 'ours.tar');
+    await pipeline(packDirStream(src), createWriteStream(file));
+    const out = join(base, 'gnu-out');
+    mkdirSync(out);
+    const x = spawnSync('tar', ['--xattrs', "--xattrs-include=*", '--numeric-owner', '-xpf', file, '-C', out], { encoding: 'utf8' });
+    assert.equal(x.status, 0, x.stderr);
+    assert.deepEqual(await treeFacts(out, { sparse: false }), await treeFacts(src, { sparse: false }));
+    assert.match(execFileSync('getcap', [join(out, REAL_ROOTFS.ping)], { encoding: 'utf8' }), /cap_net_raw[=+]ep/);
+  });
+
+  it('extracts a tarball made by GNU tar --xattrs --numeric-owner to the same tree', async () => {
+    const file = join(base, 'gnu.tar');
+    const c = spawnSync('tar', ['--xattrs', "--xattrs-include=*", '--numeric-owner', '-cf', file, '-C', src, '.'], { encoding: 'utf8' });
+    assert.equal(c.status, 0, c.stderr);
+    const out = join(base, 'from-gnu');
+    await safeExtract(createReadStream(file), out);
+    assert.deepEqual(await treeFacts(out), await treeFacts(src));
+  });
+
+  it('packs the same tree to the same bytes (no atimes)', async () => {
+    const a = join(base, 'a.tar');
+    const b = join(base, 'b.tar');
+    await pipeline(packDirStream(src), createWriteStream(a));
+    await pipeline(packDirStream(src), createWriteStream(b));
+    assert.ok(readFileSync(a).equals(readFileSync(b)));
+  });
+
+  it('refuses attributes outside security.*, trusted.*, user.* with SC_ERR_UNSUPPORTED_XATTR, naming the file', async () => {
+    const archive = rawTar([{ path: 'etc/f', body: 'x', pax: [['SCHILY.xattr.system.posix_acl_access', Buffer.from('0200000001000600ffffffff', 'hex')]] }]);
+    await assert.rejects(safeExtract(Readable.from([archive]), join(base, 'acl-out')), (e: unknown) => isScError(e, 'SC_ERR_UNSUPPORTED_XATTR') && /etc\/f.*system\.posix_acl_access/.test((e as Error).message));
+    // On packing: an ACL on a file of the tree (when this file system takes one).
+    const tree = join(base, 'acl-tree');
+    mkdirSync(tree);
+    writeFileSync(join(tree, 'f'), 'x');
+    // user::rw- user:1000:rw- group::r-- mask::rw- other::r--
+    const acl = Buffer.from('02000000' + '01000600ffffffff' + '02000600e8030000' + '04000400ffffffff' + '10000600ffffffff' + '20000400ffffffff', 'hex');
+    const took = await setAttribute(join(tree, 'f'), 'system.posix_acl_access', acl).then(
+      () => true,
+      () => false,
+    );
+    if (took) {
+      await assert.rejects(
+        pipeline(packDirStream(tree), async (s: AsyncIterable<Buffer>) => {
+          for await (const _ of s) {
+            /* drain */
+          }
+        }),
+        (e: unknown) => isScError(e, 'SC_ERR_UNSUPPORTED_XATTR') && /\bf\b.*system\.posix_acl_access/.test((e as Error).message),
+      );
+    }
+  });
+
+  it('refuses GNU sparse entries (tar --sparse) with SC_ERR_BAD_ARCHIVE', async () => {
+    const archive = rawTar([{ path: 'disk.img', body: 'x', pax: [['GNU.sparse.major', '1'], ['GNU.sparse.minor', '0']] }]);
+    await assert.rejects(safeExtract(Readable.from([archive]), join(base, 'sparse-out')), (e: unknown) => isScError(e, 'SC_ERR_BAD_ARCHIVE') && /sparse/.test((e as Error).message));
+  });
+
+  it('PAX records keep binary values and UTF-8 text', () => {
+    const bin = Buffer.from([0, 0x80, 0xff, 0x0a, 0x3d, 0x20]);
+    const body = encodePax([
+      ['path', 'naïve/文件'],
+      ['SCHILY.xattr.user.b', bin],
+      ['x'.repeat(90), 'y'.repeat(9)],
+    ]);
+    const d = decodePax(body);
+    assert.equal(d.path, 'naïve/文件');
+    assert.ok(Buffer.isBuffer(d['SCHILY.xattr.user.b']) && (d['SCHILY.xattr.user.b'] as Buffer).equals(bin));
+    assert.equal(d['x'.repeat(90)], 'y'.repeat(9));
+    assert.throws(() => decodePax(Buffer.from('99 path=x\n')), /malformed/);
+  });
+});
