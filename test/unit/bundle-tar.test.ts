@@ -78,6 +78,7 @@ describe('safeExtract', () => {
     base = mkdtempSync(join(tmpdir(), 'sc-tar-'));
     target = join(base, 't1', 't2');
     mkdirSync(target, { recursive: true });
+    writeFileSync(join(base, 'canary'), 'untouched');
   });
   afterEach(() => rmSync(base, { recursive: true, force: true }));
 
@@ -88,8 +89,9 @@ describe('safeExtract', () => {
   };
   /** Nothing outside the target: base holds only t1/t2 and whatever is inside t2. */
   const assertNothingOutside = () => {
-    assert.deepEqual(readdirSync(base), ['t1']);
+    assert.deepEqual(readdirSync(base), ['canary', 't1']);
     assert.deepEqual(readdirSync(join(base, 't1')), ['t2']);
+    assert.equal(readFileSync(join(base, 'canary'), 'utf8'), 'untouched');
   };
 
   const evil: [string, RawEntry[]][] = [
@@ -106,6 +108,13 @@ describe('safeExtract', () => {
     ['relative symlink escaping from a subdirectory', [{ path: 'a/b/', kind: 'dir' }, { path: 'a/b/up', kind: 'symlink', linkpath: '../../../x' }]],
     ['a symlink named like the root', [{ path: './', kind: 'symlink', linkpath: '/' }]],
     ['an absolute symlink that climbs out of the root', [{ path: 'weird', kind: 'symlink', linkpath: '/../../../etc' }]],
+    // Chains: each link is resolved against the links already made, as the kernel walks them.
+    ['a chain l1 -> . then l2 -> l1/..', [{ path: 'l1', kind: 'symlink', linkpath: '.' }, { path: 'l2', kind: 'symlink', linkpath: 'l1/..' }]],
+    ['a longer chain a -> ., b -> a/a/a, c -> b/../t2/..', [{ path: 'a', kind: 'symlink', linkpath: '.' }, { path: 'b', kind: 'symlink', linkpath: 'a/a/a' }, { path: 'c', kind: 'symlink', linkpath: 'b/../t2/..' }]],
+    ['a chain through a directory: d/l -> .., e -> d/l/..', [{ path: 'd/', kind: 'dir' }, { path: 'd/l', kind: 'symlink', linkpath: '..' }, { path: 'e', kind: 'symlink', linkpath: 'd/l/..' }]],
+    ['an absolute chain l1 -> ., l2 -> /l1/..', [{ path: 'l1', kind: 'symlink', linkpath: '.' }, { path: 'l2', kind: 'symlink', linkpath: '/l1/..' }]],
+    ['an absolute chain through an absolute link: r -> /, up -> /r/../canary', [{ path: 'r', kind: 'symlink', linkpath: '/' }, { path: 'up', kind: 'symlink', linkpath: '/r/../canary' }]],
+    ['a hardlink that moves a symlink up a level: a/up -> .., then up2 = a/up', [{ path: 'a/', kind: 'dir' }, { path: 'a/up', kind: 'symlink', linkpath: '..' }, { path: 'up2', kind: 'hardlink', linkpath: 'a/up' }]],
   ];
 
   for (const [name, entries] of evil) {
@@ -117,6 +126,49 @@ describe('safeExtract', () => {
       assert.ok(!listAll(target).some((p) => p.endsWith('evil')), 'the evil entry itself was not written');
     });
   }
+
+  it('refuses a link that a later entry turns into an escape, and makes no symlink at all', async () => {
+    // x -> d/p/../.. is inside while d/p is a directory name; once d/p -> . exists, x is the target's parent.
+    const p = extract([
+      { path: 'd/', kind: 'dir' },
+      { path: 'x', kind: 'symlink', linkpath: 'd/p/../..' },
+      { path: 'ok', kind: 'symlink', linkpath: 'd' },
+      { path: 'd/p', kind: 'symlink', linkpath: '.' },
+    ]);
+    await assert.rejects(p, (e: unknown) => isUnsafe(e) && /"x"/.test((e as Error).message));
+    assertNothingOutside();
+    assert.deepEqual(listAll(target), ['d'], 'symlinks are made only once all of them are checked');
+    // A loop is only seen once both links exist: refused too (the kernel would answer ELOOP).
+    await assert.rejects(
+      extract([
+        { path: 'a', kind: 'symlink', linkpath: 'b' },
+        { path: 'b', kind: 'symlink', linkpath: 'a' },
+      ]),
+      (e: unknown) => isUnsafe(e) && /more than 40 links/.test((e as Error).message),
+    );
+    assert.deepEqual(listAll(target), ['d']);
+  });
+
+  it('refuses a relative link whose walk goes through an existing symlink that leaves the target', async () => {
+    symlinkSync('..', join(target, 'pre'));
+    await assert.rejects(extract([{ path: 'x', kind: 'symlink', linkpath: 'pre/..' }]), isUnsafe);
+    assertNothingOutside();
+  });
+
+  it('accepts chains that stay inside (usr/bin/X11 -> ., lib -> usr/lib, deep relative links)', async () => {
+    await extract([
+      { path: 'usr/bin/', kind: 'dir' },
+      { path: 'usr/lib/x86_64-linux-gnu/', kind: 'dir' },
+      { path: 'usr/lib/x86_64-linux-gnu/libc.so.6', body: 'libc' },
+      { path: 'usr/bin/X11', kind: 'symlink', linkpath: '.' },
+      { path: 'lib', kind: 'symlink', linkpath: 'usr/lib' },
+      { path: 'lib64', kind: 'symlink', linkpath: '/lib/../lib/x86_64-linux-gnu' },
+      { path: 'usr/bin/libc', kind: 'symlink', linkpath: 'X11/X11/../lib/x86_64-linux-gnu/libc.so.6' },
+    ]);
+    assert.equal(readlinkSync(join(target, 'usr/bin/libc')), 'X11/X11/../lib/x86_64-linux-gnu/libc.so.6');
+    assert.equal(readFileSync(join(target, 'usr/bin/libc'), 'utf8'), 'libc');
+    assertNothingOutside();
+  });
 
   it('refuses to write through a symlink already in the target (pointing outside)', async () => {
     mkdirSync(join(base, 'outside'));
