@@ -103,14 +103,17 @@ describe('plans for a two-disk machine', () => {
       "menuentry 'stagecoach disk2p1' --id stagecoach-disk2p1 {\n" +
         '\tinsmod part_gpt\n\tinsmod part_msdos\n\tinsmod ext2\n' +
         '\tsearch --no-floppy --label --set=root sc-rescue-root\n' +
-        `\tlinux /vmlinuz root=LABEL=sc-rescue-root ${DEFAULT_KERNEL_ARGS}\n` +
-        '\tinitrd /initrd.img\n}\n',
+        `\tif linux /vmlinuz root=LABEL=sc-rescue-root ${DEFAULT_KERNEL_ARGS}; then\n` +
+        '\t\tif initrd /initrd.img; then boot; fi\n' +
+        '\tfi\n' +
+        "\techo 'stagecoach: disk2p1 cannot be booted'\n" +
+        '\tsleep 3\n}\n',
     );
     assert.doesNotMatch(e, /configfile/, 'an entry that loads a grub.cfg can select itself again for ever');
     assert.match(DEFAULT_KERNEL_ARGS, /panic=10/, 'a kernel that panics reboots, so a failed one-shot falls back');
     assert.match(DEFAULT_KERNEL_ARGS, /console=ttyS0,115200n8$/, 'the serial console is /dev/console');
     const fedora = grubMenuEntry(bootRoot('disk1p1', 'sc-os-root', { kernel: '/boot/vmlinuz-6.8', initrd: '/boot/initramfs-6.8.img' }), 't', 'i', 'ro quiet');
-    assert.match(fedora, /\tlinux \/boot\/vmlinuz-6.8 root=LABEL=sc-os-root ro quiet\n\tinitrd \/boot\/initramfs-6.8.img\n/);
+    assert.match(fedora, /\tif linux \/boot\/vmlinuz-6.8 root=LABEL=sc-os-root ro quiet; then\n\t\tif initrd \/boot\/initramfs-6.8.img; then boot; fi\n/);
   });
 
   it("plans the BIOS boot: A's GRUB once, then the stagecoach loader on both disks", () => {
@@ -129,6 +132,7 @@ describe('plans for a two-disk machine', () => {
     assert.match(cfg, /^set fallback=stagecoach-rescue$/m);
     assert.equal(cfg.match(/^menuentry /gm)?.length, 3);
     assert.doesNotMatch(cfg, /configfile/);
+    assert.doesNotMatch(cfg, /reboot/, 'a failed entry of the loader ends, so GRUB takes the fallback (rescue) entry');
   });
 
   it('plans the UEFI boot: a standalone loader per device, entries outside BootOrder until chosen', () => {
@@ -143,7 +147,7 @@ describe('plans for a two-disk machine', () => {
     assert.deepEqual(planBootNext('0004'), [['efibootmgr', '--bootnext', '0004']]);
     assert.deepEqual(planBootOrder('0005', ['0001', '0004', '0005']), [['efibootmgr', '--bootorder', '0005,0001,0004']]);
     const cfg = efiLoaderConfig(bootRoot('disk2p1', 'sc-rescue-root'));
-    assert.match(cfg, /^if search --no-floppy --label --set=root sc-rescue-root; then\n\tsearch[^\n]*\n\tlinux \/vmlinuz root=LABEL=sc-rescue-root [^\n]*\n\tinitrd \/initrd.img\n\tboot\nfi\n/m);
+    assert.match(cfg, /^if search --no-floppy --label --set=root sc-rescue-root; then\n\tif linux \/vmlinuz root=LABEL=sc-rescue-root [^\n]*; then\n\t\tif initrd \/initrd.img; then boot; fi\n\tfi\nfi\n/m);
     assert.match(cfg, /\nexit\n$/, 'a loader that cannot boot its device returns to the firmware');
   });
 
@@ -154,6 +158,7 @@ describe('plans for a two-disk machine', () => {
     assert.equal(lines[tail - 1], "menuentry 'stagecoach disk1p1' --id stagecoach-disk1p1 {", 'tail starts at the first entry');
     assert.match(s, /^# rescue: disk2p1$/m);
     assert.match(s, /--id stagecoach-rescue \{\n\tinsmod part_gpt\n/);
+    assert.equal(s.match(/\n\treboot\n\}/g)?.length, 3, "in an OS's own GRUB a failed entry reboots into the default instead of returning to a menu that would pick it again");
   });
 
   it('makes an installed root boot by label', () => {
@@ -303,7 +308,7 @@ describe('LinuxMachine against a recording runner', () => {
     assert.equal(r.writes[0].path, '/etc/grub.d/45_stagecoach');
     assert.equal(r.writes[0].mode, 0o755);
     assert.match(r.writes[0].content, /--id stagecoach-disk1p1 \{\n\tinsmod part_gpt\n\tinsmod part_msdos\n\tinsmod ext2\n\tsearch --no-floppy --label --set=root sc-os-root\n/);
-    assert.match(r.writes[0].content, /--id stagecoach-disk2p1 \{\n(\tinsmod [^\n]*\n){3}\tsearch --no-floppy --label --set=root sc-rescue-root\n\tlinux \/vmlinuz root=LABEL=sc-rescue-root /);
+    assert.match(r.writes[0].content, /--id stagecoach-disk2p1 \{\n(\tinsmod [^\n]*\n){3}\tsearch --no-floppy --label --set=root sc-rescue-root\n\tif linux \/vmlinuz root=LABEL=sc-rescue-root /);
     assert.deepEqual(await m.bootConfig(), { default: 'disk1p1', once: 'disk2p1', rescue: null });
     r.ran.length = 0;
     await assert.rejects(m.reboot(), RebootSignal);

@@ -57,17 +57,29 @@ export function bootRoot(device: string, label: string, kernel?: { kernel: strin
 
 const MODULES = '\tinsmod part_gpt\n\tinsmod part_msdos\n\tinsmod ext2\n';
 
-function bootCommands(r: BootRoot, kernelArgs: string, indent: string): string {
+/**
+ * Finds the root by label and boots its kernel; when the kernel or initramfs cannot be loaded,
+ * says so and runs `onFail` (nothing: the entry ends and GRUB takes its fallback entry).
+ */
+function bootCommands(r: BootRoot, kernelArgs: string, indent: string, onFail: string[]): string {
   return [
     `search --no-floppy --label --set=root ${r.label}`,
-    `linux ${r.kernel} root=LABEL=${r.label} ${kernelArgs}`,
-    `initrd ${r.initrd}`,
+    `if linux ${r.kernel} root=LABEL=${r.label} ${kernelArgs}; then`,
+    `\tif initrd ${r.initrd}; then boot; fi`,
+    'fi',
+    `echo 'stagecoach: ${r.device} cannot be booted'`,
+    'sleep 3',
+    ...onFail,
   ].map((l) => `${indent}${l}\n`).join('');
 }
 
-/** One menu entry that boots `r` directly. */
-export function grubMenuEntry(r: BootRoot, title: string, id: string, kernelArgs = DEFAULT_KERNEL_ARGS): string {
-  return `menuentry '${title}' --id ${id} {\n${MODULES}${bootCommands(r, kernelArgs, '\t')}}\n`;
+/**
+ * One menu entry that boots `r` directly. `onFail` runs when it cannot (default: nothing, so
+ * GRUB's `fallback` entry is tried); an OS's own GRUB passes `reboot`, so a failed one-shot
+ * entry reboots into the default one instead of returning to a menu whose default it still is.
+ */
+export function grubMenuEntry(r: BootRoot, title: string, id: string, kernelArgs = DEFAULT_KERNEL_ARGS, onFail: string[] = []): string {
+  return `menuentry '${title}' --id ${id} {\n${MODULES}${bootCommands(r, kernelArgs, '\t', onFail)}}\n`;
 }
 
 /** Where the stagecoach GRUB entries live in the running OS (BIOS, before the point of no return). */
@@ -78,8 +90,8 @@ export const GRUB_ENTRIES_FILE = '/etc/grub.d/45_stagecoach';
  * `stagecoach-rescue` when set. grub-mkconfig runs it and copies its tail into grub.cfg.
  */
 export function grubEntriesScript(roots: BootRoot[], rescue: BootRoot | null, kernelArgs = DEFAULT_KERNEL_ARGS): string {
-  const body = roots.map((r) => grubMenuEntry(r, `stagecoach ${r.device}`, grubEntryId(r.device), kernelArgs));
-  if (rescue) body.push(grubMenuEntry(rescue, `stagecoach rescue (${rescue.device})`, 'stagecoach-rescue', kernelArgs));
+  const body = roots.map((r) => grubMenuEntry(r, `stagecoach ${r.device}`, grubEntryId(r.device), kernelArgs, ['reboot']));
+  if (rescue) body.push(grubMenuEntry(rescue, `stagecoach rescue (${rescue.device})`, 'stagecoach-rescue', kernelArgs, ['reboot']));
   const head = ['#!/bin/sh', '# Written by stagecoach: boot entries for the partitions it manages (grub-mkconfig runs this).', `# rescue: ${rescue?.device ?? 'none'}`];
   return `${head.join('\n')}\nexec tail -n +${head.length + 2} "$0"\n${body.join('')}`;
 }
@@ -134,8 +146,9 @@ export function efiLoaderConfig(r: BootRoot, kernelArgs = DEFAULT_KERNEL_ARGS): 
     'terminal_output console serial',
     `echo 'stagecoach: booting ${r.device}'`,
     `if search --no-floppy --label --set=root ${r.label}; then`,
-    bootCommands(r, kernelArgs, '\t').trimEnd(),
-    '\tboot',
+    `\tif linux ${r.kernel} root=LABEL=${r.label} ${kernelArgs}; then`,
+    `\t\tif initrd ${r.initrd}; then boot; fi`,
+    '\tfi',
     'fi',
     `echo 'stagecoach: ${r.device} cannot be booted; back to the firmware'`,
     'sleep 3',
