@@ -36,6 +36,11 @@ export const manifestSchema = z.strictObject({
     size: z.number().int().nonnegative(),
     compression: z.enum(COMPRESSIONS),
     encryption: z.enum(['age', 'none']),
+    /**
+     * Bytes of the plaintext tar (optional: manifests from before it are valid). Signed like
+     * every other field; unpacking stops with SC_ERR_BUNDLE_TOO_LARGE past it.
+     */
+    unpackedSize: z.number().int().nonnegative().optional(),
   }),
   publishedAt: z.iso.datetime(),
   signatures: z.array(signature).max(16),

@@ -16,7 +16,7 @@ import { open } from 'node:fs/promises';
 import { PassThrough, pipeline, Readable, type Transform, Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
-import { AGE_MAX_HEAD, type ExtractResult, openAgePayload, safeExtract, unpackBundle } from '../../shared/bundle/index.js';
+import { AGE_MAX_HEAD, DEFAULT_MAX_UNPACKED_BYTES, type ExtractResult, openAgePayload, safeExtract, unpackBundle } from '../../shared/bundle/index.js';
 import { type ErrorCode, ERRORS, isScError, scError } from '../../shared/errors.js';
 import type { Manifest } from '../../shared/manifest.js';
 
@@ -54,18 +54,28 @@ async function readPayload(file: string, identities: string[]): Promise<{ payloa
  * buffers of the lengths the worker decrypted, in step with the data extracted, and its output
  * is discarded (so it must count, not inspect). An error thrown by the meter fails the unpack.
  * `workerMinBytes` is the blob size from which a worker decrypts and decompresses (default
- * 64 MiB; age + zstd bundles only). Rejects like unpackBundle (SC_ERR_DECRYPT,
- * SC_ERR_BAD_ARCHIVE, SC_ERR_UNSAFE_ARCHIVE, …); `signal` aborts (SC_ERR_UNAVAILABLE).
+ * 64 MiB; age + zstd bundles only). The plaintext tar may not exceed `blob.unpackedSize` (signed
+ * in the manifest), or `maxUnpackedBytes` (default DEFAULT_MAX_UNPACKED_BYTES) for manifests
+ * without it: past it, SC_ERR_BUNDLE_TOO_LARGE. Rejects like unpackBundle (SC_ERR_DECRYPT,
+ * SC_ERR_BAD_ARCHIVE, SC_ERR_UNSAFE_ARCHIVE, SC_ERR_NO_SPACE, …); `signal` aborts
+ * (SC_ERR_UNAVAILABLE).
  */
 export async function unpackFile(
   file: string,
   blob: Manifest['blob'],
-  opts: { dir: string; identities: string[]; signal?: AbortSignal; meter?: () => Transform; workerMinBytes?: number },
+  opts: { dir: string; identities: string[]; signal?: AbortSignal; meter?: () => Transform; workerMinBytes?: number; maxUnpackedBytes?: number },
 ): Promise<ExtractResult> {
+  const maxBytes = blob.unpackedSize ?? opts.maxUnpackedBytes ?? DEFAULT_MAX_UNPACKED_BYTES;
   const meter = opts.meter?.() ?? new PassThrough();
   if (!HAVE_WORKER || blob.encryption !== 'age' || blob.compression !== 'zstd' || blob.size < (opts.workerMinBytes ?? WORKER_MIN_BYTES)) {
     const src = createReadStream(file, { highWaterMark: 1 << 20, signal: opts.signal });
-    return unpackBundle(pipeline(src, meter, () => {}), { dir: opts.dir, compression: blob.compression, encryption: blob.encryption, identities: opts.identities });
+    return unpackBundle(pipeline(src, meter, () => {}), {
+      dir: opts.dir,
+      compression: blob.compression,
+      encryption: blob.encryption,
+      identities: opts.identities,
+      maxUnpackedBytes: maxBytes,
+    });
   }
   if (opts.signal?.aborted) throw scError('SC_ERR_UNAVAILABLE', 'unpack aborted');
   const { payloadKey, payloadOffset } = await readPayload(file, opts.identities);
@@ -112,7 +122,7 @@ export async function unpackFile(
   const onAbort = () => plain.destroy(scError('SC_ERR_UNAVAILABLE', 'unpack aborted'));
   opts.signal?.addEventListener('abort', onAbort, { once: true });
   try {
-    return await safeExtract(plain, opts.dir);
+    return await safeExtract(plain, opts.dir, { maxBytes });
   } finally {
     opts.signal?.removeEventListener('abort', onAbort);
     plain.destroy();

@@ -31,7 +31,8 @@ export {
 export { COMPRESSIONS, type Compression, compressStream, decompressStream, sniffCompression, ZSTD_LEVEL } from './compression.js';
 export { defaultNetFormat, parseOsRelease, readOsRelease } from './osrelease.js';
 export { makeSampleRootfs, type SampleRootfsOptions } from './sample.js';
-export { type ExtractResult, packDirStream, safeExtract, scanTar } from './tar.js';
+export { type ExtractOptions, type ExtractResult, packDirStream, safeExtract, scanTar } from './tar.js';
+export { XATTR_NAMESPACES } from './xattr.js';
 export { isTarBlock, openTarball } from './tarball.js';
 
 /** Encryption of a bundle blob, as in the manifest. */
@@ -77,14 +78,26 @@ export interface UnpackBundleOptions {
   encryption: Encryption;
   /** `AGE-SECRET-KEY-1…` identities; required when encryption is `age`. */
   identities: string[];
+  /**
+   * Most plaintext tar bytes to unpack: the manifest's `blob.unpackedSize` when it has one,
+   * else a cap (default `DEFAULT_MAX_UNPACKED_BYTES`). Past it: SC_ERR_BUNDLE_TOO_LARGE.
+   */
+  maxUnpackedBytes?: number;
 }
+
+/**
+ * The unpack cap for bundles whose manifest has no `unpackedSize` (published before it existed):
+ * 256 GiB, more than any root filesystem we ship, less than a decompression bomb would write.
+ */
+export const DEFAULT_MAX_UNPACKED_BYTES = 256 * 2 ** 30;
 
 /**
  * Unpacks a bundle blob stream into `opts.dir`: age-decrypts (when `encryption` is `age`),
  * decompresses, and extracts with `safeExtract`. Rejects with SC_ERR_DECRYPT (wrong identity,
  * tampering, truncation), SC_ERR_BAD_ARCHIVE (corrupt compression or tar),
- * SC_ERR_UNSAFE_ARCHIVE, SC_ERR_BAD_KEY / SC_ERR_BAD_REQUEST (options), or the error `src`
- * failed with. On failure `src` is destroyed and the target may hold a partial tree.
+ * SC_ERR_UNSAFE_ARCHIVE, SC_ERR_UNSUPPORTED_XATTR, SC_ERR_BUNDLE_TOO_LARGE (past
+ * `maxUnpackedBytes`), SC_ERR_NO_SPACE, SC_ERR_BAD_KEY / SC_ERR_BAD_REQUEST (options), or the
+ * error `src` failed with. On failure `src` is destroyed and the target may hold a partial tree.
  */
 export async function unpackBundle(src: Readable, opts: UnpackBundleOptions): Promise<ExtractResult> {
   if (opts.encryption !== 'age' && opts.encryption !== 'none') {
@@ -100,5 +113,5 @@ export async function unpackBundle(src: Readable, opts: UnpackBundleOptions): Pr
     throw err;
   }
   const plain = pipeline(stages, () => {}) as unknown as Readable;
-  return safeExtract(plain, opts.dir);
+  return safeExtract(plain, opts.dir, { maxBytes: opts.maxUnpackedBytes ?? DEFAULT_MAX_UNPACKED_BYTES });
 }

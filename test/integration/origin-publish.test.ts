@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { generateAgeIdentity, makeSampleRootfs, unpackBundle } from '../../shared/bundle/index.js';
+import { generateAgeIdentity, makeSampleRootfs, packDirStream, unpackBundle } from '../../shared/bundle/index.js';
 import { digestFile } from '../../shared/digest.js';
 import { manifestDigest, verifyManifest } from '../../shared/manifest.js';
 import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';
@@ -82,6 +82,11 @@ describe('stagecoach publish (spawned CLI against a real origin)', () => {
     assert.equal(m.role, 'base');
     verifyManifest(m, [keys.publicKey]);
     assert.deepEqual(await digestFile(o.store.blobPath!(m.blob.digest)), { digest: m.blob.digest, size: m.blob.size });
+    // The signed plaintext size: exactly the tar the tree packs to (the packer is deterministic).
+    let plainBytes = 0;
+    for await (const c of packDirStream(rootfs)) plainBytes += (c as Buffer).length;
+    assert.equal(m.blob.unpackedSize, plainBytes);
+    assert.equal(out.blob.unpackedSize, plainBytes);
 
     const dest = join(work, 'unpacked');
     const { stream } = await o.client.openBlob(m.blob.digest);

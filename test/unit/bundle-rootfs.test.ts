@@ -22,7 +22,7 @@ import { CAP_NET_RAW_EP, makeRealRootfs, REAL_ROOTFS, treeFacts } from '../helpe
 const asRoot = process.getuid?.() === 0;
 
 /** A tar built from header fields, with an optional PAX record set before it (node-tar encodes the blocks). */
-function rawTar(entries: { path: string; type?: string; body?: string; linkpath?: string; pax?: [string, string | Buffer][] }[]): Buffer {
+function rawTar(entries: { path: string; type?: 'File' | 'ExtendedHeader' | 'SymbolicLink' | 'Link' | 'Directory'; body?: string; linkpath?: string; pax?: [string, string | Buffer][] }[]): Buffer {
   const parts: Buffer[] = [];
   const pad = (n: number) => Buffer.alloc((512 - (n % 512)) % 512);
   for (const e of entries) {

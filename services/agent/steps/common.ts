@@ -37,6 +37,7 @@ export function isPermanent(err: unknown): boolean {
     e?.code === 'SC_ERR_UNTRUSTED_KEY' ||
     e?.code === 'SC_ERR_DECRYPT' ||
     e?.code === 'SC_ERR_UNSAFE_ARCHIVE' ||
+    e?.code === 'SC_ERR_NO_SPACE' ||
     e?.code === 'SC_ERR_BAD_MANIFEST' ||
     e?.code === 'SC_ERR_BAD_NAME' ||
     e?.code === 'SC_ERR_BAD_VERSION' ||

@@ -128,6 +128,8 @@ async function runGet(ref: string, flags: GetFlags): Promise<void> {
       compression: m.blob.compression,
       encryption: m.blob.encryption,
       identities,
+      // The signed plaintext size bounds the unpack (a decompression bomb stops there).
+      maxUnpackedBytes: m.blob.unpackedSize,
     });
     unpacked = { dir: flags.unpack, entries: r.entries, skipped: r.skipped };
   }

@@ -315,7 +315,11 @@ async function runPublish(path: string, flags: PublishFlags): Promise<void> {
     const blobFile = join(work, 'bundle.blob');
     const plain = new TreeDigest();
     const packed = new HashingStream();
-    const stages: (Readable | Transform | Writable)[] = [packBundle(input, { compression: 'none', recipients: [] }), plain, compressStream(compression)];
+    let unpackedSize = 0;
+    const plainBytes = byteCounter((n) => {
+      unpackedSize = n;
+    });
+    const stages: (Readable | Transform | Writable)[] = [packBundle(input, { compression: 'none', recipients: [] }), plain, plainBytes, compressStream(compression)];
     if (encryption === 'age') stages.push(encryptStream(recipients));
     const bar = progressBar(tty, 'packing');
     stages.push(packed, byteCounter(bar.update), createWriteStream(blobFile, { highWaterMark: 1 << 20 }));
@@ -324,7 +328,7 @@ async function runPublish(path: string, flags: PublishFlags): Promise<void> {
     } finally {
       bar.stop();
     }
-    const blob: Manifest['blob'] = { digest: packed.digest(), size: packed.bytes, compression, encryption };
+    const blob: Manifest['blob'] = { digest: packed.digest(), size: packed.bytes, compression, encryption, unpackedSize };
     const fingerprint = fingerprintOf(plain.digest(), compression, encryption, recipients);
 
     const up = progressBar(tty, 'uploading', blob.size);
