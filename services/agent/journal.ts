@@ -10,23 +10,28 @@
  * `{v: 1, host, rollouts: {<rollout id>: Entry}}` where Entry is
  * - `done`: the highest step sequence number (`seq`) this host finished in that rollout (-1: none);
  * - `total`: the sequence's length, from the signed payload;
- * - `started`: the one job started and not finished: `{job, digest, seq, step, at}` (BullMQ job
- *   id, stepPayloadDigest of its signed payload, start time by the host's clock, ms);
- * - `ended`: `finished` once step `total - 1` is done, `failed` once a step failed for good here;
+ * - `started`: the one job started and not finished: `{job, digest, seq, step, at, ran?,
+ *   failures?}` (BullMQ job id, stepPayloadDigest of its signed payload, start time by the host's
+ *   clock in ms, `ran` once the step's run ended well and only the job's completion is left, and
+ *   the number of failed runs);
+ * - `ended`: `finished` once step `total - 1` is done, `failed` once a step failed for good here
+ *   (a permanent failure, an abort, or as many failed runs as a job has attempts, counted here);
  * - `exp`: the latest expiry of a job of that rollout seen (entries are pruned 30 days after it).
  *
  * ## Rules (admit below)
  * A job whose rollout ended here, or whose `seq` is at or below `done`, is a replay. A job is
  * re-adopted only when `started` names exactly it (job id and payload digest); its expiry is then
  * checked as of `started.at`. Any other job is taken fresh: its expiry is checked by the host's
- * clock now, and it must be the next step (`done + 1`, or `started.seq + 1` when the host died
- * between finishing a step in the queue and writing the journal).
+ * clock now, and it must be the next step (`done + 1`, or `started.seq + 1` when the started step
+ * `ran`: the host died between completing its job in the queue and writing `finish`).
  *
  * ## When it is written
- * `begin` before a step's first effect, `finish` after the step's job was completed in the
- * queue, `end` after a failure for good. A crash between a step's completion and `finish` leaves
- * `started` in place: the job is gone from the queue, and the next step is accepted as
- * `started.seq + 1`. A refusal writes nothing.
+ * `begin` before a step's first effect, `ran` when the step's run ended well, `finish` after the
+ * step's job was completed in the queue, `failed` after a failed run (before the queue hears of
+ * it), `end` after an abort. A crash between a step's
+ * completion and `finish` leaves `started` (ran) in place: the job is gone from the queue, and the
+ * next step is accepted as `started.seq + 1`; a step that did not run to its end keeps the next
+ * one out. A refusal writes nothing.
  *
  * ## Where (bundles.ts journalPaths)
  * Two copies, both written atomically (temp file, fsync, rename, fsync of the directory):
@@ -57,6 +62,10 @@ export interface StartedJob {
   step: string;
   /** When this host first took it (its own clock, ms). */
   at: number;
+  /** Set once the step's run ended well, before its job is completed in the queue. */
+  ran?: boolean;
+  /** Failed runs of this job so far. */
+  failures?: number;
 }
 
 /** What the journal says about one rollout. */
@@ -100,7 +109,7 @@ export function admit(doc: JournalDoc, p: StepPayload, jobId: string, digest: st
   if (p.seq <= e.done) return { kind: 'replayed', reason: `step ${p.seq} (${p.step}) of rollout ${p.rollout} was already finished on this host` };
   const s = e.started;
   if (s && s.job === jobId && s.digest === digest) return { kind: 'readopt', since: s.at };
-  if (p.seq === e.done + 1 || (s && p.seq === s.seq + 1)) return { kind: 'fresh' };
+  if (p.seq === e.done + 1 || (s?.ran && p.seq === s.seq + 1)) return { kind: 'fresh' };
   return { kind: 'out-of-order', reason: `step ${p.seq} of rollout ${p.rollout} is not next on this host (finished: ${e.done})` };
 }
 
@@ -118,7 +127,7 @@ export function mergeJournals(host: string, docs: readonly (JournalDoc | null)[]
         continue;
       }
       const m: JournalEntry = { done: Math.max(cur.done, e.done), total: Math.max(cur.total, e.total), exp: Math.max(cur.exp, e.exp) };
-      const starts = [cur.started, e.started].filter((x): x is StartedJob => !!x).sort((a, b) => b.seq - a.seq || b.at - a.at);
+      const starts = [cur.started, e.started].filter((x): x is StartedJob => !!x).sort((a, b) => b.seq - a.seq || b.at - a.at || Number(!!b.ran) - Number(!!a.ran));
       if (starts[0]) m.started = starts[0];
       if (cur.ended === 'finished' || e.ended === 'finished') m.ended = 'finished';
       else if (cur.ended === 'failed' || e.ended === 'failed') m.ended = 'failed';
@@ -135,7 +144,15 @@ function sane(raw: unknown): JournalEntry | null {
   const e: JournalEntry = { done: r.done as number, total: Number.isSafeInteger(r.total) ? (r.total as number) : 0, exp: typeof r.exp === 'number' ? r.exp : 0 };
   const s = r.started;
   if (s && typeof s === 'object' && typeof s.job === 'string' && typeof s.digest === 'string' && Number.isSafeInteger(s.seq) && typeof s.at === 'number') {
-    e.started = { job: s.job, digest: s.digest, seq: s.seq, step: String(s.step ?? ''), at: s.at };
+    e.started = {
+      job: s.job,
+      digest: s.digest,
+      seq: s.seq,
+      step: String(s.step ?? ''),
+      at: s.at,
+      ...(s.ran === true ? { ran: true } : {}),
+      ...(Number.isSafeInteger(s.failures) ? { failures: s.failures } : {}),
+    };
   }
   if (r.ended === 'finished' || r.ended === 'failed') e.ended = r.ended;
   return e;
@@ -178,6 +195,14 @@ export class Journal {
     });
   }
 
+  /** Records that the run of the started job `jobId` of `p` ended well (before its job is completed). */
+  async ran(p: StepPayload, jobId: string, digest: string): Promise<void> {
+    await this.#update((doc) => {
+      const s = entry(doc, p).started;
+      if (s && s.job === jobId && s.digest === digest) s.ran = true;
+    });
+  }
+
   /** Records that step `p.seq` is finished (its job completed); the last step finishes the rollout. */
   async finish(p: StepPayload): Promise<void> {
     await this.#update((doc) => {
@@ -195,6 +220,26 @@ export class Journal {
       delete e.started;
       e.ended ??= 'failed';
     });
+  }
+
+  /**
+   * Records a failed run of the started job `jobId` of `p`. The rollout ends here (as `end`) when
+   * the failure is `permanent` or the job has failed `maxAttempts` times by this host's count,
+   * whatever the transport says about retries. Returns true when it ended.
+   */
+  async failed(p: StepPayload, jobId: string, digest: string, permanent: boolean, maxAttempts: number): Promise<boolean> {
+    let ended = false;
+    await this.#update((doc) => {
+      const e = entry(doc, p);
+      const s = e.started && e.started.job === jobId && e.started.digest === digest ? e.started : undefined;
+      if (s) s.failures = (s.failures ?? 0) + 1;
+      if (permanent || (s?.failures ?? 0) >= maxAttempts) {
+        delete e.started;
+        e.ended ??= 'failed';
+        ended = true;
+      }
+    });
+    return ended;
   }
 
   async #update(fn: (doc: JournalDoc) => void): Promise<void> {

@@ -62,7 +62,7 @@ import type { Redis } from 'ioredis';
 import { type ScError, scError, toScError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
 import type { HostRecord, StepPayload } from './client.js';
-import { checkStepExpiry, stepPayloadDigest, verifyStepJobSignature } from './client.js';
+import { checkStepExpiry, STEP_JOB_OPTS, stepPayloadDigest, verifyStepJobSignature } from './client.js';
 import type { AgentKeys } from './config.js';
 import { type CrashPoint, noCrashPoints } from './hooks.js';
 import { Journal } from './journal.js';
@@ -404,14 +404,19 @@ export class AgentWorker {
       }
       const e = toScError(err);
       log.warn({ code: e.code, err: e.message }, 'step failed');
-      const retry = await this.#fail(job, base, e, isPermanent(e));
-      // Failed for good: no job of this rollout runs here again (a rescue runs under its own id).
-      if (!retry) await this.#journal.end(payload).catch((x) => log.warn({ err: (x as Error).message }, 'journal write failed'));
+      const permanent = isPermanent(e);
+      // Failed for good (by the host's own count, not the transport's): no job of this rollout
+      // runs here again (a rescue runs under its own id).
+      await this.#journal.failed(payload, job.id, digest, permanent, STEP_JOB_OPTS.attempts).catch((x) => log.warn({ err: (x as Error).message }, 'journal write failed'));
+      await this.#fail(job, base, e, permanent);
       await this.#setState({ state: 'failed', rollout: payload.rollout, step: payload.step });
       return;
     }
     clearInterval(ticker);
     flush();
+    // Only the job's completion is left: should the host die before the journal hears of it,
+    // the next step is let in (the queue hands it out only once this job completed).
+    await this.#journal.ran(payload, job.id, digest).catch((err) => log.error({ err: (err as Error).message }, 'journal write failed'));
     // The idle registration (with what the machine now runs) rides along with the completion in
     // relay mode; in direct mode it is written right after it.
     this.#state = { state: 'idle', rollout: payload.rollout, step: payload.step };
@@ -425,7 +430,7 @@ export class AgentWorker {
       return;
     }
     // Should this write be lost (a crash right here), the next step is still taken: the journal
-    // accepts the step after the one it saw start.
+    // accepts the step after the one it saw run to its end.
     await this.#journal.finish(payload).catch((err) => log.error({ err: (err as Error).message }, 'journal write failed'));
     log.info({ skipped: result.skipped === true }, 'step completed');
     o.crashPoint(`${payload.step}:after`);
@@ -443,10 +448,9 @@ export class AgentWorker {
     await this.#setState({ state: 'refused', rollout: base.rollout || null, step: base.step || null });
   }
 
-  /** Fails a job; true when it will be retried. */
-  async #fail(job: StepJob, base: Base, e: ScError, permanent: boolean): Promise<boolean> {
+  async #fail(job: StepJob, base: Base, e: ScError, permanent: boolean): Promise<void> {
     const r: ReportFields = { ...base, event: 'failed', code: e.code, message: e.message };
-    return this.#t.fail(job, e, permanent, r);
+    await this.#t.fail(job, e, permanent, r);
   }
 }
 

@@ -32,7 +32,10 @@ test('admit: replays, re-adoption of exactly the started job, the next step only
   assert.deepEqual(admit(mid, p(3), 'j3', 'd3'), { kind: 'readopt', since: 42 });
   assert.equal(admit(mid, p(3), 'j3', 'other-digest').kind, 'fresh', 'another signing of the next step is new, not a re-adoption');
   assert.equal(admit(mid, p(3), 'other-id', 'd3').kind, 'fresh');
-  assert.equal(admit(mid, p(4), 'j4', 'd4').kind, 'fresh', 'the step after the started one (its finish was not written)');
+  assert.equal(admit(mid, p(4), 'j4', 'd4').kind, 'out-of-order', 'not past a step that did not run to its end');
+  const ran = doc({ r1: { done: 2, total: 11, exp: 0, started: { job: 'j3', digest: 'd3', seq: 3, step: 'capture-config', at: 42, ran: true } } });
+  assert.equal(admit(ran, p(4), 'j4', 'd4').kind, 'fresh', 'the step after one that ran (its finish was not written)');
+  assert.deepEqual(admit(ran, p(3), 'j3', 'd3'), { kind: 'readopt', since: 42 });
   assert.equal(admit(mid, p(5), 'j5', 'd5').kind, 'out-of-order');
   const finished = doc({ r1: { done: 10, total: 11, exp: 0, ended: 'finished' } });
   for (let seq = 0; seq < 11; seq++) assert.equal(admit(finished, p(seq), `j${seq}`, `d${seq}`).kind, 'replayed');
@@ -79,6 +82,16 @@ test('Journal on a sim machine: the state dir before disk 2 exists, both copies 
     }
     assert.equal((await j.read()).rollouts.r1.ended, 'finished');
     assert.equal((await j.admit(p(10), 'j10', 'd10')).kind, 'replayed');
+    // Failed runs: a retry is a re-adoption until the job used up its attempts (by the host's count).
+    const r2 = (seq: number) => p(seq, { rollout: 'r2' });
+    await j.begin(r2(0), 'k0', 'e0');
+    assert.equal(await j.failed(r2(0), 'k0', 'e0', false, 3), false);
+    assert.equal((await j.admit(r2(0), 'k0', 'e0')).kind, 'readopt');
+    assert.equal(await j.failed(r2(0), 'k0', 'e0', false, 3), false);
+    assert.equal(await j.failed(r2(0), 'k0', 'e0', false, 3), true);
+    assert.equal((await j.admit(r2(0), 'k0', 'e0')).kind, 'replayed');
+    await j.begin(p(0, { rollout: 'r3' }), 'm0', 'f0');
+    assert.equal(await j.failed(p(0, { rollout: 'r3' }), 'm0', 'f0', true, 3), true, 'a permanent failure ends the rollout at once');
   } finally {
     await rm(root, { recursive: true, force: true });
   }
