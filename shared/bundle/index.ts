@@ -33,6 +33,7 @@ export { defaultNetFormat, parseOsRelease, readOsRelease } from './osrelease.js'
 export { makeSampleRootfs, type SampleRootfsOptions } from './sample.js';
 export { type ExtractOptions, type ExtractResult, packDirStream, safeExtract, scanTar } from './tar.js';
 export { XATTR_NAMESPACES } from './xattr.js';
+export { createTarExtract, type TarEntry, XATTR_KEY } from './pax.js';
 export { isTarBlock, openTarball } from './tarball.js';
 
 /** Encryption of a bundle blob, as in the manifest. */

@@ -14,12 +14,15 @@ import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { setAttribute } from '@napi-rs/xattr';
 import { unpackFile } from '../../services/agent/unpack.js';
 import { generateAgeIdentity } from '../../shared/bundle/index.js';
 import { verifyManifest } from '../../shared/manifest.js';
 import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';
 import { CAP_NET_RAW_EP, makeRealRootfs, REAL_ROOTFS, treeFacts } from '../helpers/tree.js';
 
+/** `setcap cap_net_admin+ep`: same size as cap_net_raw+ep, other bits. */
+const CAP_NET_ADMIN_EP = Buffer.from('0100000200100000000000000000000000000000', 'hex');
 const BIN = fileURLToPath(new URL('../../services/cli/bin.js', import.meta.url));
 const asRoot = process.getuid?.() === 0;
 
@@ -90,6 +93,21 @@ describe('a real-rootfs-like tree: publish through the origin, unpack through th
     assert.equal(got['etc/os-release'].target, '../usr/lib/os-release');
     assert.equal(got[REAL_ROOTFS.sparse].sparse, true);
     assert.equal(got[REAL_ROOTFS.fifo].type, 'fifo');
+  });
+
+  it('a changed capability is changed content: re-publishing the same version is refused; the original is a no-op', async () => {
+    const ping = join(src, REAL_ROOTFS.ping);
+    await setAttribute(ping, 'security.capability', CAP_NET_ADMIN_EP);
+    try {
+      const r = await cli(['publish', src, '--name', 'debian-like', '--version', '1', '--role', 'target', ...common()]);
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /SC_ERR_VERSION_EXISTS: .*content/);
+    } finally {
+      await setAttribute(ping, 'security.capability', CAP_NET_RAW_EP);
+    }
+    const again = await cli(['publish', src, '--name', 'debian-like', '--version', '1', '--role', 'target', ...common()]);
+    assert.equal(again.code, 0, again.stderr);
+    assert.equal(JSON.parse(again.stdout).created, false);
   });
 
   it('a tarball made by GNU tar --xattrs --numeric-owner: published, unpacked, equal entry by entry', async () => {

@@ -40,7 +40,17 @@ import {
   signManifest,
 } from '../../../shared/manifest.js';
 import { parseName, parseVersion } from '../../../shared/names.js';
-import { compressStream, defaultNetFormat, encryptStream, packBundle, parseRecipient, readOsRelease, readRecipientsFile } from '../../../shared/bundle/index.js';
+import {
+  compressStream,
+  createTarExtract,
+  defaultNetFormat,
+  encryptStream,
+  packBundle,
+  parseRecipient,
+  readOsRelease,
+  readRecipientsFile,
+  XATTR_KEY,
+} from '../../../shared/bundle/index.js';
 import { type ManifestRecord, OriginClient } from '../../origin/client.js';
 import { action, collect, printJson, readTokenFile } from '../util.js';
 
@@ -135,11 +145,18 @@ function sink(): Writable {
  * A pass-through that digests a plaintext tar by its meaning, not its bytes: for every entry
  * (in archive order) its normalised path, type, mode, owner, mtime, link target, device
  * numbers and size, then its content. atime, ctime and header encoding do not count.
+ * Extended attributes (pax SCHILY.xattr records) count too: when any entry has some, the
+ * digest is that of the above and of every (entry index, path, attributes); a tree without
+ * attributes digests as it did before attributes were carried, so its fingerprint is stable.
  */
 export class TreeDigest extends Transform {
   readonly #hash = createHash('sha256');
   readonly #parser: tar.Parser;
-  #done: Promise<void>;
+  /** A second parser for the attributes only: node-tar drops pax keys it does not know. */
+  readonly #xattrs = createTarExtract();
+  readonly #xhash = createHash('sha256');
+  #xentries = 0;
+  #done: Promise<unknown>;
   #digest?: Digest;
 
   constructor() {
@@ -167,23 +184,54 @@ export class TreeDigest extends Transform {
         e.on('data', (c: Buffer) => this.#hash.update(c));
       },
     });
-    this.#done = new Promise((resolve, reject) => {
+    const parsed = new Promise<void>((resolve, reject) => {
       this.#parser.on('end', () => resolve());
       this.#parser.on('error', reject);
     });
+    const attrs = (async () => {
+      let index = 0;
+      for await (const entry of this.#xattrs) {
+        const pax = entry.header.pax;
+        const keys = pax ? Object.keys(pax).filter((k) => k.startsWith(XATTR_KEY)).sort() : [];
+        if (pax && keys.length) {
+          this.#xentries++;
+          const xattrs = Object.fromEntries(keys.map((k) => [k.slice(XATTR_KEY.length), Buffer.from(pax[k]).toString('base64')]));
+          const path = String(entry.header.name).replace(/^(\.\/)+/, '').replace(/\/+$/, '');
+          const head = canonicalJson({ index, path, xattrs });
+          this.#xhash.update(`${Buffer.byteLength(head)}:${head}`);
+        }
+        index++;
+        for await (const _ of entry) {
+          /* content is digested by the other parser */
+        }
+      }
+    })();
+    this.#done = Promise.all([parsed, attrs]);
     this.#done.catch(() => {});
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
-    if (this.#parser.write(chunk)) cb(null, chunk);
-    else this.#parser.once('drain', () => cb(null, chunk));
+    const waits: Promise<void>[] = [];
+    if (!this.#parser.write(chunk)) waits.push(new Promise((res) => this.#parser.once('drain', () => res())));
+    if (!this.#xattrs.write(chunk)) {
+      waits.push(
+        new Promise((res) => {
+          this.#xattrs.once('drain', () => res());
+          this.#xattrs.once('close', () => res());
+        }),
+      );
+    }
+    if (waits.length === 0) cb(null, chunk);
+    else Promise.all(waits).then(() => cb(null, chunk));
   }
 
   override _flush(cb: TransformCallback): void {
     this.#parser.end();
+    this.#xattrs.end(undefined);
     this.#done.then(
       () => {
-        this.#digest = `sha256:${this.#hash.digest('hex')}`;
+        const tree = this.#hash.digest('hex');
+        this.#digest = this.#xentries === 0 ? `sha256:${tree}` : sha256Of(`${tree}\nxattrs:${this.#xhash.digest('hex')}`);
         cb();
       },
       (err) => cb(scError('SC_ERR_BAD_ARCHIVE', `the packed tree is not a readable tar: ${(err as Error).message}`)),
