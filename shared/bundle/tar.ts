@@ -816,8 +816,18 @@ function toExtractError(err: unknown): ScError {
   const e = err as NodeJS.ErrnoException;
   if (typeof e?.code === 'string' && /^E[A-Z0-9]+$/.test(e.code)) return fsFailure(err, 'tar extraction failed', e.path ? String(e.path) : undefined);
   if (e?.code) return scError('SC_ERR_INTERNAL', `tar extraction failed: ${e.message}`, undefined, err);
-  // tar-stream's own errors: corrupt headers, short data, malformed PAX.
-  return scError('SC_ERR_BAD_ARCHIVE', `tar: ${e?.message ?? String(err)}`, undefined, err);
+  // tar-stream's own errors: corrupt headers, short data, oversized or malformed PAX.
+  const msg = String(e?.message ?? err);
+  const why = /Invalid tar header/.test(msg)
+    ? msg.includes('unknown format')
+      ? 'a header is in no tar format we read (not ustar, pax or GNU)'
+      : 'a header checksum does not match (corrupt, or not a plain tar)'
+    : /Unexpected end of data/.test(msg)
+      ? 'the archive is truncated'
+      : /Header exceeds max size/.test(msg)
+        ? 'a pax or long-name header is too large'
+        : msg;
+  return scError('SC_ERR_BAD_ARCHIVE', `tar archive unreadable: ${why}`, undefined, err);
 }
 
 /**

@@ -10,6 +10,7 @@ import { after, before, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { generateAgeIdentity } from '../../shared/bundle/age.js';
 import { makeSampleRootfs, packBundle } from '../../shared/bundle/index.js';
+import { signManifest } from '../../shared/manifest.js';
 import { digestFile } from '../../shared/digest.js';
 import { startStage, type RunningStage } from '../../services/stage/main.js';
 import { silentLogger } from '../../shared/log.js';
@@ -65,6 +66,9 @@ before(async () => {
   origin = await startTestOrigin();
   await origin.client.putBlob(packed, digest, size);
   await origin.client.putManifest(makeManifest(key.privateKey, { digest, size, compression: 'zstd', encryption: 'age' }, 'debian', '12.0'));
+  // The same blob under a manifest whose signed unpackedSize is far below the real plaintext.
+  const small = makeManifest(key.privateKey, { digest, size, compression: 'zstd', encryption: 'age' }, 'debian', '12.0-small');
+  await origin.client.putManifest(signManifest({ ...small, blob: { ...small.blob, unpackedSize: 64 << 10 } }, key.privateKey));
   stage = await startStage({ listen: '127.0.0.1:0', upstreams: [origin.url], cache: join(dir, 'stage-cache'), colo: 'test' }, { log: silentLogger });
 });
 after(async () => {
@@ -117,4 +121,13 @@ test('get --unpack of an encrypted bundle without --identity is refused before d
   assert.equal(r.code, 1);
   assert.match(r.stderr, /SC_ERR_BAD_CONFIG: .*needs --identity/);
   assert.equal(existsSync(out), false);
+});
+
+test('get --unpack stops at the manifest\'s signed unpackedSize with SC_ERR_BUNDLE_TOO_LARGE', async () => {
+  const out = join(dir, 'small.bundle');
+  const into = join(dir, 'unpacked-small');
+  const r = await cli(['get', 'debian@12.0-small', '--origin', origin.url, '-o', out, '--trust-key', keyPath, '--identity', idPath, '--unpack', into]);
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /^error SC_ERR_BUNDLE_TOO_LARGE: /m);
+  assert.equal(r.stdout, '');
 });

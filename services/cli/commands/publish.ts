@@ -234,7 +234,7 @@ export class TreeDigest extends Transform {
         this.#digest = this.#xentries === 0 ? `sha256:${tree}` : sha256Of(`${tree}\nxattrs:${this.#xhash.digest('hex')}`);
         cb();
       },
-      (err) => cb(scError('SC_ERR_BAD_ARCHIVE', `the packed tree is not a readable tar: ${(err as Error).message}`)),
+      (err) => cb(scError('SC_ERR_BAD_ARCHIVE', `the tree to publish is not a readable tar: ${(err as Error).message}`)),
     );
   }
 
