@@ -72,6 +72,8 @@ export interface ExtractOptions {
 
 const FILE_TYPES = new Set(['file', 'contiguous-file']);
 const DEVICE_TYPES = new Set(['character-device', 'block-device']);
+/** Files whose finishing may run while later entries are written. */
+const MAX_PENDING_FILES = 16;
 /** Most symlinks followed in one path walk (Linux MAXSYMLINKS). */
 const MAX_LINK_FOLLOWS = 40;
 /** Largest numbers a ustar header holds in octal; above, PAX records (and base-256 in the header). */
@@ -495,7 +497,7 @@ async function writeSparse(fh: FileHandle, chunk: Buffer, pos: number): Promise<
 }
 
 /** Removes whatever is at `abs` (an empty directory too); missing is fine. */
-async function clearPath(abs: string, rel: string): Promise<void> {
+async function clearPath(abs: string, rel: string, dirs?: DirCache): Promise<void> {
   let st: Stats;
   try {
     st = await lstat(abs);
@@ -503,7 +505,10 @@ async function clearPath(abs: string, rel: string): Promise<void> {
     return;
   }
   try {
-    await (st.isDirectory() ? rmdir(abs) : unlink(abs));
+    if (st.isDirectory()) {
+      dirs?.forget(abs);
+      await rmdir(abs);
+    } else await unlink(abs);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'ENOTEMPTY' || code === 'EEXIST') throw scError('SC_ERR_BAD_ARCHIVE', `${rel} would replace a non-empty directory`, { path: rel });
@@ -511,11 +516,6 @@ async function clearPath(abs: string, rel: string): Promise<void> {
   }
 }
 
-/** Ensures the parent directory of `abs` exists (the guard has checked it has no symlink). */
-async function ensureParent(root: string, abs: string): Promise<void> {
-  const parent = dirname(abs);
-  if (parent.length > root.length) await mkdir(parent, { recursive: true, mode: 0o755 });
-}
 
 /** The pieces of one entry's header that extraction uses, PAX overrides applied. */
 interface EntryMeta {
@@ -584,7 +584,7 @@ async function makeFifos(paths: string[]): Promise<void> {
  * set of links), hardlinks to them, FIFOs, then directory modes and mtimes (last, since creating
  * entries changes a directory's mtime and a 0555 directory must stay writable until then).
  */
-async function applyFixups(root: string, fixups: Map<string, Fixup>, guard: EntryGuard, asRoot: boolean): Promise<void> {
+async function applyFixups(root: string, fixups: Map<string, Fixup>, guard: EntryGuard, asRoot: boolean, dirs: DirCache): Promise<void> {
   const abs = (rel: string) => (rel ? join(root, rel) : root);
   const batch = async <T>(items: T[], fn: (x: T) => Promise<void>) => {
     for (let i = 0; i < items.length; i += 32) await Promise.all(items.slice(i, i + 32).map(fn));
@@ -604,8 +604,8 @@ async function applyFixups(root: string, fixups: Map<string, Fixup>, guard: Entr
   await batch(all, async ([rel, f]) => {
     if (f.kind !== 'symlink') return;
     const p = abs(rel);
-    await ensureParent(root, p);
-    await clearPath(p, rel);
+    await dirs.ensureParent(p);
+    await clearPath(p, rel, dirs);
     await symlink(f.target, p);
     if (asRoot) await lchown(p, f.uid, f.gid);
     await writeXattrs(p, f.xattrs, rel);
@@ -613,14 +613,14 @@ async function applyFixups(root: string, fixups: Map<string, Fixup>, guard: Entr
   });
   for (const [rel, f] of all) {
     if (f.kind !== 'hardlink') continue;
-    await clearPath(abs(rel), rel);
+    await clearPath(abs(rel), rel, dirs);
     await link(abs(f.target), abs(rel));
   }
   const fifos = all.filter(([, f]) => f.kind === 'fifo') as [string, Extract<Fixup, { kind: 'fifo' }>][];
   if (fifos.length) {
     for (const [rel] of fifos) {
-      await ensureParent(root, abs(rel));
-      await clearPath(abs(rel), rel);
+      await dirs.ensureParent(abs(rel));
+      await clearPath(abs(rel), rel, dirs);
     }
     await makeFifos(fifos.map(([rel]) => abs(rel)));
     await batch(fifos, async ([rel, f]) => {
@@ -638,52 +638,93 @@ async function applyFixups(root: string, fixups: Map<string, Fixup>, guard: Entr
   });
 }
 
-/** Writes one regular file: created fresh (never through a link), content, owner, mode, xattrs, mtime. */
-async function writeFile(root: string, rel: string, meta: EntryMeta, content: AsyncIterable<Buffer>, asRoot: boolean): Promise<void> {
+/**
+ * Writes one regular file's content into a fresh file (never through a link, never into an
+ * existing inode) and returns its finisher: owner, mode, mtime, then extended attributes (after
+ * chown, which clears security.capability). The finisher may run while later entries are
+ * written.
+ */
+async function writeFileContent(root: string, rel: string, meta: EntryMeta, content: AsyncIterable<Buffer>, asRoot: boolean, dirs: DirCache): Promise<() => Promise<void>> {
   const p = join(root, rel);
-  await ensureParent(root, p);
+  await dirs.ensureParent(p);
   const flags = fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW;
   let fh: FileHandle;
   try {
     fh = await open(p, flags, 0o600);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-    await clearPath(p, rel);
+    await clearPath(p, rel, dirs);
     fh = await open(p, flags, 0o600);
   }
+  let pos = 0;
   try {
-    let pos = 0;
     for await (const chunk of content) {
       await writeSparse(fh, chunk, pos);
       pos += chunk.length;
     }
     if (pos !== meta.size) throw scError('SC_ERR_BAD_ARCHIVE', `${rel}: ${pos} bytes of content, ${meta.size} declared`, { path: rel });
-    // Holes at the end: the size comes from truncate.
-    await fh.truncate(pos);
-    // chown first: it clears setuid/setgid and security.capability.
-    if (asRoot) await fh.chown(meta.uid, meta.gid);
-    await fh.chmod(meta.mode);
-  } finally {
+  } catch (err) {
     await fh.close();
+    throw err;
   }
-  await writeXattrs(p, meta.xattrs, rel);
-  await utimes(p, meta.mtime, meta.mtime);
+  return async () => {
+    try {
+      // Holes at the end: the size comes from truncate.
+      await fh.truncate(pos);
+      // chown first: it clears setuid/setgid and security.capability.
+      if (asRoot) await fh.chown(meta.uid, meta.gid);
+      await fh.chmod(meta.mode);
+      await fh.utimes(meta.mtime, meta.mtime);
+    } finally {
+      await fh.close();
+    }
+    await writeXattrs(p, meta.xattrs, rel);
+  };
+}
+
+/** Directories known to exist under the root, so each parent is created (or checked) once. */
+class DirCache {
+  readonly #root: string;
+  readonly #known = new Set<string>();
+
+  constructor(root: string) {
+    this.#root = root;
+  }
+
+  /** Ensures the parent directory of `abs` exists (the guard has checked it has no symlink). */
+  async ensureParent(abs: string): Promise<void> {
+    const parent = dirname(abs);
+    if (parent.length <= this.#root.length || this.#known.has(parent)) return;
+    await mkdir(parent, { recursive: true, mode: 0o755 });
+    this.#known.add(parent);
+  }
+
+  /** Records that the directory `abs` exists. */
+  add(abs: string): void {
+    this.#known.add(abs);
+  }
+
+  /** Forgets `abs` (and what is below it): it is about to be replaced. */
+  forget(abs: string): void {
+    for (const d of this.#known) if (d === abs || d.startsWith(`${abs}/`)) this.#known.delete(d);
+  }
 }
 
 /** Creates (or keeps) a directory; owner and xattrs now, mode and mtime in the fixups. */
-async function makeDir(root: string, rel: string, meta: EntryMeta, asRoot: boolean): Promise<void> {
+async function makeDir(root: string, rel: string, meta: EntryMeta, asRoot: boolean, dirs: DirCache): Promise<void> {
   const p = rel ? join(root, rel) : root;
   if (rel) {
-    await ensureParent(root, p);
+    await dirs.ensureParent(p);
     try {
       await mkdir(p, { mode: 0o700 });
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
       if (!(await lstat(p)).isDirectory()) {
-        await clearPath(p, rel);
+        await clearPath(p, rel, dirs);
         await mkdir(p, { mode: 0o700 });
       }
     }
+    dirs.add(p);
   }
   if (asRoot) await lchown(p, meta.uid, meta.gid);
   await writeXattrs(p, meta.xattrs, rel || '.');
@@ -723,6 +764,12 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
   let entries = 0;
   let skipped = 0;
   const ex = createTarExtract();
+  const dirs = new DirCache(root);
+  /** Files whose finishing (owner, mode, mtime, xattrs) still runs, by path. */
+  const pending = new Map<string, Promise<void>>();
+  const settle = async (rel: string) => {
+    await pending.get(rel);
+  };
 
   // Feeds the extractor, counting plaintext bytes; keeps the last 1 KiB to check the end marker.
   const feed = async () => {
@@ -755,15 +802,23 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
       // The last entry for a path decides what is there: forget earlier plans for it.
       fixups.delete(rel);
       if (FILE_TYPES.has(meta.type)) {
-        await writeFile(root, rel, meta, entry, asRoot);
+        await settle(rel);
+        const finish = await writeFileContent(root, rel, meta, entry, asRoot, dirs);
+        const done: Promise<void> = finish().finally(() => {
+          if (pending.get(rel) === done) pending.delete(rel);
+        });
+        done.catch(() => {});
+        pending.set(rel, done);
+        if (pending.size >= MAX_PENDING_FILES) await Promise.race(pending.values());
         continue;
       }
       // Entries without content: drain whatever the header declared.
       for await (const _ of entry) {
         /* nothing: only files have content */
       }
+      await settle(rel);
       if (meta.type === 'directory') {
-        await makeDir(root, rel, meta, asRoot);
+        await makeDir(root, rel, meta, asRoot, dirs);
         fixups.set(rel, { kind: 'dir', mode: meta.mode, mtime: meta.mtime });
       } else if (meta.type === 'symlink') {
         fixups.set(rel, { kind: 'symlink', target: meta.linkname, mtime: meta.mtime, uid: meta.uid, gid: meta.gid, xattrs: meta.xattrs });
@@ -774,8 +829,9 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
           fixups.set(rel, { kind: 'hardlink', target });
         } else {
           const p = join(root, rel);
-          await ensureParent(root, p);
-          await clearPath(p, rel);
+          await settle(target);
+          await dirs.ensureParent(p);
+          await clearPath(p, rel, dirs);
           try {
             await link(join(root, target), p);
           } catch (err) {
@@ -791,8 +847,9 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
         throw scError('SC_ERR_BAD_ARCHIVE', `unsupported tar entry type ${meta.type} at ${rel}`, { path: rel });
       }
     }
+    await Promise.all(pending.values());
     if (entries === 0) throw scError('SC_ERR_BAD_ARCHIVE', 'the tar archive has no entries');
-    await applyFixups(root, fixups, guard, asRoot);
+    await applyFixups(root, fixups, guard, asRoot, dirs);
   };
 
   const failures: unknown[] = [];
@@ -802,6 +859,8 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
     ex.destroy(isScError(err) ? err : new Error(String((err as Error)?.message ?? err)));
   };
   await Promise.all([feed().catch(stop), consume().catch(stop)]);
+  // Nothing of this extraction may still be running once it has settled.
+  await Promise.allSettled(pending.values());
   if (failures.length) {
     // The first ScError is the cause; a library's error only when there is nothing better.
     const err = failures.find((e) => isScError(e)) ?? failures[0];
