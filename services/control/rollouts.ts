@@ -552,9 +552,6 @@ export class RolloutEngine extends EventEmitter {
 
   // ---------------------------------------------------------------- reports
 
-  /** Final reports (completed, failed, refused) applied since start: confirmed by BullMQ, and not. */
-  readonly finalReports = { confirmed: 0, unconfirmed: 0 };
-
   #logLine(list: string[], rep: StepReport): void {
     const t = new Date(rep.ts || this.#now()).toISOString().slice(11, 19);
     const extra = [rep.code, rep.message].filter(Boolean).join(': ');
@@ -600,12 +597,9 @@ export class RolloutEngine extends EventEmitter {
    * BullMQ itself, which fails a parent whose child failed without anyone taking it).
    */
   #confirmed(rep: StepReport, o: JobOutcome | undefined): boolean {
-    let ok = false;
-    if (o && rep.event === 'completed') ok = o.state === 'completed' && o.byHost;
-    else if (o && (rep.event === 'failed' || rep.event === 'refused')) ok = o.state === 'failed';
-    if (ok) this.finalReports.confirmed++;
-    else this.finalReports.unconfirmed++;
-    return ok;
+    if (o && rep.event === 'completed') return o.state === 'completed' && o.byHost;
+    if (o && (rep.event === 'failed' || rep.event === 'refused')) return o.state === 'failed';
+    return false;
   }
 
   /**
