@@ -12,9 +12,11 @@
  * batched text protocol. If the binding is missing on some platform, `loadXattr` fails with
  * SC_ERR_INTERNAL when a tree with attributes is packed or unpacked, never silently.
  *
- * Policy: attributes in the `security.`, `trusted.` and `user.` namespaces are carried. Any
- * other name (`system.posix_acl_access`, …) is refused with SC_ERR_UNSUPPORTED_XATTR, on
- * packing and on extraction, naming the file: it is never dropped silently.
+ * Policy: attributes in the `security.`, `trusted.` and `user.` namespaces are carried, and the
+ * POSIX ACLs (`system.posix_acl_access`, `system.posix_acl_default`: Debian's
+ * /var/log/journal has them, and `tar --xattrs` records them so). Any other name is refused
+ * with SC_ERR_UNSUPPORTED_XATTR, on packing and on extraction, naming the file: it is never
+ * dropped silently.
  */
 import { constants } from 'node:os';
 import { scError, type ScError } from '../errors.js';
@@ -22,8 +24,12 @@ import { scError, type ScError } from '../errors.js';
 /** Namespaces of the attributes a bundle carries. */
 export const XATTR_NAMESPACES = ['security.', 'trusted.', 'user.'] as const;
 
+/** The POSIX ACLs, carried as the attributes the kernel stores them in. */
+export const XATTR_ACLS = ['system.posix_acl_access', 'system.posix_acl_default'] as const;
+
 /** True when an attribute name is one a bundle carries. */
 export function xattrAllowed(name: string): boolean {
+  if ((XATTR_ACLS as readonly string[]).includes(name)) return true;
   return XATTR_NAMESPACES.some((ns) => name.startsWith(ns) && name.length > ns.length) && !name.includes('\0');
 }
 
