@@ -12,6 +12,7 @@ import { scError } from '../../shared/errors.js';
 import { loadPublicKey } from '../../shared/manifest.js';
 import { NAME_RE } from '../../shared/names.js';
 import { HOST_ID_RE } from './client.js';
+import { DEFAULT_KERNEL_ARGS } from './machine/linux-boot.js';
 
 /** Environment variable prefix: `STAGECOACH_AGENT_HOST_ID`, `STAGECOACH_AGENT_REDIS`, … */
 export const AGENT_ENV_PREFIX = 'STAGECOACH_AGENT_';
@@ -75,6 +76,12 @@ export const agentConfigSchema = z.strictObject({
   bootMode: z.enum(['bios-grub', 'uefi']).default('bios-grub'),
   /** Linux only: where partitions are mounted. */
   mountRoot: z.string().min(1).default('/mnt/stagecoach'),
+  /** Linux only: kernel arguments of the boot entries besides `root=` (console, panic reboot). */
+  kernelArgs: z.string().regex(/^[\x21-\x7e]+( [\x21-\x7e]+)*$/, 'expected space-separated kernel arguments').default(DEFAULT_KERNEL_ARGS),
+  /** Linux only: the agent's runtime (Node and the compiled project), installed into every OS it unpacks. */
+  runtimeDir: z.string().regex(/^\/[A-Za-z0-9._/-]+$/, 'expected an absolute path').default('/opt/stagecoach'),
+  /** Linux only: the agent's systemd unit, installed and enabled in every OS it unpacks. */
+  unitFile: z.string().regex(/^\/[A-Za-z0-9._/@-]+$/, 'expected an absolute path').default('/etc/systemd/system/stagecoach-agent.service'),
   /** Job lock duration in ms; the lock is renewed every half of it. */
   lockDurationMs: z.coerce.number().int().min(1000).max(3_600_000).default(60_000),
   /** How often the stalled-job check runs on this host's queue, in ms (the backstop after long reboots). */

@@ -13,7 +13,7 @@
  * One agent per machine: each instance holds `DIR/agent.lock` (sim) or the pid file (linux)
  * while it runs (lock.ts).
  */
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import pkg from '../../package.json' with { type: 'json' };
 import { scError } from '../../shared/errors.js';
@@ -47,6 +47,7 @@ export function createDriver(cfg: AgentConfig, exit?: ExitAction): MachineDriver
     bootMode: cfg.bootMode,
     mountRoot: cfg.mountRoot,
     dryRun: cfg.dryRun,
+    kernelArgs: cfg.kernelArgs,
     exit,
     print: (l) => process.stderr.write(`${l}\n`),
   });
@@ -113,9 +114,15 @@ interface Instance {
   close(): Promise<void>;
 }
 
-/** The agent's own files: config file (when given) and key files, absolute. */
+/**
+ * What the agent installs into every OS it unpacks (linux), absolute: its config file (when
+ * given), key files and relay token, and on a linux machine its runtime directory and systemd
+ * unit (when they exist: an agent started by hand has neither).
+ */
 export function agentFilesOf(cfg: AgentConfig, configFile?: string): string[] {
-  return [...new Set([configFile, ...cfg.trustKey, cfg.controlKey, cfg.identity].filter((f): f is string => !!f).map((f) => resolve(f)))];
+  const own = [configFile, ...cfg.trustKey, cfg.controlKey, cfg.identity, cfg.relayTokenFile];
+  if (cfg.machine === 'linux') own.push(...[cfg.runtimeDir, cfg.unitFile].filter((f) => existsSync(f)));
+  return [...new Set(own.filter((f): f is string => !!f && f !== '-').map((f) => resolve(f)))];
 }
 
 async function startInstance(

@@ -28,6 +28,7 @@ const modules: [names: string[], path: string][] = [
   [['hosts', 'host'], './commands/hosts.js'],
   [['acl'], './commands/acl.js'],
   [['demo'], './commands/demo.js'],
+  [['vm'], './commands/vm.js'],
 ];
 
 const sub = process.argv.slice(2).find((a) => !a.startsWith('-'));
