@@ -89,7 +89,11 @@ class BinaryPaxExtract extends Extract {
   }
 }
 
-/** A tar-stream extractor (write tar bytes in, iterate entries out) that keeps binary PAX values. */
+/**
+ * A tar-stream extractor (write tar bytes in, iterate entries out) that keeps binary PAX values.
+ * It buffers up to 4 MiB of input before asking writers to wait (streamx's default, 16 KiB,
+ * would make every 1 MiB write wait for the reader).
+ */
 export function createTarExtract(): tarStream.Extract & AsyncIterable<TarEntry> {
-  return new BinaryPaxExtract() as unknown as tarStream.Extract & AsyncIterable<TarEntry>;
+  return new BinaryPaxExtract({ highWaterMark: 4 << 20 }) as unknown as tarStream.Extract & AsyncIterable<TarEntry>;
 }

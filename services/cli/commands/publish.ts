@@ -216,8 +216,13 @@ export class TreeDigest extends Transform {
     if (!this.#xattrs.write(chunk)) {
       waits.push(
         new Promise((res) => {
-          this.#xattrs.once('drain', () => res());
-          this.#xattrs.once('close', () => res());
+          const done = () => {
+            this.#xattrs.off('drain', done);
+            this.#xattrs.off('close', done);
+            res();
+          };
+          this.#xattrs.once('drain', done);
+          this.#xattrs.once('close', done);
         }),
       );
     }
