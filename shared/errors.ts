@@ -31,7 +31,7 @@ export const ERRORS = {
   SC_ERR_UNTRUSTED_KEY: { status: 422, message: 'Signed by a key that is not trusted' },
   SC_ERR_UNSAFE_ARCHIVE: { status: 422, message: 'Archive entry would escape the extraction target' },
   SC_ERR_BAD_ARCHIVE: { status: 422, message: 'Archive is corrupt, truncated or not in the declared format' },
-  SC_ERR_UNSUPPORTED_XATTR: { status: 422, message: 'Extended attribute outside the carried namespaces (security.*, trusted.*, user.*)' },
+  SC_ERR_UNSUPPORTED_XATTR: { status: 422, message: 'Extended attribute not carried (only security.*, trusted.*, user.* and POSIX ACLs are)' },
   SC_ERR_BUNDLE_TOO_LARGE: { status: 422, message: 'Unpacked bundle exceeds its declared size or the unpack size cap' },
   SC_ERR_NO_SPACE: { status: 507, message: 'No space left on the target file system' },
   SC_ERR_DECRYPT: { status: 422, message: 'Decryption failed' },

@@ -11,7 +11,7 @@
  * no atime, so the same tree gives the same bytes), symlinks, FIFOs, character and block
  * devices, empty directories. A file with several names is packed once: later names are
  * hardlink entries to the first one in archive order. Extended attributes (security.*,
- * trusted.*, user.*) go in `SCHILY.xattr.<name>` PAX records; paths and link targets that do
+ * trusted.*, user.*, POSIX ACLs) go in `SCHILY.xattr.<name>` PAX records; paths and link targets that do
  * not fit a ustar header (long, or not ASCII) go in PAX `path`/`linkpath`, owners above the
  * ustar range in PAX `uid`/`gid`. Sockets are not packed (tar has no type for them). Sparse
  * files are read through, holes as zeros: streamed, never held in memory.
@@ -222,7 +222,7 @@ function headerBlocks(e: PackEntry): Buffer[] {
  * Streams a tar of the tree under `dir` (not including `dir` itself), in sorted order (see the
  * module comment for what is carried). The stream fails with SC_ERR_BAD_REQUEST when `dir` is
  * not a readable directory or a file changes size while packed, SC_ERR_UNSUPPORTED_XATTR for
- * an extended attribute outside security.*, trusted.* and user.*, SC_ERR_INTERNAL with the
+ * an extended attribute outside security.*, trusted.*, user.* and POSIX ACLs, SC_ERR_INTERNAL with the
  * file system error met otherwise. Paths are walked as the stream is read; file contents are
  * streamed, never held whole.
  */
@@ -539,7 +539,7 @@ function entryMeta(h: TarHeader): EntryMeta {
     if (!key.startsWith(XATTR_KEY)) continue;
     const name = key.slice(XATTR_KEY.length);
     if (!xattrAllowed(name)) {
-      throw scError('SC_ERR_UNSUPPORTED_XATTR', `${path}: extended attribute ${name} is not carried (only security.*, trusted.*, user.*)`, { path, name });
+      throw scError('SC_ERR_UNSUPPORTED_XATTR', `${path}: extended attribute ${name} is not carried (only security.*, trusted.*, user.* and POSIX ACLs)`, { path, name });
     }
     const v = pax[key];
     xattrs.push([name, Buffer.isBuffer(v) ? v : Buffer.from(v, 'utf8')]);

@@ -81,7 +81,7 @@ export async function readXattrs(path: string, display = path): Promise<[string,
     if (!xattrAllowed(name)) {
       throw scError(
         'SC_ERR_UNSUPPORTED_XATTR',
-        `${display} has the extended attribute ${name}: only ${XATTR_NAMESPACES.map((n) => `${n}*`).join(', ')} are carried (remove it, e.g. setfacl -b for an ACL)`,
+        `${display} has the extended attribute ${name}: only ${XATTR_NAMESPACES.map((n) => `${n}*`).join(', ')} and POSIX ACLs are carried (remove it)`,
         { path: display, name },
       );
     }
