@@ -6,7 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFileSync, spawnSync } from 'node:child_process';
-import { createReadStream, createWriteStream, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createReadStream, createWriteStream, linkSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, readlinkSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -124,6 +124,22 @@ describe('real root filesystems through the tar codec', { skip: !asRoot && 'need
     // Any other system.* name is refused.
     const other = rawTar([{ path: 'etc/f', body: 'x', pax: [['SCHILY.xattr.system.nfs4_acl', Buffer.from('00', 'hex')]] }]);
     await assert.rejects(safeExtract(Readable.from([other]), join(base, 'nfs4-out')), (e: unknown) => isScError(e, 'SC_ERR_UNSUPPORTED_XATTR') && /etc\/f.*system\.nfs4_acl/.test((e as Error).message));
+  });
+
+  it('keeps a hardlinked symlink as one inode (two names of the same link)', async () => {
+    const tree = join(base, 'linked-symlink');
+    mkdirSync(join(tree, 'usr/lib'), { recursive: true });
+    writeFileSync(join(tree, 'usr/lib/libx.so.1.2'), 'lib');
+    symlinkSync('libx.so.1.2', join(tree, 'usr/lib/libx.so.1'));
+    linkSync(join(tree, 'usr/lib/libx.so.1'), join(tree, 'usr/lib/libx.so'));
+    assert.ok(lstatSync(join(tree, 'usr/lib/libx.so')).isSymbolicLink(), 'link(2) does not follow the symlink');
+    const out = join(base, 'linked-symlink-out');
+    await safeExtract(packDirStream(tree), out);
+    const a = lstatSync(join(out, 'usr/lib/libx.so.1'));
+    const b = lstatSync(join(out, 'usr/lib/libx.so'));
+    assert.ok(a.isSymbolicLink() && b.isSymbolicLink());
+    assert.equal(a.ino, b.ino);
+    assert.equal(readlinkSync(join(out, 'usr/lib/libx.so')), 'libx.so.1.2');
   });
 
   it('refuses GNU sparse entries (tar --sparse) with SC_ERR_BAD_ARCHIVE', async () => {
