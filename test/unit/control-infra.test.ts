@@ -40,7 +40,8 @@ describe('infra examples', () => {
       assert.match(t, /^After=network-online\.target/m, u);
       assert.match(t, /^WantedBy=multi-user\.target$/m, u);
       const cmd = /^ExecStart=(.*)$/m.exec(t)![1];
-      assert.match(cmd, new RegExp(`bin\\.js ${u.replace(/^stagecoach-|\.service$/g, '')} --config /etc/stagecoach/`), u);
+      // Production runs the compiled JavaScript of the runtime directory (see README, "The agent on a real host").
+      assert.match(cmd, new RegExp(`^/opt/stagecoach/bin/node /opt/stagecoach/app/dist/services/cli/main\\.js ${u.replace(/^stagecoach-|\.service$/g, '')} --config /etc/stagecoach/`), u);
     }
   });
 });
