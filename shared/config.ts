@@ -91,6 +91,19 @@ export function parseBytes(s: string | number): number {
 }
 
 /**
+ * A byte size in a config schema: a non-negative integer, or a string `parseBytes` accepts
+ * (`20GiB`, `512MiB`, `1e9`). Parses to a number of bytes.
+ */
+export const byteSize = z.union([z.number().int().nonnegative(), z.string()]).transform((v, ctx) => {
+  try {
+    return parseBytes(v);
+  } catch (err) {
+    ctx.addIssue({ code: 'custom', message: (err as Error).message });
+    return z.NEVER;
+  }
+});
+
+/**
  * Reads a secret token file: its first line, trimmed. Throws SC_ERR_BAD_CONFIG when the file
  * cannot be read, is empty, or the token is not one word of at most 4096 bytes. The token
  * itself never appears in an error.

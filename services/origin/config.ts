@@ -3,7 +3,7 @@
  * environment variables, then flags). Validated once, then frozen.
  */
 import { z } from 'zod';
-import { type ConfigSources, loadConfig, parseListen, readTokenFile, stringList } from '../../shared/config.js';
+import { byteSize, type ConfigSources, loadConfig, parseListen, readTokenFile, stringList } from '../../shared/config.js';
 
 /** Environment variable prefix: `STAGECOACH_ORIGIN_LISTEN`, `STAGECOACH_ORIGIN_DATA`, … */
 export const ORIGIN_ENV_PREFIX = 'STAGECOACH_ORIGIN_';
@@ -34,6 +34,11 @@ export const originConfigSchema = z.strictObject({
   logLevel: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   /** Largest accepted manifest body in bytes. */
   maxManifestBytes: z.coerce.number().int().min(1024).max(16 << 20).default(1 << 20),
+  /**
+   * Largest accepted blob in bytes (`64GiB`, `512MiB`, or a number). A PUT that declares more is
+   * refused before its body is read; a chunked one is cut off once it passes the cap (413).
+   */
+  maxBlobSize: byteSize.pipe(z.number().int().min(1)).default(64 * 1024 ** 3),
   /** A connection with no bytes moving for this many seconds is closed (0 disables). */
   idleTimeoutSec: z.coerce.number().int().min(0).default(120),
 });

@@ -49,7 +49,7 @@ export async function startOrigin(config: OriginConfig | OriginConfigInput, opts
   const { host, port } = parseListen(cfg.listen);
   const store = await FsBlobStore.open(cfg.data);
   const metrics = createOriginMetrics();
-  const app = createOriginApp({ store, token, trustedKeys, logger, metrics, maxManifestBytes: cfg.maxManifestBytes });
+  const app = createOriginApp({ store, token, trustedKeys, logger, metrics, maxManifestBytes: cfg.maxManifestBytes, maxBlobSize: cfg.maxBlobSize });
   const server = createServer({ maxHeaderSize: 16 * 1024 }, app);
   configureOriginServer(server, cfg.idleTimeoutSec);
   const l = await listen(server, host, port);

@@ -64,6 +64,8 @@ export interface OriginAppDeps {
   metrics: OriginMetrics;
   /** Largest manifest body in bytes (413 beyond). */
   maxManifestBytes: number;
+  /** Largest blob body in bytes (413 SC_ERR_TOO_LARGE beyond; nothing is stored). */
+  maxBlobSize: number;
 }
 
 /** Metric `route` labels by express route path (bounded cardinality). */
@@ -172,12 +174,25 @@ export function createOriginApp(deps: OriginAppDeps): express.Express {
     const digest = blobParam(req);
     const cl = req.headers['content-length'];
     const expected = cl === undefined ? undefined : Number(cl);
+    const max = deps.maxBlobSize;
+    if (expected !== undefined && expected > max) {
+      // Refused before a byte of the body is read; the connection is not kept for the rest of it.
+      res.set('Connection', 'close');
+      throw scError('SC_ERR_TOO_LARGE', `blob of ${expected} bytes is larger than the origin's maxBlobSize (${max})`, { size: expected, max });
+    }
     // The store reads from this pass-through, never from the socket directly: if the store
     // gives up early, the request is unpiped and drained so the error can still be answered.
+    // A body without Content-Length (chunked) is cut off as soon as it passes maxBlobSize.
+    let received = 0;
     const body = new Transform({
       highWaterMark: 1 << 20,
       transform(chunk: Buffer, _enc, cb) {
         metrics.bytesIn.inc({ route: 'blob' }, chunk.length);
+        received += chunk.length;
+        if (received > max) {
+          cb(scError('SC_ERR_TOO_LARGE', `blob body passed the origin's maxBlobSize (${max} bytes)`, { max }));
+          return;
+        }
         cb(null, chunk);
       },
     });
@@ -191,7 +206,10 @@ export function createOriginApp(deps: OriginAppDeps): express.Express {
       r = await store.putBlob(digest, body, expected);
     } catch (err) {
       req.unpipe(body);
-      if (!req.complete && !req.destroyed) req.resume();
+      if (isScError(err, 'SC_ERR_TOO_LARGE')) {
+        // Do not drain an over-cap body: answer and close the connection.
+        res.set('Connection', 'close');
+      } else if (!req.complete && !req.destroyed) req.resume();
       throw err;
     }
     res.status(r.created ? 201 : 200).json({ digest, size: r.size, created: r.created });

@@ -4,17 +4,10 @@
  * then frozen.
  */
 import { z } from 'zod';
-import { commaList, deepFreeze, loadConfig, parseBytes, parseListen, type ConfigSources } from '../../shared/config.js';
+import { byteSize, commaList, deepFreeze, loadConfig, parseListen, type ConfigSources } from '../../shared/config.js';
 import { scError } from '../../shared/errors.js';
 
-const bytes = z.union([z.number().int().nonnegative(), z.string()]).transform((v, ctx) => {
-  try {
-    return parseBytes(v);
-  } catch (err) {
-    ctx.addIssue({ code: 'custom', message: (err as Error).message });
-    return z.NEVER;
-  }
-});
+const bytes = byteSize;
 
 const ms = (def: number) => z.coerce.number().int().nonnegative().default(def);
 

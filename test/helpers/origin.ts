@@ -30,7 +30,9 @@ export interface TestOrigin {
 }
 
 /** Starts an origin on port 0 in a fresh temp dir. `trustKey`: PEM paths to require signatures from. */
-export async function startTestOrigin(opts: { trustKey?: string[]; logger?: Logger; dataDir?: string } = {}): Promise<TestOrigin> {
+export async function startTestOrigin(
+  opts: { trustKey?: string[]; logger?: Logger; dataDir?: string; maxBlobSize?: number | string } = {},
+): Promise<TestOrigin> {
   const root = mkdtempSync(join(tmpdir(), 'sc-origin-'));
   const dataDir = opts.dataDir ?? join(root, 'data');
   const tokenFile = join(root, 'token');
@@ -38,7 +40,10 @@ export async function startTestOrigin(opts: { trustKey?: string[]; logger?: Logg
   writeFileSync(tokenFile, `${token}\n`, { mode: 0o600 });
   let o: Awaited<ReturnType<typeof startOrigin>>;
   try {
-    o = await startOrigin({ listen: '127.0.0.1:0', data: dataDir, tokenFile, trustKey: opts.trustKey ?? [] }, { logger: opts.logger ?? silentLogger });
+    o = await startOrigin(
+      { listen: '127.0.0.1:0', data: dataDir, tokenFile, trustKey: opts.trustKey ?? [], ...(opts.maxBlobSize !== undefined ? { maxBlobSize: opts.maxBlobSize } : {}) },
+      { logger: opts.logger ?? silentLogger },
+    );
   } catch (err) {
     rmSync(root, { recursive: true, force: true });
     throw err;

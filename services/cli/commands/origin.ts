@@ -11,6 +11,7 @@ interface OriginFlags {
   trustKey?: string[];
   config?: string;
   logLevel?: string;
+  maxBlobSize?: string;
 }
 
 /** Registers `stagecoach origin`. */
@@ -22,13 +23,14 @@ export function register(program: Command): void {
     .option('--data <dir>', 'data directory (blobs/, manifests/, meta/, tmp/)')
     .option('--token-file <file>', 'file whose first line is the bearer token that writes need')
     .option('--trust-key <pem>', 'release public key (PEM); repeatable. When given, only manifests signed by one of them are accepted', collect)
-    .option('--config <file>', 'YAML config file (keys: listen, data, tokenFile, trustKey, logLevel, maxManifestBytes, idleTimeoutSec)')
+    .option('--config <file>', 'YAML config file (keys: listen, data, tokenFile, trustKey, logLevel, maxManifestBytes, maxBlobSize, idleTimeoutSec)')
+    .option('--max-blob-size <bytes>', 'largest accepted blob, e.g. 64GiB (default 64GiB); larger uploads get 413')
     .option('--log-level <level>', 'fatal|error|warn|info|debug|trace|silent (default info)')
     .action(
       action(async (flags: OriginFlags) => {
         const cfg = loadOriginConfig({
           file: flags.config,
-          flags: { listen: flags.listen, data: flags.data, tokenFile: flags.tokenFile, trustKey: flags.trustKey, logLevel: flags.logLevel },
+          flags: { listen: flags.listen, data: flags.data, tokenFile: flags.tokenFile, trustKey: flags.trustKey, logLevel: flags.logLevel, maxBlobSize: flags.maxBlobSize },
         });
         await runOrigin(cfg);
       }),
