@@ -19,7 +19,8 @@
  * one `started` event, progress at most once per interval, one completion. Registration fields
  * and log lines are not sent on their own: they ride on the next request, or go out after
  * `flushMs`.
- * The relay URLs are tried in order; a connection failure moves to the next one.
+ * The relay URLs are tried in order; a connection failure moves to the next one, and so does a
+ * reply body over MAX_RELAY_REPLY_BYTES (SC_ERR_REPLY_TOO_LARGE, never buffered).
  */
 import { Agent as HttpAgent, request as httpRequest } from 'node:http';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
@@ -27,6 +28,13 @@ import { type ScError, scError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
 import type { HostRecord } from './client.js';
 import type { JobProgress, ReportFields, StepJob, StepTransport } from './transport.js';
+
+/**
+ * Largest relay reply body the agent reads, in bytes. Replies are small JSON (a signed step
+ * job, a retry flag); a larger one fails with SC_ERR_REPLY_TOO_LARGE without being buffered,
+ * so a compromised relay cannot make a host allocate unbounded memory.
+ */
+export const MAX_RELAY_REPLY_BYTES = 1 << 20;
 
 // One keep-alive pool per process: an in-process fleet shares it.
 const httpAgent = new HttpAgent({ keepAlive: true, maxSockets: Number.POSITIVE_INFINITY, keepAliveMsecs: 30_000 });
@@ -254,7 +262,25 @@ export class RelayTransport implements StepTransport {
         },
         (res) => {
           const chunks: Buffer[] = [];
-          res.on('data', (c: Buffer) => chunks.push(c));
+          let size = 0;
+          const tooLarge = (what: string) => {
+            // A relay that sends this is misbehaving: the next request goes to the next relay.
+            this.#urlIndex++;
+            reject(scError('SC_ERR_REPLY_TOO_LARGE', `relay ${base} sent ${what}; replies are capped at ${MAX_RELAY_REPLY_BYTES} bytes`, { max: MAX_RELAY_REPLY_BYTES }));
+            chunks.length = 0;
+            req.destroy();
+          };
+          const declared = Number(res.headers['content-length']);
+          if (Number.isFinite(declared) && declared > MAX_RELAY_REPLY_BYTES) {
+            tooLarge(`a ${declared}-byte reply`);
+            return;
+          }
+          res.on('data', (c: Buffer) => {
+            if (req.destroyed) return;
+            size += c.length;
+            if (size > MAX_RELAY_REPLY_BYTES) tooLarge('a reply of more than that');
+            else chunks.push(c);
+          });
           res.on('end', () => {
             const text = Buffer.concat(chunks).toString('utf8');
             let parsed: unknown = null;
