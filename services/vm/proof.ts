@@ -108,7 +108,6 @@ export async function runProof(o: ProofOptions): Promise<ProofResult> {
   const seconds: Record<string, number> = {};
   const cleanup: (() => Promise<void>)[] = [];
   const faults: Record<string, string> = {};
-  let vm: Vm | null = null;
   const t0 = Date.now();
   try {
     let t = Date.now();
@@ -180,23 +179,21 @@ export async function runProof(o: ProofOptions): Promise<ProofResult> {
       monitor,
       sshPort,
       cpus: o.cpus,
+      noReboot: true,
       forwards: [
         { guest: STAGE_GUEST, port: 80, hostPort: Number(new URL(stage.url).port) },
         { guest: ORIGIN_GUEST, port: 80, hostPort: Number(new URL(origin.url).port) },
       ],
     });
     await fsp.writeFile(join(work, 'qemu.argv.json'), `${JSON.stringify(spec)}\n`);
-    const boot = async (): Promise<Vm> => {
-      const v = await startVm(spec);
-      vm = v;
-      return v;
-    };
     t = Date.now();
-    let v = await boot();
+    const power = new PowerSwitch(spec);
+    cleanup.push(() => power.stop());
+    await power.start();
     const g: GuestSsh = { port: sshPort, identity: images.operatorKey, knownHosts: join(work, 'known_hosts') };
     await fsp.rm(g.knownHosts, { force: true });
-    await waitForSerial(serialLog, /sc-image: booted/, { ms: 15 * 60_000, vm: v });
-    const before = await waitForSsh(g, 5 * 60_000, { firstContact: true, alive: () => v.child.exitCode === null });
+    await waitForSerial(serialLog, /sc-image: booted/, { ms: 15 * 60_000 });
+    const before = await waitForSsh(g, 5 * 60_000, { firstContact: true, alive: () => power.alive() });
     seconds.bootA = since(t);
     say(`A is up: ${before.os} from ${before.root}, ${before.ip}, host key ${before.hostKeyFingerprint}`);
 
@@ -239,9 +236,7 @@ export async function runProof(o: ProofOptions): Promise<ProofResult> {
     const powerCut = (step: string) => async () => {
       say(`fault: power cut in the middle of ${step}`);
       await monitorCommand(monitor, 'quit');
-      await v.exited;
-      v = await boot();
-      faults[`cut-${step}`] = 'power cut at >= 30 % of the step; VM started again';
+      faults[`cut-${step}`] = 'power cut at >= 30 % of the step; the VM was started again';
     };
 
     if (o.faults.includes('bad-base')) {
@@ -253,7 +248,7 @@ export async function runProof(o: ProofOptions): Promise<ProofResult> {
       say(`fault: rollout ${r.spec.id} with a B whose kernel cannot boot`);
       const fin = await follow(r.spec.id);
       const h = fin.hosts.find((x) => x.host === HOST_ID)!;
-      const back = await waitForSsh(g, 10 * 60_000, { alive: () => v.child.exitCode === null });
+      const back = await waitForSsh(g, 10 * 60_000, { alive: () => power.alive() });
       const ok = fin.status.state === 'failed' && h.error?.step === 'boot-base' && back.root === before.root && back.ip === before.ip && back.hostKeyFingerprint === before.hostKeyFingerprint;
       faults['bad-base'] = `${ok ? 'ok' : 'NOT OK'}: rollout ${fin.status.state} at ${h.error?.step ?? '-'} (${h.error?.code ?? '-'}); the VM runs ${back.os} from ${back.root} on ${back.ip} (${since(t)} s)`;
       say(`fault: ${faults['bad-base']}`);
@@ -275,7 +270,7 @@ export async function runProof(o: ProofOptions): Promise<ProofResult> {
     if (fin.status.state !== 'completed') {
       throw scError('SC_ERR_STEP_FAILED', `the rollout ended ${fin.status.state}: ${host.error ? `${host.error.step}: ${host.error.code} ${host.error.message}` : host.status}`, { log: host.log.slice(-20) });
     }
-    const after = await waitForSsh(g, 10 * 60_000, { alive: () => v.child.exitCode === null });
+    const after = await waitForSsh(g, 10 * 60_000, { alive: () => power.alive() });
     const rescue = await rescueEntry(g, o.firmware);
     say(`C is up: ${after.os} from ${after.root}, ${after.ip}, host key ${after.hostKeyFingerprint}, rescue entry ${rescue}`);
     const converted = after.root === '/dev/vda1' && after.ip === before.ip && after.hostKeyFingerprint === before.hostKeyFingerprint && rescue === 'disk2p1';
@@ -303,7 +298,7 @@ export async function runProof(o: ProofOptions): Promise<ProofResult> {
         await new Promise((res) => setTimeout(res, 3000));
         st = await client.op(op.id);
       }
-      const f = await waitForSsh(g, 10 * 60_000, { alive: () => v.child.exitCode === null });
+      const f = await waitForSsh(g, 10 * 60_000, { alive: () => power.alive() });
       const ok = st.status === 'done' && expect(f) && f.ip === before.ip && f.hostKeyFingerprint === before.hostKeyFingerprint;
       say(`${kind}: ${st.status}; the VM runs ${f.os} from ${f.root} (${since(t1)} s)`);
       if (!ok) throw scError('SC_ERR_STEP_FAILED', `${kind} ended ${st.status}${st.error ? ` at ${st.error.step}: ${st.error.code} ${st.error.message}` : ''}; the VM runs ${f.os} from ${f.root}`);
@@ -314,15 +309,54 @@ export async function runProof(o: ProofOptions): Promise<ProofResult> {
     seconds.total = since(t0);
     if (o.keep) {
       result.ssh = { host: '127.0.0.1', port: sshPort, user: 'root', identity: images.operatorKey };
-      result.pid = (vm as Vm | null)?.pid;
+      result.pid = power.vm?.pid;
       result.disks = disks;
     }
     return result;
   } finally {
-    if (!o.keep) {
-      if (vm) await stopVm(vm);
-      for (const c of cleanup.reverse()) await c().catch(() => {});
-    }
+    if (!o.keep) for (const c of cleanup.reverse()) await c().catch(() => {});
+  }
+}
+
+/**
+ * The VM's power: qemu runs with -no-reboot, so a reboot of the guest (or a power cut through
+ * the monitor) ends qemu, and the switch starts it again on the same disks and NVRAM: every
+ * reboot is a cold boot. (OVMF under TCG with two vCPUs was seen to hang in its SEC phase after
+ * a warm reset; a cold boot never did.)
+ */
+class PowerSwitch {
+  vm: Vm | null = null;
+  boots = 0;
+  #stopping = false;
+  #failed: unknown = null;
+  readonly #argv: string[];
+
+  constructor(argv: string[]) {
+    this.#argv = argv;
+  }
+
+  async start(): Promise<void> {
+    const v = await startVm(this.#argv);
+    this.vm = v;
+    this.boots++;
+    void v.exited.then(async () => {
+      if (this.#stopping || this.vm !== v) return;
+      await new Promise((r) => setTimeout(r, 1000));
+      if (this.#stopping) return;
+      await this.start().catch((err: unknown) => {
+        this.#failed = err;
+      });
+    });
+  }
+
+  /** False once stopped, or when qemu could not be started again. */
+  alive(): boolean {
+    return !this.#stopping && !this.#failed;
+  }
+
+  async stop(): Promise<void> {
+    this.#stopping = true;
+    if (this.vm) await stopVm(this.vm);
   }
 }
 

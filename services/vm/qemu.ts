@@ -73,7 +73,8 @@ export function qemuArgs(s: VmSpec): string[] {
   const accel = s.accel ?? detectAccel();
   const a = ['qemu-system-x86_64', '-M', 'pc', '-m', String(s.memMiB ?? 2048), '-smp', String(s.cpus ?? 2)];
   a.push(...(accel === 'kvm' ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', 'tcg,thread=multi', '-cpu', 'Nehalem']));
-  a.push('-display', 'none', '-vga', 'none', '-serial', `file:${s.serialLog}`, '-no-user-config', '-nodefaults');
+  // The serial log is appended to, so it holds every boot of the VM (qemu restarts after each reboot).
+  a.push('-display', 'none', '-vga', 'none', '-chardev', `file,id=s0,path=${s.serialLog},append=on`, '-serial', 'chardev:s0', '-no-user-config', '-nodefaults');
   if (s.monitor) a.push('-monitor', `unix:${s.monitor},server,nowait`);
   if (s.firmware === 'uefi') {
     if (!s.vars) throw scError('SC_ERR_BAD_CONFIG', 'a UEFI VM needs its own vars file');
