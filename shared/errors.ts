@@ -34,6 +34,7 @@ export const ERRORS = {
   SC_ERR_UNSUPPORTED_XATTR: { status: 422, message: 'Extended attribute not carried (only security.*, trusted.*, user.* and POSIX ACLs are)' },
   SC_ERR_BUNDLE_TOO_LARGE: { status: 422, message: 'Unpacked bundle exceeds its declared size or the unpack size cap' },
   SC_ERR_NO_SPACE: { status: 507, message: 'No space left on the target file system' },
+  SC_ERR_PASSTHROUGH_TOO_LARGE: { status: 507, message: 'Blob is larger than the stage caches and larger than its pass-through cap' },
   SC_ERR_DECRYPT: { status: 422, message: 'Decryption failed' },
   SC_ERR_BAD_KEY: { status: 400, message: 'Malformed key' },
   SC_ERR_FILE_EXISTS: { status: 409, message: 'Refusing to overwrite an existing file' },

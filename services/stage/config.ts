@@ -29,6 +29,11 @@ export const stageConfigSchema = z.strictObject({
   cache: z.string().min(1),
   /** Byte budget for cached blobs (`20GiB`, `512MiB`, or a number). */
   cacheSize: bytes.default(20 * 1024 ** 3),
+  /**
+   * Largest blob passed through (a blob over the whole cache budget is streamed, not cached); a
+   * larger one is refused with 507 SC_ERR_PASSTHROUGH_TOO_LARGE before its body is fetched.
+   */
+  maxPassthroughBytes: bytes.default(64 * 1024 ** 3),
   /** Colo name, reported by /healthz and as a metrics label. */
   colo: z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/, 'colo must be [A-Za-z0-9._-], at most 64 characters'),
   /** PEM public keys; when given, manifests must verify against one of them to be cached or served. */

@@ -4,7 +4,8 @@
  * - `filling`: running (size known once the first upstream response arrived);
  * - `committed`: sha256 verified; the file was renamed into the cache (or, for a pass-through,
  *   kept only until its last reader is done);
- * - `failed`: digest mismatch (file deleted, readers aborted) or no upstream could deliver;
+ * - `failed`: digest mismatch (file deleted, readers aborted), no upstream could deliver, or a
+ *   pass-through over `maxPassthroughBytes` (refused before any byte of it is fetched);
  * - `gone`: an upstream answered 404; remembered for `negativeTtlMs`.
  *
  * Readers never see a buffer of the object: they read the file at offsets (`streamFill`) and
@@ -263,6 +264,11 @@ export interface FetchOnceOptions {
   negativeTtlMs: number;
   /** Finished fills kept for `list()`. */
   history: number;
+  /**
+   * Largest blob passed through (over the whole budget); a larger one fails its fill with
+   * SC_ERR_PASSTHROUGH_TOO_LARGE as soon as the size is known, before its body is read.
+   */
+  maxPassthroughBytes: number;
 }
 
 /**
@@ -444,7 +450,10 @@ export class FetchOnce {
     }
   }
 
-  /** Learns the size: reserves the budget, or switches to pass-through when over the whole budget. */
+  /**
+   * Learns the size: reserves the budget, or switches to pass-through when over the whole budget.
+   * Throws SC_ERR_PASSTHROUGH_TOO_LARGE when a pass-through would be over maxPassthroughBytes.
+   */
   async #setSize(fill: Fill, size: number, hashRef: { h: Hash }): Promise<void> {
     const { cache, metrics } = this.#o;
     if (fill.filled > size) {
@@ -454,6 +463,13 @@ export class FetchOnce {
     }
     fill.size = size;
     fill.entry = cache.reserve(fill.digest, size, fill.path);
+    if (!fill.entry && size > this.#o.maxPassthroughBytes) {
+      throw scError(
+        'SC_ERR_PASSTHROUGH_TOO_LARGE',
+        `blob ${fill.digest} of ${size} bytes is over the cache budget and over maxPassthroughBytes (${this.#o.maxPassthroughBytes})`,
+        { size, max: this.#o.maxPassthroughBytes },
+      );
+    }
     if (!fill.entry) {
       const tmp = cache.tmpPath(fill.digest);
       await rename(fill.path, tmp);

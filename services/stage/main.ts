@@ -83,7 +83,7 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
     maxAttempts: config.maxAttempts,
     upstreamDownMs: config.upstreamDownMs,
   });
-  const fills = new FetchOnce({ cache, upstreams, clock, log, metrics, negativeTtlMs: config.negativeTtlMs, history: config.fillHistory });
+  const fills = new FetchOnce({ cache, upstreams, clock, log, metrics, negativeTtlMs: config.negativeTtlMs, history: config.fillHistory, maxPassthroughBytes: config.maxPassthroughBytes });
   const manifests = new ManifestCache({ dir: join(dir, 'manifests'), upstreams, trusted, clock, log, negativeTtlMs: config.negativeTtlMs });
   for (const d of partials) fills.resume(d);
 

@@ -95,6 +95,7 @@ export function createStageApp(d: StageAppDeps): express.Express {
     try {
       await fill.ready();
       if (fill.state === 'gone') throw scError('SC_ERR_BLOB_NOT_FOUND', `no blob ${digest}`);
+      if (fill.state === 'failed' && fill.error?.code === 'SC_ERR_PASSTHROUGH_TOO_LARGE') throw fill.error;
       if (fill.state === 'failed' || fill.size === null) {
         throw scError('SC_ERR_UPSTREAM', `fetching ${digest} failed`, { reason: fill.error?.code });
       }

@@ -14,6 +14,7 @@ export function register(program: Command): void {
     ])
     .option('--cache <dir>', 'cache directory')
     .option('--cache-size <bytes>', 'byte budget for cached blobs, e.g. 20GiB (default 20GiB)')
+    .option('--max-passthrough-bytes <bytes>', 'largest blob streamed through uncached when over the cache budget, e.g. 64GiB (default 64GiB); larger ones get 507')
     .option('--colo <name>', 'colo name (reported in /healthz and metrics)')
     .option('--trust-key <pem>', 'trusted manifest signing public key (repeatable); untrusted manifests are refused', collect)
     .option('--token-file <file>', 'bearer token file protecting POST /v1/prefetch')
@@ -33,6 +34,7 @@ export function register(program: Command): void {
             upstreams: o.upstream,
             cache: o.cache,
             cacheSize: o.cacheSize,
+            maxPassthroughBytes: o.maxPassthroughBytes,
             colo: o.colo,
             trustKeys: o.trustKey,
             tokenFile: o.tokenFile,
