@@ -1,8 +1,11 @@
 /**
  * Inventory: the hosts agents registered (with their last heartbeat) and, per colo, its hosts
- * and stages. Stages come from the agents' registrations (`stages`) and from `--stages`. Each
- * stage's live numbers (fills in flight, bytes from upstream, hits) are fetched server-side from
- * its `/v1/fills` and `/metrics`, cached briefly, and never block longer than a short timeout.
+ * and stages. The stages control talks to are only those its own configuration names
+ * (`--stages`): each one's live numbers (fills in flight, bytes from upstream, hits) are fetched
+ * server-side from its `/v1/fills` and `/metrics`, cached briefly, and never block longer than a
+ * short timeout. Stage URLs that agents registered are shown as reported by the hosts and are
+ * never contacted: a host must not be able to point control, or its stage token, at a URL of
+ * its choosing.
  */
 import type { Redis } from 'ioredis';
 import { type HostRecord, readHosts } from '../agent/client.js';
@@ -22,7 +25,7 @@ export interface HostView extends HostRecord {
 /** Live numbers of one stage, or the error that prevented reading them. */
 export interface StageView {
   url: string;
-  /** Where the stage is known from: `flag` (--stages) and/or `agents`. */
+  /** Where the stage is known from: `flag` (--stages), and `agents` when hosts report it too. */
   source: string[];
   ok: boolean;
   error?: string;
@@ -46,7 +49,13 @@ export interface ColoView {
   online: number;
   /** Host ids in natural order. */
   hostIds: string[];
+  /** The colo's configured stages (`--stages`), with their live numbers. */
   stages: StageView[];
+  /**
+   * Stage URLs the colo's hosts registered that control's configuration does not name: shown as
+   * reported by the hosts, never contacted (no probe, no preheat).
+   */
+  reportedStages: { url: string; hosts: number }[];
 }
 
 /** Sums every sample of a metric in Prometheus text (any labels); undefined when absent. */
@@ -102,46 +111,56 @@ export class Inventory {
       .map((h) => ({ ...h, stale: typeof h.lastSeen !== 'number' || now - h.lastSeen > this.#staleMs, work: null }));
   }
 
-  /** The stage URLs of a colo (from --stages first, then from agent registrations). */
-  async stagesOf(colo: string): Promise<string[]> {
-    return (await this.#stageSources()).get(colo)?.map((s) => s.url) ?? [];
+  /** The stage URLs of a colo that control may contact: only those its configuration names (--stages). */
+  stagesOf(colo: string): string[] {
+    return [...(this.#flagStages.get(colo) ?? [])].map(normalizeStageUrl);
   }
 
-  async #stageSources(): Promise<Map<string, { url: string; source: string[] }[]>> {
-    const m = new Map<string, { url: string; source: string[] }[]>();
-    const add = (colo: string, url: string, source: string) => {
-      const u = url.replace(/\/+$/, '');
-      const list = m.get(colo) ?? [];
-      const have = list.find((s) => s.url === u);
-      if (have) {
-        if (!have.source.includes(source)) have.source.push(source);
-      } else list.push({ url: u, source: [source] });
-      m.set(colo, list);
-    };
-    for (const [colo, urls] of this.#flagStages) for (const u of urls) add(colo, u, 'flag');
+  /** True when `url` is one of the configured stages of `colo` (the only ones control contacts). */
+  isConfiguredStage(colo: string, url: string): boolean {
+    return this.stagesOf(colo).includes(normalizeStageUrl(url));
+  }
+
+  /** Per colo: stage URLs its hosts registered, with how many hosts report each. Never contacted. */
+  async #reportedStages(): Promise<Map<string, Map<string, number>>> {
+    const m = new Map<string, Map<string, number>>();
     for (const h of await this.records()) {
       const st = (h as HostRecord & { stages?: unknown }).stages;
-      if (Array.isArray(st)) for (const u of st) if (typeof u === 'string' && /^https?:\/\//.test(u)) add(h.colo, u, 'agents');
+      if (!Array.isArray(st)) continue;
+      for (const u of new Set(st.filter((x): x is string => typeof x === 'string' && /^https?:\/\//.test(x)).map(normalizeStageUrl))) {
+        const c = m.get(h.colo) ?? new Map<string, number>();
+        c.set(u, (c.get(u) ?? 0) + 1);
+        m.set(h.colo, c);
+      }
     }
     return m;
   }
 
-  /** Colos with host counts and stage numbers (stages fetched concurrently, 2 s timeout each). */
+  /**
+   * Colos with host counts and stage numbers. Only configured stages are read (concurrently, 2 s
+   * timeout each); stages that only hosts report are listed in `reportedStages`, not contacted.
+   */
   async colos(now = Date.now()): Promise<ColoView[]> {
     const hosts = await this.hosts(undefined, now);
-    const sources = await this.#stageSources();
-    const names = new Set<string>([...hosts.map((h) => h.colo), ...sources.keys()]);
+    const reported = await this.#reportedStages();
+    const names = new Set<string>([...hosts.map((h) => h.colo), ...this.#flagStages.keys()]);
     const out: ColoView[] = [];
     for (const colo of [...names].sort(naturalCompare)) {
       const hs = hosts.filter((h) => h.colo === colo);
-      const stages = await Promise.all((sources.get(colo) ?? []).map((s) => this.stage(s.url, s.source)));
-      out.push({ colo, hosts: hs.length, online: hs.filter((h) => !h.stale).length, hostIds: hs.map((h) => h.hostId), stages });
+      const rep = reported.get(colo) ?? new Map<string, number>();
+      const configured = this.stagesOf(colo);
+      const stages = await Promise.all(configured.map((url) => this.#stage(url, rep.has(url) ? ['flag', 'agents'] : ['flag'])));
+      const reportedStages = [...rep]
+        .filter(([url]) => !configured.includes(url))
+        .sort(([a], [b]) => naturalCompare(a, b))
+        .map(([url, n]) => ({ url, hosts: n }));
+      out.push({ colo, hosts: hs.length, online: hs.filter((h) => !h.stale).length, hostIds: hs.map((h) => h.hostId), stages, reportedStages });
     }
     return out;
   }
 
-  /** One stage's numbers, cached for the stage cache time. */
-  stage(url: string, source: string[] = []): Promise<StageView> {
+  /** One configured stage's numbers, cached for the stage cache time. */
+  #stage(url: string, source: string[]): Promise<StageView> {
     const now = Date.now();
     const c = this.#stageCache.get(url);
     if (c && now - c.at < this.#stageCacheMs) return c.view.then((v) => ({ ...v, source }));
@@ -149,6 +168,10 @@ export class Inventory {
     this.#stageCache.set(url, { at: now, view });
     return view;
   }
+}
+
+function normalizeStageUrl(u: string): string {
+  return u.replace(/\/+$/, '');
 }
 
 async function readStage(url: string, source: string[]): Promise<StageView> {

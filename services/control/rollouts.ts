@@ -996,10 +996,11 @@ export class RolloutEngine extends EventEmitter {
     const fresh = colos.filter((c) => !a.preheat[c]);
     const started = await Promise.all(
       fresh.map(async (colo): Promise<PreheatColo> => {
-        const stages = await this.#d.inventory.stagesOf(colo);
+        // Only the stages control's own configuration names: never a URL a host registered.
+        const stages = this.#d.inventory.stagesOf(colo);
         const p: PreheatColo = { colo, wave, state: 'filling', startedAt: now, finishedAt: null, stages: [] };
         if (!token) return { ...p, state: 'skipped', reason: 'no stage token configured', finishedAt: now };
-        if (stages.length === 0) return { ...p, state: 'skipped', reason: 'no stage known for this colo', finishedAt: now };
+        if (stages.length === 0) return { ...p, state: 'skipped', reason: 'no stage configured for this colo (--stages)', finishedAt: now };
         p.stages = await Promise.all(
           stages.map(async (url) => {
             const st: PreheatColo['stages'][number] = { url, state: 'filling', digests: {} };
@@ -1037,6 +1038,14 @@ export class RolloutEngine extends EventEmitter {
   }
 
   async #pollPreheat(p: PreheatColo, digests: string[], now: number): Promise<void> {
+    // A preheat state restored from Redis may name a stage that is no longer configured: it is
+    // given up, never contacted.
+    for (const s of p.stages) {
+      if (s.state === 'filling' && !this.#d.inventory.isConfiguredStage(p.colo, s.url)) {
+        s.state = 'failed';
+        s.error = 'not a configured stage of this colo (--stages): not contacted';
+      }
+    }
     await Promise.all(
       p.stages
         .filter((s) => s.state === 'filling')

@@ -27,7 +27,11 @@ export interface PrefetchResult {
   fills: { digest: Digest; state: string }[];
 }
 
-/** A client for one stage. Methods throw ScError (codes from the stage's JSON error bodies). */
+/**
+ * A client for one stage. Methods throw ScError (codes from the stage's JSON error bodies).
+ * Redirects are never followed (a 3xx is an error): requests, and the prefetch token, go only to
+ * `baseUrl`.
+ */
 export class StageClient {
   readonly baseUrl: string;
   #timeoutMs: number;
@@ -43,6 +47,7 @@ export class StageClient {
       res = (await got(`${this.baseUrl}${path}`, {
         retry: { limit: 0 },
         throwHttpErrors: false,
+        followRedirect: false,
         timeout: { request: this.#timeoutMs },
         ...o,
         resolveBodyOnly: false,
@@ -57,7 +62,7 @@ export class StageClient {
     } catch {
       body = undefined;
     }
-    if (res.statusCode >= 400) throw fromErrorBody(res.statusCode, body);
+    if (res.statusCode >= 300) throw fromErrorBody(res.statusCode, body);
     return body as T;
   }
 
@@ -84,7 +89,7 @@ export class StageClient {
   /** Prometheus text from /metrics. */
   async metricsText(): Promise<string> {
     try {
-      const r = await got(`${this.baseUrl}/metrics`, { retry: { limit: 0 }, timeout: { request: this.#timeoutMs } });
+      const r = await got(`${this.baseUrl}/metrics`, { retry: { limit: 0 }, followRedirect: false, timeout: { request: this.#timeoutMs } });
       return r.body;
     } catch (err) {
       throw scError('SC_ERR_UNAVAILABLE', `stage ${this.baseUrl}: ${(err as Error).message}`, undefined, err);

@@ -123,6 +123,8 @@ export async function startControlFleet(o: {
       prefix: fleet.prefix,
       trustKey: [fleet.keys.files.releasePub],
       stageTokenFile: join(root, 'stage.token'),
+      // Control talks only to the stages it is configured with, never to ones agents register.
+      stages: Object.entries(stageUrls).flatMap(([colo, urls]) => urls.map((u) => `${colo}=${u}`)),
       tickMs: 50,
       logLevel: 'silent',
       ...o.control,

@@ -120,7 +120,7 @@ function renderColos() {
         { class: 'colo', 'data-colo': c.colo },
         el('h3', {}, c.colo),
         el('div', {}, `${c.hosts} hosts, ${c.online} online`),
-        c.stages.length === 0 ? el('div', { class: 'stage' }, 'no stage known') : null,
+        c.stages.length === 0 ? el('div', { class: 'stage' }, 'no stage configured') : null,
         ...c.stages.map((s) =>
           el(
             'div',
@@ -134,6 +134,10 @@ function renderColos() {
                 )
               : null,
           ),
+        ),
+        // URLs hosts registered that control does not name: shown, never contacted.
+        ...(c.reportedStages ?? []).map((r) =>
+          el('div', { class: 'stage reported', 'data-reported-stage': r.url }, `${r.url} — reported by ${r.hosts} host${r.hosts === 1 ? '' : 's'}, not configured (not contacted)`),
         ),
       ),
     ),
