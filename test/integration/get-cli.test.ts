@@ -1,32 +1,15 @@
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import type { Digest } from '../../shared/digest.js';
 import { keyId } from '../../shared/manifest.js';
 import { deadPort, makeManifest, pseudoRandom, type ReadServer, releaseKey, startReadServer, tempDir, writeBlob } from './fetch-fixture.js';
+import { cli } from '../helpers/cli.js';
 
-const BIN = fileURLToPath(new URL('../../services/cli/bin.js', import.meta.url));
 const SIZE = 2 * 1024 * 1024 + 77;
 
-function cli(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c) => {
-      stdout += c;
-    });
-    child.stderr.on('data', (c) => {
-      stderr += c;
-    });
-    child.once('error', reject);
-    child.once('close', (code) => resolve({ code, stdout, stderr }));
-  });
-}
 
 const key = releaseKey();
 const stranger = releaseKey();

@@ -1,13 +1,11 @@
 // End to end: publish a real bundle (sample rootfs → tar → zstd → age) to a real origin, put a
 // real stage in front, then `stagecoach get --unpack` through the stage, and with the stage dead.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { createWriteStream, existsSync } from 'node:fs';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { after, before, test } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import { generateAgeIdentity } from '../../shared/bundle/age.js';
 import { makeSampleRootfs, packBundle } from '../../shared/bundle/index.js';
 import { signManifest } from '../../shared/manifest.js';
@@ -16,24 +14,9 @@ import { startStage, type RunningStage } from '../../services/stage/main.js';
 import { silentLogger } from '../../shared/log.js';
 import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';
 import { deadPort, makeManifest, releaseKey, tempDir } from './fetch-fixture.js';
+import { cli } from '../helpers/cli.js';
 
-const BIN = fileURLToPath(new URL('../../services/cli/bin.js', import.meta.url));
 
-function cli(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c) => {
-      stdout += c;
-    });
-    child.stderr.on('data', (c) => {
-      stderr += c;
-    });
-    child.once('error', reject);
-    child.once('close', (code) => resolve({ code, stdout, stderr }));
-  });
-}
 
 const key = releaseKey();
 let dir: string;

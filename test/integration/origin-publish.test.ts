@@ -1,35 +1,17 @@
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { generateKeyPairSync } from 'node:crypto';
 import { appendFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import { generateAgeIdentity, makeSampleRootfs, packDirStream, unpackBundle } from '../../shared/bundle/index.js';
 import { digestFile } from '../../shared/digest.js';
 import { manifestDigest, verifyManifest } from '../../shared/manifest.js';
 import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';
+import { cli } from '../helpers/cli.js';
 
-const REPO = fileURLToPath(new URL('../..', import.meta.url));
-const BIN = join(REPO, 'services/cli/bin.js');
 
-/** Runs the CLI without blocking this process (the origin under test runs in it). */
-function cli(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], { cwd: REPO, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c) => {
-      stdout += c;
-    });
-    child.stderr.on('data', (c) => {
-      stderr += c;
-    });
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
-  });
-}
 
 function bytesIn(metrics: string): number {
   const line = metrics.split('\n').find((l) => l.startsWith('origin_bytes_in_total{') && l.includes('route="blob"'));

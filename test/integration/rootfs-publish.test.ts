@@ -6,42 +6,25 @@
  * (security.capability), mtime, holes. The same for a tarball made by GNU tar --xattrs.
  */
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { generateKeyPairSync } from 'node:crypto';
 import { createWriteStream, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { after, before, describe, it } from 'node:test';
-import { fileURLToPath } from 'node:url';
 import { setAttribute } from '@napi-rs/xattr';
 import { unpackFile } from '../../services/agent/unpack.js';
 import { generateAgeIdentity } from '../../shared/bundle/index.js';
 import { verifyManifest } from '../../shared/manifest.js';
 import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';
 import { CAP_NET_RAW_EP, makeRealRootfs, REAL_ROOTFS, treeFacts } from '../helpers/tree.js';
+import { cli } from '../helpers/cli.js';
 
 /** `setcap cap_net_admin+ep`: same size as cap_net_raw+ep, other bits. */
 const CAP_NET_ADMIN_EP = Buffer.from('0100000200100000000000000000000000000000', 'hex');
-const BIN = fileURLToPath(new URL('../../services/cli/bin.js', import.meta.url));
 const asRoot = process.getuid?.() === 0;
 
-/** Runs the CLI without blocking this process (the origin under test runs in it). */
-function cli(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c) => {
-      stdout += c;
-    });
-    child.stderr.on('data', (c) => {
-      stderr += c;
-    });
-    child.once('error', reject);
-    child.once('close', (code) => resolve({ code, stdout, stderr }));
-  });
-}
 
 describe('a real-rootfs-like tree: publish through the origin, unpack through the agent path', { skip: !asRoot && 'needs root (owners, trusted.* attributes)' }, () => {
   let o: TestOrigin;
