@@ -22,11 +22,10 @@
  */
 import { randomBytes } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
-import { createServer } from 'node:net';
 import { join, resolve } from 'node:path';
 import { scError } from '../../shared/errors.js';
 import { createLogger, type Logger } from '../../shared/log.js';
-import { ensureRedis } from '../../shared/redis.js';
+import { ensureRedis, freePort } from '../../shared/redis.js';
 import { relayToken } from '../agent/client.js';
 import { generateKeys } from '../cli/commands/keys.js';
 import { ControlClient } from '../control/client.js';
@@ -78,17 +77,6 @@ const HOST_ID = 'vm1';
 const COLO = 'vmcolo';
 const STAGE_GUEST = '10.0.2.100';
 const ORIGIN_GUEST = '10.0.2.101';
-
-async function freePort(): Promise<number> {
-  return new Promise((res, rej) => {
-    const s = createServer();
-    s.once('error', rej);
-    s.listen(0, '127.0.0.1', () => {
-      const p = (s.address() as { port: number }).port;
-      s.close(() => res(p));
-    });
-  });
-}
 
 /** Runs the project's CLI (compiled) as a child process; resolves stdout. */
 function cli(args: string[]): Promise<string> {

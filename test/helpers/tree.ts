@@ -1,7 +1,7 @@
 /** Comparing unpacked trees in tests, and building trees that look like a real Linux root filesystem. */
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, closeSync, ftruncateSync, lchownSync, linkSync, lstatSync, lutimesSync, mkdirSync, openSync, readdirSync, symlinkSync, writeFileSync, writeSync } from 'node:fs';
+import { chmodSync, closeSync, ftruncateSync, lchownSync, linkSync, lstatSync, lutimesSync, mkdirSync, openSync, readdirSync, statSync, symlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { lstat, readdir, readFile, readlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { getAttribute, listAttributes, setAttributeSync } from '@napi-rs/xattr';
@@ -171,4 +171,15 @@ export function makeRealRootfs(root: string): void {
 
 function listSorted(dir: string): string[] {
   return readdirSync(dir).sort();
+}
+
+/** Every regular file under `dir`, as paths relative to it (for "nothing was stored" checks). */
+export function filesUnder(dir: string): string[] {
+  const out: string[] = [];
+  for (const e of readdirSync(dir)) {
+    const p = join(dir, e);
+    if (statSync(p).isDirectory()) out.push(...filesUnder(p).map((f) => join(e, f)));
+    else out.push(e);
+  }
+  return out;
 }

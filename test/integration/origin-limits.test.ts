@@ -5,7 +5,6 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { readdirSync, statSync } from 'node:fs';
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -13,19 +12,10 @@ import { after, before, describe, it } from 'node:test';
 import { loadOriginConfig } from '../../services/origin/config.js';
 import { sha256Of } from '../../shared/digest.js';
 import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';
+import { filesUnder } from '../helpers/tree.js';
 
 const MiB = 1024 * 1024;
 
-/** Every regular file under `dir`, as paths relative to it. */
-function files(dir: string): string[] {
-  const out: string[] = [];
-  for (const e of readdirSync(dir)) {
-    const p = join(dir, e);
-    if (statSync(p).isDirectory()) out.push(...files(p).map((f) => join(e, f)));
-    else out.push(e);
-  }
-  return out;
-}
 
 /**
  * A PUT that sends `headers`, then (when `chunks` is given) writes chunks until the server
@@ -89,7 +79,7 @@ describe('origin blob size cap', () => {
     await o.close();
   });
 
-  const stored = () => ({ blobs: files(join(o.dataDir, 'blobs')), tmp: files(join(o.dataDir, 'tmp')) });
+  const stored = () => ({ blobs: filesUnder(join(o.dataDir, 'blobs')), tmp: filesUnder(join(o.dataDir, 'tmp')) });
 
   it('refuses a PUT whose Content-Length is over the cap before reading its body (413)', async () => {
     const d = sha256Of(randomBytes(16));

@@ -5,7 +5,6 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { readdirSync, statSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -17,19 +16,10 @@ import { sha256Of } from '../../shared/digest.js';
 import { silentLogger } from '../../shared/log.js';
 import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';
 import { httpGet, metricValue } from '../helpers/test-origin.js';
+import { filesUnder } from '../helpers/tree.js';
 
 const MiB = 1024 * 1024;
 
-/** Every regular file under `dir`, relative to it. */
-function files(dir: string): string[] {
-  const out: string[] = [];
-  for (const e of readdirSync(dir)) {
-    const p = join(dir, e);
-    if (statSync(p).isDirectory()) out.push(...files(p).map((f) => join(e, f)));
-    else out.push(e);
-  }
-  return out;
-}
 
 describe('stage pass-through cap', () => {
   let o: TestOrigin;
@@ -66,7 +56,7 @@ describe('stage pass-through cap', () => {
     assert.equal(f?.bytes, 0, 'no byte of the body was written');
     const m = await s.metrics.metrics();
     assert.equal(metricValue(m, 'stage_passthrough_total'), 0);
-    assert.deepEqual(files(join(dir, 'cache')).filter((p) => !p.startsWith('manifests')), []);
+    assert.deepEqual(filesUnder(join(dir, 'cache')).filter((p) => !p.startsWith('manifests')), []);
   });
 
   it('still passes through a blob over the budget but within the cap, with Range', async () => {
