@@ -122,8 +122,13 @@ function deviceNumbers(rdev: number): { devmaj: number; devmin: number } {
   };
 }
 
-/** Resolves when a writable wants more, or is closed (destroyed). */
-function drained(w: { once(ev: string, fn: () => void): unknown; off(ev: string, fn: () => void): unknown }): Promise<void> {
+/**
+ * Resolves when a writable wants more, or is closed (destroyed). A writable already destroyed
+ * (or being destroyed: streamx's `destroying`) resolves at once: its 'close' may have fired
+ * before this was called, and waiting for it would hang the writer for ever.
+ */
+function drained(w: { once(ev: string, fn: () => void): unknown; off(ev: string, fn: () => void): unknown; destroyed?: boolean; destroying?: boolean }): Promise<void> {
+  if (w.destroyed || w.destroying) return Promise.resolve();
   return new Promise<void>((res) => {
     const done = () => {
       w.off('drain', done);
@@ -784,6 +789,8 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
         throw scError('SC_ERR_BUNDLE_TOO_LARGE', `the unpacked tar exceeds ${maxBytes} bytes`, { maxBytes });
       }
       tail = chunk.length >= 1024 ? chunk.subarray(chunk.length - 1024) : Buffer.concat([tail, chunk]).subarray(-1024);
+      // The consumer may have failed (and destroyed the extractor) while this chunk was read.
+      if (ex.destroying) return;
       if (!ex.write(chunk)) await drained(ex);
       if (ex.destroying) return;
     }
