@@ -30,9 +30,21 @@ function sshArgv(g: GuestSsh, strict: boolean): string[] {
   ];
 }
 
-/** Runs `script` (a shell command line in the guest); resolves its stdout. */
-export function ssh(g: GuestSsh, script: string, o: { input?: Buffer | string; timeoutMs?: number; firstContact?: boolean } = {}): Promise<string> {
-  return run([...sshArgv(g, !o.firstContact), script], { input: o.input, timeoutMs: o.timeoutMs ?? 120_000 });
+/**
+ * Runs `script` (a shell command line in the guest); resolves its stdout. ssh's own failures
+ * (exit 255: the connection was refused or dropped, as while a freshly booted guest's sshd
+ * settles) are retried twice, 5 s apart; every script the proof runs is safe to run again.
+ */
+export async function ssh(g: GuestSsh, script: string, o: { input?: Buffer | string; timeoutMs?: number; firstContact?: boolean } = {}): Promise<string> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await run([...sshArgv(g, !o.firstContact), script], { input: o.input, timeoutMs: o.timeoutMs ?? 120_000 });
+    } catch (err) {
+      const code = (err as { details?: { code?: unknown } }).details?.code;
+      if (code !== 255 || attempt >= 3) throw err;
+      await new Promise((r) => setTimeout(r, 5000));
+    }
+  }
 }
 
 /** Waits until the guest answers SSH (and `check` holds, when given); SC_ERR_TIMEOUT after `ms`. */
