@@ -7,7 +7,7 @@ import { execFile } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
 import { scError } from '../../../shared/errors.js';
 import type { Compression } from '../../../shared/manifest.js';
-import { type PartitionSpec, validateLayout } from './driver.js';
+import { PARTITION_ROLES, type PartitionRole, type PartitionSpec, validateLayout } from './driver.js';
 import { type BootMode, fsLabel } from './linux-boot.js';
 /** Runs commands. `run` changes the machine; `query` only reads (a dry run still executes it). */
 export interface Runner {
@@ -214,4 +214,14 @@ export function parseLsblk(json: string, diskPath: string): LsblkPart[] {
   };
   visit(doc.blockdevices);
   return out.sort((a, b) => a.n - b.n);
+}
+
+/** Roles of the standard two-disk layout, for partitions without a `sc-<role>` GPT name. */
+export const STANDARD_ROLES: Record<string, PartitionRole> = { disk1p1: 'os-root', disk2p1: 'rescue-root', disk2p2: 'bundle-store' };
+
+/** Role of a partition from its GPT name (`sc-<role>`), else from the standard layout (`bundle-store` for others). */
+export function roleOf(p: { partlabel: string | null; n: number }, disk: string): PartitionRole {
+  const r = p.partlabel?.startsWith('sc-') ? p.partlabel.slice(3) : null;
+  if (r && (PARTITION_ROLES as readonly string[]).includes(r)) return r as PartitionRole;
+  return STANDARD_ROLES[`${disk}p${p.n}`] ?? (disk === 'disk1' ? 'os-root' : 'bundle-store');
 }

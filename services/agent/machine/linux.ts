@@ -12,7 +12,7 @@
  *   disk: `sc-bios-grub` (2 MiB, bios_grub flag) for BIOS, `sc-esp` (512 MiB FAT32) for UEFI.
  * - Filesystems: ext4 with label `sc-<role>`; boot entries and /etc/fstab find roots by label.
  * - Mounts: `<mountRoot>/<device>`; the running OS's device is `/`.
- * - Boot loader: see linux-boot.ts (A's GRUB until the point of no return, then the stagecoach
+ * - Boot loader: see linux-loader.ts (A's GRUB until the point of no return, then the stagecoach
  *   loader on disk 2 for BIOS; per-device EFI loaders on disk 2's ESP for UEFI).
  * - An installed tree is made bootable here (markInstalled): fstab by label, empty machine id.
  */
@@ -36,41 +36,18 @@ import {
   type MachineInspect,
   type PartitionInfo,
   type PartitionRole,
-  PARTITION_ROLES,
   type PartitionSpec,
   processExit,
   type RunningOs,
   validateLayout,
 } from './driver.js';
-import {
-  type BootMode,
-  type BootRoot,
-  bootRoot,
-  DEFAULT_KERNEL_ARGS,
-  efiLoaderConfig,
-  efiLoaderPath,
-  fsLabel,
-  fstabFor,
-  GRUB_ENTRIES_FILE,
-  grubEntriesScript,
-  grubEntryId,
-  LOADER_BOOT_DIR,
-  loaderConfig,
-  planBootNext,
-  planBootOrder,
-  planEditEnv,
-  planEfiEntry,
-  planEfiLoader,
-  planLoaderInstall,
-  planOsGrubOnce,
-} from './linux-boot.js';
+import { type BootMode, DEFAULT_KERNEL_ARGS, fsLabel, fstabFor } from './linux-boot.js';
+import { LinuxBootLoader } from './linux-loader.js';
 import {
   BOOT_HELPER,
   dryRunRunner,
-  type EfiBootState,
   execRunner,
   type LsblkPart,
-  parseEfibootmgr,
   parseLsblk,
   partitionPath,
   planMkfs,
@@ -79,11 +56,13 @@ import {
   planReboot,
   planUmount,
   planWipe,
+  roleOf,
   type Runner,
 } from './linux-plans.js';
 import { identityAt, installedOsAt, readOsReleaseAt, writeMarker } from './os.js';
 
 export * from './linux-boot.js';
+export * from './linux-loader.js';
 export * from './linux-plans.js';
 
 /** Configuration of a LinuxMachine. */
@@ -115,6 +94,7 @@ export class LinuxMachine implements MachineDriver {
   readonly runner: Runner;
   readonly #exit: ExitAction;
   readonly #print: (line: string) => void;
+  readonly #loader: LinuxBootLoader;
 
   constructor(cfg: LinuxMachineConfig) {
     for (const [k, v] of Object.entries(cfg.disks ?? {})) {
@@ -126,6 +106,21 @@ export class LinuxMachine implements MachineDriver {
     this.#c = { hostId: cfg.hostId, disks: { ...cfg.disks }, bootMode: cfg.bootMode, mountRoot: cfg.mountRoot ?? '/mnt/stagecoach', dryRun: cfg.dryRun ?? false, sysRoot: cfg.sysRoot ?? '/', kernelArgs: cfg.kernelArgs ?? DEFAULT_KERNEL_ARGS };
     this.runner = cfg.runner ?? (this.#c.dryRun ? dryRunRunner(this.#print) : execRunner());
     this.#exit = cfg.exit ?? processExit;
+    const c = this.#c;
+    this.#loader = new LinuxBootLoader({
+      runner: this.runner,
+      bootMode: c.bootMode,
+      disks: c.disks,
+      sysRoot: c.sysRoot,
+      mountRoot: c.mountRoot,
+      kernelArgs: c.kernelArgs,
+      print: this.#print,
+      diskPath: (d) => this.#diskPath(d),
+      split: (d) => this.#split(d),
+      parts: (d) => this.#parts(d),
+      part: (d) => this.#part(d),
+      mountPath: (d) => this.mountPath(d),
+    });
   }
 
   #diskPath(disk: string): string {
@@ -324,155 +319,20 @@ export class LinuxMachine implements MachineDriver {
     return installedOsAt(await this.mountPath(device));
   }
 
-  /** The roots stagecoach boots: os-root and rescue-root partitions (by GPT name, else the standard layout), with their kernels. */
-  async #bootRoots(): Promise<BootRoot[]> {
-    const out: BootRoot[] = [];
-    for (const disk of Object.keys(this.#c.disks).sort()) {
-      let parts: Pick<LsblkPart, 'n' | 'partlabel' | 'fstype'>[] = await this.#parts(disk);
-      // A dry run on a machine without these disks plans for the standard layout.
-      if (parts.length === 0 && this.runner.dryRun) parts = disk === 'disk1' ? [{ n: 1, partlabel: null, fstype: null }] : disk === 'disk2' ? [{ n: 1, partlabel: null, fstype: null }] : [];
-      for (const p of parts) {
-        const device = `${disk}p${p.n}`;
-        const named = p.partlabel?.startsWith('sc-') ?? false;
-        const role = roleOf(p, disk);
-        if (role === 'bundle-store' || (!named && !STANDARD_ROLES[device])) continue;
-        const root = p.fstype === 'ext4' ? await this.mountPath(device).catch(() => null) : null;
-        out.push(bootRoot(device, fsLabel(role), root ? await kernelAt(root) : null));
-      }
-    }
-    return out;
+  setBootOnce(device: string): Promise<void> {
+    return this.#loader.setBootOnce(device);
   }
 
-  async #bootRoot(device: string): Promise<BootRoot> {
-    const found = (await this.#bootRoots()).find((r) => r.device === device);
-    return found ?? bootRoot(device, fsLabel((await this.#part(device)).role));
+  setDefault(device: string): Promise<void> {
+    return this.#loader.setDefault(device);
   }
 
-  /** The stagecoach loader's place on disk2p1 (BIOS), or null while disk2p1 has no filesystem. */
-  async #loader(): Promise<{ bootDir: string; grubDir: string; env: string } | null> {
-    const p = await this.#part('disk2p1').catch(() => null);
-    if (!p || (!p.fstype && !this.runner.dryRun)) return null;
-    const root = await this.mountPath('disk2p1').catch(() => null);
-    if (!root) return null;
-    const bootDir = join(root, LOADER_BOOT_DIR);
-    return { bootDir, grubDir: join(bootDir, 'grub'), env: join(bootDir, 'grub/grubenv') };
+  setRescueEntry(device: string): Promise<void> {
+    return this.#loader.setRescueEntry(device);
   }
 
-  async #env(file: string): Promise<Record<string, string>> {
-    const text = (await this.runner.query(['grub-editenv', file, 'list'])) ?? '';
-    return Object.fromEntries(text.split('\n').filter((l) => l.includes('=')).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1).trim()]));
-  }
-
-  async #writeLoaderConfig(l: { grubDir: string }, rescue: string | null): Promise<void> {
-    await this.#runAll([['mkdir', '-p', l.grubDir]]);
-    const r = rescue ? await this.#bootRoot(rescue) : null;
-    await this.runner.writeFile(join(l.grubDir, 'grub.cfg'), loaderConfig(await this.#bootRoots(), r, this.#c.kernelArgs), 0o644);
-  }
-
-  async #needLoader(): Promise<{ bootDir: string; grubDir: string; env: string }> {
-    const l = await this.#loader();
-    if (!l) throw scError('SC_ERR_CONFLICT', 'disk2p1 has no filesystem: there is no rescue OS to hold the boot loader');
-    return l;
-  }
-
-  async #grubRescue(): Promise<string | null> {
-    const text = await fsp.readFile(join(this.#c.sysRoot, GRUB_ENTRIES_FILE), 'utf8').catch(() => '');
-    return /^# rescue: (disk[1-9]p[1-9])$/m.exec(text)?.[1] ?? null;
-  }
-
-  async #efi(): Promise<EfiBootState> {
-    return parseEfibootmgr((await this.runner.query(['efibootmgr'])) ?? '');
-  }
-
-  /** Disk 2's ESP, mounted. */
-  async #esp(): Promise<{ dir: string; disk: string; part: number }> {
-    const parts = await this.#parts('disk2');
-    const p = parts.find((x) => x.partlabel === BOOT_HELPER.uefi.name);
-    if (!p && !this.runner.dryRun) throw scError('SC_ERR_CONFLICT', 'disk 2 has no ESP (sc-esp): partition it first');
-    const n = p?.n ?? 3;
-    if (p?.mountpoint) return { dir: p.mountpoint, disk: this.#diskPath('disk2'), part: n };
-    const dir = `${this.#c.mountRoot}/esp`;
-    await this.#runAll(planMount(partitionPath(this.#diskPath('disk2'), n), dir));
-    return { dir, disk: this.#diskPath('disk2'), part: n };
-  }
-
-  /** (Re)writes `device`'s UEFI loader on disk 2's ESP and returns the number of its NVRAM entry `label` (created when missing). */
-  async #efiEntry(device: string, label: string): Promise<string> {
-    const esp = await this.#esp();
-    const cfg = join(esp.dir, `EFI/stagecoach/${device}.cfg`);
-    await this.#runAll([['mkdir', '-p', join(esp.dir, 'EFI/stagecoach')]]);
-    await this.runner.writeFile(cfg, efiLoaderConfig(await this.#bootRoot(device), this.#c.kernelArgs), 0o644);
-    await this.#runAll(planEfiLoader(join(esp.dir, efiLoaderPath(device)), cfg));
-    const found = (await this.#efi()).entries.find((e) => e.label === label);
-    if (found) return found.num;
-    await this.#runAll(planEfiEntry({ espDisk: esp.disk, espPart: esp.part, label, loader: efiLoaderPath(device) }));
-    const created = (await this.#efi()).entries.find((e) => e.label === label);
-    if (!created && this.runner.dryRun) this.#print(`# dry run: the new entry '${label}' has no boot number yet; shown as FFFF`);
-    if (!created && !this.runner.dryRun) throw scError('SC_ERR_COMMAND_FAILED', `efibootmgr did not create the entry '${label}'`);
-    return created?.num ?? 'FFFF';
-  }
-
-  async setBootOnce(device: string): Promise<void> {
-    this.#split(device);
-    if (this.#c.bootMode === 'uefi') {
-      await this.#runAll(planBootNext(await this.#efiEntry(device, `stagecoach ${device}`)));
-      return;
-    }
-    const l = await this.#loader();
-    const env = l ? await this.#env(l.env) : {};
-    if (l && env.stagecoach_loader === '1') {
-      await this.#writeLoaderConfig(l, env.stagecoach_rescue ?? null);
-      await this.#runAll(planEditEnv(l.env, { next_entry: grubEntryId(device) }, false));
-      return;
-    }
-    // Before the point of no return: the running OS's own GRUB boots the entry once.
-    const rescue = env.stagecoach_rescue ?? (await this.#grubRescue());
-    await this.runner.writeFile(GRUB_ENTRIES_FILE, grubEntriesScript(await this.#bootRoots(), rescue ? await this.#bootRoot(rescue) : null, this.#c.kernelArgs), 0o755);
-    await this.#runAll(planOsGrubOnce(device));
-  }
-
-  async setDefault(device: string): Promise<void> {
-    this.#split(device);
-    if (this.#c.bootMode === 'uefi') {
-      const num = await this.#efiEntry(device, `stagecoach ${device}`);
-      await this.#runAll(planBootOrder(num, (await this.#efi()).order));
-      return;
-    }
-    const l = await this.#needLoader();
-    const env = await this.#env(l.env);
-    await this.#writeLoaderConfig(l, env.stagecoach_rescue ?? null);
-    await this.#runAll(planLoaderInstall(l.bootDir, Object.keys(this.#c.disks).sort().map((d) => this.#diskPath(d))));
-    const exists = !!(await fsp.stat(l.env).catch(() => null));
-    await this.#runAll(planEditEnv(l.env, { saved_entry: grubEntryId(device), stagecoach_loader: '1' }, !exists && !this.runner.dryRun));
-  }
-
-  async setRescueEntry(device: string): Promise<void> {
-    this.#split(device);
-    if (this.#c.bootMode === 'uefi') {
-      const num = await this.#efiEntry(device, `stagecoach rescue ${device}`);
-      const order = (await this.#efi()).order.filter((x) => x !== num);
-      await this.#runAll([['efibootmgr', '--bootorder', [...order.slice(0, 1), num, ...order.slice(1)].join(',')]]);
-      return;
-    }
-    const l = await this.#needLoader();
-    const exists = !!(await fsp.stat(l.env).catch(() => null));
-    await this.#writeLoaderConfig(l, device);
-    await this.#runAll(planEditEnv(l.env, { stagecoach_rescue: device }, !exists && !this.runner.dryRun));
-  }
-
-  async bootConfig(): Promise<BootConfig> {
-    const dev = (s: string | undefined | null) => (s ? (/^stagecoach[- ](disk[1-9]p[1-9])$/.exec(s)?.[1] ?? null) : null);
-    if (this.#c.bootMode === 'uefi') {
-      const st = await this.#efi();
-      const label = (num: string | null | undefined) => st.entries.find((e) => e.num === num)?.label ?? null;
-      const rescue = st.entries.map((e) => /^stagecoach rescue (disk[1-9]p[1-9])$/.exec(e.label)?.[1]).find(Boolean) ?? null;
-      return { default: dev(label(st.order[0])), once: dev(label(st.next)), rescue };
-    }
-    const l = await this.#loader();
-    const env = l ? await this.#env(l.env) : {};
-    if (env.stagecoach_loader === '1') return { default: dev(env.saved_entry), once: dev(env.next_entry), rescue: env.stagecoach_rescue ?? null };
-    const os = await this.#env(join(this.#c.sysRoot, 'boot/grub/grubenv'));
-    return { default: dev(os.saved_entry), once: dev(os.next_entry), rescue: env.stagecoach_rescue ?? (await this.#grubRescue()) };
+  bootConfig(): Promise<BootConfig> {
+    return this.#loader.bootConfig();
   }
 
   async reboot(): Promise<never> {
@@ -495,34 +355,4 @@ export class LinuxMachine implements MachineDriver {
     }
     await apply(root, cfg, netFormat);
   }
-}
-
-/** Roles of the standard two-disk layout, for partitions without a `sc-<role>` GPT name. */
-export const STANDARD_ROLES: Record<string, PartitionRole> = { disk1p1: 'os-root', disk2p1: 'rescue-root', disk2p2: 'bundle-store' };
-
-/** Role of a partition from its GPT name (`sc-<role>`), else from the standard layout (`bundle-store` for others). */
-function roleOf(p: { partlabel: string | null; n: number }, disk: string): PartitionRole {
-  const r = p.partlabel?.startsWith('sc-') ? p.partlabel.slice(3) : null;
-  if (r && (PARTITION_ROLES as readonly string[]).includes(r)) return r as PartitionRole;
-  return STANDARD_ROLES[`${disk}p${p.n}`] ?? (disk === 'disk1' ? 'os-root' : 'bundle-store');
-}
-
-/**
- * The kernel and initramfs of the OS at `root`, as paths inside it: Debian's `/vmlinuz` and
- * `/initrd.img` links when present, else the newest `/boot/vmlinuz-<version>` with its
- * `initrd.img-<version>` or `initramfs-<version>.img`; null when there is no kernel.
- */
-export async function kernelAt(root: string): Promise<{ kernel: string; initrd: string } | null> {
-  const has = async (p: string) => !!(await fsp.stat(join(root, p)).catch(() => null));
-  if ((await has('vmlinuz')) && (await has('initrd.img'))) return { kernel: '/vmlinuz', initrd: '/initrd.img' };
-  const names = await fsp.readdir(join(root, 'boot')).catch(() => [] as string[]);
-  const versions = names.filter((n) => n.startsWith('vmlinuz-')).map((n) => n.slice(8)).sort(compareVersions).reverse();
-  for (const v of versions) {
-    for (const i of [`initrd.img-${v}`, `initramfs-${v}.img`]) if (names.includes(i)) return { kernel: `/boot/vmlinuz-${v}`, initrd: `/boot/${i}` };
-  }
-  return null;
-}
-
-function compareVersions(a: string, b: string): number {
-  return a.localeCompare(b, 'en', { numeric: true });
 }

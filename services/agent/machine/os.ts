@@ -3,6 +3,8 @@
  * writes (`/etc/stagecoach/installed.json`), and the identity facts `inspect` reports (IP,
  * host key fingerprints, authorized keys), each read from the OS's own files in its own format.
  */
+import { promises as fsp } from 'node:fs';
+import { join } from 'node:path';
 import { defaultNetFormat, parseOsRelease } from '../../../shared/bundle/index.js';
 import { toScError } from '../../../shared/errors.js';
 import { NET_FORMATS, type NetFormat } from '../../../shared/manifest.js';
@@ -110,4 +112,24 @@ export async function identityAt(root: string, fmt: NetFormat, nics: Nic[]): Pro
       .filter((l) => l && !l.startsWith('#')),
     errors,
   };
+}
+
+/**
+ * The kernel and initramfs of the OS at `root`, as paths inside it: Debian's `/vmlinuz` and
+ * `/initrd.img` links when present, else the newest `/boot/vmlinuz-<version>` with its
+ * `initrd.img-<version>` or `initramfs-<version>.img`; null when there is no kernel.
+ */
+export async function kernelAt(root: string): Promise<{ kernel: string; initrd: string } | null> {
+  const has = async (p: string) => !!(await fsp.stat(join(root, p)).catch(() => null));
+  if ((await has('vmlinuz')) && (await has('initrd.img'))) return { kernel: '/vmlinuz', initrd: '/initrd.img' };
+  const names = await fsp.readdir(join(root, 'boot')).catch(() => [] as string[]);
+  const versions = names.filter((n) => n.startsWith('vmlinuz-')).map((n) => n.slice(8)).sort(compareVersions).reverse();
+  for (const v of versions) {
+    for (const i of [`initrd.img-${v}`, `initramfs-${v}.img`]) if (names.includes(i)) return { kernel: `/boot/vmlinuz-${v}`, initrd: `/boot/${i}` };
+  }
+  return null;
+}
+
+function compareVersions(a: string, b: string): number {
+  return a.localeCompare(b, 'en', { numeric: true });
 }
