@@ -24,7 +24,7 @@ import type { Logger } from '../shared/log.js';
 import { silentLogger } from '../shared/log.js';
 import { loadPrivateKey, loadPublicKey, type Manifest, type NetFormat, signManifest } from '../shared/manifest.js';
 import { generateKeys } from '../services/cli/commands/keys.js';
-import { relayToken } from '../services/agent/client.js';
+import { relayToken } from '../shared/protocol/index.js';
 import { type AgentHandle, type AgentRunOptions, startAgent } from '../services/agent/runtime.js';
 import type { AgentKeys } from '../services/agent/config.js';
 import { initSimMachine } from '../services/agent/machine/sim.js';

@@ -27,7 +27,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Redis } from 'ioredis';
 import { createSimHosts, type FleetKeys, makeFleetKeys, publishSampleBundle, type SimHost, startFleetAgents } from '../infra/fleet.js';
 import { counterValue } from '../infra/demo.js';
-import { decodeReport, keys as redisKeys } from '../services/agent/client.js';
+import { decodeReport, keys as redisKeys } from '../shared/protocol/index.js';
 import { ControlClient } from '../services/control/client.js';
 import { OriginClient, ReadClient } from '../services/origin/client.js';
 import { startOrigin } from '../services/origin/main.js';

@@ -14,7 +14,7 @@
  * SCRIPT FLUSH/KILL, no FUNCTION); scripts (EVAL/EVALSHA, how BullMQ works) are checked
  * against the same key patterns by Redis.
  *
- * A relay user (a stage running colo C's relay, services/stage/relay.ts) has the same commands on:
+ * A relay user (a stage running colo C's relay, services/relay/server.ts) has the same commands on:
  * - `P:colo.C:*` and `P:colo.C`   its colo's BullMQ queue (no host queue, no other colo's);
  * - `P:agent:*`, `P:agents`, `P:reports`   the registrations, heartbeats and reports it writes
  *   for its hosts (host ids carry no colo, so this is every registration: a relay is trusted to
@@ -22,7 +22,7 @@
  * - `P:hostctl:*`                 read only (abort flags, checked before a job is handed out).
  */
 import { createHash, createHmac } from 'node:crypto';
-import { HOST_ID_RE } from '../../services/agent/client.js';
+import { HOST_ID_RE } from '../../shared/protocol/index.js';
 import { scError } from '../../shared/errors.js';
 import { NAME_RE } from '../../shared/names.js';
 

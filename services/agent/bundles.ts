@@ -35,7 +35,7 @@ import { type Digest, digestHex, HashingStream } from '../../shared/digest.js';
 import { scError } from '../../shared/errors.js';
 import { type Manifest, manifestDigest, parseManifest, verifyManifest } from '../../shared/manifest.js';
 import { parseName, parseVersion } from '../../shared/names.js';
-import type { BundleRef } from './client.js';
+import type { BundleRef } from '../../shared/protocol/index.js';
 import type { MachineDriver } from './machine/driver.js';
 
 /** Where the kept store and agent state live on disk2p2. */

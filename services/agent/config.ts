@@ -11,7 +11,7 @@ import { readIdentityFile } from '../../shared/bundle/index.js';
 import { scError } from '../../shared/errors.js';
 import { loadPublicKey } from '../../shared/manifest.js';
 import { NAME_RE } from '../../shared/names.js';
-import { HOST_ID_RE } from './client.js';
+import { HOST_ID_RE } from '../../shared/protocol/index.js';
 import { DEFAULT_KERNEL_ARGS } from './machine/linux-boot.js';
 
 /** Environment variable prefix: `STAGECOACH_AGENT_HOST_ID`, `STAGECOACH_AGENT_REDIS`, … */

@@ -49,7 +49,7 @@
 import { join } from 'node:path';
 import { scError } from '../../shared/errors.js';
 import { journalPaths, readJson, writeFileAtomic } from './bundles.js';
-import type { StepPayload } from './client.js';
+import type { StepPayload } from '../../shared/protocol/index.js';
 import type { MachineDriver } from './machine/driver.js';
 
 /** The job started and not finished. */

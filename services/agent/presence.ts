@@ -5,7 +5,7 @@
  * non-queue keys an agent touches, which is what the per-agent Redis ACL allows.
  */
 import type { Redis } from 'ioredis';
-import { encodeHostRecord, type HostRecord, keys, type StepReport } from './client.js';
+import { encodeHostRecord, type HostRecord, keys, type StepReport } from '../../shared/protocol/index.js';
 
 /** Registration, heartbeats and step reports of one host. */
 export class Presence {

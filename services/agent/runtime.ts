@@ -26,7 +26,7 @@ import { acquireMachineLock, type MachineLock } from './lock.js';
 import { type ExitAction, type MachineDriver, RebootSignal } from './machine/driver.js';
 import { LinuxMachine } from './machine/linux.js';
 import { type SimBootResult, SimMachine, simBoot } from './machine/sim.js';
-import { RelayTransport } from './transport-relay.js';
+import { RelayTransport } from '../relay/client.js';
 import { AgentWorker, type WorkerExit } from './worker.js';
 
 /** The agent's version, as registered. */

@@ -10,9 +10,9 @@ import { type Job, Queue, UnrecoverableError, Worker } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { ScError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
-import { hostLockToken, hostQueueName, type HostRecord } from './client.js';
+import { hostLockToken, hostQueueName, type HostRecord } from '../../shared/protocol/index.js';
 import { Presence } from './presence.js';
-import { type JobProgress, type ReportFields, type StepJob, type StepTransport, stepJobOf } from './transport.js';
+import { type JobProgress, type ReportFields, type StepJob, type StepTransport, stepJobOf } from '../../shared/protocol/transport.js';
 
 /** The lock token of every job this host takes: stable across restarts and reboots (client.ts hostLockToken). */
 export const hostToken = hostLockToken;

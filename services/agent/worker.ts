@@ -1,8 +1,8 @@
 /**
- * The agent's job loop: one step per job, over a StepTransport (transport.ts): the host's own
+ * The agent's job loop: one step per job, over a StepTransport (shared/protocol/transport.ts): the host's own
  * BullMQ queue (`host.<id>`, transport-direct.ts: processed manually — a Worker without a
  * processor: `getNextJob`, `extendLock`, `moveToCompleted`, `moveToFailed`), or its colo's
- * relay over HTTP (transport-relay.ts; the relay does the BullMQ part with the same rules, one
+ * relay over HTTP (services/relay/client.ts; the relay does the BullMQ part with the same rules, one
  * stable lock token per colo instead of per host). What follows is said for direct mode.
  *
  * ## Why a step interrupted by a crash or a reboot runs again, and a finished one never does
@@ -61,15 +61,15 @@
 import type { Redis } from 'ioredis';
 import { type ScError, scError, toScError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
-import type { HostRecord, StepPayload } from './client.js';
-import { checkStepExpiry, STEP_JOB_OPTS, stepPayloadDigest, verifyStepJobSignature } from './client.js';
+import type { HostRecord, StepPayload } from '../../shared/protocol/index.js';
+import { checkStepExpiry, STEP_JOB_OPTS, stepPayloadDigest, verifyStepJobSignature } from '../../shared/protocol/index.js';
 import type { AgentKeys } from './config.js';
 import { type CrashPoint, noCrashPoints } from './hooks.js';
 import { Journal } from './journal.js';
 import { type MachineDriver, RebootSignal } from './machine/driver.js';
 import { isPermanent } from './steps/common.js';
 import { STEPS, type Step, type StepContext, type StepProgress } from './steps/index.js';
-import type { ReportFields, StepJob, StepTransport } from './transport.js';
+import type { ReportFields, StepJob, StepTransport } from '../../shared/protocol/transport.js';
 import { DirectTransport, hostToken } from './transport-direct.js';
 
 export { hostToken };

@@ -8,7 +8,7 @@
  * its choosing.
  */
 import type { Redis } from 'ioredis';
-import { type HostRecord, readHosts } from '../agent/client.js';
+import { type HostRecord, readHosts } from '../../shared/protocol/index.js';
 import { StageClient } from '../stage/client.js';
 import { naturalCompare } from './plan.js';
 

@@ -4,7 +4,7 @@
  * process concerns (logs, SIGINT/SIGTERM).
  */
 import { createServer } from 'node:http';
-import { AgentProducer } from '../agent/client.js';
+import { AgentProducer } from '../../shared/protocol/index.js';
 import { ReadClient } from '../origin/client.js';
 import { parseListen } from '../../shared/config.js';
 import { listen } from '../../shared/http.js';

@@ -18,7 +18,7 @@
  * - `bakeSeconds`: wait between the end of one wave and the start of the next.
  */
 import { z } from 'zod';
-import { HOST_ID_RE } from '../agent/client.js';
+import { HOST_ID_RE } from '../../shared/protocol/index.js';
 import { scError } from '../../shared/errors.js';
 import { NAME_RE, parseRef } from '../../shared/names.js';
 

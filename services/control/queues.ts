@@ -23,7 +23,7 @@ import {
   relayLockToken,
   routedJobId,
   type StepRoute,
-} from '../agent/client.js';
+} from '../../shared/protocol/index.js';
 import type { Logger } from '../../shared/log.js';
 
 /** What BullMQ says about one job. */

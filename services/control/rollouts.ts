@@ -38,13 +38,13 @@ import {
   rescueSequence,
   type SequenceStep,
   type StepReport,
-} from '../agent/client.js';
+} from '../../shared/protocol/index.js';
 import type { ReadClient } from '../origin/client.js';
 import { StageClient } from '../stage/client.js';
 import { type ErrorCode, ERRORS, isScError, scError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
 import { type Manifest, manifestDigest, verifyManifest } from '../../shared/manifest.js';
-import { HOST_ID_RE } from '../agent/client.js';
+import { HOST_ID_RE } from '../../shared/protocol/index.js';
 import { parseRef } from '../../shared/names.js';
 import type { Inventory } from './inventory.js';
 import { type CreateRolloutRequest, type Plan, planWaves, resolveBudget } from './plan.js';
@@ -1094,10 +1094,13 @@ export class RolloutEngine extends EventEmitter {
     this.#d.log.info({ rollout: a.spec.id, state }, 'rollout finished');
   }
 
-  #mustActive(id: string): Active {
+  /** The active rollout `id`; SC_ERR_NOT_FOUND when there is no such rollout, SC_ERR_CONFLICT when it is finished. */
+  async #mustActive(id: string): Promise<Active> {
     const a = this.#active.get(id);
-    if (!a) throw scError('SC_ERR_CONFLICT', `rollout ${id} is not active`, { rollout: id });
-    return a;
+    if (a) return a;
+    const r = /^r-[a-z0-9-]{1,60}$/.test(id) ? await this.#read(id) : null;
+    if (!r) throw scError('SC_ERR_NOT_FOUND', `no rollout ${id}`, { rollout: id });
+    throw scError('SC_ERR_CONFLICT', `rollout ${id} is ${r.status.state}`, { rollout: id, state: r.status.state });
   }
 
   /** Hosts held by an active rollout (not yet terminal) or an active host operation. */
@@ -1243,7 +1246,7 @@ export class RolloutEngine extends EventEmitter {
   /** Pauses a running rollout: no new host starts; hosts in flight go on. SC_ERR_CONFLICT otherwise. */
   pause(id: string): Promise<RolloutView> {
     return this.#exclusive(async () => {
-      const a = this.#mustActive(id);
+      const a = await this.#mustActive(id);
       if (a.status.state !== 'running') throw scError('SC_ERR_CONFLICT', `rollout ${id} is ${a.status.state}`, { state: a.status.state });
       this.#pause(a, 'operator', this.#now());
       await this.#flush();
@@ -1257,7 +1260,7 @@ export class RolloutEngine extends EventEmitter {
    */
   resume(id: string): Promise<RolloutView> {
     return this.#exclusive(async () => {
-      const a = this.#mustActive(id);
+      const a = await this.#mustActive(id);
       if (a.status.state !== 'paused') throw scError('SC_ERR_CONFLICT', `rollout ${id} is ${a.status.state}`, { state: a.status.state });
       if (a.status.pauseReason === 'canary-failed') a.status.canaryAccepted = true;
       a.status.state = 'running';
@@ -1276,7 +1279,7 @@ export class RolloutEngine extends EventEmitter {
    */
   abort(id: string): Promise<RolloutView> {
     return this.#exclusive(async () => {
-      const a = this.#mustActive(id);
+      const a = await this.#mustActive(id);
       if (a.status.state === 'aborting') return this.#view(a, false);
       a.status.state = 'aborting';
       a.status.pauseReason = null;

@@ -11,7 +11,7 @@ import { isScError, scError } from '../../shared/errors.js';
 import { errorHandler, notFoundHandler, tokenMatches } from '../../shared/http.js';
 import type { Logger } from '../../shared/log.js';
 import { Gauge, httpMetrics, type Registry } from '../../shared/metrics.js';
-import { HOST_ID_RE } from '../agent/client.js';
+import { HOST_ID_RE } from '../../shared/protocol/index.js';
 import type { AuditLog } from './audit.js';
 import type { NamedToken } from './config.js';
 import type { Inventory } from './inventory.js';

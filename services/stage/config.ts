@@ -60,7 +60,7 @@ export const stageConfigSchema = z.strictObject({
   fillHistory: z.coerce.number().int().nonnegative().default(200),
   /** Log level (pino). */
   logLevel: z.string().default('info'),
-  /** Relay on: Redis URL of the control plane; the stage then serves its colo's hosts in relay mode (relay.ts). */
+  /** Relay on: Redis URL of the control plane; the stage then serves its colo's hosts in relay mode (services/relay/server.ts). */
   redis: z.string().regex(/^rediss?:\/\/\S+$/, 'expected redis://… or rediss://…').optional(),
   /** Redis key prefix of the fleet (relay). */
   prefix: z.string().regex(/^[A-Za-z0-9{}_.-]{1,64}$/).default('stagecoach'),

@@ -20,7 +20,7 @@ import { FetchOnce, type FillInfo } from './fill.js';
 import { ManifestCache } from './manifests.js';
 import { createStageMetrics } from './metrics.js';
 import { createStageApp, onClientError } from './server.js';
-import { type Relay, type RelayStats, startRelay } from './relay.js';
+import { type Relay, type RelayStats, startRelay } from '../relay/server.js';
 import { Upstreams } from './upstreams.js';
 
 /** Optional collaborators for `startStage`. */

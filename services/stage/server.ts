@@ -31,7 +31,7 @@ export interface StageAppDeps {
   log: Logger;
   /** Bearer token for POST /v1/prefetch; without one, prefetch answers 403. */
   token?: string;
-  /** The colo relay (relay.ts), mounted at /v1/relay when on. */
+  /** The colo relay (services/relay/server.ts), mounted at /v1/relay when on. */
   relay?: { router: express.Router; stats(): unknown };
 }
 

@@ -26,7 +26,7 @@ import { join, resolve } from 'node:path';
 import { scError } from '../../shared/errors.js';
 import { createLogger, type Logger } from '../../shared/log.js';
 import { ensureRedis, freePort } from '../../shared/redis.js';
-import { relayToken } from '../agent/client.js';
+import { relayToken } from '../../shared/protocol/index.js';
 import { generateKeys } from '../cli/commands/keys.js';
 import { ControlClient } from '../control/client.js';
 import { startControl } from '../control/main.js';

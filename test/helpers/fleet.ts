@@ -12,7 +12,7 @@ import { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { createLogger } from '../../shared/log.js';
 import { createRedis } from '../../shared/redis.js';
-import { AgentProducer, decodeReport, hostQueueName, keys, type SequenceStep, type StepReport } from '../../services/agent/client.js';
+import { AgentProducer, decodeReport, hostQueueName, keys, type SequenceStep, type StepReport } from '../../shared/protocol/index.js';
 import { type Fleet, type FleetOptions, startFleet } from '../../infra/fleet.js';
 import { SimMachine, readActionLog, type SimAction } from '../../services/agent/machine/sim.js';
 import type { MachineInspect } from '../../services/agent/machine/driver.js';

@@ -12,7 +12,7 @@ import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { CONVERT_STEPS, convertSequence } from '../../services/agent/client.js';
+import { CONVERT_STEPS, convertSequence } from '../../shared/protocol/index.js';
 import { SimMachine } from '../../services/agent/machine/sim.js';
 import { startTestFleet, type TestFleet } from '../helpers/fleet.js';
 

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { mkdir, readdir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { convertSequence } from '../../services/agent/client.js';
+import { convertSequence } from '../../shared/protocol/index.js';
 import { type RunningStage, startStage } from '../../services/stage/main.js';
 import { createSimHosts, type FleetAgents, packBundleFile, startFleetAgents } from '../../infra/fleet.js';
 import { makeSampleRootfs } from '../../shared/bundle/index.js';

@@ -9,7 +9,7 @@ import { mkdir, open, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Queue } from 'bullmq';
-import { convertSequence, hostQueueName, requestAbort, signStepJob, type StepPayload } from '../../services/agent/client.js';
+import { convertSequence, hostQueueName, requestAbort, signStepJob, type StepPayload } from '../../shared/protocol/index.js';
 import { createSimHosts, packBundleFile, startFleetAgents, type FleetAgents } from '../../infra/fleet.js';
 import { makeSampleRootfs } from '../../shared/bundle/index.js';
 import type { Manifest } from '../../shared/manifest.js';

@@ -12,11 +12,11 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { AddressInfo } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import { Queue, Worker } from 'bullmq';
-import { CONVERT_STEPS, hostQueueName, type SignedStepJob } from '../../services/agent/client.js';
+import { CONVERT_STEPS, hostQueueName, type SignedStepJob } from '../../shared/protocol/index.js';
 import { startFleetAgents } from '../../infra/fleet.js';
 import { readActionLog, SimMachine } from '../../services/agent/machine/sim.js';
 import { type AgentHandle, startAgent } from '../../services/agent/runtime.js';
-import type { StepJob } from '../../services/agent/transport.js';
+import type { StepJob } from '../../shared/protocol/transport.js';
 import { hostToken } from '../../services/agent/transport-direct.js';
 import { silentLogger } from '../../shared/log.js';
 import { until } from './control-fixture.js';
@@ -31,7 +31,7 @@ interface RelaySeen {
   started: string[];
 }
 
-/** An HTTP server speaking the relay wire (transport-relay.ts) that hands out `jobs` once each. */
+/** An HTTP server speaking the relay wire (services/relay/client.ts) that hands out `jobs` once each. */
 async function maliciousRelay(jobs: StepJob[]): Promise<{ url: string; seen: RelaySeen; close(): Promise<void> }> {
   const seen: RelaySeen = { polls: 0, handed: [], fails: [], completes: [], started: [] };
   let next = 0;

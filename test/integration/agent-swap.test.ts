@@ -8,7 +8,7 @@ import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Queue } from 'bullmq';
-import { convertSequence, hostQueueName, installOtherSequence, reinstallSequence, rescueSequence } from '../../services/agent/client.js';
+import { convertSequence, hostQueueName, installOtherSequence, reinstallSequence, rescueSequence } from '../../shared/protocol/index.js';
 import { simFault } from '../../services/agent/machine/sim.js';
 import { publishSampleBundle } from '../../infra/fleet.js';
 import { startTestFleet, type TestFleet } from '../helpers/fleet.js';

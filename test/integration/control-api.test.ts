@@ -9,7 +9,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Queue } from 'bullmq';
-import { keys, verifyStepJob } from '../../services/agent/client.js';
+import { keys, verifyStepJob } from '../../shared/protocol/index.js';
 import type { RunningControl } from '../../services/control/main.js';
 import { type RunningStage, startStage } from '../../services/stage/main.js';
 import { isScError } from '../../shared/errors.js';

@@ -8,7 +8,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 import { Queue } from 'bullmq';
-import { keys, type StepReport, decodeReport } from '../../services/agent/client.js';
+import { keys, type StepReport, decodeReport } from '../../shared/protocol/index.js';
 import { readSimRunning, simFault } from '../../services/agent/machine/sim.js';
 import { type ControlFleet, startControlFleet } from './control-fleet-fixture.js';
 import { until } from './control-fixture.js';

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Redis } from 'ioredis';
 import got from 'got';
-import { encodeHostRecord, keys } from '../../services/agent/client.js';
+import { encodeHostRecord, keys } from '../../shared/protocol/index.js';
 import type { ControlConfigInput } from '../../services/control/config.js';
 import { type RunningControl, startControl } from '../../services/control/main.js';
 import { sha256Of } from '../../shared/digest.js';

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { tmpdir } from 'node:os';
 import { Redis } from 'ioredis';
 import { type ColoSpec, type Fleet, type FleetAgents, startFleet, startFleetAgents } from '../../infra/fleet.js';
-import { decodeReport, keys, type StepReport } from '../../services/agent/client.js';
+import { decodeReport, keys, type StepReport } from '../../shared/protocol/index.js';
 import { type AgentHandle, startAgent } from '../../services/agent/runtime.js';
 import { ControlClient, type RolloutDetail } from '../../services/control/client.js';
 import type { ControlConfigInput } from '../../services/control/config.js';

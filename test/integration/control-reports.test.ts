@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, describe, it } from 'node:test';
-import { CONVERT_STEPS, keys, type StepReport } from '../../services/agent/client.js';
+import { CONVERT_STEPS, keys, type StepReport } from '../../shared/protocol/index.js';
 import { type ControlFixture, controlFixture, until } from './control-fixture.js';
 
 describe('control: final reports are checked against BullMQ', () => {

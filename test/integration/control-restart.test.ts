@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Redis } from 'ioredis';
-import { CONVERT_STEPS } from '../../services/agent/client.js';
+import { CONVERT_STEPS } from '../../shared/protocol/index.js';
 import type { RolloutDetail } from '../../services/control/client.js';
 import { haveRedisServer, freePort } from '../../shared/redis.js';
 import { type ControlFleet, startControlFleet } from './control-fleet-fixture.js';

@@ -14,7 +14,7 @@ import { after, before, describe, it } from 'node:test';
 import { Redis } from 'ioredis';
 import { type Fleet, startFleet } from '../../infra/fleet.js';
 import { counterValue } from '../../infra/demo.js';
-import { decodeReport, keys, readHosts } from '../../services/agent/client.js';
+import { decodeReport, keys, readHosts } from '../../shared/protocol/index.js';
 import { ControlClient } from '../../services/control/client.js';
 import { type RunningControl, startControl } from '../../services/control/main.js';
 import { ReadClient } from '../../services/origin/client.js';

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { after, describe, it } from 'node:test';
-import { MAX_RELAY_REPLY_BYTES, RelayTransport } from '../../services/agent/transport-relay.js';
+import { MAX_RELAY_REPLY_BYTES, RelayTransport } from '../../services/relay/client.js';
 import { isScError } from '../../shared/errors.js';
 import { silentLogger } from '../../shared/log.js';
 

@@ -12,9 +12,9 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { Queue } from 'bullmq';
-import { coloQueueName, convertSequence, keys, relayToken, type StepRoute } from '../../services/agent/client.js';
+import { coloQueueName, convertSequence, keys, relayToken, type StepRoute } from '../../shared/protocol/index.js';
 import { startFleetAgents } from '../../infra/fleet.js';
-import { RelayTransport } from '../../services/agent/transport-relay.js';
+import { RelayTransport } from '../../services/relay/client.js';
 import { silentLogger } from '../../shared/log.js';
 import { startTestFleet, type TestFleet, until } from '../helpers/fleet.js';
 

@@ -4,7 +4,7 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import type { StepPayload } from '../../services/agent/client.js';
+import type { StepPayload } from '../../shared/protocol/index.js';
 import { admit, Journal, type JournalDoc, mergeJournals } from '../../services/agent/journal.js';
 import { initSimMachine, SimMachine } from '../../services/agent/machine/sim.js';
 import { DISK2_LAYOUT } from '../../services/agent/steps/partition.js';

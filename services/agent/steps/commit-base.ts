@@ -11,7 +11,7 @@
  * Effect check: default and rescue entries are disk2p1.
  * Failure leaves: the entries as they were (each write is atomic); B running.
  */
-import { POINT_OF_NO_RETURN } from '../client.js';
+import { POINT_OF_NO_RETURN } from '../../../shared/protocol/index.js';
 import { BASE_DEVICE } from '../bundles.js';
 import { permanent, runningInstalledProblem } from './common.js';
 import type { Step } from './step.js';

@@ -17,7 +17,7 @@ import type { CarryConfig } from '../carry/types.js';
 import { readInside, resolveInside, writeInside } from '../carry/rootfs.js';
 import { render } from '../carry/index.js';
 import type { NetFormat } from '../../../shared/manifest.js';
-import type { BundleRef } from '../client.js';
+import type { BundleRef } from '../../../shared/protocol/index.js';
 import type { MachineDriver } from '../machine/driver.js';
 import { unpackFile } from '../unpack.js';
 import { type BundleDir, KeptStore, parseBundleRef, refString } from '../bundles.js';

@@ -14,7 +14,7 @@ import { mkdir } from 'node:fs/promises';
 import { type FetchedManifest, fetchBlob, fetchManifest, selectSources } from '../../../shared/fetch.js';
 import type { Manifest } from '../../../shared/manifest.js';
 import { type BundleDir, refString, stateBundles } from '../bundles.js';
-import type { BundleRef } from '../client.js';
+import type { BundleRef } from '../../../shared/protocol/index.js';
 import { baseArg, permanent, targetArg } from './common.js';
 import type { Step, StepContext, StepResult } from './step.js';
 

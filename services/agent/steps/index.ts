@@ -1,5 +1,5 @@
 /** Every step the agent runs, by name (one file each; see step.ts for the contract). */
-import type { StepName } from '../client.js';
+import type { StepName } from '../../../shared/protocol/index.js';
 import { applyConfigBaseStep } from './apply-config-base.js';
 import { bootBaseStep } from './boot-base.js';
 import { bootTargetStep } from './boot-target.js';

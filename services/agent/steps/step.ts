@@ -13,7 +13,7 @@
  */
 import type { KeyObject } from 'node:crypto';
 import type { Logger } from '../../../shared/log.js';
-import type { StepName, StepPayload } from '../client.js';
+import type { StepName, StepPayload } from '../../../shared/protocol/index.js';
 import type { CrashPoint } from '../hooks.js';
 import type { MachineDriver } from '../machine/driver.js';
 

@@ -6,7 +6,7 @@ import { chmodSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Command } from 'commander';
 import { credentialUrl, generateAcl } from '../../../infra/redis/acl-gen.js';
-import { relayToken } from '../../agent/client.js';
+import { relayToken } from '../../../shared/protocol/index.js';
 import { scError } from '../../../shared/errors.js';
 import { action, printJson, readTokenFile, splitList } from '../util.js';
 

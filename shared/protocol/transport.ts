@@ -1,15 +1,15 @@
 /**
- * How the agent's step loop (worker.ts) takes jobs and tells the world about them, independent of
- * the wire: `DirectTransport` (transport-direct.ts) consumes the host's own BullMQ queue over
- * Redis; `RelayTransport` (transport-relay.ts) long-polls its colo's relay (a stage) over HTTP
+ * How the agent's step loop (services/agent/worker.ts) takes jobs and tells the world about them, independent of
+ * the wire: `DirectTransport` (services/agent/transport-direct.ts) consumes the host's own BullMQ queue over
+ * Redis; `RelayTransport` (services/relay/client.ts) long-polls its colo's relay (a stage) over HTTP
  * and has no Redis connection at all. Steps, their idempotence and the re-adoption rule are the
  * same in both: a job taken and not finished is handed to the host again when it comes back.
  * Nothing a transport says about a job is trusted: the loop verifies its signature and asks the
- * host's journal (journal.ts) whether it is a replay or a re-adoption.
+ * host's journal (services/agent/journal.ts) whether it is a replay or a re-adoption.
  */
 import type { Job } from 'bullmq';
-import type { ScError } from '../../shared/errors.js';
-import type { HostRecord, StepReport } from './client.js';
+import type { ScError } from '../errors.js';
+import type { HostRecord, StepReport } from './records.js';
 
 /** One step job as the loop sees it. */
 export interface StepJob {

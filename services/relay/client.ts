@@ -1,6 +1,6 @@
 /**
  * The relay transport: the host has no Redis connection. It long-polls its colo's relay (a stage
- * started with `--redis`, services/stage/relay.ts) for its next signed step job and reports
+ * started with `--redis`, services/relay/server.ts) for its next signed step job and reports
  * progress and outcomes over HTTP; the relay holds the BullMQ lock, writes registrations and
  * reports into Redis on the host's behalf, and hands an unfinished job to the host again when it
  * comes back after a reboot or crash (`readopted: true`). The agent still verifies every job's
@@ -26,8 +26,8 @@ import { Agent as HttpAgent, request as httpRequest } from 'node:http';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { type ScError, scError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
-import type { HostRecord } from './client.js';
-import type { JobProgress, ReportFields, StepJob, StepTransport } from './transport.js';
+import type { HostRecord } from '../../shared/protocol/index.js';
+import type { JobProgress, ReportFields, StepJob, StepTransport } from '../../shared/protocol/transport.js';
 
 /**
  * Largest relay reply body the agent reads, in bytes. Replies are small JSON (a signed step

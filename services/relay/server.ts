@@ -1,6 +1,6 @@
 /**
  * The per-colo relay: a stage started with `--redis` consumes its colo's BullMQ queue
- * (`colo.<colo>`, client.ts) on behalf of the colo's hosts, which then need no Redis connection:
+ * (`colo.<colo>`, shared/protocol/keys.ts) on behalf of the colo's hosts, which then need no Redis connection:
  * 10,000 hosts cost Redis two connections per colo instead of two per host.
  *
  * - ONE BullMQ Worker per relay, processed manually with ONE stable lock token per colo
@@ -54,13 +54,13 @@ import {
   relayToken,
   type StepPayload,
   type StepReport,
-} from '../agent/client.js';
-import { stepJobOf } from '../agent/transport.js';
+} from '../../shared/protocol/index.js';
+import { stepJobOf } from '../../shared/protocol/transport.js';
 import { scError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
 import { createRedis } from '../../shared/redis.js';
 
-/** The lock token of every job a relay of `colo` takes (stable across relay restarts; client.ts). */
+/** The lock token of every job a relay of `colo` takes (stable across relay restarts; shared/protocol/keys.ts). */
 export { relayLockToken };
 
 /** Options of startRelay. */
