@@ -45,6 +45,7 @@ export const ERRORS = {
   SC_ERR_ABORTED: { status: 409, message: 'Stopped at a step boundary because the rollout was aborted' },
   SC_ERR_TIMEOUT: { status: 504, message: 'Timed out' },
   SC_ERR_UPSTREAM: { status: 502, message: 'Upstream failed' },
+  SC_ERR_TLS: { status: 502, message: 'TLS failed: the peer certificate is not trusted, or not valid for its address' },
   SC_ERR_REPLY_TOO_LARGE: { status: 502, message: 'A reply body is larger than the client accepts (misbehaving relay)' },
   SC_ERR_NO_UPSTREAM: { status: 503, message: 'No healthy upstream' },
   SC_ERR_UNAVAILABLE: { status: 503, message: 'Service unavailable' },

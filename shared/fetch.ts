@@ -21,6 +21,7 @@ import { type Digest, digestFile, parseDigest } from './digest.js';
 import { type ErrorCode, fromErrorBody, isScError, ScError, scError, toScError } from './errors.js';
 import { type Manifest, manifestDigest, parseManifest, verifyManifest } from './manifest.js';
 import { parseName, parseVersion } from './names.js';
+import { gotTls, tlsError } from './tls.js';
 
 /** Largest manifest or error body read from a source, in bytes. */
 const MAX_SMALL_BODY = 1 << 20;
@@ -91,7 +92,7 @@ export async function probeSources(urls: readonly string[], opts: ProbeOptions =
     list.map(async (url): Promise<ProbeResult> => {
       const t0 = now();
       try {
-        const res = await got(`${url}/healthz`, {
+        const res = await got(`${url}/healthz`, { ...gotTls(),
           timeout: { request: timeoutMs },
           retry: { limit: 0 },
           throwHttpErrors: false,
@@ -232,7 +233,7 @@ export async function fetchManifest(
       return { manifest, source, keyId, manifestDigest: manifestDigest(manifest) };
     } catch (err) {
       if (opts.signal?.aborted) throw abortError(opts.signal);
-      failures.push({ source, error: toScError(err) });
+      failures.push({ source, error: tlsError(err, source) ?? toScError(err) });
     }
   }
   const details = { sources: failures.map((f) => ({ source: f.source, code: f.error.code, message: f.error.message })) };
@@ -417,7 +418,7 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
           } catch (err) {
             if (err instanceof LocalFailure) throw scError('SC_ERR_INTERNAL', `writing ${partial}: ${err.message}`, { path: partial }, err.inner);
             if (signal?.aborted) throw abortError(signal);
-            const e = toScError(err);
+            const e = tlsError(err, source) ?? toScError(err);
             failures.push({ source, error: e });
             if (e.code !== 'SC_ERR_BLOB_NOT_FOUND') notFoundPass = false;
             if (failures.length > 50) failures.shift();
@@ -531,7 +532,7 @@ async function pull(st: DownloadState, a: PullArgs): Promise<void> {
   const start = st.have;
   const headers: Record<string, string> = { 'user-agent': 'stagecoach-fetch' };
   if (start > 0) headers.range = `bytes=${start}-`;
-  const req = got.stream(`${a.source}/v1/blobs/${a.digest}`, {
+  const req = got.stream(`${a.source}/v1/blobs/${a.digest}`, { ...gotTls(),
     headers,
     retry: { limit: 0 },
     throwHttpErrors: false,
@@ -707,7 +708,7 @@ async function readBounded(src: Readable, max: number): Promise<Buffer> {
 
 /** GET of a small document with a whole-exchange deadline. */
 async function getSmall(url: string, timeoutMs: number, signal?: AbortSignal): Promise<{ status: number; data: Buffer }> {
-  const req = got.stream(url, {
+  const req = got.stream(url, { ...gotTls(),
     retry: { limit: 0 },
     throwHttpErrors: false,
     followRedirect: false,

@@ -6,6 +6,7 @@
 import { timingSafeEqual, createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import type { Server } from 'node:http';
+import { Server as HttpsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { pipeline } from 'node:stream/promises';
 import type { NextFunction, Request, RequestHandler, Response } from 'express';
@@ -166,7 +167,7 @@ export async function listen(server: Server, host: string, port: number): Promis
   return {
     server,
     port: addr.port,
-    url: `http://${h}:${addr.port}`,
+    url: `${server instanceof HttpsServer ? 'https' : 'http'}://${h}:${addr.port}`,
     close: () =>
       new Promise<void>((resolve) => {
         server.close(() => resolve());

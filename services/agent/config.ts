@@ -13,6 +13,7 @@ import { loadPublicKey } from '../../shared/manifest.js';
 import { NAME_RE } from '../../shared/names.js';
 import { HOST_ID_RE } from '../../shared/protocol/index.js';
 import { DEFAULT_KERNEL_ARGS } from './machine/linux-boot.js';
+import { clientTlsSettings } from '../../shared/tls.js';
 
 /** Environment variable prefix: `STAGECOACH_AGENT_HOST_ID`, `STAGECOACH_AGENT_REDIS`, … */
 export const AGENT_ENV_PREFIX = 'STAGECOACH_AGENT_';
@@ -36,6 +37,7 @@ const machineSpec = z.string().regex(/^(sim:.+|linux)$/, 'expected sim:DIR or li
 
 /** The agent's configuration schema; unknown keys are rejected. */
 export const agentConfigSchema = z.strictObject({
+  ...clientTlsSettings,
   /** This host's id; the agent consumes queue `host.<hostId>`. */
   hostId: z.string().regex(HOST_ID_RE, 'expected [a-z0-9][a-z0-9._-]{0,63}'),
   /** The colo this host lives in. */

@@ -13,6 +13,7 @@
  * One agent per machine: each instance holds `DIR/agent.lock` (sim) or the pid file (linux)
  * while it runs (lock.ts).
  */
+import { trustCa } from '../../shared/tls.js';
 import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import pkg from '../../package.json' with { type: 'json' };
@@ -186,6 +187,7 @@ async function startInstance(
  */
 export async function startAgent(config: AgentConfig | AgentConfigInput, opts: AgentRunOptions = {}): Promise<AgentHandle> {
   const cfg = agentConfig(config as AgentConfigInput);
+  if (cfg.ca) trustCa(cfg.ca);
   const logger = (opts.logger ?? createLogger({ level: cfg.logLevel, name: 'agent' })).child({ host: cfg.hostId });
   const keys = opts.keys ?? (await loadAgentKeys(cfg));
   const exitAction: ExitAction | undefined = simDir(cfg.machine)

@@ -9,6 +9,7 @@ import type { AuditEntry } from './audit.js';
 import type { ColoView, HostView } from './inventory.js';
 import type { CreateRolloutInput } from './plan.js';
 import type { HostOp, HostState, RolloutView } from './rollouts.js';
+import { gotTls, tlsError } from '../../shared/tls.js';
 
 export type { AuditEntry, ColoView, CreateRolloutInput, HostOp, HostState, HostView, RolloutView };
 
@@ -54,7 +55,7 @@ export class ControlClient {
     const url = `${this.baseUrl}${path}`;
     let res: { statusCode: number; body: string };
     try {
-      res = (await got(url, {
+      res = (await got(url, { ...gotTls(),
         method,
         headers,
         ...(body !== undefined ? { json: body } : method === 'POST' ? { json: {} } : {}),
@@ -66,6 +67,8 @@ export class ControlClient {
       } as OptionsInit)) as { statusCode: number; body: string };
     } catch (err) {
       if (err instanceof ScError) throw err;
+      const tls = tlsError(err, this.baseUrl);
+      if (tls) throw tls;
       const e = err as { name?: string; code?: string; message?: string };
       if (e.name === 'TimeoutError') throw scError('SC_ERR_TIMEOUT', `${url}: timed out`);
       throw scError('SC_ERR_UNAVAILABLE', `cannot reach control at ${this.baseUrl}: ${e.code ?? e.message}`);

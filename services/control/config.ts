@@ -10,6 +10,7 @@ import { type ConfigSources, loadConfig, parseListen, stringList } from '../../s
 import { scError } from '../../shared/errors.js';
 import { loadPrivateKey, loadPublicKey } from '../../shared/manifest.js';
 import { NAME_RE } from '../../shared/names.js';
+import { clientTlsSettings, serverTlsSettings } from '../../shared/tls.js';
 
 /** Environment variable prefix: `STAGECOACH_CONTROL_LISTEN`, `STAGECOACH_CONTROL_REDIS`, … */
 export const CONTROL_ENV_PREFIX = 'STAGECOACH_CONTROL_';
@@ -27,6 +28,8 @@ const listenAddr = z.string().refine((s) => {
 
 /** The control plane's configuration schema; unknown keys are rejected. */
 export const controlConfigSchema = z.strictObject({
+  ...serverTlsSettings,
+  ...clientTlsSettings,
   /** HOST:PORT to listen on; port 0 picks a free port. */
   listen: listenAddr.default('127.0.0.1:7090'),
   /** Redis URL (`redis://` or `rediss://`), with credentials of the control ACL user in production. */

@@ -3,10 +3,10 @@
  * HTTP server. `startControl` is what tests and the demo call in-process; `runControl` adds the
  * process concerns (logs, SIGINT/SIGTERM).
  */
-import { createServer } from 'node:http';
 import { AgentProducer } from '../../shared/protocol/index.js';
 import { ReadClient } from '../origin/client.js';
 import { parseListen } from '../../shared/config.js';
+import { createServer, loadServerTls, trustCa } from '../../shared/tls.js';
 import { listen } from '../../shared/http.js';
 import { createLogger, type Logger } from '../../shared/log.js';
 import { createRegistry } from '../../shared/metrics.js';
@@ -35,6 +35,7 @@ export interface RunningControl {
  */
 export async function startControl(config: ControlConfig | ControlConfigInput, opts: { logger?: Logger; now?: () => number } = {}): Promise<RunningControl> {
   const cfg = controlConfig(config as ControlConfigInput);
+  if (cfg.ca) trustCa(cfg.ca);
   const log = opts.logger ?? createLogger({ level: cfg.logLevel, name: 'control' });
   const secrets = readControlSecrets(cfg);
   const { host, port } = parseListen(cfg.listen);
@@ -86,7 +87,7 @@ export async function startControl(config: ControlConfig | ControlConfigInput, o
   boardTimer.unref();
 
   const app = createControlApp({ engine, inventory, audit, board, tokens: secrets.tokens, registry, log, redisReady: () => redis.status === 'ready' });
-  const server = createServer({ maxHeaderSize: 16 * 1024 }, app);
+  const server = createServer(app, loadServerTls(cfg));
   server.headersTimeout = 30_000;
   const l = await listen(server, host, port);
   let closing: Promise<void> | undefined;

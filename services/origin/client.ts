@@ -12,6 +12,7 @@ import { fromErrorBody, isScError, ScError, scError } from '../../shared/errors.
 import { type Manifest, manifestDigest, parseManifest } from '../../shared/manifest.js';
 import { parseName, parseVersion } from '../../shared/names.js';
 import type { BundleEntry } from './store.js';
+import { gotTls, tlsError } from '../../shared/tls.js';
 
 export type { BundleEntry };
 
@@ -58,6 +59,8 @@ function parseBaseUrl(url: string): string {
 /** Maps a got/network failure to an ScError (ScErrors pass through). */
 function transportError(err: unknown, url: string): ScError {
   if (err instanceof ScError) return err;
+  const tls = tlsError(err, url);
+  if (tls) return tls;
   const e = err as { name?: string; code?: string; message?: string };
   if (e?.name === 'TimeoutError' || e?.code === 'ETIMEDOUT') return scError('SC_ERR_TIMEOUT', `${url}: timed out`, undefined, err);
   return scError('SC_ERR_UNAVAILABLE', `cannot reach ${url}: ${e?.code ?? e?.message ?? String(err)}`, undefined, err);
@@ -101,7 +104,7 @@ export class ReadClient {
     const idempotent = method === 'GET' || method === 'HEAD';
     let res: Response<string>;
     try {
-      res = (await got(url, {
+      res = (await got(url, { ...gotTls(),
         throwHttpErrors: false,
         followRedirect: false,
         decompress: true,
@@ -193,7 +196,7 @@ export class ReadClient {
     const url = this.blobUrl(digest);
     const headers: Record<string, string> = {};
     if (range) headers.range = `bytes=${range.start}-${range.end ?? ''}`;
-    const stream = got.stream(url, {
+    const stream = got.stream(url, { ...gotTls(),
       headers,
       throwHttpErrors: false,
       followRedirect: false,
@@ -271,7 +274,7 @@ export class OriginClient extends ReadClient {
     const body = typeof src === 'string' ? createReadStream(src, { highWaterMark: 1 << 20 }) : src;
     let res: Response<string>;
     try {
-      const p = got.put(url, {
+      const p = got.put(url, { ...gotTls(),
         body,
         headers: { ...this.#auth(), 'content-type': 'application/octet-stream', 'content-length': String(size) },
         throwHttpErrors: false,

@@ -4,6 +4,7 @@
  */
 import { z } from 'zod';
 import { byteSize, type ConfigSources, loadConfig, parseListen, readTokenFile, stringList } from '../../shared/config.js';
+import { serverTlsSettings } from '../../shared/tls.js';
 
 /** Environment variable prefix: `STAGECOACH_ORIGIN_LISTEN`, `STAGECOACH_ORIGIN_DATA`, … */
 export const ORIGIN_ENV_PREFIX = 'STAGECOACH_ORIGIN_';
@@ -12,6 +13,7 @@ const pathList = stringList;
 
 /** The origin's configuration schema; unknown keys are rejected. */
 export const originConfigSchema = z.strictObject({
+  ...serverTlsSettings,
   /** HOST:PORT to listen on; port 0 picks a free port. */
   listen: z
     .string()

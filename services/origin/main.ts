@@ -3,7 +3,7 @@
  * the demo call in-process; `runOrigin` adds the process concerns (logs, SIGINT/SIGTERM).
  */
 import { readFileSync } from 'node:fs';
-import { createServer } from 'node:http';
+import { createServer, loadServerTls } from '../../shared/tls.js';
 import { listen } from '../../shared/http.js';
 import { createLogger, type Logger } from '../../shared/log.js';
 import { loadPublicKey } from '../../shared/manifest.js';
@@ -50,7 +50,7 @@ export async function startOrigin(config: OriginConfig | OriginConfigInput, opts
   const store = await FsBlobStore.open(cfg.data);
   const metrics = createOriginMetrics();
   const app = createOriginApp({ store, token, trustedKeys, logger, metrics, maxManifestBytes: cfg.maxManifestBytes, maxBlobSize: cfg.maxBlobSize });
-  const server = createServer({ maxHeaderSize: 16 * 1024 }, app);
+  const server = createServer(app, loadServerTls(cfg));
   configureOriginServer(server, cfg.idleTimeoutSec);
   const l = await listen(server, host, port);
   let closing: Promise<void> | undefined;

@@ -26,6 +26,7 @@ import { Agent as HttpAgent, request as httpRequest } from 'node:http';
 import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { type ScError, scError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
+import { nodeTls } from '../../shared/tls.js';
 import type { HostRecord } from '../../shared/protocol/index.js';
 import type { JobProgress, ReportFields, StepJob, StepTransport } from '../../shared/protocol/transport.js';
 
@@ -251,6 +252,7 @@ export class RelayTransport implements StepTransport {
         {
           method,
           agent: https ? httpsAgent : httpAgent,
+          ...(https ? nodeTls() : {}),
           signal,
           headers: {
             authorization: `Bearer ${this.#o.token}`,

@@ -6,6 +6,7 @@ import got, { type OptionsInit } from 'got';
 import { type Digest, parseDigest } from '../../shared/digest.js';
 import { fromErrorBody, scError } from '../../shared/errors.js';
 import type { FillInfo } from './fill.js';
+import { gotTls, tlsError } from '../../shared/tls.js';
 
 export type { FillInfo };
 
@@ -44,7 +45,7 @@ export class StageClient {
   async #json<T>(path: string, o: OptionsInit = {}): Promise<T> {
     let res: { statusCode: number; body: string };
     try {
-      res = (await got(`${this.baseUrl}${path}`, {
+      res = (await got(`${this.baseUrl}${path}`, { ...gotTls(),
         retry: { limit: 0 },
         throwHttpErrors: false,
         followRedirect: false,
@@ -54,7 +55,7 @@ export class StageClient {
         responseType: 'text',
       })) as { statusCode: number; body: string };
     } catch (err) {
-      throw scError('SC_ERR_UNAVAILABLE', `stage ${this.baseUrl}: ${(err as Error).message}`, undefined, err);
+      throw tlsError(err, this.baseUrl) ?? scError('SC_ERR_UNAVAILABLE', `stage ${this.baseUrl}: ${(err as Error).message}`, undefined, err);
     }
     let body: unknown;
     try {
@@ -89,10 +90,10 @@ export class StageClient {
   /** Prometheus text from /metrics. */
   async metricsText(): Promise<string> {
     try {
-      const r = await got(`${this.baseUrl}/metrics`, { retry: { limit: 0 }, followRedirect: false, timeout: { request: this.#timeoutMs } });
+      const r = await got(`${this.baseUrl}/metrics`, { ...gotTls(), retry: { limit: 0 }, followRedirect: false, timeout: { request: this.#timeoutMs } });
       return r.body;
     } catch (err) {
-      throw scError('SC_ERR_UNAVAILABLE', `stage ${this.baseUrl}: ${(err as Error).message}`, undefined, err);
+      throw tlsError(err, this.baseUrl) ?? scError('SC_ERR_UNAVAILABLE', `stage ${this.baseUrl}: ${(err as Error).message}`, undefined, err);
     }
   }
 }

@@ -6,6 +6,7 @@
 import { z } from 'zod';
 import { byteSize, commaList, deepFreeze, loadConfig, parseListen, type ConfigSources } from '../../shared/config.js';
 import { scError } from '../../shared/errors.js';
+import { clientTlsSettings, serverTlsSettings } from '../../shared/tls.js';
 
 const bytes = byteSize;
 
@@ -21,6 +22,8 @@ const list = commaList;
 
 /** The stage config schema (unknown keys rejected). Durations are milliseconds, sizes bytes. */
 export const stageConfigSchema = z.strictObject({
+  ...serverTlsSettings,
+  ...clientTlsSettings,
   /** HOST:PORT to listen on (port 0 picks a free one). */
   listen: z.string().default('127.0.0.1:7080'),
   /** Ordered upstreams (origin or parent stages); the first healthy one is used first. */

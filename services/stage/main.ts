@@ -5,10 +5,10 @@
  */
 import { readFileSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
-import { createServer } from 'node:http';
 import { join, resolve } from 'node:path';
 import { type ConfigSources, parseListen, readTokenFile } from '../../shared/config.js';
 import { scError } from '../../shared/errors.js';
+import { createServer, loadServerTls, trustCa } from '../../shared/tls.js';
 import { listen } from '../../shared/http.js';
 import { type Logger, createLogger } from '../../shared/log.js';
 import { loadPublicKey } from '../../shared/manifest.js';
@@ -56,6 +56,7 @@ export interface RunningStage {
  */
 export async function startStage(input: StageConfigInput | StageConfig, deps: StageDeps = {}): Promise<RunningStage> {
   const config = parseStageConfig(input);
+  if (config.ca) trustCa(config.ca);
   const log = (deps.log ?? createLogger({ level: config.logLevel })).child({ component: 'stage', colo: config.colo });
   const clock = deps.clock ?? realClock;
   const token = config.token ?? (config.tokenFile ? readTokenFile(config.tokenFile) : undefined);
@@ -104,7 +105,7 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
     });
   }
   const app = createStageApp({ colo: config.colo, cache, fills, manifests, upstreams, metrics, registry, log, token, relay: relay ?? undefined });
-  const server = createServer({ maxHeaderSize: 16 * 1024 }, app);
+  const server = createServer(app, loadServerTls(config));
   server.on('clientError', onClientError);
   server.keepAliveTimeout = 65_000;
   const { host, port } = parseListen(config.listen);

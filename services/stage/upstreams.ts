@@ -20,6 +20,7 @@ import { isScError, scError, toScError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
 import { type Clock, sleep } from './clock.js';
 import type { StageMetrics } from './metrics.js';
+import { gotTls, nodeTls } from '../../shared/tls.js';
 
 /** Where fetched bytes go. Errors thrown by the sink end the fetch at once (they are not retried). */
 export interface FetchSink {
@@ -70,7 +71,7 @@ export class Upstreams {
   readonly urls: readonly string[];
   #downUntil = new Map<string, number>();
   #o: UpstreamOptions;
-  #agents = { http: new HttpAgent({ keepAlive: true, maxSockets: 256 }), https: new HttpsAgent({ keepAlive: true, maxSockets: 256 }) };
+  #agents = { http: new HttpAgent({ keepAlive: true, maxSockets: 256 }), https: new HttpsAgent({ keepAlive: true, maxSockets: 256, ...nodeTls() }) };
 
   constructor(urls: readonly string[], o: UpstreamOptions) {
     if (urls.length === 0) throw scError('SC_ERR_BAD_CONFIG', 'at least one upstream is required');
@@ -168,7 +169,7 @@ export class Upstreams {
     const start = sink.offset();
     const headers: Record<string, string> = { 'accept-encoding': 'identity', 'user-agent': 'stagecoach-stage' };
     if (start > 0) headers.range = `bytes=${start}-`;
-    const stream = got.stream(`${url}/v1/blobs/${digest}`, {
+    const stream = got.stream(`${url}/v1/blobs/${digest}`, { ...gotTls(),
       headers,
       retry: { limit: 0 },
       throwHttpErrors: false,
@@ -276,7 +277,7 @@ export class Upstreams {
 
   async #getSmallFrom(url: string, path: string, signal?: AbortSignal): Promise<SmallResponse> {
     const o = this.#o;
-    const stream = got.stream(`${url}${path}`, {
+    const stream = got.stream(`${url}${path}`, { ...gotTls(),
       headers: { accept: 'application/json', 'user-agent': 'stagecoach-stage' },
       retry: { limit: 0 },
       throwHttpErrors: false,

@@ -31,7 +31,7 @@ export interface TestOrigin {
 
 /** Starts an origin on port 0 in a fresh temp dir. `trustKey`: PEM paths to require signatures from. */
 export async function startTestOrigin(
-  opts: { trustKey?: string[]; logger?: Logger; dataDir?: string; maxBlobSize?: number | string } = {},
+  opts: { trustKey?: string[]; logger?: Logger; dataDir?: string; maxBlobSize?: number | string; tls?: { cert: string; key: string } } = {},
 ): Promise<TestOrigin> {
   const root = mkdtempSync(join(tmpdir(), 'sc-origin-'));
   const dataDir = opts.dataDir ?? join(root, 'data');
@@ -41,7 +41,9 @@ export async function startTestOrigin(
   let o: Awaited<ReturnType<typeof startOrigin>>;
   try {
     o = await startOrigin(
-      { listen: '127.0.0.1:0', data: dataDir, tokenFile, trustKey: opts.trustKey ?? [], ...(opts.maxBlobSize !== undefined ? { maxBlobSize: opts.maxBlobSize } : {}) },
+      { listen: '127.0.0.1:0', data: dataDir, tokenFile, trustKey: opts.trustKey ?? [], ...(opts.maxBlobSize !== undefined ? { maxBlobSize: opts.maxBlobSize } : {}),
+        ...(opts.tls ? { tlsCert: opts.tls.cert, tlsKey: opts.tls.key } : {}),
+      },
       { logger: opts.logger ?? silentLogger },
     );
   } catch (err) {
