@@ -14,6 +14,8 @@ export const ERRORS = {
   SC_ERR_BAD_RANGE: { status: 416, message: 'Range not satisfiable' },
   SC_ERR_BAD_MANIFEST: { status: 400, message: 'Manifest does not match the schema' },
   SC_ERR_BAD_CONFIG: { status: 400, message: 'Invalid configuration' },
+  SC_ERR_USAGE: { status: 400, message: 'Command line not understood (missing or unknown option or argument)' },
+  SC_ERR_FILE_ACCESS: { status: 400, message: 'A local file or directory is missing or cannot be created, read or written' },
   SC_ERR_HEADER_TOO_LARGE: { status: 431, message: 'Request header fields too large' },
   SC_ERR_UNAUTHORIZED: { status: 401, message: 'Missing bearer token' },
   SC_ERR_FORBIDDEN: { status: 403, message: 'Wrong token' },
@@ -62,6 +64,8 @@ export class ScError extends Error {
   readonly code: ErrorCode;
   readonly status: number;
   readonly details?: Record<string, unknown>;
+  /** One line telling a person what to do next (the CLI prints it as `hint: …`). Never secret. */
+  hint?: string;
 
   constructor(code: ErrorCode, message?: string, details?: Record<string, unknown>, options?: { cause?: unknown }) {
     super(message ?? ERRORS[code].message, options);
@@ -71,8 +75,14 @@ export class ScError extends Error {
     this.details = details;
   }
 
-  toJSON(): { error: { code: ErrorCode; message: string; details?: Record<string, unknown> } } {
-    return { error: { code: this.code, message: this.message, ...(this.details ? { details: this.details } : {}) } };
+  toJSON(): { error: { code: ErrorCode; message: string; details?: Record<string, unknown>; hint?: string } } {
+    return { error: { code: this.code, message: this.message, ...(this.details ? { details: this.details } : {}), ...(this.hint ? { hint: this.hint } : {}) } };
+  }
+
+  /** Sets `hint` and returns this error, so that `throw scError(…).withHint(…)` reads as one statement. */
+  withHint(hint: string): this {
+    this.hint = hint;
+    return this;
   }
 }
 
