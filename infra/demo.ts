@@ -29,6 +29,7 @@ import { ReadClient } from '../services/origin/client.js';
 import { startOrigin } from '../services/origin/main.js';
 import { startStage } from '../services/stage/main.js';
 import { makeSampleRootfs } from '../shared/bundle/index.js';
+import { readTokenFile } from '../shared/config.js';
 import { scError } from '../shared/errors.js';
 import { createLogger, silentLogger } from '../shared/log.js';
 import { ensureRedis } from '../shared/redis.js';
@@ -195,6 +196,9 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     );
     cleanup.push(() => control.close());
     say(`control    ${control.url}   dashboard: ${control.url}/   queues: ${control.url}/queues`);
+    // The file is in the format control reads (NAME:TOKEN); the CLI's --token-file takes it as it is.
+    const writeToken = readTokenFile(controlTokenFile);
+    say(`token      ${controlTokenFile}: use it as --token-file for rollout/host writes; paste ${writeToken} into the dashboard to write there`);
 
     const hosts: { hostId: string; colo: string; dir: string; before: HostView }[] = [];
     for (let i = 0; i < opts.hosts; i++) {
@@ -232,7 +236,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     }
     say(`hosts      ${hosts.length} sim hosts in ${colos.length} colos, agents running`);
 
-    const client = new ControlClient(control.url, { token: controlToken.slice(controlToken.indexOf(':') + 1), actor: 'demo' });
+    const client = new ControlClient(control.url, { token: writeToken, actor: 'demo' });
     const deadline = Date.now() + 30_000;
     while ((await client.hosts({})).length < hosts.length) {
       if (Date.now() > deadline) throw scError('SC_ERR_TIMEOUT', 'agents did not register within 30 s');

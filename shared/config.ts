@@ -103,21 +103,47 @@ export const byteSize = z.union([z.number().int().nonnegative(), z.string()]).tr
   }
 });
 
+/** A token with the name it is known by (the audit log's `token`); a bare token is named `admin`. */
+export interface NamedToken {
+  name: string;
+  token: string;
+}
+
 /**
- * Reads a secret token file: its first line, trimmed. Throws SC_ERR_BAD_CONFIG when the file
- * cannot be read, is empty, or the token is not one word of at most 4096 bytes. The token
- * itself never appears in an error.
+ * The one token file format, read by every server and by the CLI: one token per line, either
+ * `NAME:TOKEN` (NAME is 1–64 of `[A-Za-z0-9_.-]`) or a bare `TOKEN` (named `admin`); blank lines
+ * and `#` comments are skipped. Throws SC_ERR_BAD_CONFIG when no token is left, a name repeats,
+ * or a token is not one word of at most 4096 bytes. No token appears in an error.
+ */
+export function parseTokenLines(text: string, path = 'token file'): NamedToken[] {
+  const out: NamedToken[] = [];
+  for (const raw of text.split('\n')) {
+    const line = raw.trim();
+    if (!line || line.startsWith('#')) continue;
+    const m = /^([A-Za-z0-9_.-]{1,64}):(\S+)$/.exec(line);
+    const t = m ? { name: m[1], token: m[2] } : { name: 'admin', token: line };
+    if (/\s/.test(t.token) || t.token.length > 4096) throw scError('SC_ERR_BAD_CONFIG', `${path}: the token must be one word of at most 4096 bytes`);
+    if (out.some((o) => o.name === t.name)) throw scError('SC_ERR_BAD_CONFIG', `${path}: token name ${t.name} appears twice`);
+    out.push(t);
+  }
+  if (out.length === 0) throw scError('SC_ERR_BAD_CONFIG', `token file ${path} is empty`);
+  return out;
+}
+
+/**
+ * Reads a token file (format: parseTokenLines) and returns its first token, without its name:
+ * what a client sends, and the one token origin and stages accept. So the demo's
+ * `control.token` (`ops:…`) works as the CLI's --token-file as it is. Throws SC_ERR_BAD_CONFIG
+ * when the file cannot be read or holds no token.
  */
 export function readTokenFile(path: string): string {
-  let t: string;
+  let text: string;
   try {
-    t = readFileSync(path, 'utf8').split('\n')[0].trim();
+    text = readFileSync(path, 'utf8');
   } catch (err) {
     throw scError('SC_ERR_BAD_CONFIG', `cannot read token file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
   }
-  if (!t) throw scError('SC_ERR_BAD_CONFIG', `token file ${path} is empty`);
-  if (/\s/.test(t) || t.length > 4096) throw scError('SC_ERR_BAD_CONFIG', `token file ${path}: the token must be one word of at most 4096 bytes`);
-  return t;
+  return parseTokenLines(text, path)[0].token;
 }
 
 /**

@@ -21,7 +21,7 @@ export function register(program: Command): void {
     .description('Run the origin bundle store (blobs by sha256, signed manifests by name@version)')
     .option('--listen <host:port>', 'address to listen on (default 127.0.0.1:7070)')
     .option('--data <dir>', 'data directory (blobs/, manifests/, meta/, tmp/)')
-    .option('--token-file <file>', 'file whose first line is the bearer token that writes need')
+    .option('--token-file <file>', 'the bearer token that writes need: a token file as control reads it (NAME:TOKEN or TOKEN lines; the first counts)')
     .option('--trust-key <pem>', 'release public key (PEM); repeatable. When given, only manifests signed by one of them are accepted', collect)
     .option('--config <file>', 'YAML config file (keys: listen, data, tokenFile, trustKey, logLevel, maxManifestBytes, maxBlobSize, idleTimeoutSec)')
     .option('--max-blob-size <bytes>', 'largest accepted blob, e.g. 64GiB (default 64GiB); larger uploads get 413')

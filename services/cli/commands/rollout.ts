@@ -20,7 +20,7 @@ export interface ClientFlags {
 /** Adds --control, --token-file, --actor and --json to a command. */
 export function clientOptions(c: Command, write: boolean): Command {
   c.option('--control <url>', 'control plane URL', 'http://127.0.0.1:7090').option('--json', 'print JSON');
-  if (write) c.option('--token-file <file>', 'file holding a control write token').option('--actor <name>', 'who is acting (X-Actor, recorded in the audit log)');
+  if (write) c.option('--token-file <file>', "control write token: control's own token file works (NAME:TOKEN or TOKEN lines; the first is sent)").option('--actor <name>', 'who is acting (X-Actor, recorded in the audit log)');
   return c;
 }
 
