@@ -17,6 +17,11 @@ export interface ConfigSources {
   envPrefix?: string;
   /** Optional YAML file path. */
   file?: string;
+  /**
+   * The command-line flag of a setting, where it is not `--` + the key in kebab case (`upstreams`
+   * is `--upstream`); used to name a missing setting.
+   */
+  flagNames?: Record<string, string>;
 }
 
 /** Deep-freezes an object graph. */
@@ -30,6 +35,37 @@ export function deepFreeze<T>(o: T): Readonly<T> {
 
 function camelToEnv(k: string): string {
   return k.replace(/([a-z0-9])([A-Z])/g, '$1_$2').toUpperCase();
+}
+
+function camelToKebab(k: string): string {
+  return k.replace(/([a-z0-9])([A-Z])/g, '$1-$2').toLowerCase();
+}
+
+/**
+ * Says where a missing setting can be given: `'data' (--data or STAGECOACH_ORIGIN_DATA)`, so a
+ * person learns which setting and how to set it. In-process configs (no env prefix) get the key.
+ */
+function missingSetting(key: string, src: ConfigSources): string {
+  if (!src.envPrefix) return `'${key}'`;
+  const flag = src.flagNames?.[key] ?? `--${camelToKebab(key)}`;
+  return `'${key}' (${flag} or ${src.envPrefix}${camelToEnv(key)})`;
+}
+
+/**
+ * One line for the schema's complaints: settings that are absent are named as such (zod alone
+ * says `expected string, received undefined`), the rest keep their path and message.
+ */
+function configProblems(issues: z.core.$ZodIssue[], merged: Record<string, unknown>, src: ConfigSources): string {
+  const missing: string[] = [];
+  const other: string[] = [];
+  for (const i of issues) {
+    const key = i.path.length === 1 ? String(i.path[0]) : undefined;
+    if (key !== undefined && i.code === 'invalid_type' && merged[key] === undefined) missing.push(missingSetting(key, src));
+    else other.push(`${i.path.join('.') || '(root)'}: ${i.message}`);
+  }
+  const parts = missing.length ? [`missing setting${missing.length > 1 ? 's' : ''} ${missing.join(', ')}`] : [];
+  if (other.length) parts.push(`invalid configuration: ${other.join('; ')}`);
+  return parts.join('; ');
 }
 
 function defined(o: Record<string, unknown> = {}): Record<string, unknown> {
@@ -61,10 +97,7 @@ export function loadConfig<S extends z.ZodObject>(schema: S, src: ConfigSources 
   const merged = { ...fromFile, ...fromEnv, ...defined(src.flags) };
   const r = schema.safeParse(merged);
   if (!r.success) {
-    throw scError(
-      'SC_ERR_BAD_CONFIG',
-      `invalid configuration: ${r.error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`).join('; ')}`,
-    );
+    throw scError('SC_ERR_BAD_CONFIG', configProblems(r.error.issues, merged, src));
   }
   return deepFreeze(r.data);
 }

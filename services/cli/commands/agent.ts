@@ -70,6 +70,7 @@ export function register(program: Command): void {
               logLevel: o.logLevel,
             },
             file: o.config as string | undefined,
+            flagNames: { lockDurationMs: '--lock-duration', heartbeatMs: '--heartbeat' },
           },
           childArgs,
         );

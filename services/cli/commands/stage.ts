@@ -2,6 +2,9 @@
 import type { Command } from 'commander';
 import { action, collect, splitList } from '../util.js';
 
+/** Settings whose flag is not `--` + the key in kebab case (for naming a missing setting). */
+const STAGE_FLAG_NAMES = { upstreams: '--upstream', trustKeys: '--trust-key', idleTimeoutMs: '--idle-timeout', negativeTtlMs: '--negative-ttl' };
+
 /** Registers the `stage` command. */
 export function register(program: Command): void {
   program
@@ -45,7 +48,7 @@ export function register(program: Command): void {
             prefix: o.prefix,
             relaySecretFile: o.relaySecretFile,
           },
-          { file: o.config as string | undefined },
+          { file: o.config as string | undefined, flagNames: STAGE_FLAG_NAMES },
         );
       }),
     );
