@@ -2,14 +2,61 @@
  * `stagecoach`: one binary, one subcommand per file under ./commands. Service subcommands
  * start servers; client subcommands talk to services through their typed clients.
  */
-import { Command } from 'commander';
+import { Command, type CommanderError } from 'commander';
 import pkg from '../../package.json' with { type: 'json' };
+import { scError } from '../../shared/errors.js';
+import { printError } from './util.js';
 
 const program = new Command('stagecoach')
   .description('Swap the operating system of remote servers, safely, over the network.')
   .version(pkg.version)
-  .showHelpAfterError()
   .enablePositionalOptions();
+
+/**
+ * Output to a closed pipe (`stagecoach hosts | head -2`) ends the command at once, quietly, with
+ * exit status 0: the reader chose to stop reading, which is not a failure of the command, and 0
+ * (not the shell's 141 for SIGPIPE) keeps `set -o pipefail` scripts that cut a listing short
+ * working. Any other stdout error stays fatal.
+ */
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code === 'EPIPE') process.exit(0);
+  throw err;
+});
+
+/** A commander parse failure, with the command whose line it was (for its usage line). */
+class ParseExit extends Error {
+  constructor(
+    readonly command: Command,
+    readonly inner: CommanderError,
+  ) {
+    super(inner.message);
+  }
+}
+
+/**
+ * Makes commander report instead of exiting: on every command, its own error output is off
+ * (configureOutput) and a parse failure is thrown (exitOverride) to `reportParseExit`.
+ */
+function takeOverParseErrors(c: Command): void {
+  c.configureOutput({ outputError: () => {} }).exitOverride((err) => {
+    throw new ParseExit(c, err);
+  });
+  for (const sub of c.commands) takeOverParseErrors(sub);
+}
+
+/**
+ * A usage error (missing or unknown option, missing or extra argument, unknown command) prints
+ * `error SC_ERR_USAGE: …` and the command's one-line usage, and exits 2. --help and --version
+ * exit 0; a command group run without a subcommand has printed its help on stderr and exits 2.
+ */
+function reportParseExit(e: ParseExit): void {
+  const { command, inner } = e;
+  if (inner.exitCode === 0) return;
+  process.exitCode = 2;
+  if (inner.code === 'commander.help') return;
+  printError(scError('SC_ERR_USAGE', inner.message.replace(/^error: /, '')));
+  process.stderr.write(`usage: ${command.createHelp().commandUsage(command)}\n`);
+}
 
 // Each module registers one command (or a group), keyed by the command names it adds. Keep
 // this list in the order of `--help`. Only the module of the command being run is loaded, so a
@@ -38,4 +85,10 @@ for (const [, path] of only ? [only] : modules) {
   mod.register(program);
 }
 
-await program.parseAsync(process.argv);
+takeOverParseErrors(program);
+try {
+  await program.parseAsync(process.argv);
+} catch (err) {
+  if (!(err instanceof ParseExit)) throw err;
+  reportParseExit(err);
+}

@@ -1,6 +1,10 @@
 /** Small helpers every CLI command uses: reading secrets, printing, and exiting with a code. */
+import type { KeyObject } from 'node:crypto';
+import { mkdirSync, readFileSync, statSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
 import { readTokenFile } from '../../shared/config.js';
-import { type ScError, toScError } from '../../shared/errors.js';
+import { isScError, ScError, scError, toScError } from '../../shared/errors.js';
+import { loadPrivateKey } from '../../shared/manifest.js';
 
 export { readTokenFile };
 
@@ -22,21 +26,148 @@ export function collect(value: string, previous: string[] = []): string[] {
   return [...previous, value];
 }
 
+/** Words for the errno codes a person meets on the command line; others are shown as the bare code. */
+const ERRNO_WORDS: Record<string, string> = {
+  ENOENT: 'no such file or directory',
+  ENOTDIR: 'a part of the path is not a directory',
+  EACCES: 'permission denied',
+  EPERM: 'operation not permitted',
+  EROFS: 'read-only file system',
+  EISDIR: 'is a directory',
+  EEXIST: 'already exists',
+  ENOSPC: 'no space left on the device',
+};
+
+/** `no such file or directory (ENOENT)` for a Node system error; its message otherwise. */
+export function describeErrno(err: unknown): string {
+  const code = (err as NodeJS.ErrnoException)?.code;
+  if (typeof code === 'string' && /^E[A-Z]+$/.test(code)) return ERRNO_WORDS[code] ? `${ERRNO_WORDS[code]} (${code})` : code;
+  return err instanceof Error ? err.message : String(err);
+}
+
 /**
- * Wraps a command action: an ScError is printed as `error SC_ERR_…: message` on stderr (or as
- * JSON with --json) and the process exits 1. Anything else is an internal error, exit 1.
+ * Turns anything a command threw into the ScError a person reads. Libraries' errors that reach
+ * this far are translated here, once, so their wording never is the whole message: a Node file
+ * system error becomes SC_ERR_FILE_ACCESS naming its path, a Redis client that gave up becomes
+ * SC_ERR_REDIS_UNAVAILABLE. An ScError's `details.issues` (validation reasons) join its message,
+ * so text mode says as much as --json.
+ */
+export function cliError(err: unknown): ScError {
+  const sys = err as NodeJS.ErrnoException;
+  if (!(err instanceof ScError)) {
+    if (typeof sys?.code === 'string' && /^E[A-Z]+$/.test(sys.code) && typeof sys.path === 'string') {
+      return scError('SC_ERR_FILE_ACCESS', `cannot ${sys.syscall ?? 'use'} ${sys.path}: ${describeErrno(err)}`, { path: sys.path });
+    }
+    if (sys?.name === 'MaxRetriesPerRequestError') return scError('SC_ERR_REDIS_UNAVAILABLE', 'Redis does not answer');
+  }
+  const e = toScError(err);
+  const issues = e.details?.issues;
+  if (Array.isArray(issues) && issues.length && !e.message.includes(String(issues[0]))) {
+    const withIssues = scError(e.code, `${e.message}: ${issues.join('; ')}`, e.details);
+    if (e.hint) withIssues.hint = e.hint;
+    return withIssues;
+  }
+  return e;
+}
+
+/** Prints `error CODE: message` and, when there is one, `hint: …` on stderr: the two lines of every failure. */
+export function printError(e: ScError): void {
+  process.stderr.write(`error ${e.code}: ${e.message.replace(/\s*\n\s*/g, ' ')}\n`);
+  if (e.hint) process.stderr.write(`hint: ${e.hint}\n`);
+}
+
+/**
+ * Wraps a command action: a failure is printed by printError (and as JSON on stdout with
+ * --json) and the process exits 1. SC_ERR_INTERNAL prints its stack with STAGECOACH_DEBUG set.
  */
 export function action<A extends unknown[]>(fn: (...args: A) => Promise<void> | void): (...args: A) => Promise<void> {
   return async (...args: A) => {
     try {
       await fn(...args);
     } catch (err) {
-      const e: ScError = toScError(err);
+      const e = cliError(err);
       const wantJson = args.some((a) => a && typeof a === 'object' && (a as { json?: boolean }).json === true);
       if (wantJson) process.stdout.write(`${JSON.stringify(e.toJSON())}\n`);
-      process.stderr.write(`error ${e.code}: ${e.message}\n`);
+      printError(e);
       if (e.code === 'SC_ERR_INTERNAL' && process.env.STAGECOACH_DEBUG) process.stderr.write(`${(err as Error).stack}\n`);
       process.exitCode = 1;
     }
   };
+}
+
+/**
+ * Creates `dir` and its missing parents with `mode`, one level at a time. Node's own
+ * `mkdir({recursive: true})` never returns when a parent refuses new entries with ENOENT (as
+ * /proc does): it retries the same mkdir forever. Here the second ENOENT for the same path ends
+ * it. Throws SC_ERR_FILE_ACCESS naming the directory.
+ */
+export function makeDir(dir: string, mode = 0o777): void {
+  const path = resolve(dir);
+  try {
+    mkdirSync(path, { mode });
+    return;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST' && isDir(path)) return;
+    if (code !== 'ENOENT' || dirname(path) === path) throw dirError(path, err);
+  }
+  makeDir(dirname(path), mode);
+  try {
+    mkdirSync(path, { mode });
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST' && isDir(path)) return;
+    // The parent exists now, so ENOENT means it takes no new directories (/proc, /sys).
+    if (code === 'ENOENT') throw scError('SC_ERR_FILE_ACCESS', `cannot create directory ${path}: ${dirname(path)} takes no new directories (ENOENT)`, { path });
+    throw dirError(path, err);
+  }
+}
+
+function isDir(path: string): boolean {
+  try {
+    return statSync(path).isDirectory();
+  } catch {
+    return false;
+  }
+}
+
+function dirError(path: string, err: unknown): ScError {
+  const why = (err as NodeJS.ErrnoException).code === 'EEXIST' ? 'a file of that name exists' : describeErrno(err);
+  return scError('SC_ERR_FILE_ACCESS', `cannot create directory ${path}: ${why}`, { path });
+}
+
+/**
+ * Checks that the directory a file is to be written into exists, before any work that would
+ * fail only at the end. Throws SC_ERR_FILE_ACCESS naming the directory and the flag.
+ */
+export function requireParentDir(file: string, flag: string): void {
+  const dir = dirname(resolve(file));
+  if (!isDir(dir)) throw scError('SC_ERR_FILE_ACCESS', `cannot write ${flag} ${file}: directory ${dir} does not exist`, { path: dir });
+}
+
+/**
+ * Loads the ed25519 private key a --signing-key flag names. The usual mistake, a `.pub` file
+ * where the `.key` belongs, gets its own message and hint instead of OpenSSL's decoder error.
+ * Throws SC_ERR_BAD_CONFIG when the file cannot be read, SC_ERR_BAD_KEY when it is not a key.
+ */
+export function loadSigningKey(path: string, flag = '--signing-key'): KeyObject {
+  let pem: string;
+  try {
+    pem = readFileSync(path, 'utf8');
+  } catch (err) {
+    throw scError('SC_ERR_BAD_CONFIG', `cannot read ${flag} ${path}: ${describeErrno(err)}`, { path });
+  }
+  if (/-----BEGIN PUBLIC KEY-----/.test(pem)) {
+    throw scError('SC_ERR_BAD_KEY', `${flag} ${path} holds a public key`, { path }).withHint(
+      `this looks like a public key; ${flag} wants the private key from 'stagecoach keys gen' (release.key or control.key)`,
+    );
+  }
+  try {
+    return loadPrivateKey(pem);
+  } catch (err) {
+    if (!isScError(err, 'SC_ERR_BAD_KEY')) throw err;
+    throw scError('SC_ERR_BAD_KEY', `${flag} ${path} is not an ed25519 private key in PEM`, { path }).withHint(
+      `${flag} wants a private key written by 'stagecoach keys gen' (release.key or control.key)`,
+    );
+  }
 }

@@ -2,13 +2,13 @@
  * `stagecoach acl gen`: the Redis ACL file (one user per agent limited to its own keys, one per
  * relay limited to its colo's queue, one for control, default user off) and each user's credentials, derived from one secret file.
  */
-import { chmodSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Command } from 'commander';
 import { credentialUrl, generateAcl } from '../../../infra/redis/acl-gen.js';
 import { relayToken } from '../../../shared/protocol/index.js';
 import { scError } from '../../../shared/errors.js';
-import { action, printJson, readTokenFile, splitList } from '../util.js';
+import { action, makeDir, printJson, readTokenFile, splitList } from '../util.js';
 
 interface GenFlags {
   prefix: string;
@@ -59,7 +59,7 @@ export function register(program: Command): void {
         }
         const withUrls = users.map((u) => ({ user: u.user, role: u.role, ...(u.host ? { host: u.host } : {}), ...(u.colo ? { colo: u.colo } : {}), url: credentialUrl(f.redisUrl, u.user, u.password) }));
         if (f.credentialsDir) {
-          mkdirSync(f.credentialsDir, { recursive: true, mode: 0o700 });
+          makeDir(f.credentialsDir, 0o700);
           for (const u of withUrls) writeFileSync(join(f.credentialsDir, `${u.user}.url`), `${u.url}\n`, { mode: 0o600 });
         }
         if (f.json) printJson({ acl: text, users: withUrls });

@@ -2,7 +2,8 @@
 import type { Command } from 'commander';
 import { loadControlConfig } from '../../control/config.js';
 import { runControl } from '../../control/main.js';
-import { action, collect } from '../util.js';
+import { scError } from '../../../shared/errors.js';
+import { action, collect, loadSigningKey } from '../util.js';
 
 interface ControlFlags {
   listen?: string;
@@ -18,6 +19,23 @@ interface ControlFlags {
   preheatTimeout?: string;
   config?: string;
   logLevel?: string;
+}
+
+/** True for the ioredis failures that mean "no Redis answers" (it gave up retrying, or was refused). */
+function redisDown(err: unknown): boolean {
+  const e = err as { name?: string; code?: string };
+  return e?.name === 'MaxRetriesPerRequestError' || e?.code === 'ECONNREFUSED';
+}
+
+/** The Redis URL as it may be shown: the password (from an ACL credentials URL) is left out. */
+function withoutPassword(url: string): string {
+  try {
+    const u = new URL(url);
+    u.password = '';
+    return u.toString();
+  } catch {
+    return '(unparsable --redis URL)';
+  }
 }
 
 /** Registers `stagecoach control`. */
@@ -42,6 +60,7 @@ export function register(program: Command): void {
       action(async (f: ControlFlags) => {
         const cfg = loadControlConfig({
           file: f.config,
+          flagNames: { preheatTimeoutSec: '--preheat-timeout' },
           flags: {
             listen: f.listen,
             redis: f.redis,
@@ -57,7 +76,10 @@ export function register(program: Command): void {
             logLevel: f.logLevel,
           },
         });
-        await runControl(cfg);
+        loadSigningKey(cfg.signingKey); // a .pub given as the key gets its hint before anything starts
+        await runControl(cfg).catch((err: unknown) => {
+          throw redisDown(err) ? scError('SC_ERR_REDIS_UNAVAILABLE', `cannot reach Redis at ${withoutPassword(cfg.redis)}`).withHint('check --redis and that Redis is running') : err;
+        });
       }),
     );
 }

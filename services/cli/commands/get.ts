@@ -5,16 +5,16 @@
  */
 import type { KeyObject } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { mkdir, readFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
 import { readIdentityFile } from '../../../shared/bundle/age.js';
 import { unpackBundle } from '../../../shared/bundle/index.js';
-import { scError } from '../../../shared/errors.js';
+import { isScError, scError } from '../../../shared/errors.js';
 import { type FetchProgress, fetchBlob, fetchManifest, selectSources } from '../../../shared/fetch.js';
 import { loadPublicKey } from '../../../shared/manifest.js';
 import { parseRef } from '../../../shared/names.js';
-import { action, collect, printJson, splitList } from '../util.js';
+import { action, collect, makeDir, printJson, requireParentDir, splitList } from '../util.js';
 
 interface GetFlags {
   from?: string;
@@ -71,6 +71,16 @@ async function readKeys(paths: string[]): Promise<KeyObject[]> {
   );
 }
 
+/**
+ * The answer to a typo in NAME@VERSION: the ref once, the sources asked once each, and where to
+ * look up what is published (`bundles` reads any stage as well as origin).
+ */
+function notPublished(name: string, version: string, sources: readonly string[], details?: Record<string, unknown>) {
+  return scError('SC_ERR_MANIFEST_NOT_FOUND', `${name}@${version} is not published (asked ${sources.join(', ')})`, details).withHint(
+    `run 'stagecoach bundles --origin ${sources.at(-1)}' to see what is published`,
+  );
+}
+
 async function runGet(ref: string, flags: GetFlags): Promise<void> {
   const { name, version } = parseRef(ref);
   const stages = splitList(flags.from);
@@ -81,9 +91,12 @@ async function runGet(ref: string, flags: GetFlags): Promise<void> {
   const retries = intFlag('retries', flags.retries, 0);
   if (flags.identity && !flags.unpack) throw scError('SC_ERR_BAD_CONFIG', '--identity is only used with --unpack');
   const identities = flags.identity ? await readIdentityFile(flags.identity) : [];
+  requireParentDir(flags.out, '--out');
 
   const { sources, stages: stageList, origin, probes } = await selectSources(stages, { origin: flags.origin, timeoutMs: probeTimeout });
-  const fm = await fetchManifest(sources, name, version, trusted);
+  const fm = await fetchManifest(sources, name, version, trusted).catch((err: unknown) => {
+    throw isScError(err, 'SC_ERR_MANIFEST_NOT_FOUND') ? notPublished(name, version, sources, err.details) : err;
+  });
   const m = fm.manifest;
   if (flags.unpack && m.blob.encryption === 'age' && identities.length === 0) {
     throw scError('SC_ERR_BAD_CONFIG', `${name}@${version} is encrypted: --unpack needs --identity`);
@@ -122,7 +135,7 @@ async function runGet(ref: string, flags: GetFlags): Promise<void> {
 
   let unpacked: { dir: string; entries: number; skipped: number } | undefined;
   if (flags.unpack) {
-    await mkdir(flags.unpack, { recursive: true });
+    makeDir(flags.unpack);
     const r = await unpackBundle(createReadStream(res.path, { highWaterMark: 1 << 20 }), {
       dir: flags.unpack,
       compression: m.blob.compression,

@@ -13,14 +13,14 @@
  * failure is removed again).
  */
 import { generateKeyPairSync } from 'node:crypto';
-import { existsSync, mkdirSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { open, unlink } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import type { Command } from 'commander';
 import { generateAgeIdentity } from '../../../shared/bundle/index.js';
 import { scError } from '../../../shared/errors.js';
 import { keyId, loadPrivateKey, loadPublicKey } from '../../../shared/manifest.js';
-import { action, printJson } from '../util.js';
+import { action, describeErrno, makeDir, printJson } from '../util.js';
 
 /** File names written by `keys gen`, relative to the output directory. */
 export const KEY_FILES = {
@@ -56,18 +56,15 @@ function created(now: Date): string {
 /**
  * Writes the six key files into `outDir` (created with mode 0700 if missing). Throws
  * SC_ERR_FILE_EXISTS, writing nothing, when any of them already exists; file system errors
- * become SC_ERR_BAD_CONFIG, and files created before the failure are removed.
+ * become SC_ERR_FILE_ACCESS (at once: see makeDir), and files created before the failure are
+ * removed.
  */
 export async function generateKeys(outDir: string): Promise<GeneratedKeys> {
   const dir = resolve(outDir);
   const files = Object.fromEntries(Object.entries(KEY_FILES).map(([k, f]) => [k, join(dir, f)])) as GeneratedKeys['files'];
   const existing = Object.values(files).filter((p) => existsSync(p));
   if (existing.length) throw scError('SC_ERR_FILE_EXISTS', `refusing to overwrite ${existing.join(', ')}`, { files: existing });
-  try {
-    mkdirSync(dir, { recursive: true, mode: 0o700 });
-  } catch (err) {
-    throw scError('SC_ERR_BAD_CONFIG', `cannot create ${dir}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
-  }
+  makeDir(dir, 0o700);
 
   const release = ed25519Pem();
   const control = ed25519Pem();
@@ -98,7 +95,7 @@ export async function generateKeys(outDir: string): Promise<GeneratedKeys> {
     await Promise.all(written.map((p) => unlink(p).catch(() => {})));
     const code = (err as NodeJS.ErrnoException).code;
     if (code === 'EEXIST') throw scError('SC_ERR_FILE_EXISTS', `refusing to overwrite ${(err as NodeJS.ErrnoException).path}`);
-    throw scError('SC_ERR_BAD_CONFIG', `cannot write keys into ${dir}: ${code ?? (err as Error).message}`);
+    throw scError('SC_ERR_FILE_ACCESS', `cannot write keys into ${dir}: ${describeErrno(err)}`, { path: dir });
   }
 
   return {

@@ -17,7 +17,7 @@
  * compression, no encryption, no upload) and compared, with the manifest's role, os and blob
  * format: equal → nothing to do (exit 0); different → SC_ERR_VERSION_EXISTS (exit 1).
  */
-import { createWriteStream, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { createWriteStream, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { createHash } from 'node:crypto';
@@ -32,7 +32,6 @@ import {
   COMPRESSIONS,
   type Compression,
   canonicalJson,
-  loadPrivateKey,
   type Manifest,
   NET_FORMATS,
   type NetFormat,
@@ -52,7 +51,7 @@ import {
   XATTR_KEY,
 } from '../../../shared/bundle/index.js';
 import { type ManifestRecord, OriginClient } from '../../origin/client.js';
-import { action, collect, printJson, readTokenFile } from '../util.js';
+import { action, collect, loadSigningKey, printJson, readTokenFile } from '../util.js';
 
 interface PublishFlags {
   origin: string;
@@ -299,13 +298,7 @@ async function runPublish(path: string, flags: PublishFlags): Promise<void> {
   }
   const input = bundleInput(path);
   const token = readTokenFile(flags.tokenFile);
-  let keyPem: Buffer;
-  try {
-    keyPem = readFileSync(flags.signingKey);
-  } catch (err) {
-    throw scError('SC_ERR_BAD_CONFIG', `cannot read signing key ${flags.signingKey}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
-  }
-  const key = loadPrivateKey(keyPem);
+  const key = loadSigningKey(flags.signingKey);
   const recipients = await loadRecipients(flags);
   const encryption = recipients.length > 0 ? 'age' : 'none';
   const tty = Boolean(process.stderr.isTTY) && !flags.json;
