@@ -159,7 +159,7 @@ export function parseTokenLines(text: string, path = 'token file'): NamedToken[]
     if (out.some((o) => o.name === t.name)) throw scError('SC_ERR_BAD_CONFIG', `${path}: token name ${t.name} appears twice`);
     out.push(t);
   }
-  if (out.length === 0) throw scError('SC_ERR_BAD_CONFIG', `token file ${path} is empty`);
+  if (out.length === 0) throw scError('SC_ERR_BAD_CONFIG', `${path} holds no token`);
   return out;
 }
 
@@ -176,7 +176,7 @@ export function readTokenFile(path: string): string {
   } catch (err) {
     throw scError('SC_ERR_BAD_CONFIG', `cannot read token file ${path}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
   }
-  return parseTokenLines(text, path)[0].token;
+  return parseTokenLines(text, `token file ${path}`)[0].token;
 }
 
 /**
