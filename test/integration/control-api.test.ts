@@ -198,7 +198,7 @@ describe('control API', () => {
       v.hosts.map((h: { host: string; status: string }) => `${h.host}:${h.status}`),
       ['h1:queued', 'h3:skipped', 'h2:skipped', 'h4:skipped'],
     );
-    assert.equal((await f.call(c.url, 'POST', '/v1/rollouts/r-nope-000000/pause', { token: f.tokens.ops })).status, 409);
+    assert.equal((await f.call(c.url, 'POST', '/v1/rollouts/r-nope-000000/pause', { token: f.tokens.ops })).status, 404);
     assert.equal((await f.call(c.url, 'GET', '/v1/rollouts/r-nope-000000')).status, 404);
     assert.equal((await f.call(c.url, 'GET', '/v1/rollouts/..%2f')).status, 404);
   });

@@ -4,7 +4,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { z } from 'zod';
-import { loadConfig, parseBytes, parseListen } from '../../shared/config.js';
+import { loadConfig, parseBytes, parseListen, parseTokenLines } from '../../shared/config.js';
+import { parseTokens } from '../../services/control/config.js';
 import { ERRORS, isScError } from '../../shared/errors.js';
 import { readFileSync } from 'node:fs';
 
@@ -53,5 +54,33 @@ test('every error code is documented in the README with its HTTP status', () => 
   const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
   for (const [code, { status }] of Object.entries(ERRORS)) {
     assert.match(readme, new RegExp(`\\| \`${code}\` \\| ${status} \\|`), `${code} (${status}) is not in README's error table`);
+  }
+});
+
+test('config: a missing setting is named with its flag and environment variable', () => {
+  const required = z.strictObject({ data: z.string(), upstreams: z.array(z.string()), colo: z.string().optional() });
+  assert.throws(
+    () => loadConfig(required, { env: {}, envPrefix: 'SC_X_', flagNames: { upstreams: '--upstream' } }),
+    (e) =>
+      isScError(e, 'SC_ERR_BAD_CONFIG') &&
+      e.message === "missing settings 'data' (--data or SC_X_DATA), 'upstreams' (--upstream or SC_X_UPSTREAMS)",
+  );
+  // A setting that is there but wrong keeps its own complaint.
+  assert.throws(
+    () => loadConfig(required, { env: {}, envPrefix: 'SC_X_', flags: { data: 5, upstreams: ['u'] } }),
+    (e) => isScError(e, 'SC_ERR_BAD_CONFIG') && /^invalid configuration: data: /.test(e.message),
+  );
+});
+
+test('token files: one format; the shared parser and control agree', () => {
+  const text = '# control write tokens\nops:abc123\n\nci:def-456\n';
+  assert.deepEqual(parseTokenLines(text), [
+    { name: 'ops', token: 'abc123' },
+    { name: 'ci', token: 'def-456' },
+  ]);
+  assert.deepEqual(parseTokenLines('bare-token\n'), [{ name: 'admin', token: 'bare-token' }]);
+  for (const t of [text, 'bare-token\n', 'a.b_c-1:x:y\n']) assert.deepEqual(parseTokenLines(t), parseTokens(t));
+  for (const bad of ['', '# only a comment\n', 'a:1\na:2\n', 'two words\n']) {
+    assert.throws(() => parseTokenLines(bad), (e) => isScError(e, 'SC_ERR_BAD_CONFIG'));
   }
 });
