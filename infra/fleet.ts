@@ -236,7 +236,7 @@ export async function startFleetAgents(hosts: SimHost[], o: FleetAgentOptions): 
       logger: o.logger ?? silentLogger,
       keys: o.keys.agent,
       onReboot: o.onReboot,
-      ...(relay ? { relayToken: relayToken(o.relaySecret!, h.hostId) } : {}),
+      ...(relay ? { relayToken: relayToken({ kid: '1', secret: o.relaySecret! }, h.colo, h.hostId) } : {}),
     });
     handles.set(h.hostId, handle);
   };

@@ -13,6 +13,7 @@
  * One agent per machine: each instance holds `DIR/agent.lock` (sim) or the pid file (linux)
  * while it runs (lock.ts).
  */
+import { parseRelayToken } from '../../shared/protocol/index.js';
 import { trustCa } from '../../shared/tls.js';
 import { existsSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
@@ -90,7 +91,7 @@ export function readRelayToken(cfg: Pick<AgentConfig, 'relayTokenFile'>): string
   } catch (err) {
     throw scError('SC_ERR_BAD_CONFIG', `cannot read relay token file ${cfg.relayTokenFile}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
   }
-  if (!/^[0-9a-f]{64}$/.test(t)) throw scError('SC_ERR_BAD_CONFIG', `relay token file ${cfg.relayTokenFile} does not hold a 64-hex-digit token`);
+  if (!parseRelayToken(t)) throw scError('SC_ERR_BAD_CONFIG', `relay token file ${cfg.relayTokenFile} does not hold a relay token (KID.HEX: stagecoach acl relay-token)`);
   return t;
 }
 

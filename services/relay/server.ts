@@ -27,7 +27,7 @@
  *   them at once (`extendLock` with the same token succeeds) and hands them out again; if none
  *   restarts, BullMQ's stalled-job check (run by every relay of the colo) returns them to wait
  *   after `lockDurationMs`.
- * - Hosts authenticate with `Authorization: Bearer <relayToken(secret, id)>` and
+ * - Hosts authenticate with `Authorization: Bearer <relayToken(secret, colo, id)>` and
  *   `X-Stagecoach-Host: <id>` (a per-host HMAC, nothing stored per host): a host can only take
  *   and report its own jobs (403 otherwise). The relay never sees step secrets and cannot forge a
  *   step: the agent verifies control's signature on every job. It cannot replay one either (the
@@ -51,7 +51,10 @@ import {
   queuePresence,
   queueReport,
   relayLockToken,
-  relayToken,
+  coloRelayKey,
+  parseRelayToken,
+  type RelaySecret,
+  relayMac,
   type StepPayload,
   type StepReport,
 } from '../../shared/protocol/index.js';
@@ -68,8 +71,11 @@ export interface RelayOptions {
   colo: string;
   redisUrl: string;
   prefix: string;
-  /** The relay secret hosts' tokens derive from (never logged). */
-  secret: string | Buffer;
+  /**
+   * The fleet's relay secrets, current first (shared/protocol/relay-wire.ts): a host's token is
+   * accepted under any of them, and only for this relay's colo. Never logged.
+   */
+  secrets: readonly RelaySecret[];
   log: Logger;
   /** BullMQ lock duration of held jobs, ms (default 30000; renewed every third). */
   lockDurationMs?: number;
@@ -243,20 +249,26 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
 
   // ---------------------------------------------------------------- HTTP
 
-  // Each host's expected token, derived once (an HMAC per request adds up at thousands of hosts).
-  const tokens = new LRUCache<string, Buffer>({ max: 100_000 });
+  // The colo's key per key id, derived once; each host's expected MAC, derived once (an HMAC per
+  // request adds up at thousands of hosts).
+  const coloKeys = new Map(o.secrets.map((x) => [x.kid, coloRelayKey(x.secret, o.colo)]));
+  const macs = new LRUCache<string, Buffer>({ max: 100_000 });
   const authHost = (req: Request): string => {
-    const m = /^Bearer\s+([0-9a-f]{64})\s*$/i.exec(req.headers.authorization ?? '');
+    const m = /^Bearer\s+(\S+)\s*$/i.exec(req.headers.authorization ?? '');
     const host = req.headers['x-stagecoach-host'];
     if (!m || typeof host !== 'string') throw scError('SC_ERR_UNAUTHORIZED', 'relay requests need a host token and X-Stagecoach-Host');
     if (!HOST_ID_RE.test(host)) throw scError('SC_ERR_FORBIDDEN', 'bad host id');
-    let want = tokens.get(host);
+    const t = parseRelayToken(m[1]);
+    if (!t) throw scError('SC_ERR_FORBIDDEN', 'malformed relay token (expected KID.HEX: make it again with stagecoach acl relay-token)');
+    const key = coloKeys.get(t.kid);
+    if (!key) throw scError('SC_ERR_FORBIDDEN', `relay token key id ${t.kid} is not accepted here (rotated out?)`);
+    const k = `${t.kid}:${host}`;
+    let want = macs.get(k);
     if (!want) {
-      want = Buffer.from(relayToken(o.secret, host), 'hex');
-      tokens.set(host, want);
+      want = relayMac(key, host);
+      macs.set(k, want);
     }
-    const got = Buffer.from(m[1].toLowerCase(), 'hex');
-    if (want.length !== got.length || !timingSafeEqual(want, got)) throw scError('SC_ERR_FORBIDDEN', 'wrong relay token for this host');
+    if (want.length !== t.mac.length || !timingSafeEqual(want, t.mac)) throw scError('SC_ERR_FORBIDDEN', `wrong relay token for host ${host} at colo ${o.colo}`);
     return host;
   };
   const pathHost = (req: Request, host: string) => {

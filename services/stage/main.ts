@@ -21,6 +21,7 @@ import { ManifestCache } from './manifests.js';
 import { createStageMetrics } from './metrics.js';
 import { createStageApp, onClientError } from './server.js';
 import { type Relay, type RelayStats, startRelay } from '../relay/server.js';
+import { readRelaySecrets } from '../../shared/protocol/index.js';
 import { Upstreams } from './upstreams.js';
 
 /** Optional collaborators for `startStage`. */
@@ -90,13 +91,13 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
 
   let relay: Relay | null = null;
   if (config.redis) {
-    const secret = config.relaySecret ?? (config.relaySecretFile ? readTokenFile(config.relaySecretFile) : undefined);
-    if (!secret) throw scError('SC_ERR_BAD_CONFIG', 'the relay (--redis) needs --relay-secret-file');
+    const secrets = config.relaySecret ? [{ kid: '1', secret: config.relaySecret }] : config.relaySecretFile ? readRelaySecrets(config.relaySecretFile) : undefined;
+    if (!secrets) throw scError('SC_ERR_BAD_CONFIG', 'the relay (--redis) needs --relay-secret-file');
     relay = await startRelay({
       colo: config.colo,
       redisUrl: config.redis,
       prefix: config.prefix,
-      secret,
+      secrets,
       log,
       lockDurationMs: config.relayLockDurationMs,
       stalledIntervalMs: config.relayStalledIntervalMs,

@@ -191,7 +191,7 @@ export async function runProof(o: ProofOptions): Promise<ProofResult> {
       '/etc/stagecoach/release.pub': [0o644, await fsp.readFile(keys.files.releasePub, 'utf8')],
       '/etc/stagecoach/control.pub': [0o644, await fsp.readFile(keys.files.controlPub, 'utf8')],
       '/etc/stagecoach/fleet.age': [0o600, await fsp.readFile(keys.files.fleetIdentity, 'utf8')],
-      '/etc/stagecoach/relay.token': [0o600, `${relayToken(relaySecret, HOST_ID)}\n`],
+      '/etc/stagecoach/relay.token': [0o600, `${relayToken({ kid: '1', secret: relaySecret }, COLO, HOST_ID)}\n`],
       '/etc/stagecoach/agent.yaml': [0o600, agentYaml(o.firmware, prefix)],
       '/etc/systemd/system/stagecoach-agent.service': [0o644, agentUnit()],
     }, say);

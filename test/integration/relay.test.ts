@@ -11,10 +11,12 @@ import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { createHmac, randomBytes } from 'node:crypto';
 import { Queue } from 'bullmq';
 import { coloQueueName, convertSequence, keys, relayToken, type StepRoute } from '../../shared/protocol/index.js';
 import { startFleetAgents } from '../../infra/fleet.js';
 import { RelayTransport } from '../../services/relay/client.js';
+import { startStage } from '../../services/stage/main.js';
 import { silentLogger } from '../../shared/log.js';
 import { startTestFleet, type TestFleet, until } from '../helpers/fleet.js';
 
@@ -62,7 +64,7 @@ describe('relay mode', () => {
     const points = ['install-base:mid', 'capture-config:after', 'boot-base:before', 'install-target:mid'];
     for (const p of points) await writeFile(join(hooks, `${p}.arm`), '');
     const tokenFile = join(f.root, 'relay.token');
-    await writeFile(tokenFile, `${relayToken(f.relaySecret, host.hostId)}\n`);
+    await writeFile(tokenFile, `${relayToken({ kid: '1', secret: f.relaySecret }, 'c1', host.hostId)}\n`);
     const relayUrl = f.stages.c1[0].url;
     const sup: ChildProcess = spawn(
       process.execPath,
@@ -129,7 +131,7 @@ describe('relay mode', () => {
     const url = f.stages.c1[0].url;
     const ids = await f.producer.enqueueSequence(h3.hostId, 'rrelay2', seq(), { route: ROUTE });
     await until(async () => (f.stages.c1[0].relay()?.held ?? 0) >= 1, 10_000, 'the relay holds the job');
-    const tok2 = relayToken(f.relaySecret, h2.hostId);
+    const tok2 = relayToken({ kid: '1', secret: f.relaySecret }, 'c1', h2.hostId);
     const hdr = (tok: string | null, host: string) => ({
       ...(tok ? { authorization: `Bearer ${tok}` } : {}),
       'x-stagecoach-host': host,
@@ -152,7 +154,7 @@ describe('relay mode', () => {
     assert.equal(r.status, 204);
     assert.equal(await queue.getJobState(ids[0]), 'active');
     // h3's own token gets it.
-    r = await fetch(`${url}/v1/relay/hosts/${h3.hostId}/next?wait=0`, { headers: hdr(relayToken(f.relaySecret, h3.hostId), h3.hostId) });
+    r = await fetch(`${url}/v1/relay/hosts/${h3.hostId}/next?wait=0`, { headers: hdr(relayToken({ kid: '1', secret: f.relaySecret }, 'c1', h3.hostId), h3.hostId) });
     assert.equal(r.status, 200);
     const body = (await r.json()) as { job: { id: string; data: { payload: { host: string } } } };
     assert.equal(body.job.id, ids[0]);
@@ -160,11 +162,39 @@ describe('relay mode', () => {
     await queue.obliterate({ force: true }).catch(() => {});
   });
 
+  it('accepts a token only at its own colo, under a key id it knows: two during a rotation', async () => {
+    const dir = join(f.root, 'rotation');
+    await mkdir(dir, { recursive: true });
+    const old = { kid: '1', secret: f.relaySecret };
+    const next = { kid: '2', secret: randomBytes(32).toString('hex') };
+    const file = join(dir, 'relay.secrets');
+    await writeFile(file, `# current first\n${next.kid}:${next.secret}\n${old.kid}:${old.secret}\n`, { mode: 0o600 });
+    // A relay of colo c9 (no hosts, so it takes no one's jobs) under both secrets.
+    const stage = await startStage(
+      { listen: '127.0.0.1:0', upstreams: [f.origin.url], cache: join(dir, 'cache'), colo: 'c9', logLevel: 'silent', redis: f.redisUrl, prefix: f.prefix, relaySecretFile: file },
+      { log: silentLogger },
+    );
+    try {
+      const poll = async (token: string) =>
+        (await fetch(`${stage.url}/v1/relay/hosts/h-rot/next?wait=0`, { headers: { authorization: `Bearer ${token}`, 'x-stagecoach-host': 'h-rot' } })).status;
+      assert.equal(await poll(relayToken(next, 'c9', 'h-rot')), 204, 'the current key');
+      assert.equal(await poll(relayToken(old, 'c9', 'h-rot')), 204, 'the previous key, during the rotation');
+      assert.equal(await poll(relayToken(old, 'c1', 'h-rot')), 403, "another colo's token");
+      assert.equal(await poll(relayToken({ kid: '3', secret: next.secret }, 'c9', 'h-rot')), 403, 'an unknown key id');
+      assert.equal(await poll(relayToken(next, 'c9', 'h-rot2')), 403, "another host's token");
+      const legacy = createHmac('sha256', old.secret).update('h-rot').digest('hex');
+      assert.equal(await poll(legacy), 403, 'a token without key id and colo');
+      assert.notEqual(relayToken(old, 'c9', 'h-rot'), relayToken(old, 'c1', 'h-rot'));
+    } finally {
+      await stage.close();
+    }
+  });
+
   it("sends a step's log lines with its completion, not one request each", async () => {
     const [, h2] = f.hosts;
     const stage = f.stages.c1[0];
     const ids = await f.producer.enqueueSequence(h2.hostId, 'rrelay4', seq(), { route: ROUTE });
-    const t = new RelayTransport({ hostId: h2.hostId, relays: [stage.url], token: relayToken(f.relaySecret, h2.hostId), logger: silentLogger, waitSec: 5 });
+    const t = new RelayTransport({ hostId: h2.hostId, relays: [stage.url], token: relayToken({ kid: '1', secret: f.relaySecret }, 'c1', h2.hostId), logger: silentLogger, waitSec: 5 });
     try {
       const job = await until(async () => (await t.next()) ?? null, 20_000, 'the first job');
       assert.equal(job.id, ids[0]);

@@ -6,7 +6,7 @@ import { chmodSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Command } from 'commander';
 import { credentialUrl, generateAcl } from '../../../infra/redis/acl-gen.js';
-import { relayToken } from '../../../shared/protocol/index.js';
+import { readRelaySecrets, relayToken } from '../../../shared/protocol/index.js';
 import { scError } from '../../../shared/errors.js';
 import { action, makeDir, printJson, readTokenFile, splitList } from '../util.js';
 
@@ -70,13 +70,18 @@ export function register(program: Command): void {
 
   acl
     .command('relay-token')
-    .description("Print a host's relay token: hex HMAC-SHA256(relay secret, host id); give it to the agent as --relay-token-file")
-    .requiredOption('--secret-file <file>', "the relay secret file (the stage's --relay-secret-file)")
+    .description("Print a host's relay token (KID.HEX, bound to its colo: see README, relay tokens); give it to the agent as --relay-token-file")
+    .requiredOption('--secret-file <file>', "the fleet's relay secrets (KID:SECRET lines, current first; the stage's --relay-secret-file)")
+    .requiredOption('--colo <colo>', "the host's colo (its token works only at that colo's relay)")
     .requiredOption('--host <id>', 'host id')
+    .option('--kid <id>', 'make the token under this key id (default: the first line of the secrets file)')
     .option('--out <file>', 'write the token here (mode 0600) instead of stdout')
     .action(
-      action(async (f: { secretFile: string; host: string; out?: string }) => {
-        const token = relayToken(readTokenFile(f.secretFile), f.host);
+      action(async (f: { secretFile: string; colo: string; host: string; kid?: string; out?: string }) => {
+        const secrets = readRelaySecrets(f.secretFile);
+        const secret = f.kid === undefined ? secrets[0] : secrets.find((x) => x.kid === f.kid);
+        if (!secret) throw scError('SC_ERR_BAD_REQUEST', `${f.secretFile} has no key id ${f.kid}`);
+        const token = relayToken(secret, f.colo, f.host);
         if (f.out) writeFileSync(f.out, `${token}\n`, { mode: 0o600 });
         else process.stdout.write(`${token}\n`);
       }),

@@ -25,7 +25,7 @@ export function register(program: Command): void {
     .option('--negative-ttl <ms>', 'remember upstream 404s this long (default 5000)')
     .option('--redis <url>', "relay on: the fleet's Redis URL; this stage then serves its colo's hosts in relay mode")
     .option('--prefix <p>', 'relay: Redis key prefix of the fleet (default stagecoach)')
-    .option('--relay-secret-file <file>', 'relay: file with the secret host tokens derive from (stagecoach acl relay-token)')
+    .option('--relay-secret-file <file>', 'relay: the fleet relay secrets (KID:SECRET lines, current first) host tokens derive from (stagecoach acl relay-token)')
     .option('--config <file>', 'YAML config file (keys as in the README)')
     .option('--log-level <level>', 'pino log level (default info)')
     .action(
