@@ -189,14 +189,14 @@ export interface FetchedManifest {
 }
 
 /** Order in which per-source failures are reported when every source failed: security first. */
-const MANIFEST_ERROR_PRIORITY: ErrorCode[] = ['SC_ERR_BAD_SIGNATURE', 'SC_ERR_UNTRUSTED_KEY', 'SC_ERR_BAD_MANIFEST', 'SC_ERR_MANIFEST_NOT_FOUND'];
+const MANIFEST_ERROR_PRIORITY: ErrorCode[] = ['SC_ERR_BAD_SIGNATURE', 'SC_ERR_UNTRUSTED_KEY', 'SC_ERR_BAD_MANIFEST', 'SC_ERR_TLS', 'SC_ERR_MANIFEST_NOT_FOUND'];
 
 /**
  * Fetches `name@version` from the first source whose answer parses (parseManifest), names the
  * requested bundle, and verifies against `trusted`. A source that fails in any way (including a
  * bad signature: a stage may be corrupt) is passed over for the next one. When all fail, the
  * most serious failure is thrown: SC_ERR_BAD_SIGNATURE, then SC_ERR_UNTRUSTED_KEY, then
- * SC_ERR_BAD_MANIFEST, then SC_ERR_MANIFEST_NOT_FOUND, else SC_ERR_UPSTREAM (details list every
+ * SC_ERR_BAD_MANIFEST, then SC_ERR_TLS, then SC_ERR_MANIFEST_NOT_FOUND, else SC_ERR_UPSTREAM (details list every
  * source's failure). Throws SC_ERR_BAD_NAME / SC_ERR_BAD_VERSION for malformed input,
  * SC_ERR_BAD_CONFIG without trusted keys, SC_ERR_NO_UPSTREAM without sources.
  */
@@ -721,7 +721,7 @@ async function getSmall(url: string, timeoutMs: number, signal?: AbortSignal): P
     return { status: res.statusCode, data: await readBounded(req, MAX_SMALL_BODY) };
   } catch (err) {
     if (isScError(err)) throw err;
-    throw scError((err as { code?: string })?.code === 'ETIMEDOUT' ? 'SC_ERR_TIMEOUT' : 'SC_ERR_UPSTREAM', `${url}: ${describe(err)}`);
+    throw tlsError(err, url) ?? scError((err as { code?: string })?.code === 'ETIMEDOUT' ? 'SC_ERR_TIMEOUT' : 'SC_ERR_UPSTREAM', `${url}: ${describe(err)}`);
   } finally {
     if (!req.destroyed) req.destroy();
   }

@@ -4,8 +4,9 @@
  */
 import { Command, type CommanderError } from 'commander';
 import pkg from '../../package.json' with { type: 'json' };
-import { scError } from '../../shared/errors.js';
-import { printError } from './util.js';
+import { isScError, scError } from '../../shared/errors.js';
+import { trustCa } from '../../shared/tls.js';
+import { collect, printError } from './util.js';
 
 const program = new Command('stagecoach')
   .description('Swap the operating system of remote servers, safely, over the network.')
@@ -74,21 +75,45 @@ const modules: [names: string[], path: string][] = [
   [['rollout'], './commands/rollout.js'],
   [['hosts', 'host'], './commands/hosts.js'],
   [['acl'], './commands/acl.js'],
+  [['tls'], './commands/tls.js'],
   [['demo'], './commands/demo.js'],
   [['vm'], './commands/vm.js'],
 ];
 
-const sub = process.argv.slice(2).find((a) => !a.startsWith('-'));
+/**
+ * Every command that runs something takes `--ca FILE` (repeatable): the private CAs its HTTPS
+ * clients trust besides the system store (shared/tls.ts), set before the command's action runs.
+ */
+function addTrustOption(c: Command): void {
+  if (c.commands.length > 0) {
+    for (const sub of c.commands) addTrustOption(sub);
+    return;
+  }
+  if (!c.options.some((o) => o.long === '--ca')) c.option('--ca <pem>', 'trust this CA for HTTPS besides the system store; repeatable (also STAGECOACH_CA)', collect);
+}
+
+const args = process.argv.slice(2);
+const sub = args.find((a) => !a.startsWith('-'));
 const only = modules.find(([names]) => sub !== undefined && names.includes(sub));
-for (const [, path] of only ? [only] : modules) {
+// `stagecoach --version` needs no command module: it answers without loading any.
+const versionOnly = sub === undefined && args.length === 1 && (args[0] === '--version' || args[0] === '-V');
+for (const [, path] of versionOnly ? [] : only ? [only] : modules) {
   const mod = (await import(path)) as { register(p: Command): void };
   mod.register(program);
 }
 
+addTrustOption(program);
+program.hook('preAction', (_root, command) => {
+  const ca = command.opts().ca as string[] | undefined;
+  if (ca?.length) trustCa(ca);
+});
 takeOverParseErrors(program);
 try {
   await program.parseAsync(process.argv);
 } catch (err) {
-  if (!(err instanceof ParseExit)) throw err;
-  reportParseExit(err);
+  if (isScError(err)) {
+    printError(err);
+    process.exitCode = 1;
+  } else if (err instanceof ParseExit) reportParseExit(err);
+  else throw err;
 }

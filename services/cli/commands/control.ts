@@ -19,6 +19,8 @@ interface ControlFlags {
   preheatTimeout?: string;
   config?: string;
   logLevel?: string;
+  tlsCert?: string;
+  tlsKey?: string;
 }
 
 /** True for the ioredis failures that mean "no Redis answers" (it gave up retrying, or was refused). */
@@ -54,6 +56,8 @@ export function register(program: Command): void {
     .option('--stages <colo=url,...>', 'stages per colo, in addition to what agents register; repeatable', collect)
     .option('--tick-ms <ms>', 'engine tick (default 500)')
     .option('--preheat-timeout <s>', 'seconds a wave waits for preheat before starting anyway (default 600)')
+    .option('--tls-cert <pem>', 'listen with TLS: certificate (chain) file, with --tls-key (stagecoach tls gen)')
+    .option('--tls-key <pem>', 'listen with TLS: private key file of --tls-cert')
     .option('--config <file>', 'YAML config file (keys as in the README: listen, redis, origin, tokenFile, signingKey, …)')
     .option('--log-level <level>', 'fatal|error|warn|info|debug|trace|silent (default info)')
     .action(
@@ -74,6 +78,8 @@ export function register(program: Command): void {
             tickMs: f.tickMs,
             preheatTimeoutSec: f.preheatTimeout,
             logLevel: f.logLevel,
+            tlsCert: f.tlsCert,
+            tlsKey: f.tlsKey,
           },
         });
         loadSigningKey(cfg.signingKey); // a .pub given as the key gets its hint before anything starts

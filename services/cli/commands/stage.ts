@@ -26,6 +26,8 @@ export function register(program: Command): void {
     .option('--redis <url>', "relay on: the fleet's Redis URL; this stage then serves its colo's hosts in relay mode")
     .option('--prefix <p>', 'relay: Redis key prefix of the fleet (default stagecoach)')
     .option('--relay-secret-file <file>', 'relay: the fleet relay secrets (KID:SECRET lines, current first) host tokens derive from (stagecoach acl relay-token)')
+    .option('--tls-cert <pem>', 'listen with TLS: certificate (chain) file, with --tls-key (stagecoach tls gen)')
+    .option('--tls-key <pem>', 'listen with TLS: private key file of --tls-cert')
     .option('--config <file>', 'YAML config file (keys as in the README)')
     .option('--log-level <level>', 'pino log level (default info)')
     .action(
@@ -47,6 +49,8 @@ export function register(program: Command): void {
             redis: o.redis,
             prefix: o.prefix,
             relaySecretFile: o.relaySecretFile,
+            tlsCert: o.tlsCert,
+            tlsKey: o.tlsKey,
           },
           { file: o.config as string | undefined, flagNames: STAGE_FLAG_NAMES },
         );
