@@ -42,15 +42,7 @@ export async function layRuntime(cache: string, dir: string, log: (l: string) =>
   if (!existsSync(join(root, 'dist/services/cli/main.js'))) throw scError('SC_ERR_BAD_CONFIG', `${root}/dist is not built: run npm run build first`);
   const lock = readFileSync(join(root, 'package-lock.json'));
   const modules = join(cache, 'runtime', `modules-${createHash('sha256').update(lock).digest('hex').slice(0, 16)}`);
-  if (!existsSync(join(modules, '.complete'))) {
-    log('runtime: installing the production dependencies…');
-    await fsp.rm(modules, { recursive: true, force: true });
-    await fsp.mkdir(modules, { recursive: true });
-    await fsp.copyFile(join(root, 'package.json'), join(modules, 'package.json'));
-    await fsp.copyFile(join(root, 'package-lock.json'), join(modules, 'package-lock.json'));
-    await run(['npm', 'ci', '--omit=dev', '--no-audit', '--no-fund'], { cwd: modules, env: process.env, timeoutMs: 15 * 60_000 });
-    await fsp.writeFile(join(modules, '.complete'), '');
-  }
+  if (!existsSync(join(modules, '.complete'))) await installModules(root, modules, log);
   await fsp.rm(dir, { recursive: true, force: true });
   await fsp.mkdir(join(dir, 'bin'), { recursive: true });
   await fsp.mkdir(join(dir, 'app'), { recursive: true });
@@ -59,6 +51,31 @@ export async function layRuntime(cache: string, dir: string, log: (l: string) =>
   await fsp.copyFile(join(root, 'package.json'), join(dir, 'app/package.json'));
   await run(['cp', '-a', join(root, 'dist'), join(dir, 'app/dist')]);
   await run(['cp', '-a', '--link', join(modules, 'node_modules'), join(dir, 'app/node_modules')]);
+}
+
+/**
+ * Installs the production dependencies into `modules`, safely when several proofs start at once
+ * (they share the cache): each installs into its own temporary directory, marks it complete and
+ * renames it into place; the first rename wins and a later one finds the directory complete.
+ */
+async function installModules(root: string, modules: string, log: (l: string) => void): Promise<void> {
+  log('runtime: installing the production dependencies…');
+  const tmp = `${modules}.tmp-${process.pid}-${Date.now()}`;
+  await fsp.mkdir(tmp, { recursive: true });
+  try {
+    await fsp.copyFile(join(root, 'package.json'), join(tmp, 'package.json'));
+    await fsp.copyFile(join(root, 'package-lock.json'), join(tmp, 'package-lock.json'));
+    await run(['npm', 'ci', '--omit=dev', '--no-audit', '--no-fund'], { cwd: tmp, env: process.env, timeoutMs: 15 * 60_000 });
+    await fsp.writeFile(join(tmp, '.complete'), '');
+    // A directory without the mark is what an interrupted older install left: never another
+    // proof's work (which is always complete when it appears under this name).
+    if (existsSync(modules) && !existsSync(join(modules, '.complete'))) await fsp.rm(modules, { recursive: true, force: true });
+    await fsp.rename(tmp, modules).catch((err: NodeJS.ErrnoException) => {
+      if (!existsSync(join(modules, '.complete'))) throw err;
+    });
+  } finally {
+    await fsp.rm(tmp, { recursive: true, force: true });
+  }
 }
 
 /**
