@@ -79,6 +79,7 @@ export class ControlClient {
     } catch {
       parsed = undefined;
     }
+    if (res.statusCode === 401) throw fromErrorBody(401, parsed).withHint(this.#o.token ? 'the token was not accepted' : 'give a control token with --token-file (a read-only token reads, a write token also writes)');
     if (res.statusCode >= 400) throw fromErrorBody(res.statusCode, parsed);
     if (parsed === undefined) throw scError('SC_ERR_UPSTREAM', `${url}: not JSON`);
     return parsed as T;

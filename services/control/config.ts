@@ -6,7 +6,7 @@
 import { readFileSync } from 'node:fs';
 import type { KeyObject } from 'node:crypto';
 import { z } from 'zod';
-import { type ConfigSources, loadConfig, parseListen, stringList } from '../../shared/config.js';
+import { type ConfigSources, loadConfig, type NamedToken, parseListen, parseTokenLines, stringList } from '../../shared/config.js';
 import { scError } from '../../shared/errors.js';
 import { loadPrivateKey, loadPublicKey } from '../../shared/manifest.js';
 import { NAME_RE } from '../../shared/names.js';
@@ -36,8 +36,14 @@ export const controlConfigSchema = z.strictObject({
   redis: z.string().regex(/^rediss?:\/\//, 'expected redis:// or rediss:// URL'),
   /** Origin base URL: manifests are checked there before a rollout is accepted. */
   origin: z.string().url(),
-  /** Write tokens: one per line, `NAME:TOKEN` (the name goes into the audit log) or a bare `TOKEN` (name `admin`). */
+  /** Write tokens: one per line, `NAME:TOKEN` (the name goes into the audit log) or a bare `TOKEN` (name `admin`). They read too. */
   tokenFile: z.string().min(1),
+  /** Read-only tokens (same format): the API's reads, events, bull-board; for dashboards and monitoring. */
+  readTokenFile: z.string().min(1).optional(),
+  /** Reads (the API's GETs, events, bull-board) without a token, as before read tokens existed: a lab, never a fleet. */
+  openReads: z.union([z.boolean(), z.enum(['true', 'false']).transform((v) => v === 'true')]).default(false),
+  /** `/metrics` needs a token (read or write) too. */
+  metricsToken: z.union([z.boolean(), z.enum(['true', 'false']).transform((v) => v === 'true')]).default(false),
   /** Control's ed25519 private key (PEM): signs every step job. */
   signingKey: z.string().min(1),
   /** Key prefix shared with the agents (a Redis Cluster hash tag such as `{stagecoach}` on a cluster). */
@@ -90,11 +96,11 @@ export function controlConfig(input: ControlConfigInput): ControlConfig {
   return loadConfig(controlConfigSchema, { flags: input as Record<string, unknown>, env: {} });
 }
 
-/** A named write token. */
-export interface NamedToken {
-  name: string;
-  token: string;
-}
+/** A named token (the name goes into the audit log). */
+export type { NamedToken };
+
+/** The control token file format is the one of every token file (shared/config.ts). */
+export const parseTokens = parseTokenLines;
 
 function readText(path: string, what: string): string {
   try {
@@ -104,29 +110,11 @@ function readText(path: string, what: string): string {
   }
 }
 
-/**
- * Parses a token file: one token per line, `NAME:TOKEN` or a bare `TOKEN` (named `admin`); blank
- * lines and `#` comments are skipped. Throws SC_ERR_BAD_CONFIG when no token is left, a name
- * repeats, or a token contains whitespace.
- */
-export function parseTokens(text: string, path = 'token file'): NamedToken[] {
-  const out: NamedToken[] = [];
-  for (const raw of text.split('\n')) {
-    const line = raw.trim();
-    if (!line || line.startsWith('#')) continue;
-    const m = /^([A-Za-z0-9_.-]{1,64}):(\S+)$/.exec(line);
-    const t = m ? { name: m[1], token: m[2] } : { name: 'admin', token: line };
-    if (/\s/.test(t.token) || t.token.length > 4096) throw scError('SC_ERR_BAD_CONFIG', `${path}: a token must be one word of at most 4096 bytes`);
-    if (out.some((o) => o.name === t.name)) throw scError('SC_ERR_BAD_CONFIG', `${path}: token name ${t.name} appears twice`);
-    out.push(t);
-  }
-  if (out.length === 0) throw scError('SC_ERR_BAD_CONFIG', `${path} holds no token`);
-  return out;
-}
-
 /** Everything secret or parsed that the config points at, read once at startup. */
 export interface ControlSecrets {
   tokens: NamedToken[];
+  /** Read-only tokens (none without readTokenFile). */
+  readTokens: NamedToken[];
   signingKey: KeyObject;
   stageToken: string | null;
   trustKeys: KeyObject[];
@@ -158,6 +146,7 @@ export function readControlSecrets(c: ControlConfig): ControlSecrets {
   }
   return {
     tokens: parseTokens(readText(c.tokenFile, 'token file'), c.tokenFile),
+    readTokens: c.readTokenFile ? parseTokens(readText(c.readTokenFile, 'read token file'), c.readTokenFile) : [],
     signingKey: loadPrivateKey(readText(c.signingKey, 'signing key')),
     stageToken,
     trustKeys: c.trustKey.map((p) => loadPublicKey(readText(p, 'trust key'))),

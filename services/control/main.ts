@@ -86,7 +86,7 @@ export async function startControl(config: ControlConfig | ControlConfigInput, o
   const boardTimer = setInterval(refreshBoard, 10_000);
   boardTimer.unref();
 
-  const app = createControlApp({ engine, inventory, audit, board, tokens: secrets.tokens, registry, log, redisReady: () => redis.status === 'ready' });
+  const app = createControlApp({ engine, inventory, audit, board, tokens: secrets.tokens, readTokens: secrets.readTokens, openReads: cfg.openReads, metricsToken: cfg.metricsToken, registry, log, redisReady: () => redis.status === 'ready' });
   const server = createServer(app, loadServerTls(cfg));
   server.headersTimeout = 30_000;
   const l = await listen(server, host, port);

@@ -1,8 +1,12 @@
 /**
  * The control plane's HTTP API (express 5): inventory, rollouts, host operations, audit, live
- * events (SSE), the dashboard (static files) and bull-board under `/queues`. Reads are open;
- * every write needs a bearer token (401 without, 403 wrong; compared in constant time) and is
- * recorded in the audit log. Errors become responses only in shared/http.ts `errorHandler`.
+ * events (SSE), the dashboard (static files) and bull-board under `/queues`. Every read needs a
+ * token, read-only or write (unless `openReads`); every write needs a write token and is recorded
+ * in the audit log (401 without a token, 403 wrong or read-only; compared in constant time).
+ * `/healthz` and the dashboard's static files are open, `/metrics` too unless `metricsToken`.
+ * bull-board also takes HTTP Basic credentials (any user name, the token as password), so a
+ * browser can send them with the requests its own page makes. Errors become responses only in
+ * shared/http.ts `errorHandler`.
  */
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -28,7 +32,14 @@ export interface ControlAppDeps {
   inventory: Inventory;
   audit: AuditLog;
   board: Board | null;
+  /** Write tokens (they read too). */
   tokens: NamedToken[];
+  /** Read-only tokens. */
+  readTokens?: NamedToken[];
+  /** Reads without a token (a lab). */
+  openReads?: boolean;
+  /** `/metrics` needs a token. */
+  metricsToken?: boolean;
   registry: Registry;
   log: Logger;
   redisReady: () => boolean;
@@ -36,21 +47,50 @@ export interface ControlAppDeps {
 
 const ACTOR_RE = /^[A-Za-z0-9_.@+ -]{1,64}$/;
 
-/** Who is writing: `res.locals.token` (token name) and `res.locals.actor` (X-Actor or the token name). */
-export function requireNamedToken(tokens: NamedToken[]): RequestHandler {
+/** What a token may do. */
+export type TokenRole = 'read' | 'write';
+
+/** A named token with its role. */
+export interface RoleToken extends NamedToken {
+  role: TokenRole;
+}
+
+/** The credential of a request: `Bearer TOKEN`, or with `basic`, HTTP Basic with the token as password. */
+function credential(h: string | undefined, basic: boolean): string | null {
+  if (!h) return null;
+  const bearer = /^Bearer\s+(\S+)\s*$/i.exec(h);
+  if (bearer) return bearer[1];
+  const b = basic ? /^Basic\s+([A-Za-z0-9+/=]{1,8192})\s*$/i.exec(h) : null;
+  if (!b) return null;
+  const text = Buffer.from(b[1], 'base64').toString('utf8');
+  const i = text.indexOf(':');
+  return i >= 0 && i < text.length - 1 ? text.slice(i + 1) : null;
+}
+
+/**
+ * Who is calling, for a request that needs `need`: `res.locals.token` (token name),
+ * `res.locals.role` and `res.locals.actor` (X-Actor or the token name). 401 without a
+ * credential (with a Basic challenge when `basic`), 403 for an unknown token or a read-only
+ * token on a write.
+ */
+export function requireToken(tokens: readonly RoleToken[], need: TokenRole, opts: { basic?: boolean } = {}): RequestHandler {
   return (req, res, next) => {
-    const h = req.headers.authorization;
-    const m = h ? /^Bearer\s+(\S+)\s*$/i.exec(h) : null;
-    if (!m) return next(scError('SC_ERR_UNAUTHORIZED'));
-    let found: NamedToken | null = null;
+    const c = credential(req.headers.authorization, opts.basic ?? false);
+    if (!c) {
+      if (opts.basic) res.set('WWW-Authenticate', 'Basic realm="stagecoach control", charset="UTF-8"');
+      return next(scError('SC_ERR_UNAUTHORIZED', need === 'write' ? 'this needs a write token' : 'reads need a token (read-only or write)'));
+    }
+    let found: RoleToken | null = null;
     // Compare with every token (no early exit), so timing does not tell which one matched.
-    for (const t of tokens) if (tokenMatches(m[1], t.token) && !found) found = t;
+    for (const t of tokens) if (tokenMatches(c, t.token) && !found) found = t;
     if (!found) return next(scError('SC_ERR_FORBIDDEN'));
+    if (need === 'write' && found.role !== 'write') return next(scError('SC_ERR_FORBIDDEN', `token ${found.name} is read-only`));
     const actor = req.headers['x-actor'];
     if (actor !== undefined && (typeof actor !== 'string' || !ACTOR_RE.test(actor))) {
       return next(scError('SC_ERR_BAD_REQUEST', 'X-Actor must be 1-64 characters of [A-Za-z0-9_.@+ -]'));
     }
     res.locals.token = found.name;
+    res.locals.role = found.role;
     res.locals.actor = typeof actor === 'string' ? actor : found.name;
     next();
   };
@@ -111,7 +151,14 @@ export function createControlApp(d: ControlAppDeps): express.Express {
     next();
   });
 
-  const auth = requireNamedToken(d.tokens);
+  const all: RoleToken[] = [...d.tokens.map((t) => ({ ...t, role: 'write' as const })), ...(d.readTokens ?? []).map((t) => ({ ...t, role: 'read' as const }))];
+  const auth = requireToken(all, 'write');
+  const open: RequestHandler = (_req, _res, next) => next();
+  const reader = requireToken(all, 'read');
+  const readAuth = d.openReads ? open : reader;
+  const isRead = (req: Request) => req.method === 'GET' || req.method === 'HEAD';
+  // Every read of the API; writes carry `auth` on their routes.
+  app.use('/v1', (req, res, next) => (isRead(req) ? readAuth(req, res, next) : next()));
   const json = express.json({ limit: '4mb' });
   const noStore: RequestHandler = (_req, res, next) => {
     res.set('Cache-Control', 'no-store');
@@ -124,7 +171,7 @@ export function createControlApp(d: ControlAppDeps): express.Express {
   app.get('/healthz', noStore, (_req, res) => {
     res.json({ ok: d.redisReady(), role: 'control', activeRollouts: engine.activeIds().length });
   });
-  app.get('/metrics', async (_req, res) => {
+  app.get('/metrics', d.metricsToken ? reader : open, async (_req, res) => {
     res.set('Content-Type', d.registry.contentType).send(await d.registry.metrics());
   });
 
@@ -199,8 +246,8 @@ export function createControlApp(d: ControlAppDeps): express.Express {
     if (before !== undefined && (typeof before !== 'string' || !/^\d{1,20}-\d{1,20}$/.test(before))) throw scError('SC_ERR_BAD_REQUEST', 'bad before id');
     res.json({ entries: await audit.list(intParam(req.query.limit, 100, 1000), before as string | undefined) });
   });
-  app.get('/v1/whoami', noStore, auth, (_req, res) => {
-    res.json({ token: res.locals.token, actor: res.locals.actor });
+  app.get('/v1/whoami', noStore, reader, (_req, res) => {
+    res.json({ token: res.locals.token, role: res.locals.role, actor: res.locals.actor });
   });
   app.get('/v1/events', (_req, res) => {
     res.writeHead(200, { 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-store', Connection: 'keep-alive', 'X-Accel-Buffering': 'no' });
@@ -226,7 +273,12 @@ export function createControlApp(d: ControlAppDeps): express.Express {
   });
 
   // ------------------------------------------------------------- dashboard and bull-board
-  if (d.board) app.use('/queues', d.board.adapter.getRouter() as RequestHandler);
+  if (d.board) {
+    // bull-board's page and API: reads with any token, its job actions (retry, clean…) with a write token.
+    const boardRead = d.openReads ? open : requireToken(all, 'read', { basic: true });
+    const boardWrite = requireToken(all, 'write', { basic: true });
+    app.use('/queues', (req, res, next) => (isRead(req) ? boardRead(req, res, next) : boardWrite(req, res, next)), d.board.adapter.getRouter() as RequestHandler);
+  }
   app.use(express.static(DASHBOARD_DIR, { index: 'index.html', maxAge: 0 }));
 
   app.use(notFoundHandler());

@@ -52,13 +52,21 @@ describe('dashboard', { skip: !existsSync(CHROMIUM) && 'chromium is not installe
   it('shows hosts converting, and pauses and resumes a rollout from the page', async () => {
     await page.goto(cf.control.url);
     assert.equal(await page.title(), 'stagecoach control');
+    // Reads need a token: without one the page says so and shows no host.
+    await page.locator('body[data-auth="missing"]').waitFor();
+    await page.locator('#message.info', { hasText: 'Paste a control token' }).waitFor();
+    assert.equal(await page.locator('.host').count(), 0);
+    // A read-only token shows the fleet and says it is read-only.
+    await page.fill('#token', cf.readToken);
+    await page.click('#token-save');
+    await page.locator('#whoami', { hasText: 'as viewer (read-only)' }).waitFor();
     // Inventory: every host and both colos with their stage.
     await page.locator('.host').nth(5).waitFor();
     assert.equal(await page.locator('.host').count(), 6);
     assert.equal(await tile('ams1-h1').getAttribute('data-state'), 'idle');
     await page.locator('.colo[data-colo="fra1"] .stage').waitFor();
 
-    // The token goes into sessionStorage and identifies us.
+    // The write token goes into sessionStorage and identifies us.
     await page.fill('#token', cf.token);
     await page.click('#token-save');
     await page.locator('#whoami', { hasText: 'as ops' }).waitFor();
@@ -80,7 +88,7 @@ describe('dashboard', { skip: !existsSync(CHROMIUM) && 'chromium is not installe
     await card.locator('button[data-action="pause"]:not([disabled])').click();
     await page.locator(`.rollout[data-rollout="${id}"][data-state="paused"]`).waitFor();
     assert.match((await card.locator('.badge').textContent()) ?? '', /paused \(operator\)/);
-    assert.equal((await cf.anon.rollout(id)).status.state, 'paused');
+    assert.equal((await cf.reader.rollout(id)).status.state, 'paused');
     for (const h of created.spec.waves[1]) assert.equal(await tile(h).getAttribute('data-state'), 'pending');
     mkdirSync('test-results', { recursive: true });
     await page.screenshot({ path: join('test-results', 'dashboard-paused.png'), fullPage: true });
@@ -94,7 +102,7 @@ describe('dashboard', { skip: !existsSync(CHROMIUM) && 'chromium is not installe
 
     // The audit table shows who did it.
     await page.locator('#audit tbody tr', { hasText: 'rollout.resume' }).waitFor();
-    const audit = await cf.anon.audit();
+    const audit = await cf.reader.audit();
     assert.deepEqual(
       audit.map((a) => `${a.action} ${a.token}`).reverse(),
       ['rollout.create ops', 'rollout.pause ops', 'rollout.resume ops'],

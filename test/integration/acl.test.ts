@@ -208,8 +208,8 @@ describe('redis ACL', { skip: !haveRedisServer() && 'redis-server is not install
       });
       const end = await cf.waitRollout(created.spec.id);
       assert.equal(end.status.state, 'completed', JSON.stringify(end.hosts.map((h) => [h.host, h.status, h.error])));
-      assert.equal((await cf.anon.colos())[0].stages[0].ok, true);
-      const board = await fetch(`${cf.control.url}/queues/api/queues?activeQueue=host.acl-h1&status=completed&page=1&jobsPerPage=10`);
+      assert.equal((await cf.reader.colos())[0].stages[0].ok, true);
+      const board = await fetch(`${cf.control.url}/queues/api/queues?activeQueue=host.acl-h1&status=completed&page=1&jobsPerPage=10`, { headers: { authorization: `Bearer ${cf.readToken}` } });
       assert.equal(board.status, 200, 'bull-board works with the control user');
     } finally {
       await cf.cleanup();

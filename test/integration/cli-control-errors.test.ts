@@ -80,7 +80,7 @@ describe('control CLI errors', () => {
   });
 
   it('hosts into a closed pipe ends quietly with status 0', async () => {
-    const r = await cli(['hosts', '--control', c.url], { closeStdout: true });
+    const r = await cli(['hosts', '--control', c.url, '--token-file', f.tokenFile], { closeStdout: true });
     assert.equal(r.stderr, '');
     assert.equal(r.code, 0);
   });

@@ -14,7 +14,7 @@ import type { RunningControl } from '../../services/control/main.js';
 import { type RunningStage, startStage } from '../../services/stage/main.js';
 import { isScError } from '../../shared/errors.js';
 import { silentLogger } from '../../shared/log.js';
-import { controlFixture, type ControlFixture, keyPair, publishDummy, until } from './control-fixture.js';
+import { controlFixture, type ControlFixture, deletePrefix, keyPair, publishDummy, until } from './control-fixture.js';
 
 describe('control API', () => {
   let f: ControlFixture;
@@ -61,6 +61,47 @@ describe('control API', () => {
     }
     assert.equal((await f.call(c.url, 'GET', '/v1/whoami', { token: f.tokens.ci })).body.token, 'ci');
     assert.equal((await f.call(c.url, 'GET', '/v1/audit')).body.entries.length, 0, 'refused writes are not audited');
+  });
+
+  it('reads need a token: a read-only token reads everything and writes nothing', async () => {
+    for (const p of ['/v1/hosts', '/v1/hosts/h1', '/v1/colos', '/v1/rollouts', '/v1/ops', '/v1/audit', '/v1/whoami', '/v1/events', '/queues']) {
+      const r = await f.call(c.url, 'GET', p, { token: null });
+      assert.equal(r.status, 401, p);
+      assert.equal((await f.call(c.url, 'GET', p, { token: 'nope' })).status, 403, p);
+    }
+    const hosts = await f.call(c.url, 'GET', '/v1/hosts', { token: f.tokens.viewer });
+    assert.equal(hosts.status, 200);
+    assert.equal(hosts.body.hosts.length, 4);
+    assert.equal((await f.call(c.url, 'GET', '/v1/hosts', { token: f.tokens.ops })).status, 200, 'a write token reads too');
+    assert.deepEqual((await f.call(c.url, 'GET', '/v1/whoami', { token: f.tokens.viewer })).body, { token: 'viewer', role: 'read', actor: 'viewer' });
+    assert.equal((await f.call(c.url, 'GET', '/v1/whoami', { token: f.tokens.ops })).body.role, 'write');
+    const w = await create({ base: 'rescue@1.0', target: 'debian@12.1', hosts: ['h1'] }, f.tokens.viewer);
+    assert.equal(w.status, 403);
+    assert.match(w.body.error.message, /read-only/);
+    assert.equal((await f.call(c.url, 'POST', '/v1/hosts/h1/rescue', { token: f.tokens.viewer })).status, 403);
+    assert.equal((await f.call(c.url, 'GET', '/v1/audit')).body.entries.length, 0, 'refused writes are not audited');
+    // bull-board: HTTP Basic with the token as password (a browser sends it with the board's own requests).
+    const basic = (t: string) => `Basic ${Buffer.from(`anyone:${t}`).toString('base64')}`;
+    let r = await fetch(`${c.url}/queues`);
+    assert.equal(r.status, 401);
+    assert.match(r.headers.get('www-authenticate') ?? '', /^Basic realm=/);
+    r = await fetch(`${c.url}/queues/api/queues?page=1&jobsPerPage=1`, { headers: { authorization: basic(f.tokens.viewer) } });
+    assert.equal(r.status, 200);
+    r = await fetch(`${c.url}/queues/api/queues/host.h1/clean/completed`, { method: 'PUT', headers: { authorization: basic(f.tokens.viewer) } });
+    assert.equal(r.status, 403, "a read token cannot use the board's job actions");
+    // The page itself, health and metrics stay open by default.
+    for (const p of ['/', '/healthz', '/metrics']) assert.equal((await f.call(c.url, 'GET', p, { token: null })).status, 200, p);
+  });
+
+  it('openReads opens the reads and metricsToken closes /metrics', async () => {
+    // Its own prefix: one control runs per prefix.
+    const lab = await f.start({ openReads: true, metricsToken: true, prefix: `${f.prefix}-lab` });
+    assert.equal((await f.call(lab.url, 'GET', '/v1/hosts', { token: null })).status, 200);
+    assert.equal((await f.call(lab.url, 'POST', '/v1/hosts/h1/rescue', { token: null })).status, 401, 'writes still need a token');
+    assert.equal((await f.call(lab.url, 'GET', '/metrics', { token: null })).status, 401);
+    assert.equal((await f.call(lab.url, 'GET', '/metrics', { token: f.tokens.viewer })).status, 200);
+    await lab.close();
+    await deletePrefix(f.redis, `${f.prefix}-lab`);
   });
 
   it('validates rollout requests with codes', async () => {

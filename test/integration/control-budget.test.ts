@@ -69,7 +69,7 @@ describe('control: failure budget', () => {
       assert.equal(run.state === 'running' && `${run.id} ${run.device}`, 'debian disk1p1');
     }
     // The failure shows with the agent's log tail from BullMQ.
-    const detail = await cf.anon.rollout(id);
+    const detail = await cf.reader.rollout(id);
     assert.ok(detail.hosts.find((h) => h.host === 'east-h1')!.jobLog!.length > 0);
 
     await cf.client.resume(id);

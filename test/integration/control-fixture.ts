@@ -86,7 +86,8 @@ export interface ControlFixture {
   origin: TestOrigin;
   release: ReturnType<typeof keyPair>;
   control: ReturnType<typeof keyPair>;
-  tokens: { ops: string; ci: string };
+  /** Write tokens ops and ci; read-only token viewer. */
+  tokens: { ops: string; ci: string; viewer: string };
   tokenFile: string;
   base: Manifest;
   target: Manifest;
@@ -95,9 +96,12 @@ export interface ControlFixture {
   start(extra?: Partial<ControlConfigInput>, opts?: { now?: () => number }): Promise<RunningControl>;
   /** Writes a host registration the way an agent's presence does (for API tests without agents). */
   register(hostId: string, colo: string, extra?: Record<string, unknown>): Promise<void>;
-  /** JSON request against a control URL; never throws on HTTP status. */
+  /**
+   * JSON request against a control URL; never throws on HTTP status. A GET without `token` sends
+   * the viewer's read token; `token: null` sends none.
+   */
   // biome-ignore lint/suspicious/noExplicitAny: tests read arbitrary JSON answers
-  call(url: string, method: string, path: string, opts?: { token?: string; body?: unknown; actor?: string }): Promise<{ status: number; body: any }>;
+  call(url: string, method: string, path: string, opts?: { token?: string | null; body?: unknown; actor?: string }): Promise<{ status: number; body: any }>;
   cleanup(): Promise<void>;
 }
 
@@ -111,15 +115,18 @@ export async function controlFixture(): Promise<ControlFixture> {
   const origin = await startTestOrigin();
   const base = await publishDummy(origin, release.priv, 'rescue', '1.0', 'base');
   const target = await publishDummy(origin, release.priv, 'debian', '12.1', 'target');
-  const tokens = { ops: randomBytes(16).toString('hex'), ci: randomBytes(16).toString('hex') };
+  const tokens = { ops: randomBytes(16).toString('hex'), ci: randomBytes(16).toString('hex'), viewer: randomBytes(16).toString('hex') };
   const tokenFile = join(dir, 'tokens');
   writeFileSync(tokenFile, `# control write tokens\nops:${tokens.ops}\nci:${tokens.ci}\n`, { mode: 0o600 });
+  const readTokenFile = join(dir, 'read-tokens');
+  writeFileSync(readTokenFile, `viewer:${tokens.viewer}\n`, { mode: 0o600 });
   const running: RunningControl[] = [];
   const config = (extra: Partial<ControlConfigInput> = {}): ControlConfigInput => ({
     listen: '127.0.0.1:0',
     redis: REDIS_URL,
     origin: origin.url,
     tokenFile,
+    readTokenFile,
     signingKey: control.privPath,
     prefix,
     trustKey: [release.pubPath],
@@ -170,7 +177,8 @@ export async function controlFixture(): Promise<ControlFixture> {
     },
     async call(url, method, path, opts = {}) {
       const headers: Record<string, string> = {};
-      if (opts.token) headers.authorization = `Bearer ${opts.token}`;
+      const token = opts.token === undefined && method === 'GET' ? tokens.viewer : opts.token;
+      if (token) headers.authorization = `Bearer ${token}`;
       if (opts.actor) headers['x-actor'] = opts.actor;
       const res = await got(`${url}${path}`, {
         method: method as 'GET',

@@ -28,7 +28,10 @@ export interface ControlFleet {
   client: ControlClient;
   /** A client without a token. */
   anon: ControlClient;
+  /** A client with the read-only token. */
+  reader: ControlClient;
   token: string;
+  readToken: string;
   redis: Redis;
   config: ControlConfigInput;
   /** Stops control and starts a new one on the same Redis state (another port). */
@@ -57,6 +60,8 @@ export async function startControlFleet(o: {
   writeFileSync(join(root, 'stage.token'), `${stageToken}\n`);
   const token = 'ops-token-for-tests';
   writeFileSync(join(root, 'control.tokens'), `ops:${token}\n`);
+  const readToken = 'viewer-token-for-tests';
+  writeFileSync(join(root, 'control.read-tokens'), `viewer:${readToken}\n`);
   const stages: Record<string, RunningStage> = {};
   let agents: FleetAgents | null = null;
   let control: RunningControl | null = null;
@@ -119,6 +124,7 @@ export async function startControlFleet(o: {
       redis: redisUrl,
       origin: fleet.origin.url,
       tokenFile: join(root, 'control.tokens'),
+      readTokenFile: join(root, 'control.read-tokens'),
       signingKey: fleet.keys.files.controlKey,
       prefix: fleet.prefix,
       trustKey: [fleet.keys.files.releasePub],
@@ -134,7 +140,7 @@ export async function startControlFleet(o: {
     await until(
       'agents registered',
       async () => {
-        const ids = new Set((await new ControlClient(control!.url).hosts()).map((h) => h.hostId));
+        const ids = new Set((await new ControlClient(control!.url, { token: readToken }).hosts()).map((h) => h.hostId));
         return fleet.hosts.every((h) => ids.has(h.hostId));
       },
       30_000,
@@ -147,7 +153,9 @@ export async function startControlFleet(o: {
       control,
       client: new ControlClient(control.url, { token }),
       anon: new ControlClient(control.url),
+      reader: new ControlClient(control.url, { token: readToken }),
       token,
+      readToken,
       redis,
       config,
       async restartControl(extra = {}) {
@@ -155,6 +163,7 @@ export async function startControlFleet(o: {
         cf.control = await startControl({ ...config, ...extra }, { logger: silentLogger });
         cf.client = new ControlClient(cf.control.url, { token });
         cf.anon = new ControlClient(cf.control.url);
+        cf.reader = new ControlClient(cf.control.url, { token: readToken });
         return cf.control;
       },
       async reports() {

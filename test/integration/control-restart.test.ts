@@ -48,7 +48,7 @@ describe('control: restart control mid-rollout', () => {
     assert.notEqual(cf.control.url, old);
     const end = await cf.waitRollout(id);
     assertAllConverted(end, 5);
-    const audit = await cf.anon.audit();
+    const audit = await cf.reader.audit();
     assert.deepEqual(
       audit.map((a) => a.action),
       ['rollout.create'],

@@ -78,7 +78,7 @@ describe('control: rollout over a sim fleet', () => {
     const host = cf.fleet.hosts.find((h) => h.hostId === 'west-h2')!;
     const op = await cf.client.rescue(host.hostId);
     const done = await until('rescue op', async () => {
-      const x = await cf.anon.op(op.id);
+      const x = await cf.reader.op(op.id);
       return x.status === 'done' || x.status === 'failed' ? x : null;
     }, 120_000, 100);
     assert.equal(done.status, 'done', JSON.stringify(done));
@@ -88,7 +88,7 @@ describe('control: rollout over a sim fleet', () => {
 
     const re = await cf.client.reinstall(host.hostId);
     const redone = await until('reinstall op', async () => {
-      const x = await cf.anon.op(re.id);
+      const x = await cf.reader.op(re.id);
       return x.status === 'done' || x.status === 'failed' ? x : null;
     }, 120_000, 100);
     assert.equal(redone.status, 'done', JSON.stringify(redone));
@@ -96,7 +96,7 @@ describe('control: rollout over a sim fleet', () => {
     assert.equal(run.state === 'running' && run.device, 'disk1p1', 'the host runs C again');
     assert.equal(run.state === 'running' && run.id, cf.fleet.target.os.id);
 
-    const audit = await cf.anon.audit();
+    const audit = await cf.reader.audit();
     assert.deepEqual(
       audit.map((a) => `${a.action} ${a.target}`).reverse(),
       [`rollout.create ${rid}`, 'host.rescue west-h2', 'host.reinstall west-h2'],
@@ -104,10 +104,12 @@ describe('control: rollout over a sim fleet', () => {
   });
 
   it('the CLI shows rollouts and hosts', async () => {
-    // Asynchronous: control runs in this process and must keep answering.
+    // Asynchronous: control runs in this process and must keep answering. Reads with the
+    // read-only token.
+    const readTokens = join(cf.root, 'control.read-tokens');
     const run = (...args: string[]) =>
       new Promise<{ status: number | null; stdout: string; stderr: string }>((resolve) => {
-        execFile(process.execPath, ['services/cli/bin.js', ...args, '--control', cf.control.url], { encoding: 'utf8', timeout: 60_000 }, (err, stdout, stderr) =>
+        execFile(process.execPath, ['services/cli/bin.js', ...args, '--control', cf.control.url, ...(args.includes('--token-file') ? [] : ['--token-file', readTokens])], { encoding: 'utf8', timeout: 60_000 }, (err, stdout, stderr) =>
           resolve({ status: err ? ((err as { code?: number }).code ?? null) : 0, stdout, stderr }),
         );
       });
@@ -128,7 +130,14 @@ describe('control: rollout over a sim fleet', () => {
     assert.match(watch.stderr, /converted 6\/6/);
     const nowrite = await run('rollout', 'pause', rid);
     assert.equal(nowrite.status, 1);
-    assert.match(nowrite.stderr, /SC_ERR_BAD_CONFIG/);
+    assert.match(nowrite.stderr, /SC_ERR_FORBIDDEN: token viewer is read-only/);
+    const anon = await new Promise<{ status: number | null; stderr: string }>((resolve) => {
+      execFile(process.execPath, ['services/cli/bin.js', 'hosts', '--control', cf.control.url], { encoding: 'utf8', timeout: 60_000 }, (err, _o, stderr) =>
+        resolve({ status: err ? ((err as { code?: number }).code ?? null) : 0, stderr }),
+      );
+    });
+    assert.equal(anon.status, 1);
+    assert.match(anon.stderr, /^error SC_ERR_UNAUTHORIZED: .*\nhint: give a control token with --token-file/);
   });
 
   it('installs another OS D on one host from the CLI (--wait)', async () => {
@@ -158,7 +167,7 @@ describe('control: rollout over a sim fleet', () => {
     const host = cf.fleet.hosts.find((h) => h.hostId === 'east-h3')!;
     const run = await readSimRunning(host.dir);
     assert.equal(run.state === 'running' && `${run.id} ${run.version} ${run.device}`, 'fedora 40 disk1p1');
-    const audit = await cf.anon.audit(1);
+    const audit = await cf.reader.audit(1);
     assert.equal(`${audit[0].action} ${audit[0].actor} ${audit[0].target}`, 'host.install dana east-h3');
   });
 });

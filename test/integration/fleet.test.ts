@@ -153,7 +153,7 @@ describe('fleet: 40 hosts in 4 colos, half of them through relays', () => {
   it("bull-board shows the relay colos' queues and the direct hosts' queues", async () => {
     const names = await until(
       async () => {
-        const r = await fetch(`${control.url}/queues/api/queues?page=1&jobsPerPage=1`);
+        const r = await fetch(`${control.url}/queues/api/queues?page=1&jobsPerPage=1`, { headers: { authorization: 'Bearer fleet-test-token' } });
         const n = ((await r.json()) as { queues: { name: string }[] }).queues.map((q) => q.name);
         return n.includes(`colo.${RELAY[0]}`) && n.includes(`colo.${RELAY[1]}`) ? n : null;
       },

@@ -21,6 +21,9 @@ interface ControlFlags {
   logLevel?: string;
   tlsCert?: string;
   tlsKey?: string;
+  readTokenFile?: string;
+  openReads?: boolean;
+  metricsToken?: boolean;
 }
 
 /** True for the ioredis failures that mean "no Redis answers" (it gave up retrying, or was refused). */
@@ -58,6 +61,9 @@ export function register(program: Command): void {
     .option('--preheat-timeout <s>', 'seconds a wave waits for preheat before starting anyway (default 600)')
     .option('--tls-cert <pem>', 'listen with TLS: certificate (chain) file, with --tls-key (stagecoach tls gen)')
     .option('--tls-key <pem>', 'listen with TLS: private key file of --tls-cert')
+    .option('--read-token-file <file>', 'read-only tokens (NAME:TOKEN or TOKEN lines): the API, events and bull-board, for dashboards and monitoring')
+    .option('--open-reads', 'reads need no token (a lab, never a fleet)')
+    .option('--metrics-token', '/metrics needs a token (read-only or write) too')
     .option('--config <file>', 'YAML config file (keys as in the README: listen, redis, origin, tokenFile, signingKey, …)')
     .option('--log-level <level>', 'fatal|error|warn|info|debug|trace|silent (default info)')
     .action(
@@ -80,6 +86,9 @@ export function register(program: Command): void {
             logLevel: f.logLevel,
             tlsCert: f.tlsCert,
             tlsKey: f.tlsKey,
+            readTokenFile: f.readTokenFile,
+            openReads: f.openReads,
+            metricsToken: f.metricsToken,
           },
         });
         loadSigningKey(cfg.signingKey); // a .pub given as the key gets its hint before anything starts

@@ -17,10 +17,11 @@ export interface ClientFlags {
   json?: boolean;
 }
 
-/** Adds --control, --token-file, --actor and --json to a command. */
+/** Adds --control, --token-file, --json (and --actor for writes) to a command. */
 export function clientOptions(c: Command, write: boolean): Command {
   c.option('--control <url>', 'control plane URL', 'http://127.0.0.1:7090').option('--json', 'print JSON');
   if (write) c.option('--token-file <file>', "control write token: control's own token file works (NAME:TOKEN or TOKEN lines; the first is sent)").option('--actor <name>', 'who is acting (X-Actor, recorded in the audit log)');
+  else c.option('--token-file <file>', 'control token, read-only or write (NAME:TOKEN or TOKEN lines; the first is sent): reads need one');
   return c;
 }
 

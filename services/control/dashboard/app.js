@@ -1,7 +1,9 @@
 // The control dashboard: colos and stages, hosts colour-coded by state, rollouts with waves and
-// per-host step progress, failures with log tails, pause/resume/abort. Reads are open; writes
-// send the token kept in sessionStorage as a Bearer token. Live: SSE /v1/events triggers a
-// refresh of rollouts; inventory is polled. No build step, no dependencies; every string from
+// per-host step progress, failures with log tails, pause/resume/abort. Every request sends the
+// token kept in sessionStorage as a Bearer token: a read-only token shows everything, a write
+// token also acts. Until a token is given the page says so and loads nothing. Live: SSE
+// /v1/events (read with fetch, which can send the token) triggers a refresh of rollouts;
+// inventory is polled. No build step, no dependencies; every string from
 // the API goes into the page as text, never as HTML.
 
 const STEPS = [
@@ -61,14 +63,34 @@ function message(text, kind = 'error') {
   m.className = text ? kind : '';
 }
 
-async function getJson(path) {
-  const r = await fetch(path, { headers: { accept: 'application/json' }, cache: 'no-store' });
-  if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
-  return r.json();
-}
-
 function token() {
   return sessionStorage.getItem(TOKEN_KEY) || '';
+}
+
+function authHeaders() {
+  const t = token();
+  return t ? { authorization: `Bearer ${t}` } : {};
+}
+
+/** Shown while no token is given, or the token is refused: the page then loads nothing. */
+function needToken(refused) {
+  document.body.dataset.auth = refused ? 'refused' : 'missing';
+  message(refused ? 'The token was refused: paste a control token (read-only or write) at the top right.' : 'Paste a control token (read-only or write) at the top right to see the fleet.', 'info');
+}
+
+async function getJson(path) {
+  if (!token()) {
+    needToken(false);
+    throw new Error('no token');
+  }
+  const r = await fetch(path, { headers: { accept: 'application/json', ...authHeaders() }, cache: 'no-store' });
+  if (r.status === 401 || r.status === 403) {
+    needToken(true);
+    throw new Error('token refused');
+  }
+  if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
+  document.body.dataset.auth = 'ok';
+  return r.json();
 }
 
 async function write(path, body) {
@@ -286,7 +308,7 @@ async function safely(fn) {
   try {
     await fn();
   } catch (err) {
-    message(String(err?.message ?? err));
+    if (document.body.dataset.auth === 'ok') message(String(err?.message ?? err));
   }
 }
 
@@ -321,26 +343,53 @@ function soon() {
   }, pace(refreshRollouts, 150));
 }
 
-function connectEvents() {
+/** Reads /v1/events with the token (EventSource cannot send one); reconnects after 2 s. */
+async function connectEvents() {
   const live = $('live');
-  const es = new EventSource('/v1/events');
-  es.onopen = () => {
-    live.textContent = 'live';
-    live.className = 'live on';
-  };
-  es.onerror = () => {
-    live.textContent = 'reconnecting…';
+  for (;;) {
+    if (token()) {
+      try {
+        const r = await fetch('/v1/events', { headers: { accept: 'text/event-stream', ...authHeaders() }, cache: 'no-store' });
+        if (r.ok && r.body) {
+          live.textContent = 'live';
+          live.className = 'live on';
+          const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+          let buf = '';
+          for (;;) {
+            const { value, done } = await reader.read();
+            if (done) break;
+            buf += value;
+            let i = buf.indexOf('\n\n');
+            while (i >= 0) {
+              if (/^event: change$/m.test(buf.slice(0, i))) soon();
+              buf = buf.slice(i + 2);
+              i = buf.indexOf('\n\n');
+            }
+          }
+        }
+      } catch {
+        // reconnect below
+      }
+    }
+    live.textContent = token() ? 'reconnecting…' : 'no token';
     live.className = 'live';
-  };
-  es.addEventListener('change', soon);
+    await new Promise((r) => setTimeout(r, 2000));
+  }
+}
+
+async function refreshAll() {
+  await timed(refreshInventory);
+  await timed(refreshRollouts);
+  await safely(refreshAudit);
 }
 
 async function showWho() {
   const t = token();
   $('whoami').textContent = '';
   if (!t) return;
-  const r = await fetch('/v1/whoami', { headers: { authorization: `Bearer ${t}` } });
-  $('whoami').textContent = r.ok ? `as ${(await r.json()).token}` : 'token refused';
+  const r = await fetch('/v1/whoami', { headers: authHeaders() });
+  const j = r.ok ? await r.json() : null;
+  $('whoami').textContent = j ? `as ${j.token}${j.role === 'read' ? ' (read-only)' : ''}` : 'token refused';
 }
 
 function setupToken() {
@@ -349,7 +398,9 @@ function setupToken() {
     const v = $('token').value.trim();
     if (v) sessionStorage.setItem(TOKEN_KEY, v);
     $('token').value = '';
+    message('');
     await showWho();
+    await refreshAll();
   });
   $('token-clear').addEventListener('click', async () => {
     sessionStorage.removeItem(TOKEN_KEY);
@@ -360,9 +411,7 @@ function setupToken() {
 renderLegend();
 setupToken();
 void showWho();
-connectEvents();
-await timed(refreshInventory);
-await timed(refreshRollouts);
-await safely(refreshAudit);
+void connectEvents();
+await refreshAll();
 every(refreshInventory, 2000);
 every(refreshRollouts, 3000);
