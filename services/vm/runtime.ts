@@ -63,7 +63,10 @@ async function installModules(root: string, modules: string, log: (l: string) =>
   const tmp = `${modules}.tmp-${process.pid}-${Date.now()}`;
   await fsp.mkdir(tmp, { recursive: true });
   try {
-    await fsp.copyFile(join(root, 'package.json'), join(tmp, 'package.json'));
+    // Without its scripts: `prepare` builds from sources this directory does not have.
+    const pkg = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as Record<string, unknown>;
+    delete pkg.scripts;
+    await fsp.writeFile(join(tmp, 'package.json'), `${JSON.stringify(pkg, null, 2)}\n`);
     await fsp.copyFile(join(root, 'package-lock.json'), join(tmp, 'package-lock.json'));
     await run(['npm', 'ci', '--omit=dev', '--no-audit', '--no-fund'], { cwd: tmp, env: process.env, timeoutMs: 15 * 60_000 });
     await fsp.writeFile(join(tmp, '.complete'), '');
