@@ -76,7 +76,8 @@ async function viewHost(dir: string): Promise<HostView> {
   };
 }
 
-const BIN = fileURLToPath(new URL('../services/cli/bin.js', import.meta.url));
+// The `stagecoach` entry of this checkout, whether this module runs from the sources or from dist/.
+const BIN = fileURLToPath(new URL(import.meta.url.includes('/dist/infra/') ? '../../services/cli/bin.js' : '../services/cli/bin.js', import.meta.url));
 
 /** Runs `stagecoach ARGS…` as a child process (what a release engineer would type); returns stdout. */
 export async function stagecoach(args: string[]): Promise<string> {
