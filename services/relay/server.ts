@@ -52,6 +52,9 @@ import {
   queueReport,
   relayLockToken,
   coloRelayKey,
+  hostFieldsSchema,
+  parseHostInput,
+  reportFieldsSchema,
   parseRelayToken,
   type RelaySecret,
   relayMac,
@@ -276,17 +279,15 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
   };
   const checkFields = (f: unknown): Partial<HostRecord> | null => {
     if (f === undefined || f === null) return null;
-    if (typeof f !== 'object' || Array.isArray(f)) throw scError('SC_ERR_BAD_REQUEST', 'fields must be an object');
-    const r = { ...(f as Partial<HostRecord>) };
+    const r = parseHostInput(hostFieldsSchema, f, 'fields');
     if (r.colo !== undefined && r.colo !== o.colo) throw scError('SC_ERR_CONFLICT', `this relay serves colo ${o.colo}, not ${String(r.colo).slice(0, 64)}`);
-    delete (r as { lastSeen?: unknown }).lastSeen;
+    delete r.lastSeen;
+    delete r.hostId;
     return { ...r, transport: 'relay' };
   };
   const report = (host: string, r: unknown): StepReport | null => {
-    if (!r || typeof r !== 'object') return null;
-    const x = r as Partial<StepReport>;
-    if (typeof x.event !== 'string' || typeof x.step !== 'string' || typeof x.rollout !== 'string') throw scError('SC_ERR_BAD_REQUEST', 'malformed report');
-    return { ...(x as StepReport), host, ts: now() };
+    if (r === undefined || r === null) return null;
+    return { ...parseHostInput(reportFieldsSchema, r, 'report'), host, ts: now() };
   };
   const write = async (host: string, fields: Partial<HostRecord> | null, r: StepReport | null) => {
     if (!fields && !r) return;

@@ -3,6 +3,9 @@
  * heartbeat) and step reports, with their writers and readers.
  */
 import type { ChainableCommander, Redis } from 'ioredis';
+import { z } from 'zod';
+import { scError } from '../errors.js';
+import { NAME_RE } from '../names.js';
 import { keys } from './keys.js';
 import type { Transport } from './job.js';
 
@@ -94,3 +97,47 @@ export function queuePresence(pipe: ChainableCommander, prefix: string, hostId: 
 export function queueReport(pipe: ChainableCommander, prefix: string, r: StepReport, maxLen = 1_000_000): ChainableCommander {
   return pipe.xadd(keys(prefix).reports, 'MAXLEN', '~', maxLen, '*', 'r', JSON.stringify(r));
 }
+
+/** A string cut to `max` characters (a host's free text is kept, not refused, but bounded). */
+const clipped = (max: number) => z.string().transform((v) => v.slice(0, max));
+const finite = z.number().refine(Number.isFinite, 'expected a finite number');
+
+/**
+ * Registration fields as a host sends them to its relay: every HostRecord field, typed and
+ * bounded; unknown keys are dropped. `hostId` and `lastSeen` are the writer's to set.
+ */
+export const hostFieldsSchema = z.object({
+  hostId: z.string().max(64).optional(),
+  colo: z.string().regex(NAME_RE).optional(),
+  ip: z.string().max(64).optional(),
+  running: z.object({ id: z.string().max(64), version: z.string().max(64), device: z.string().max(32) }).nullable().optional(),
+  bootDevice: z.string().max(32).nullable().optional(),
+  stages: z.array(z.string().max(512)).max(32).optional(),
+  transport: z.enum(['direct', 'relay']).optional(),
+  agentVersion: z.string().max(64).optional(),
+  lastSeen: finite.optional(),
+  state: z.string().max(64).optional(),
+  rollout: z.string().max(80).nullable().optional(),
+  step: z.string().max(64).nullable().optional(),
+});
+
+/** A step report as a host sends it (without `host` and `ts`, which the writer sets); unknown keys are dropped. */
+export const reportFieldsSchema = z.object({
+  rollout: z.string().min(1).max(80),
+  seq: z.number().int(),
+  step: z.string().min(1).max(64),
+  event: z.string().min(1).max(32),
+  code: z.string().max(64).optional(),
+  message: clipped(4000).optional(),
+  bytes: finite.optional(),
+  percent: finite.optional(),
+});
+
+/** Parses a host's input with `schema`; SC_ERR_BAD_REQUEST names the first bad field. */
+export function parseHostInput<T extends z.ZodType>(schema: T, input: unknown, what: string): z.infer<T> {
+  const r = schema.safeParse(input);
+  if (r.success) return r.data;
+  const i = r.error.issues[0];
+  throw scError('SC_ERR_BAD_REQUEST', `malformed ${what}: ${i.path.join('.') || '(root)'}: ${i.message}`);
+}
+

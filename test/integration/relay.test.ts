@@ -162,6 +162,26 @@ describe('relay mode', () => {
     await queue.obliterate({ force: true }).catch(() => {});
   });
 
+  it("checks a host's registration fields: typed and bounded, unknown keys dropped, nothing written when malformed", async () => {
+    // A host of the colo that runs no agent here, so no other test sees its record.
+    const id = 'c1-fields';
+    const url = f.stages.c1[0].url;
+    const headers = { authorization: `Bearer ${relayToken({ kid: '1', secret: f.relaySecret }, 'c1', id)}`, 'x-stagecoach-host': id, 'content-type': 'application/json' };
+    const beat = (fields: unknown) => fetch(`${url}/v1/relay/hosts/${id}/heartbeat`, { method: 'POST', headers, body: JSON.stringify({ fields }) });
+    const key = keys(f.prefix).agent(id);
+    let r = await beat({ state: 'idle', ip: '10.9.9.9', junk: 'x'.repeat(10_000), hostId: 'someone-else' });
+    assert.equal(r.status, 204);
+    assert.equal(await f.redis.hget(key, 'ip'), '"10.9.9.9"');
+    assert.equal(await f.redis.hget(key, 'junk'), null, 'unknown keys are dropped');
+    assert.equal(await f.redis.hget(key, 'hostId'), JSON.stringify(id), "the host id is the token's");
+    for (const bad of [{ ip: 42 }, { running: 'debian' }, { stages: Array(40).fill('http://s') }, { state: 'x'.repeat(100) }, 'a string']) {
+      r = await beat(bad);
+      assert.equal(r.status, 400, JSON.stringify(bad).slice(0, 60));
+      assert.equal(((await r.json()) as { error: { code: string } }).error.code, 'SC_ERR_BAD_REQUEST');
+    }
+    assert.equal(await f.redis.hget(key, 'ip'), '"10.9.9.9"', 'a malformed heartbeat writes nothing');
+  });
+
   it('accepts a token only at its own colo, under a key id it knows: two during a rotation', async () => {
     const dir = join(f.root, 'rotation');
     await mkdir(dir, { recursive: true });
