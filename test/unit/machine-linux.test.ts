@@ -330,3 +330,85 @@ describe('LinuxMachine against a recording runner', () => {
     assert.throws(() => new LinuxMachine({ hostId: 'a', disks: { disk1: '/dev/sda', disk2: '/dev/sdb' }, bootMode: 'coreboot' as 'uefi' }), (e) => isScError(e, 'SC_ERR_BAD_CONFIG'));
   });
 });
+
+describe('LinuxMachine, UEFI, at the point of no return', () => {
+  const A_ESP = '4f7da9a7-8137-c340-9036-52fd78b11302';
+  const A_ROOT = '0b9d3c1e-5a0f-4c1e-9d2b-7e1f2a3b4c5d';
+  const OTHER = '11111111-2222-3333-4444-555555555555';
+  const verbose = [
+    'BootCurrent: 0004',
+    'BootOrder: 0001,0002,0004,0003',
+    `Boot0001* debian\tHD(2,GPT,${A_ESP.toUpperCase()},0x800,0x80000)/File(\\EFI\\debian\\grubx64.efi)`,
+    'Boot0002* UEFI PXEv4 (MAC:525400123456)\tPciRoot(0x0)/Pci(0x3,0x0)/MAC(525400123456,1)/IPv4(0.0.0.0,0,DHCP)',
+    `Boot0003* other disk\tHD(1,GPT,${OTHER},0x800,0x80000)/File(\\EFI\\other\\x.efi)`,
+    'Boot0004* stagecoach disk2p1\tHD(3,GPT,9a1e0000-0000-0000-0000-000000000003,0x800,0x100000)/File(\\EFI\\stagecoach\\disk2p1.efi)',
+  ].join('\n');
+  const plain = verbose.replace(/\t.*$/gm, '');
+
+  it("deletes the NVRAM entries of A's own loader on disk 1, and only those, when stagecoach takes the default", async () => {
+    const ran: string[][] = [];
+    const deleted = new Set<string>();
+    // As efibootmgr does: a deleted entry leaves the list and BootOrder.
+    const without = (text: string) =>
+      text
+        .split('\n')
+        .filter((l) => ![...deleted].some((n) => l.startsWith(`Boot${n}`)))
+        .map((l) => (l.startsWith('BootOrder:') ? `BootOrder: ${l.slice(11).trim().split(',').filter((n) => !deleted.has(n)).join(',')}` : l))
+        .join('\n');
+    const sysRoot = join(tmp, 'uefi-root');
+    mkdirSync(join(sysRoot, 'etc'), { recursive: true });
+    writeFileSync(join(sysRoot, 'etc/os-release'), 'ID=debian\nVERSION_ID="12"\n');
+    const m = new LinuxMachine({
+      hostId: 'u1',
+      disks: { disk1: '/dev/sda', disk2: '/dev/sdb' },
+      bootMode: 'uefi',
+      sysRoot,
+      runner: {
+        dryRun: false,
+        async run(argv) {
+          ran.push(argv);
+          const i = argv.indexOf('--bootnum');
+          if (i >= 0 && argv.includes('--delete-bootnum')) deleted.add(argv[i + 1]);
+          return '';
+        },
+        async query(argv) {
+          if (argv[0] === 'findmnt') return '/dev/sdb1\n';
+          if (argv[0] === 'lsblk' && argv.includes('PARTUUID')) return argv[argv.length - 1] === '/dev/sda' ? `${A_ROOT}\n${A_ESP}\n` : '';
+          if (argv[0] === 'lsblk') {
+            const disk = argv[argv.length - 1];
+            const children =
+              disk === '/dev/sdb'
+                ? [
+                    { path: '/dev/sdb1', type: 'part', partlabel: 'sc-rescue-root', fstype: 'ext4', label: 'sc-rescue-root', mountpoint: null },
+                    { path: '/dev/sdb2', type: 'part', partlabel: 'sc-bundle-store', fstype: 'ext4', label: 'sc-bundle-store', mountpoint: null },
+                    { path: '/dev/sdb3', type: 'part', partlabel: 'sc-esp', fstype: 'vfat', label: 'SC-ESP', mountpoint: join(tmp, 'esp') },
+                  ]
+                : [{ path: '/dev/sda1', type: 'part', partlabel: null, fstype: 'ext4', label: null, mountpoint: null }];
+            return JSON.stringify({ blockdevices: [{ path: disk, type: 'disk', children }] });
+          }
+          if (argv[0] === 'efibootmgr') return without(argv.includes('--verbose') ? verbose : plain);
+          return null;
+        },
+        async writeFile() {},
+      },
+    });
+    await m.setDefault('disk2p1');
+    const efi = ran.filter((x) => x[0] === 'efibootmgr');
+    assert.deepEqual(
+      efi.filter((x) => x.includes('--delete-bootnum')),
+      [['efibootmgr', '--bootnum', '0001', '--delete-bootnum']],
+      "only A's entry on disk 1: network boot, another disk and stagecoach's own stay",
+    );
+    assert.deepEqual(efi.at(-1), ['efibootmgr', '--bootorder', '0004,0002,0003'], 'stagecoach first, without the deleted entry');
+    ran.length = 0;
+    await m.setDefault('disk2p1');
+    assert.equal(ran.filter((x) => x.includes('--delete-bootnum')).length, 0, 'nothing left to delete the second time');
+  });
+
+  it('reads the partition of an entry from efibootmgr --verbose', () => {
+    const st = parseEfibootmgr(verbose);
+    assert.equal(st.entries[0].partuuid, A_ESP);
+    assert.equal(st.entries[0].label, 'debian');
+    assert.equal(st.entries[1].partuuid, undefined);
+  });
+});

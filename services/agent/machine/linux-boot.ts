@@ -190,6 +190,11 @@ export function planEfiEntry(o: { espDisk: string; espPart: number; label: strin
   return [['efibootmgr', '--create-only', '--disk', o.espDisk, '--part', String(o.espPart), '--label', o.label, '--loader', `\\${o.loader.replace(/\//g, '\\')}`]];
 }
 
+/** UEFI: deletes NVRAM boot entry `num`. */
+export function planEfiDelete(num: string): string[][] {
+  return [['efibootmgr', '--bootnum', num.toUpperCase(), '--delete-bootnum']];
+}
+
 /** UEFI: next boot (only) from entry `num`. */
 export function planBootNext(num: string): string[][] {
   return [['efibootmgr', '--bootnext', num.toUpperCase()]];

@@ -26,6 +26,7 @@ import {
   planBootNext,
   planBootOrder,
   planEditEnv,
+  planEfiDelete,
   planEfiEntry,
   planEfiLoader,
   planLoaderInstall,
@@ -123,6 +124,24 @@ export class LinuxBootLoader {
     return parseEfibootmgr((await this.#m.runner.query(['efibootmgr'])) ?? '');
   }
 
+  /**
+   * UEFI, once stagecoach owns the default: deletes the NVRAM entries of an OS's own loader on
+   * disk 1 (A's `debian` entry, on A's ESP). From the point of no return A must never boot
+   * again, and its disk is about to be wiped: a firmware that falls back to such an entry, or
+   * that orders entries by device itself (OVMF puts the first disk's entries first after every
+   * power loss), would start A's boot loader over an empty root and stop at its rescue prompt.
+   * Entries on other devices (network boot, other disks) and stagecoach's own are kept.
+   */
+  async #dropOsEntries(): Promise<void> {
+    const out = (await this.#m.runner.query(['lsblk', '--noheadings', '--output', 'PARTUUID', this.#m.diskPath('disk1')])) ?? '';
+    const disk1 = new Set(out.split('\n').map((l) => l.trim().toLowerCase()).filter(Boolean));
+    // --verbose: efibootmgr before 18 prints the device paths only then.
+    const st = parseEfibootmgr((await this.#m.runner.query(['efibootmgr', '--verbose'])) ?? '');
+    for (const e of st.entries) {
+      if (e.partuuid && disk1.has(e.partuuid) && !e.label.startsWith('stagecoach')) await this.#runAll(planEfiDelete(e.num));
+    }
+  }
+
   /** Disk 2's ESP, mounted. */
   async #esp(): Promise<{ dir: string; disk: string; part: number }> {
     const parts = await this.#m.parts('disk2');
@@ -174,6 +193,7 @@ export class LinuxBootLoader {
     this.#m.split(device);
     if (this.#m.bootMode === 'uefi') {
       const num = await this.#efiEntry(device, `stagecoach ${device}`);
+      await this.#dropOsEntries();
       await this.#runAll(planBootOrder(num, (await this.#efi()).order));
       return;
     }

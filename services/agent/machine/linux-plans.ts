@@ -162,7 +162,8 @@ export interface EfiBootState {
   current: string | null;
   next: string | null;
   order: string[];
-  entries: { num: string; label: string; active: boolean }[];
+  /** `partuuid`: the GPT partition (lowercase) the entry's loader is on, when its device path names one. */
+  entries: { num: string; label: string; active: boolean; partuuid?: string }[];
 }
 
 /** Parses `efibootmgr` (no arguments) output. */
@@ -176,7 +177,15 @@ export function parseEfibootmgr(text: string): EfiBootState {
     m = /^BootOrder:\s*([0-9A-Fa-f,]*)/.exec(line);
     if (m) st.order = m[1].split(',').filter(Boolean).map((x) => x.toUpperCase());
     m = /^Boot([0-9A-Fa-f]{4})(\*?)\s+(.*)$/.exec(line);
-    if (m) st.entries.push({ num: m[1].toUpperCase(), active: m[2] === '*', label: m[3].split('\t')[0].replace(/\s+(HD|PciRoot|VenHw|BBS)\(.*$/, '').trim() });
+    if (m) {
+      const part = /HD\(\d+,GPT,([0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12})/.exec(m[3]);
+      st.entries.push({
+        num: m[1].toUpperCase(),
+        active: m[2] === '*',
+        label: m[3].split('\t')[0].replace(/\s+(HD|PciRoot|VenHw|BBS)\(.*$/, '').trim(),
+        ...(part ? { partuuid: part[1].toLowerCase() } : {}),
+      });
+    }
   }
   return st;
 }
