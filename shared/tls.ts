@@ -77,7 +77,13 @@ export function createServer(app: RequestListener, tls: ServerTls | null): Serve
   return tls ? createHttpsServer({ ...common, cert: tls.cert, key: tls.key }, app) : createHttpServer(common, app);
 }
 
-let extraCa: string[] | null = null;
+/** What clients verify servers against (undefined: Node's default store); null until first needed. */
+let bundle: string[] | undefined | null = null;
+
+/** The system store plus `extra`, built once per change of trust (every request reads it). */
+function withSystemStore(extra: string[]): string[] | undefined {
+  return extra.length ? [...rootCertificates, ...extra] : undefined;
+}
 
 /** Reads PEM CA files; every certificate in them must parse. Throws SC_ERR_BAD_CONFIG. */
 export function readCaFiles(files: readonly string[]): string[] {
@@ -105,16 +111,16 @@ export function readCaFiles(files: readonly string[]): string[] {
  */
 export function trustCa(files: readonly string[] | string | undefined): void {
   const list = typeof files === 'string' ? [files] : (files ?? []);
-  extraCa = readCaFiles(list);
+  bundle = withSystemStore(readCaFiles(list));
 }
 
 /** The CAs clients verify servers against: undefined (Node's default store) unless private CAs were given. */
 export function caBundle(): string[] | undefined {
-  if (extraCa === null) {
+  if (bundle === null) {
     const env = process.env.STAGECOACH_CA;
-    extraCa = env ? readCaFiles(env.split(',').map((s) => s.trim()).filter(Boolean)) : [];
+    bundle = withSystemStore(env ? readCaFiles(env.split(',').map((s) => s.trim()).filter(Boolean)) : []);
   }
-  return extraCa.length ? [...rootCertificates, ...extraCa] : undefined;
+  return bundle;
 }
 
 /** got's TLS options for this process's trust (empty when only the system store is trusted). */
