@@ -34,7 +34,7 @@ export function projectRoot(): string {
 /**
  * Lays out the agent's runtime in `dir` (which becomes RUNTIME_DIR on the host): the compiled
  * project's `dist/`, its production dependencies (installed once per lock file into `cache`,
- * hardlinked from there) and this Node binary. Throws SC_ERR_BAD_CONFIG when `dist/` was not
+ * copied from there) and this Node binary. Throws SC_ERR_BAD_CONFIG when `dist/` was not
  * built (`npm run build`).
  */
 export async function layRuntime(cache: string, dir: string, log: (l: string) => void = () => {}): Promise<void> {
@@ -50,7 +50,9 @@ export async function layRuntime(cache: string, dir: string, log: (l: string) =>
   await fsp.chmod(join(dir, 'bin/node'), 0o755);
   await fsp.copyFile(join(root, 'package.json'), join(dir, 'app/package.json'));
   await run(['cp', '-a', join(root, 'dist'), join(dir, 'app/dist')]);
-  await run(['cp', '-a', '--link', join(modules, 'node_modules'), join(dir, 'app/node_modules')]);
+  // Copied, not hardlinked: proofs running side by side would change the shared inodes' ctime
+  // (each link and unlink does) while the other's tar reads them ("file changed as we read it").
+  await run(['cp', '-a', join(modules, 'node_modules'), join(dir, 'app/node_modules')]);
 }
 
 /**
