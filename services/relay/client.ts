@@ -140,7 +140,9 @@ export class RelayTransport implements StepTransport {
   }
 
   async event(job: StepJob, r: ReportFields): Promise<void> {
-    await this.#post(job, 'progress', { report: r }).catch((err) => this.#o.logger.warn({ err: (err as Error).message }, 'report failed'));
+    // A step's start or reboot is part of its record (control times steps by it): retried like
+    // a completion while the relay is briefly out of reach (right after a boot), then given up.
+    await this.#retrying(() => this.#post(job, 'progress', { report: r })).catch((err) => this.#o.logger.warn({ err: (err as Error).message }, 'report failed'));
   }
 
   async progress(job: StepJob, p: JobProgress, r: ReportFields): Promise<void> {

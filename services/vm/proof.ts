@@ -59,7 +59,7 @@ export interface ProofResult {
   firmware: Firmware;
   accel: string;
   converted: boolean;
-  steps: { step: string; ms: number }[];
+  steps: { step: string; ms: number | null }[];
   before: { ip: string; hostKeyFingerprint: string; os: string };
   after: { ip: string; hostKeyFingerprint: string; os: string; root: string };
   target: { os: string };
@@ -250,11 +250,12 @@ export async function runProof(o: ProofOptions): Promise<ProofResult> {
     const fin = await follow(rollout.spec.id, cut);
     seconds.rollout = since(t);
     const host = fin.hosts.find((x) => x.host === HOST_ID)!;
+    // Every completed step, in the order it finished; its time when control saw it start.
     const steps = Object.entries(host.steps)
-      .filter(([, s]) => s.startedAt && s.finishedAt)
-      .sort((x, y) => (x[1].startedAt ?? 0) - (y[1].startedAt ?? 0))
-      .map(([step, s]) => ({ step, ms: (s.finishedAt ?? 0) - (s.startedAt ?? 0) }));
-    for (const s of steps) say(`  ${s.step.padEnd(18)} ${(s.ms / 1000).toFixed(1).padStart(7)} s`);
+      .filter(([, s]) => s.state === 'completed')
+      .sort((x, y) => (x[1].finishedAt ?? 0) - (y[1].finishedAt ?? 0))
+      .map(([step, s]) => ({ step, ms: s.startedAt && s.finishedAt ? s.finishedAt - s.startedAt : null }));
+    for (const s of steps) say(`  ${s.step.padEnd(18)} ${s.ms === null ? '      ? s (start not reported)' : `${(s.ms / 1000).toFixed(1).padStart(7)} s`}`);
     if (fin.status.state !== 'completed') {
       throw scError('SC_ERR_STEP_FAILED', `the rollout ended ${fin.status.state}: ${host.error ? `${host.error.step}: ${host.error.code} ${host.error.message}` : host.status}`, { log: host.log.slice(-20) });
     }

@@ -27,7 +27,10 @@ export async function proof(firmware: 'bios' | 'uefi', faults: string[]): Promis
   const code = await new Promise<number | null>((r) => child.on('close', r));
   const line = out.trim().split('\n').pop() ?? '';
   assert.equal(code, 0, `vm proof --firmware ${firmware} failed: ${line}`);
-  return JSON.parse(line) as Record<string, unknown>;
+  const r = JSON.parse(line) as Record<string, unknown>;
+  const seen = (r.faults ?? {}) as Record<string, string>;
+  for (const f of faults) assert.ok(seen[f], `fault ${f} was injected`);
+  return r;
 }
 
 /** The checks every proof result must pass. */
