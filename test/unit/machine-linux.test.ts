@@ -400,6 +400,12 @@ describe('LinuxMachine, UEFI, at the point of no return', () => {
       "only A's entry on disk 1: network boot, another disk and stagecoach's own stay",
     );
     assert.deepEqual(efi.at(-1), ['efibootmgr', '--bootorder', '0004,0002,0003'], 'stagecoach first, without the deleted entry');
+    const esp = join(tmp, 'esp');
+    assert.deepEqual(
+      ran.find((x) => x[0] === 'cp'),
+      ['cp', `${esp}/EFI/stagecoach/disk2p1.efi`, `${esp}/EFI/BOOT/BOOTX64.EFI`],
+      "the default's loader at the removable-media path, for a firmware that loses its entries",
+    );
     ran.length = 0;
     await m.setDefault('disk2p1');
     assert.equal(ran.filter((x) => x.includes('--delete-bootnum')).length, 0, 'nothing left to delete the second time');

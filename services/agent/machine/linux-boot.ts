@@ -19,8 +19,9 @@
  *   `stagecoach_rescue`. It lives with B on disk 2, so wiping disk 1 cannot take it away.
  * - UEFI: one standalone GRUB EFI binary per device on disk 2's ESP (`\EFI\stagecoach\<device>.efi`,
  *   its config embedded), one NVRAM entry per device (`stagecoach <device>`, and
- *   `stagecoach rescue <device>`); one-shot = BootNext, default = first in BootOrder. A failed
- *   entry returns to the firmware, which takes the next entry of BootOrder.
+ *   `stagecoach rescue <device>`); one-shot = BootNext, default = first in BootOrder and a copy
+ *   of its loader at the ESP's removable-media path (EFI_FALLBACK_PATH), for a firmware that
+ *   loses its entries. A failed entry returns to the firmware, which takes the next entry.
  * A kernel that panics reboots after 10 s (`panic=10`), so a one-shot boot that fails brings the
  * machine back to its default entry by itself.
  */
@@ -160,6 +161,22 @@ export function efiLoaderConfig(r: BootRoot, kernelArgs = DEFAULT_KERNEL_ARGS): 
 /** The ESP path (relative to the ESP's root) of a device's UEFI loader. */
 export function efiLoaderPath(device: string): string {
   return `EFI/stagecoach/${device}.efi`;
+}
+
+/**
+ * The removable-media path of disk 2's ESP (`\EFI\BOOT\BOOTX64.EFI`): a copy of the default
+ * device's loader. A firmware that lost or pruned its NVRAM entries (a CMOS reset, a firmware
+ * update, OVMF rebuilding BootOrder from its own device list after a power loss) still boots
+ * disk 2 through this path, and so the OS stagecoach made the default.
+ */
+export const EFI_FALLBACK_PATH = 'EFI/BOOT/BOOTX64.EFI';
+
+/** UEFI: `loader` (a path on the mounted ESP `espDir`) copied to the ESP's removable-media path. */
+export function planEfiFallback(espDir: string, loader: string): string[][] {
+  return [
+    ['mkdir', '-p', `${espDir}/EFI/BOOT`],
+    ['cp', loader, `${espDir}/${EFI_FALLBACK_PATH}`],
+  ];
 }
 
 /** grub-editenv plan: set `vars` in the env file `envFile` (created when missing). */

@@ -28,6 +28,7 @@ import {
   planEditEnv,
   planEfiDelete,
   planEfiEntry,
+  planEfiFallback,
   planEfiLoader,
   planLoaderInstall,
   planOsGrubOnce,
@@ -154,13 +155,19 @@ export class LinuxBootLoader {
     return { dir, disk: this.#m.diskPath('disk2'), part: n };
   }
 
-  /** (Re)writes `device`'s UEFI loader on disk 2's ESP and returns the number of its NVRAM entry `label` (created when missing). */
-  async #efiEntry(device: string, label: string): Promise<string> {
+  /**
+   * (Re)writes `device`'s UEFI loader on disk 2's ESP and returns the number of its NVRAM entry
+   * `label` (created when missing). `fallback`: the loader also goes to the ESP's removable-media
+   * path (the default's).
+   */
+  async #efiEntry(device: string, label: string, fallback = false): Promise<string> {
     const esp = await this.#esp();
     const cfg = join(esp.dir, `EFI/stagecoach/${device}.cfg`);
+    const loader = join(esp.dir, efiLoaderPath(device));
     await this.#runAll([['mkdir', '-p', join(esp.dir, 'EFI/stagecoach')]]);
     await this.#m.runner.writeFile(cfg, efiLoaderConfig(await this.#bootRoot(device), this.#m.kernelArgs), 0o644);
-    await this.#runAll(planEfiLoader(join(esp.dir, efiLoaderPath(device)), cfg));
+    await this.#runAll(planEfiLoader(loader, cfg));
+    if (fallback) await this.#runAll(planEfiFallback(esp.dir, loader));
     const found = (await this.#efi()).entries.find((e) => e.label === label);
     if (found) return found.num;
     await this.#runAll(planEfiEntry({ espDisk: esp.disk, espPart: esp.part, label, loader: efiLoaderPath(device) }));
@@ -192,7 +199,7 @@ export class LinuxBootLoader {
   async setDefault(device: string): Promise<void> {
     this.#m.split(device);
     if (this.#m.bootMode === 'uefi') {
-      const num = await this.#efiEntry(device, `stagecoach ${device}`);
+      const num = await this.#efiEntry(device, `stagecoach ${device}`, true);
       await this.#dropOsEntries();
       await this.#runAll(planBootOrder(num, (await this.#efi()).order));
       return;
