@@ -1,18 +1,17 @@
 /**
- * The origin HTTP server: the read API every tier shares (ARCHITECTURE.md, "HTTP read API")
- * plus token-protected writes. Paths are matched byte for byte: only
- * `[A-Za-z0-9._~+:/-]` is accepted, no percent-encoding, no empty, `.` or `..` segments, so
- * nothing is normalised into a path the store would read.
+ * The origin HTTP server: the shared read API (shared/http/read-api.ts) over the BlobStore, plus
+ * token-protected writes (PUT of blobs and manifests), metrics and request logs.
  */
 import type { KeyObject } from 'node:crypto';
 import type { Server } from 'node:http';
 import { Transform } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
-import express, { type NextFunction, type Request, type Response } from 'express';
+import express from 'express';
 import pkg from '../../package.json' with { type: 'json' };
 import { type Digest, parseDigest, sha256Of } from '../../shared/digest.js';
-import { type ErrorCode, isScError, scError } from '../../shared/errors.js';
-import { blobParam, errorHandler, notFoundHandler, notModified, requireToken, serveBlobFile, startBlobResponse } from '../../shared/http.js';
+import { isScError, scError } from '../../shared/errors.js';
+import { blobParam, errorHandler, requireToken } from '../../shared/http.js';
+import { onClientError } from '../../shared/http/client-error.js';
+import { createReadApiRouter, type ReadSource, sendFileRange, sendStream, unknownRoute } from '../../shared/http/read-api.js';
 import type { Logger } from '../../shared/log.js';
 import { canonicalJson, parseManifest, verifyManifest } from '../../shared/manifest.js';
 import { Counter, createRegistry, httpMetrics, type Registry } from '../../shared/metrics.js';
@@ -77,33 +76,41 @@ const ROUTE_NAMES: Record<string, string> = {
   '/v1/bundles/:name/:version': 'manifest',
 };
 
-const SAFE_PATH = /^\/[A-Za-z0-9._~+:/-]*$/;
-
-/** Rejects any path that is not plain ASCII segments (see the module comment). */
-function guardPath(req: Request, _res: Response, next: NextFunction): void {
-  const raw = req.originalUrl;
-  const q = raw.indexOf('?');
-  const path = q < 0 ? raw : raw.slice(0, q);
-  let why: string | undefined;
-  if (path.length > 1024) why = 'path too long';
-  else if (!SAFE_PATH.test(path)) why = 'path has characters outside [A-Za-z0-9._~+:/-] (percent-encoding is not accepted)';
-  else if (path !== '/' && path.split('/').slice(1).some((s) => s === '' || s === '.' || s === '..')) why = 'path has an empty, . or .. segment';
-  if (why === undefined) {
-    next();
-    return;
-  }
-  const code: ErrorCode = path.startsWith('/v1/blobs/') ? 'SC_ERR_BAD_DIGEST' : 'SC_ERR_BAD_PATH';
-  next(scError(code, `${why}: ${JSON.stringify(path.slice(0, 200))}`));
-}
-
-function methodNotAllowed(allow: string) {
-  return (_req: Request, res: Response, next: NextFunction) => {
-    res.set('Allow', allow);
-    next(scError('SC_ERR_METHOD_NOT_ALLOWED'));
+/** The origin's side of the shared read API: everything is read from the store. */
+function originReadSource(deps: OriginAppDeps): ReadSource {
+  const { store, metrics } = deps;
+  return {
+    async openBlob(digest) {
+      const { size } = await store.statBlob(digest);
+      return {
+        size,
+        async send(res, start, end) {
+          const count = (n: number) => metrics.blobBytesOut.inc(n);
+          if (store.blobPath) return sendFileRange(res, store.blobPath(digest), start, end, count);
+          if (end < start) {
+            res.end();
+            return 0;
+          }
+          return sendStream(res, () => store.openBlob(digest, { start, end }), count);
+        },
+        release() {},
+      };
+    },
+    async getManifest(name, version) {
+      const body = canonicalJson(await store.getManifest(name, version));
+      const meta = await store.getManifestMeta(name, version);
+      return { json: body, digest: sha256Of(body), headers: meta.fingerprint ? { [FINGERPRINT_HEADER]: meta.fingerprint } : undefined };
+    },
+    listBundles: () => store.listBundles(),
+    health: () => ({ ok: true, service: 'origin', version: pkg.version }),
+    metrics: async () => ({ contentType: metrics.registry.contentType, text: await metrics.registry.metrics() }),
   };
 }
 
-/** Builds the express app (routes, metrics, request logs, the one error handler). */
+/**
+ * Builds the express app: the shared read API (shared/http/read-api.ts, which also guards every
+ * path), the token-protected writes, metrics, request logs and the one error handler.
+ */
 export function createOriginApp(deps: OriginAppDeps): express.Express {
   const { store, metrics, logger } = deps;
   const log = logger.child({ component: 'origin' });
@@ -132,42 +139,7 @@ export function createOriginApp(deps: OriginAppDeps): express.Express {
     });
     next();
   });
-  app.use(guardPath);
-
-  app.get('/healthz', (_req, res) => {
-    res.locals.route = 'healthz';
-    res.set('Cache-Control', 'no-store').json({ ok: true, service: 'origin', version: pkg.version });
-  });
-
-  app.get('/metrics', async (_req, res) => {
-    res.locals.route = 'metrics';
-    res.set('Content-Type', metrics.registry.contentType).set('Cache-Control', 'no-store').send(await metrics.registry.metrics());
-  });
-
-  app.get('/v1/blobs/:ref', async (req, res) => {
-    res.locals.route = 'blob';
-    const digest = blobParam(req);
-    const { size } = await store.statBlob(digest);
-    let sent = 0;
-    if (store.blobPath) {
-      sent = await serveBlobFile(req, res, store.blobPath(digest), digest, size);
-    } else {
-      const r = startBlobResponse(req, res, digest, size);
-      if (r !== 'not-modified' && req.method !== 'HEAD' && r.end >= r.start) {
-        const src = await store.openBlob(digest, r);
-        src.on('data', (c: Buffer) => {
-          sent += c.length;
-        });
-        try {
-          await pipeline(src, res);
-        } catch {
-          res.destroy();
-        }
-      } else if (r !== 'not-modified') res.end();
-    }
-    res.locals.bytesOut = sent;
-    metrics.blobBytesOut.inc(sent);
-  });
+  app.use(createReadApiRouter(originReadSource(deps), { writeMethods: ['PUT'] }));
 
   app.put('/v1/blobs/:ref', auth, async (req, res) => {
     res.locals.route = 'blob';
@@ -213,32 +185,6 @@ export function createOriginApp(deps: OriginAppDeps): express.Express {
       throw err;
     }
     res.status(r.created ? 201 : 200).json({ digest, size: r.size, created: r.created });
-  });
-
-  app.all('/v1/blobs/:ref', methodNotAllowed('GET, HEAD, PUT'));
-  app.all('/v1/blobs/*rest', (_req, _res, next) => next(scError('SC_ERR_BAD_DIGEST')));
-
-  app.get('/v1/bundles', async (_req, res) => {
-    res.locals.route = 'bundles';
-    res.set('Cache-Control', 'no-cache').json(await store.listBundles());
-  });
-  app.all('/v1/bundles', methodNotAllowed('GET, HEAD'));
-
-  app.get('/v1/bundles/:name/:version', async (req, res) => {
-    res.locals.route = 'manifest';
-    const name = parseName(req.params.name);
-    const version = parseVersion(req.params.version);
-    const m = await store.getManifest(name, version);
-    const body = canonicalJson(m);
-    const digest = sha256Of(body);
-    res.set({ 'Cache-Control': 'no-cache', ETag: `"${digest}"`, 'Content-Type': 'application/json; charset=utf-8' });
-    const meta = await store.getManifestMeta(name, version);
-    if (meta.fingerprint) res.set(FINGERPRINT_HEADER, meta.fingerprint);
-    if (notModified(req, digest)) {
-      res.status(304).end();
-      return;
-    }
-    res.send(body);
   });
 
   app.put(
@@ -289,9 +235,7 @@ export function createOriginApp(deps: OriginAppDeps): express.Express {
       res.status(r.created ? 201 : 200).json({ name, version, manifestDigest: r.manifestDigest, created: r.created });
     },
   );
-  app.all('/v1/bundles/:name/:version', methodNotAllowed('GET, HEAD, PUT'));
-
-  app.use(notFoundHandler('SC_ERR_BAD_PATH'));
+  app.use(unknownRoute);
   app.use(errorHandler(log));
   return app;
 }
@@ -299,9 +243,10 @@ export function createOriginApp(deps: OriginAppDeps): express.Express {
 /**
  * Applies the origin's socket policy to its HTTP server: no overall request deadline (a
  * multi-GB upload may take long), headers within 60 s, and connections idle for
- * `idleTimeoutSec` closed. Oversized headers get Node's 431.
+ * `idleTimeoutSec` closed. Oversized headers get 431 SC_ERR_HEADER_TOO_LARGE, as on a stage.
  */
 export function configureOriginServer(server: Server, idleTimeoutSec: number): void {
+  server.on('clientError', onClientError);
   server.requestTimeout = 0;
   server.headersTimeout = 60_000;
   server.keepAliveTimeout = 5_000;

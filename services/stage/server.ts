@@ -1,23 +1,23 @@
 /**
- * The stage's HTTP surface: the read API shared with origin (blobs, manifests, listings,
- * /healthz, /metrics), plus POST /v1/prefetch and GET /v1/fills. Errors become responses only
- * in shared/http.ts `errorHandler`.
+ * The stage's HTTP surface: the shared read API (shared/http/read-api.ts) over the stage's
+ * cache, fills and upstreams, plus POST /v1/prefetch, GET /v1/fills and the colo relay. Errors
+ * become responses only in shared/http.ts `errorHandler`.
  */
-import type { IncomingMessage, ServerResponse } from 'node:http';
-import type { Socket } from 'node:net';
 import express, { type NextFunction, type Request, type Response } from 'express';
-import { createProxyServer } from 'http-proxy-3';
 import { type Digest, parseDigest } from '../../shared/digest.js';
-import { ERRORS, scError } from '../../shared/errors.js';
-import { blobParam, errorHandler, notFoundHandler, requireToken, serveBlobFile, startBlobResponse } from '../../shared/http.js';
+import { scError } from '../../shared/errors.js';
+import { errorHandler, requireToken } from '../../shared/http.js';
+import { createReadApiRouter, methodNotAllowed, type OpenBlob, type ReadSource, sendFileRange, unknownRoute } from '../../shared/http/read-api.js';
 import type { Logger } from '../../shared/log.js';
 import type { Registry } from '../../shared/metrics.js';
-import { parseName, parseVersion } from '../../shared/names.js';
 import type { BlobCache } from './cache.js';
 import { type FetchOnce, streamFill } from './fill.js';
 import type { ManifestCache } from './manifests.js';
 import type { StageMetrics } from './metrics.js';
 import type { Upstreams } from './upstreams.js';
+
+/** Answers parse errors (a 1 MB header) with a JSON body and a code; the same on origin. */
+export { onClientError } from '../../shared/http/client-error.js';
 
 /** Everything the HTTP layer needs. */
 export interface StageAppDeps {
@@ -38,23 +38,77 @@ export interface StageAppDeps {
 /** Most digests one prefetch call may name. */
 export const PREFETCH_MAX = 1000;
 
-/** Builds the express app of a stage. */
-export function createStageApp(d: StageAppDeps): express.Express {
-  const { cache, fills, metrics, log } = d;
-  const app = express();
-  app.disable('x-powered-by');
-  app.set('etag', false);
-
-  app.use((req, res, next) => {
-    res.on('finish', () => {
-      const route = (req.route?.path as string | undefined) ?? 'other';
-      metrics.http.requests.inc({ method: req.method, route, status: String(res.statusCode) });
-    });
-    next();
-  });
-
-  app.get('/healthz', (_req, res) => {
-    res.set('Cache-Control', 'no-store').json({
+/**
+ * The stage's side of the shared read API. Blobs: a cache hit is read from its file; a miss
+ * starts or joins the one fill of that blob (fill.ts) and streams it as it grows, the final
+ * byte held back until the digest is verified. Manifests come from the manifest cache; the
+ * listing from the first upstream that answers (not cached).
+ */
+function stageReadSource(d: StageAppDeps): ReadSource {
+  const { cache, fills, metrics } = d;
+  const count = (n: number) => metrics.bytesServed.inc(n);
+  return {
+    async openBlob(digest): Promise<OpenBlob> {
+      const hit = cache.lookup(digest);
+      if (hit) {
+        metrics.hits.inc();
+        cache.acquire(hit);
+        return { size: hit.size, send: (res, start, end) => sendFileRange(res, hit.path, start, end, count), release: () => cache.release(hit) };
+      }
+      if (fills.isGone(digest)) {
+        metrics.negativeHits.inc();
+        throw scError('SC_ERR_BLOB_NOT_FOUND', `no blob ${digest}`);
+      }
+      const { fill, joined } = fills.join(digest);
+      (joined ? metrics.coalesced : metrics.misses).inc();
+      try {
+        await fill.ready();
+        if (fill.state === 'gone') throw scError('SC_ERR_BLOB_NOT_FOUND', `no blob ${digest}`);
+        if (fill.state === 'failed' && fill.error?.code === 'SC_ERR_PASSTHROUGH_TOO_LARGE') throw fill.error;
+        if (fill.state === 'failed' || fill.size === null) {
+          throw scError('SC_ERR_UPSTREAM', `fetching ${digest} failed`, { reason: fill.error?.code });
+        }
+      } catch (err) {
+        fill.release();
+        throw err;
+      }
+      return {
+        size: fill.size,
+        async send(res, start, end) {
+          if (fill.size === 0) {
+            // Nothing to hold back: answer only once the (empty) content is verified.
+            await fill.done();
+            if (!fill.verified) res.destroy();
+            else res.end();
+            return 0;
+          }
+          let sent = 0;
+          await streamFill(fill, res, start, end, (n) => {
+            sent += n;
+            count(n);
+          });
+          return sent;
+        },
+        release: () => fill.release(),
+      };
+    },
+    async getManifest(name, version) {
+      const m = await d.manifests.get(name, version);
+      return { json: m.json, digest: m.digest };
+    },
+    async listBundles() {
+      const r = await d.upstreams.getSmall('/v1/bundles', 'listing');
+      if (r.status !== 200) throw scError('SC_ERR_UPSTREAM', `upstream ${r.upstream} answered HTTP ${r.status} for /v1/bundles`);
+      let list: unknown;
+      try {
+        list = JSON.parse(r.body.toString('utf8'));
+      } catch {
+        list = undefined;
+      }
+      if (!Array.isArray(list)) throw scError('SC_ERR_UPSTREAM', `upstream ${r.upstream} sent a listing that is not a JSON array`);
+      return list;
+    },
+    health: () => ({
       ok: true,
       role: 'stage',
       colo: d.colo,
@@ -64,105 +118,31 @@ export function createStageApp(d: StageAppDeps): express.Express {
       cacheMaxBytes: cache.maxBytes,
       cacheEntries: cache.entries,
       ...(d.relay ? { relay: d.relay.stats() } : {}),
+    }),
+    metrics: async () => ({ contentType: d.registry.contentType, text: await d.registry.metrics() }),
+  };
+}
+
+/** Builds the express app of a stage. */
+export function createStageApp(d: StageAppDeps): express.Express {
+  const { cache, fills, metrics } = d;
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('etag', false);
+  app.set('case sensitive routing', true);
+  app.set('strict routing', true);
+
+  app.use((req, res, next) => {
+    res.on('finish', () => {
+      const route = (req.route?.path as string | undefined) ?? 'other';
+      metrics.http.requests.inc({ method: req.method, route, status: String(res.statusCode) });
     });
+    next();
   });
 
-  app.get('/metrics', async (_req, res) => {
-    res.set('Content-Type', d.registry.contentType).set('Cache-Control', 'no-store').send(await d.registry.metrics());
-  });
-
-  // ---- blobs ----
-  app.get('/v1/blobs/:ref', async (req, res) => {
-    const digest = blobParam(req);
-    const hit = cache.lookup(digest);
-    if (hit) {
-      metrics.hits.inc();
-      cache.acquire(hit);
-      try {
-        const n = await serveBlobFile(req, res, hit.path, digest, hit.size);
-        metrics.bytesServed.inc(n);
-      } finally {
-        cache.release(hit);
-      }
-      return;
-    }
-    if (fills.isGone(digest)) {
-      metrics.negativeHits.inc();
-      throw scError('SC_ERR_BLOB_NOT_FOUND', `no blob ${digest}`);
-    }
-    const { fill, joined } = fills.join(digest);
-    (joined ? metrics.coalesced : metrics.misses).inc();
-    try {
-      await fill.ready();
-      if (fill.state === 'gone') throw scError('SC_ERR_BLOB_NOT_FOUND', `no blob ${digest}`);
-      if (fill.state === 'failed' && fill.error?.code === 'SC_ERR_PASSTHROUGH_TOO_LARGE') throw fill.error;
-      if (fill.state === 'failed' || fill.size === null) {
-        throw scError('SC_ERR_UPSTREAM', `fetching ${digest} failed`, { reason: fill.error?.code });
-      }
-      if (res.destroyed) return;
-      const r = startBlobResponse(req, res, digest, fill.size);
-      if (r === 'not-modified') return;
-      if (req.method === 'HEAD') {
-        res.end();
-        return;
-      }
-      if (fill.size === 0) {
-        // Nothing to hold back: answer only once the (empty) content is verified.
-        await fill.done();
-        if (!fill.verified) res.destroy();
-        else res.end();
-        return;
-      }
-      await streamFill(fill, res, r.start, r.end, (n) => metrics.bytesServed.inc(n));
-    } finally {
-      fill.release();
-    }
-  });
-  app.all('/v1/blobs/:ref', (_req, _res, next) => next(scError('SC_ERR_METHOD_NOT_ALLOWED', 'the stage is read-only')));
-  app.all(['/v1/blobs', '/v1/blobs/', '/v1/blobs/*rest'], (_req, _res, next) => next(scError('SC_ERR_BAD_PATH')));
-
-  // ---- manifests and listings ----
-  app.get('/v1/bundles/:name/:version', async (req, res) => {
-    const m = await d.manifests.get(parseName(req.params.name), parseVersion(req.params.version));
-    res.set('Cache-Control', 'no-cache').set('ETag', `"${m.digest}"`);
-    const inm = req.headers['if-none-match'];
-    if (inm?.split(',').some((t) => t.trim().replace(/^W\//, '') === `"${m.digest}"`)) {
-      res.status(304).end();
-      return;
-    }
-    res.type('application/json').send(m.json);
-  });
-
-  const proxy = createProxyServer({ xfwd: false, proxyTimeout: 30_000, timeout: 30_000 });
-  proxy.on('error', () => {
-    /* handled per request below */
-  });
-  app.get('/v1/bundles', (req, res, next) => {
-    const targets = d.upstreams.order();
-    for (const h of ['authorization', 'cookie', 'proxy-authorization']) delete req.headers[h];
-    const tryAt = (i: number) => {
-      const target = targets[i];
-      let counted = false;
-      const count = (outcome: string) => {
-        if (!counted) metrics.upstreamRequests.inc({ upstream: target, kind: 'listing', outcome });
-        counted = true;
-      };
-      res.once('finish', () => count(String(res.statusCode)));
-      proxy.web(req as IncomingMessage, res as ServerResponse, { target }, (err: Error) => {
-        count('error');
-        log.warn({ upstream: target, err: err.message }, 'listing proxy failed');
-        if (res.headersSent) {
-          res.destroy();
-          return;
-        }
-        if (i + 1 < targets.length) tryAt(i + 1);
-        else next(scError('SC_ERR_NO_UPSTREAM', 'no upstream answered /v1/bundles'));
-      });
-    };
-    tryAt(0);
-  });
-  app.all(['/v1/bundles', '/v1/bundles/:name/:version'], (_req, _res, next) => next(scError('SC_ERR_METHOD_NOT_ALLOWED', 'the stage is read-only')));
-  app.all('/v1/bundles/*rest', (_req, _res, next) => next(scError('SC_ERR_BAD_PATH')));
+  // The relay keeps its own paths and checks (services/relay); mounted before the read API.
+  if (d.relay) app.use('/v1/relay', d.relay.router);
+  app.use(createReadApiRouter(stageReadSource(d)));
 
   // ---- preheat ----
   const auth = d.token ? requireToken(d.token) : (_req: Request, _res: Response, next: NextFunction) => next(scError('SC_ERR_FORBIDDEN', 'prefetch is disabled: the stage has no token'));
@@ -178,31 +158,13 @@ export function createStageApp(d: StageAppDeps): express.Express {
     }
     res.status(202).set('Cache-Control', 'no-store').json({ accepted: accepted.map((a) => a.digest), fills: accepted });
   });
+  app.all('/v1/prefetch', methodNotAllowed(['POST']));
   app.get('/v1/fills', (_req, res) => {
     res.set('Cache-Control', 'no-store').json({ fills: fills.list() });
   });
+  app.all('/v1/fills', methodNotAllowed(['GET', 'HEAD']));
 
-  if (d.relay) app.use('/v1/relay', d.relay.router);
-
-  app.use(notFoundHandler());
-  app.use(errorHandler(log));
+  app.use(unknownRoute);
+  app.use(errorHandler(d.log));
   return app;
-}
-
-/**
- * Answers HTTP parse errors (a 1 MB header, a malformed request line) with a JSON error body
- * and a stable code instead of Node's bare reply, then closes the socket.
- */
-export function onClientError(err: NodeJS.ErrnoException, socket: Socket): void {
-  if (!socket.writable || (socket as Socket & { _httpMessage?: unknown })._httpMessage) {
-    socket.destroy();
-    return;
-  }
-  const code = err.code === 'HPE_HEADER_OVERFLOW' ? 'SC_ERR_HEADER_TOO_LARGE' : 'SC_ERR_BAD_REQUEST';
-  const { status, message } = ERRORS[code];
-  const body = JSON.stringify({ error: { code, message } });
-  socket.end(
-    `HTTP/1.1 ${status} ${code === 'SC_ERR_HEADER_TOO_LARGE' ? 'Request Header Fields Too Large' : 'Bad Request'}\r\n` +
-      `Content-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`,
-  );
 }

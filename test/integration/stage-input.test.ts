@@ -63,10 +63,10 @@ test('malformed digests and path shapes get 400 with a code', async () => {
     [`/v1/blobs/sha256:${'A'.repeat(64)}`, 'SC_ERR_BAD_DIGEST'],
     [`/v1/blobs/md5:${'a'.repeat(32)}`, 'SC_ERR_BAD_DIGEST'],
     [`/v1/blobs/sha256:${'a'.repeat(65)}`, 'SC_ERR_BAD_DIGEST'],
-    ['/v1/blobs/', 'SC_ERR_BAD_PATH'],
+    ['/v1/blobs/', 'SC_ERR_BAD_DIGEST'],
     ['/v1/blobs', 'SC_ERR_BAD_PATH'],
-    [`/v1/blobs/${d}/extra`, 'SC_ERR_BAD_PATH'],
-    ['/v1/blobs/%zz', 'SC_ERR_BAD_PATH'],
+    [`/v1/blobs/${d}/extra`, 'SC_ERR_BAD_DIGEST'],
+    ['/v1/blobs/%zz', 'SC_ERR_BAD_DIGEST'],
     ['/v1/bundles/Bad_Name/1.0', 'SC_ERR_BAD_NAME'],
     ['/v1/bundles/ok/-bad', 'SC_ERR_BAD_VERSION'],
     ['/v1/bundles/a/b/c', 'SC_ERR_BAD_PATH'],
@@ -143,8 +143,8 @@ test('writes are refused: the stage is read-only', async () => {
   const m = await raw('/v1/bundles/rescue-os/1.0.0', 'PUT');
   assert.equal(m.status, 405);
   const u = await raw('/nope');
-  assert.equal(u.status, 404);
-  assert.equal(code(u.body), 'SC_ERR_NOT_FOUND');
+  assert.equal(u.status, 400);
+  assert.equal(code(u.body), 'SC_ERR_BAD_PATH');
   const p = await raw('/v1/prefetch', 'POST', { authorization: 'Bearer x', 'content-type': 'application/json' });
   assert.equal(p.status, 403, 'prefetch is disabled without a token');
   await stillUp();
