@@ -84,7 +84,7 @@ export const agentConfigSchema = z.strictObject({
   runtimeDir: z.string().regex(/^\/[A-Za-z0-9._/-]+$/, 'expected an absolute path').default('/opt/stagecoach'),
   /** Linux only: the agent's systemd unit, installed and enabled in every OS it unpacks. */
   unitFile: z.string().regex(/^\/[A-Za-z0-9._/@-]+$/, 'expected an absolute path').default('/etc/systemd/system/stagecoach-agent.service'),
-  /** Job lock duration in ms; the lock is renewed every half of it. */
+  /** Job lock duration in ms; the lock is renewed every third of it (shared/protocol/consumer.ts). */
   lockDurationMs: z.coerce.number().int().min(1000).max(3_600_000).default(60_000),
   /** How often the stalled-job check runs on this host's queue, in ms (the backstop after long reboots). */
   stalledIntervalMs: z.coerce.number().int().min(1000).max(3_600_000).default(30_000),

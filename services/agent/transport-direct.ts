@@ -1,16 +1,16 @@
 /**
- * The direct transport: the host consumes its own BullMQ queue (`host.<id>`) over Redis,
- * processed manually (a Worker without a processor: `getNextJob`, `extendLock`,
- * `moveToCompleted`, `moveToFailed`) with the stable lock token `agent:<hostId>`. See worker.ts
- * for why a step interrupted by a reboot runs again and a finished one never does. Connections:
- * the given one (shared by the Worker's commands, the Queue and presence) plus the Worker's
- * blocking connection: two per host.
+ * The direct transport: the host consumes its own BullMQ queue (`host.<id>`) over Redis with the
+ * stable lock token `agent:<hostId>`, through the protocol's StepQueueConsumer
+ * (shared/protocol/consumer.ts: the same manual consumer the relay uses, with the same lock
+ * renewal rule and failure encoding). See worker.ts for why a step interrupted by a reboot runs
+ * again and a finished one never does. Connections: the given one (shared by the Worker's
+ * commands, the Queue and presence) plus the Worker's blocking connection: two per host.
  */
-import { type Job, Queue, UnrecoverableError, Worker } from 'bullmq';
+import type { Job } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { ScError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
-import { hostLockToken, hostQueueName, type HostRecord } from '../../shared/protocol/index.js';
+import { hostLockToken, hostQueueName, type HostRecord, StepQueueConsumer } from '../../shared/protocol/index.js';
 import { Presence } from './presence.js';
 import { type JobProgress, type ReportFields, type StepJob, type StepTransport, stepJobOf } from '../../shared/protocol/transport.js';
 
@@ -35,37 +35,27 @@ export interface DirectTransportOptions {
 export class DirectTransport implements StepTransport {
   readonly kind = 'direct' as const;
   readonly #o: DirectTransportOptions;
-  readonly #token: string;
-  readonly #queueName: string;
   readonly #presence: Presence;
+  readonly #consumer: StepQueueConsumer;
   readonly #jobs = new Map<string, Job>();
-  #worker?: Worker;
-  #queue?: Queue;
-  #closed = false;
 
   constructor(o: DirectTransportOptions) {
     this.#o = o;
-    this.#token = hostToken(o.hostId);
-    this.#queueName = hostQueueName(o.hostId);
     this.#presence = new Presence({ redis: o.redis, prefix: o.prefix, hostId: o.hostId, reportsMaxLen: o.reportsMaxLen, now: o.now });
-  }
-
-  async open(): Promise<void> {
-    const o = this.#o;
-    this.#worker = new Worker(this.#queueName, null, {
+    this.#consumer = new StepQueueConsumer({
+      queue: hostQueueName(o.hostId),
+      token: hostToken(o.hostId),
       connection: o.redis,
       prefix: o.prefix,
-      autorun: false,
-      lockDuration: o.lockDurationMs,
-      stalledInterval: o.stalledIntervalMs,
+      lockDurationMs: o.lockDurationMs,
+      stalledIntervalMs: o.stalledIntervalMs,
       maxStalledCount: o.maxStalledCount,
-      name: this.#token,
+      logger: o.logger,
     });
-    this.#worker.on('error', (err) => o.logger.warn({ err: err.message }, 'queue worker error'));
-    this.#queue = new Queue(this.#queueName, { connection: o.redis, prefix: o.prefix });
-    this.#queue.on('error', (err) => o.logger.warn({ err: err.message }, 'queue error'));
-    await this.#worker.waitUntilReady();
-    this.#worker.startStalledCheckTimer().catch((err) => o.logger.warn({ err: (err as Error).message }, 'stalled check failed'));
+  }
+
+  open(): Promise<void> {
+    return this.#consumer.open();
   }
 
   update(fields: Partial<HostRecord>): Promise<void> {
@@ -83,30 +73,19 @@ export class DirectTransport implements StepTransport {
 
   /**
    * An active job this host's token still locks. Anyone who can write the queue can put a job
-   * there under that (predictable) token: the step loop trusts only its journal about it.
+   * there under that (predictable) token: the step loop trusts only its journal about it. A host
+   * runs one job at a time, so at most one is expected; any other is left to lapse, and BullMQ's
+   * stalled check hands it back.
    */
   async readopt(): Promise<StepJob | undefined> {
-    const active = await this.#queue!.getActive(0, 20);
-    for (const j of active) {
-      if (!j) continue;
-      const ok = await j.extendLock(this.#token, this.#o.lockDurationMs);
-      if (ok === 1) {
-        this.#o.logger.info({ job: j.id }, 'resuming the job held before the restart');
-        return this.#wrap(j, true);
-      }
-      this.#o.logger.warn({ job: j.id }, 'an active job is not locked by this host (lock expired); stalled-job recovery will hand it back');
-    }
-    return undefined;
+    const [j, ...more] = await this.#consumer.readopt();
+    if (more.length) this.#o.logger.warn({ job: j.id, others: more.map((x) => x.id) }, 'this host held more than one job; resuming the first');
+    return j ? this.#wrap(j, true) : undefined;
   }
 
   async next(): Promise<StepJob | undefined> {
-    try {
-      const j = await this.#worker!.getNextJob(this.#token, { block: true });
-      return j ? this.#wrap(j, false) : undefined;
-    } catch (err) {
-      if (this.#closed) return undefined;
-      throw err;
-    }
+    const j = await this.#consumer.next();
+    return j ? this.#wrap(j, false) : undefined;
   }
 
   abortRequested(rollout: string): Promise<boolean> {
@@ -114,20 +93,7 @@ export class DirectTransport implements StepTransport {
   }
 
   hold(job: StepJob, onLost: () => void): () => void {
-    const o = this.#o;
-    const j = this.#jobs.get(job.id)!;
-    const t = setInterval(
-      () => {
-        j.extendLock(this.#token, o.lockDurationMs).then(
-          (ok) => {
-            if (ok !== 1) onLost();
-          },
-          (err) => o.logger.warn({ job: job.id, err: (err as Error).message }, 'lock renewal failed'),
-        );
-      },
-      Math.max(500, Math.floor(o.lockDurationMs / 2)),
-    );
-    return () => clearInterval(t);
+    return this.#consumer.hold(this.#jobs.get(job.id)!, onLost);
   }
 
   async event(_job: StepJob, r: ReportFields): Promise<void> {
@@ -150,8 +116,7 @@ export class DirectTransport implements StepTransport {
   }
 
   async complete(job: StepJob, result: Record<string, unknown>, r: ReportFields): Promise<void> {
-    const j = this.#jobs.get(job.id)!;
-    await j.moveToCompleted(result, this.#token, false);
+    await this.#consumer.complete(this.#jobs.get(job.id)!, result);
     this.#jobs.delete(job.id);
     await this.#report(r);
   }
@@ -159,11 +124,9 @@ export class DirectTransport implements StepTransport {
   async fail(job: StepJob, e: ScError, permanent: boolean, r: ReportFields): Promise<boolean> {
     const j = this.#jobs.get(job.id)!;
     this.#jobs.delete(job.id);
-    const msg = `${e.code}: ${e.message}`;
     let retry = false;
     try {
-      await j.moveToFailed(permanent ? new UnrecoverableError(msg) : new Error(msg), this.#token, false);
-      retry = !permanent && j.attemptsMade < (j.opts.attempts ?? 1);
+      ({ retry } = await this.#consumer.fail(j, { code: e.code, message: e.message }, permanent));
     } catch (x) {
       this.#o.logger.error({ job: job.id, err: (x as Error).message }, 'could not fail the job');
     }
@@ -175,10 +138,7 @@ export class DirectTransport implements StepTransport {
     await this.#presence.report(r).catch((err) => this.#o.logger.warn({ err: (err as Error).message }, 'report failed'));
   }
 
-  async close(): Promise<void> {
-    if (this.#closed) return;
-    this.#closed = true;
-    await this.#worker?.close(true).catch(() => {});
-    await this.#queue?.close().catch(() => {});
+  close(): Promise<void> {
+    return this.#consumer.close();
   }
 }

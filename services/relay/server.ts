@@ -3,11 +3,13 @@
  * (`colo.<colo>`, shared/protocol/keys.ts) on behalf of the colo's hosts, which then need no Redis connection:
  * 10,000 hosts cost Redis two connections per colo instead of two per host.
  *
- * - ONE BullMQ Worker per relay, processed manually with ONE stable lock token per colo
- *   (`relay:<colo>`): `getNextJob` takes each job that becomes available (one per host at a time:
- *   a host's sequence is a flow chain) and holds it in memory, keyed by its host
- *   (`payload.host` of the signed data). Every held job's lock is renewed every third of
- *   `lockDurationMs`, also while its host reboots.
+ * - ONE consumer of the colo's queue per relay (StepQueueConsumer, shared/protocol/consumer.ts:
+ *   the same manual BullMQ consumer a direct-mode agent uses on its own queue) with ONE stable
+ *   lock token per colo (`relay:<colo>`): it takes each job that becomes available (one per host
+ *   at a time: a host's sequence is a flow chain), and the relay holds it in memory, keyed by its
+ *   host (`payload.host` of the signed data). The consumer renews the locks of all held jobs in
+ *   one burst by its one rule (lockRenewalIntervalMs: every third of `lockDurationMs`), also
+ *   while their hosts reboot; a job whose lock is lost is dropped.
  * - A host long-polls `GET /v1/relay/hosts/:id/next?wait=S`. The relay first checks the host's
  *   abort flag (`hostctl:<id>`, as a direct agent does) and then hands out the host's held job,
  *   or waits up to S seconds for one (204). A job handed out and not yet reported is handed out
@@ -18,11 +20,12 @@
  *   already finished it, so a relay that hands out old jobs gets them refused
  *   (SC_ERR_JOB_REPLAYED).
  * - `POST /v1/relay/jobs/:jobId/{progress,complete,fail}` move the job in BullMQ
- *   (`updateProgress`/`log`, `moveToCompleted`, `moveToFailed` with the job's attempts and
- *   backoff) and write the host's step reports; `POST /v1/relay/hosts/:id/heartbeat` and any
- *   request's `fields` write its registration: same keys and stream as direct mode, so control
- *   and the dashboard see no difference except `transport: relay`. Hosts with an open poll are
- *   kept alive by the relay (one pipelined write per `heartbeatMs` for all of them).
+ *   (`updateProgress`/`log`, the consumer's `complete`, and its `fail` with the job's attempts
+ *   and backoff and the protocol's failure encoding, encodeFailure) and write the host's step
+ *   reports; `POST /v1/relay/hosts/:id/heartbeat` and any request's `fields` write its
+ *   registration: same keys and stream as direct mode, so control and the dashboard see no
+ *   difference except `transport: relay`. Hosts with an open poll are kept alive by the relay
+ *   (one pipelined write per `heartbeatMs` for all of them).
  * - If the relay dies, its jobs stay active under the colo token. A restarted relay re-adopts
  *   them at once (`extendLock` with the same token succeeds) and hands them out again; if none
  *   restarts, BullMQ's stalled-job check (run by every relay of the colo) returns them to wait
@@ -39,7 +42,7 @@
  * same flags when the first one dies: it re-adopts the colo's jobs at its start.
  */
 import { timingSafeEqual } from 'node:crypto';
-import { type Job, Queue, UnrecoverableError, Worker } from 'bullmq';
+import type { Job } from 'bullmq';
 import express, { type NextFunction, type Request, type Response } from 'express';
 import type { Redis } from 'ioredis';
 import { LRUCache } from 'lru-cache';
@@ -59,7 +62,9 @@ import {
   type RelaySecret,
   relayMac,
   type StepPayload,
+  StepQueueConsumer,
   type StepReport,
+  isFailureCode,
 } from '../../shared/protocol/index.js';
 import { stepJobOf } from '../../shared/protocol/transport.js';
 import { scError } from '../../shared/errors.js';
@@ -80,7 +85,7 @@ export interface RelayOptions {
    */
   secrets: readonly RelaySecret[];
   log: Logger;
-  /** BullMQ lock duration of held jobs, ms (default 30000; renewed every third). */
+  /** BullMQ lock duration of held jobs, ms (default 30000; renewed by lockRenewalIntervalMs, every third). */
   lockDurationMs?: number;
   /** Stalled-job check period, ms (default 15000). */
   stalledIntervalMs?: number;
@@ -150,18 +155,16 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
   const k = keys(o.prefix);
   const redis: Redis = createRedis(o.redisUrl, { forBullmq: true, name: `relay:${o.colo}` });
   redis.on('error', (err) => log.warn({ err: err.message }, 'redis connection error'));
-  const worker = new Worker(queueName, null, {
+  const consumer = new StepQueueConsumer({
+    queue: queueName,
+    token,
     connection: redis,
     prefix: o.prefix,
-    autorun: false,
-    lockDuration: lockMs,
-    stalledInterval: o.stalledIntervalMs ?? 15_000,
+    lockDurationMs: lockMs,
+    stalledIntervalMs: o.stalledIntervalMs ?? 15_000,
     maxStalledCount: o.maxStalledCount ?? 1000,
-    name: token,
+    logger: log,
   });
-  worker.on('error', (err) => log.warn({ err: err.message }, 'relay worker error'));
-  const queue = new Queue(queueName, { connection: redis, prefix: o.prefix });
-  queue.on('error', (err) => log.warn({ err: err.message }, 'relay queue error'));
 
   const held = new Map<string, Held>();
   const byHost = new Map<string, string[]>();
@@ -173,11 +176,15 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
     const host = hostOf(job);
     if (!host) {
       log.warn({ job: job.id }, 'a job without a valid host; failing it');
-      job.moveToFailed(new UnrecoverableError('SC_ERR_JOB_REJECTED: job names no valid host'), token, false).catch(() => {});
+      consumer.fail(job, { code: 'SC_ERR_JOB_REJECTED', message: 'job names no valid host' }, true).catch(() => {});
       return;
     }
     if (held.has(job.id!)) return;
-    held.set(job.id!, { job, host, handedOut: handed });
+    const h: Held = { job, host, handedOut: handed };
+    held.set(job.id!, h);
+    consumer.hold(job, () => {
+      if (held.get(job.id!) === h) drop(job.id!);
+    });
     const list = byHost.get(host) ?? [];
     list.push(job.id!);
     byHost.set(host, list);
@@ -193,41 +200,15 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
   };
 
   try {
-    await worker.waitUntilReady();
+    await consumer.open();
     // Re-adopt what this colo's token still holds (a restart of this relay).
-    const active = await queue.getActive(0, -1);
-    await Promise.all(
-      active.map(async (j) => {
-        if (!j) return;
-        if ((await j.extendLock(token, lockMs).catch(() => 0)) === 1) take(j, true);
-      }),
-    );
-    if (held.size) log.info({ jobs: held.size }, 'resuming the jobs held before the restart');
+    for (const j of await consumer.readopt()) take(j, true);
   } catch (err) {
-    await worker.close(true).catch(() => {});
-    await queue.close().catch(() => {});
+    await consumer.close();
     redis.disconnect();
     throw err;
   }
-  worker.startStalledCheckTimer().catch((err) => log.warn({ err: (err as Error).message }, 'stalled check failed'));
 
-  // Lock renewal of every held job, in one burst of pipelined calls.
-  const renew = setInterval(
-    () => {
-      for (const [id, h] of held) {
-        h.job.extendLock(token, lockMs).then(
-          (ok) => {
-            if (ok !== 1 && held.get(id) === h) {
-              log.warn({ job: id }, 'lost the lock of a held job; dropping it');
-              drop(id);
-            }
-          },
-          (err) => log.warn({ job: id, err: (err as Error).message }, 'lock renewal failed'),
-        );
-      }
-    },
-    Math.max(500, Math.floor(lockMs / 3)),
-  );
   // Heartbeats of hosts with an open poll.
   const beat = setInterval(() => {
     if (waiters.size === 0) return;
@@ -240,7 +221,7 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
   const fetching = (async () => {
     while (!closed) {
       try {
-        const job = await worker.getNextJob(token, { block: true });
+        const job = await consumer.next();
         if (job && !closed) take(job, false);
       } catch (err) {
         if (closed) break;
@@ -413,7 +394,7 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
     const p = (h.job.data as { payload: StepPayload }).payload;
     const msg = `rollout ${rollout} was aborted; stopped before ${p.step}`;
     drop(h.job.id!);
-    await h.job.moveToFailed(new UnrecoverableError(`SC_ERR_ABORTED: ${msg}`), token, false).catch((err) => log.warn({ err: (err as Error).message }, 'could not fail an aborted job'));
+    await consumer.fail(h.job, { code: 'SC_ERR_ABORTED', message: msg }, true).catch((err) => log.warn({ err: (err as Error).message }, 'could not fail an aborted job'));
     await write(
       h.host,
       { state: 'aborted', rollout, step: p.step, transport: 'relay' },
@@ -443,7 +424,7 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
       const b = (req.body ?? {}) as { result?: unknown; report?: unknown; log?: unknown; fields?: unknown };
       const fields = checkFields(b.fields);
       const r = report(host, b.report);
-      await settle(h, b.log, 'complete', () => h.job.moveToCompleted(b.result && typeof b.result === 'object' ? b.result : {}, token, false));
+      await settle(h, b.log, 'complete', () => consumer.complete(h.job, b.result && typeof b.result === 'object' ? (b.result as Record<string, unknown>) : {}));
       await write(host, fields, r);
       res.status(204).end();
     }),
@@ -455,14 +436,15 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
       const host = authHost(req);
       const h = heldFor(req, host);
       const b = (req.body ?? {}) as { code?: unknown; message?: unknown; permanent?: unknown; report?: unknown; log?: unknown; fields?: unknown };
-      const code = typeof b.code === 'string' && /^SC_ERR_[A-Z_]{1,60}$/.test(b.code) ? b.code : 'SC_ERR_STEP_FAILED';
-      const msg = `${code}: ${typeof b.message === 'string' ? b.message.slice(0, 2000) : 'step failed'}`;
+      // The protocol's codec checks the code and caps the message (FAILURE_MESSAGE_MAX).
+      const failure = { code: isFailureCode(b.code) ? b.code : 'SC_ERR_STEP_FAILED', message: typeof b.message === 'string' ? b.message : 'step failed' };
       const permanent = b.permanent === true;
       const fields = checkFields(b.fields);
       let r = report(host, b.report);
-      const job = h.job;
-      await settle(h, b.log, 'fail', () => job.moveToFailed(permanent ? new UnrecoverableError(msg) : new Error(msg), token, false));
-      const retry = !permanent && job.attemptsMade < (job.opts.attempts ?? 1);
+      let retry = false;
+      await settle(h, b.log, 'fail', async () => {
+        ({ retry } = await consumer.fail(h.job, failure, permanent));
+      });
       if (r && retry && r.message) r = { ...r, message: `${r.message} (will retry)` };
       await write(host, fields, r);
       res.json({ retry });
@@ -475,12 +457,10 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
     close: async () => {
       if (closed) return;
       closed = true;
-      clearInterval(renew);
       clearInterval(beat);
       for (const w of [...waiters.values()]) w.wake();
-      await worker.close(true).catch(() => {});
+      await consumer.close();
       await fetching;
-      await queue.close().catch(() => {});
       await redis.quit().catch(() => redis.disconnect());
     },
   };
