@@ -6,6 +6,8 @@ import { Command, type CommanderError } from 'commander';
 import pkg from '../../package.json' with { type: 'json' };
 import { isScError, scError } from '../../shared/errors.js';
 import { trustCa } from '../../shared/tls.js';
+import { COMMAND_MODULES as modules } from './commands/index.js';
+import { loadProfile, PROFILE_VARS } from './defaults.js';
 import { collect, printError } from './util.js';
 
 const program = new Command('stagecoach')
@@ -59,26 +61,6 @@ function reportParseExit(e: ParseExit): void {
   process.stderr.write(`usage: ${command.createHelp().commandUsage(command)}\n`);
 }
 
-// Each module registers one command (or a group), keyed by the command names it adds. Keep
-// this list in the order of `--help`. Only the module of the command being run is loaded, so a
-// long-running service (a stage, an agent) does not carry every other command's dependencies.
-const modules: [names: string[], path: string][] = [
-  [['keys'], './commands/keys.js'],
-  [['origin'], './commands/origin.js'],
-  [['publish'], './commands/publish.js'],
-  [['bundles'], './commands/bundles.js'],
-  [['get'], './commands/get.js'],
-  [['stage'], './commands/stage.js'],
-  [['machine'], './commands/machine.js'],
-  [['agent'], './commands/agent.js'],
-  [['control'], './commands/control.js'],
-  [['rollout'], './commands/rollout.js'],
-  [['hosts', 'host'], './commands/hosts.js'],
-  [['acl'], './commands/acl.js'],
-  [['tls'], './commands/tls.js'],
-  [['demo'], './commands/demo.js'],
-  [['vm'], './commands/vm.js'],
-];
 
 /**
  * Every command that runs something takes `--ca FILE` (repeatable): the private CAs its HTTPS
@@ -97,12 +79,27 @@ const sub = args.find((a) => !a.startsWith('-'));
 const only = modules.find(([names]) => sub !== undefined && names.includes(sub));
 // `stagecoach --version` needs no command module: it answers without loading any.
 const versionOnly = sub === undefined && args.length === 1 && (args[0] === '--version' || args[0] === '-V');
+try {
+  // Defaults for client flags from the profile file (services/cli/defaults.ts), before any option is read.
+  if (!versionOnly) loadProfile();
+} catch (err) {
+  printError(isScError(err) ? err : scError('SC_ERR_BAD_CONFIG', (err as Error).message));
+  process.exit(1);
+}
 for (const [, path] of versionOnly ? [] : only ? [only] : modules) {
   const mod = (await import(path)) as { register(p: Command): void };
   mod.register(program);
 }
 
 addTrustOption(program);
+program.addHelpText(
+  'after',
+  `\nDefaults for client flags (a flag wins over the environment, the environment over the profile
+file STAGECOACH_PROFILE or ~/.config/stagecoach/profile, NAME=value lines):
+${Object.entries(PROFILE_VARS)
+  .map(([k, v]) => `  ${k.padEnd(30)} ${v}`)
+  .join('\n')}`,
+);
 program.hook('preAction', (_root, command) => {
   const ca = command.opts().ca as string[] | undefined;
   if (ca?.length) trustCa(ca);

@@ -1,5 +1,6 @@
 /** `stagecoach bundles`: list the bundles an origin (or a stage) serves. */
 import type { Command } from 'commander';
+import { envOption } from '../defaults.js';
 import { ReadClient } from '../../origin/client.js';
 import { action, printJson } from '../util.js';
 
@@ -14,7 +15,7 @@ export function register(program: Command): void {
   program
     .command('bundles')
     .description('List published bundles (works against origin or any stage)')
-    .requiredOption('--origin <url>', 'origin (or stage) URL')
+    .addOption(envOption('--origin <url>', 'origin (or stage) URL', 'STAGECOACH_ORIGIN', { required: true }))
     .option('--json', 'print the list as JSON')
     .action(
       action(async (flags: { origin: string; json?: boolean }) => {

@@ -4,6 +4,7 @@
  * digest, and optionally decrypt and unpack it. Success is reported only after both checks.
  */
 import type { KeyObject } from 'node:crypto';
+import { envOption, trustKeysOf } from '../defaults.js';
 import { createReadStream } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import cliProgress from 'cli-progress';
@@ -37,9 +38,9 @@ export function register(program: Command): void {
     .description('Fetch a bundle through the nearest healthy stage, verify signature and digest, optionally unpack it')
     .argument('<ref>', 'NAME@VERSION')
     .option('--from <urls>', 'stage URLs, comma-separated; probed, fastest healthy first')
-    .option('--origin <url>', 'origin URL: manifests after every stage; blob bytes only once the stages are used up (--retries passes without progress)')
+    .addOption(envOption('--origin <url>', 'origin URL: manifests after every stage; blob bytes only once the stages are used up (--retries passes without progress)', 'STAGECOACH_ORIGIN'))
     .requiredOption('-o, --out <file>', 'where to write the bundle file (downloads go to FILE.partial first)')
-    .option('--trust-key <pem>', 'trusted release public key (PEM file); repeatable, at least one', collect, [])
+    .option('--trust-key <pem>', 'trusted release public key (PEM file); repeatable, at least one (default: STAGECOACH_TRUST_KEY)', collect, [])
     .option('--identity <file>', 'age identity file, to decrypt for --unpack')
     .option('--unpack <dir>', 'after verifying, decrypt and unpack the bundle into DIR')
     .option('--force', 'replace an existing output file whose content differs')
@@ -57,7 +58,7 @@ function intFlag(name: string, v: string, min: number): number {
 }
 
 async function readKeys(paths: string[]): Promise<KeyObject[]> {
-  if (paths.length === 0) throw scError('SC_ERR_BAD_CONFIG', 'at least one --trust-key is required');
+  if (paths.length === 0) throw scError('SC_ERR_BAD_CONFIG', 'at least one --trust-key (or STAGECOACH_TRUST_KEY) is required');
   return Promise.all(
     paths.map(async (p) => {
       let pem: Buffer;
@@ -85,7 +86,7 @@ async function runGet(ref: string, flags: GetFlags): Promise<void> {
   const { name, version } = parseRef(ref);
   const stages = splitList(flags.from);
   if (stages.length === 0 && !flags.origin) throw scError('SC_ERR_BAD_CONFIG', 'give --from and/or --origin');
-  const trusted = await readKeys(flags.trustKey ?? []);
+  const trusted = await readKeys(trustKeysOf(flags.trustKey));
   const probeTimeout = intFlag('probe-timeout', flags.probeTimeout, 1);
   const idleTimeoutMs = intFlag('idle-timeout', flags.idleTimeout, 1);
   const retries = intFlag('retries', flags.retries, 0);

@@ -17,6 +17,7 @@
  * compression, no encryption, no upload) and compared, with the manifest's role, os and blob
  * format: equal → nothing to do (exit 0); different → SC_ERR_VERSION_EXISTS (exit 1).
  */
+import { envOption } from '../defaults.js';
 import { createWriteStream, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -85,11 +86,11 @@ export function register(program: Command): void {
     .command('publish')
     .description('Pack, encrypt, upload and sign a bundle (re-publishing the same content is a no-op)')
     .argument('<path>', 'root filesystem: a directory, or a tarball (.tar, .tar.gz, .tar.zst)')
-    .requiredOption('--origin <url>', 'origin URL')
+    .addOption(envOption('--origin <url>', 'origin URL', 'STAGECOACH_ORIGIN', { required: true }))
     .requiredOption('--name <name>', 'bundle name ([a-z0-9][a-z0-9._-]{0,63})')
     .requiredOption('--version <version>', 'bundle version ([0-9A-Za-z][0-9A-Za-z._+-]{0,63})')
     .requiredOption('--role <role>', 'base (the rescue OS B) or target (the OS C)')
-    .requiredOption('--token-file <file>', "file holding the origin's write token")
+    .addOption(envOption('--token-file <file>', "file holding the origin's write token", 'STAGECOACH_ORIGIN_TOKEN_FILE', { required: true, fallbackEnv: 'STAGECOACH_TOKEN_FILE' }))
     .requiredOption('--signing-key <file>', 'release private key (ed25519 PEM) that signs the manifest')
     .option('--recipient <age1…>', 'age recipient to encrypt to; repeatable', collect)
     .option('--recipients-file <file>', 'age recipients file (one per line, # comments); repeatable', collect)

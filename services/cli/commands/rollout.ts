@@ -4,6 +4,7 @@
  */
 import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
+import { envOption } from '../defaults.js';
 import { ControlClient, ROLLOUT_FINISHED, type RolloutDetail, type RolloutView } from '../../control/client.js';
 import type { CreateRolloutInput } from '../../control/client.js';
 import { scError } from '../../../shared/errors.js';
@@ -19,9 +20,11 @@ export interface ClientFlags {
 
 /** Adds --control, --token-file, --json (and --actor for writes) to a command. */
 export function clientOptions(c: Command, write: boolean): Command {
-  c.option('--control <url>', 'control plane URL', 'http://127.0.0.1:7090').option('--json', 'print JSON');
-  if (write) c.option('--token-file <file>', "control write token: control's own token file works (NAME:TOKEN or TOKEN lines; the first is sent)").option('--actor <name>', 'who is acting (X-Actor, recorded in the audit log)');
-  else c.option('--token-file <file>', 'control token, read-only or write (NAME:TOKEN or TOKEN lines; the first is sent): reads need one');
+  c.addOption(envOption('--control <url>', 'control plane URL', 'STAGECOACH_CONTROL').default('http://127.0.0.1:7090')).option('--json', 'print JSON');
+  if (write) {
+    c.addOption(envOption('--token-file <file>', "control write token: control's own token file works (NAME:TOKEN or TOKEN lines; the first is sent)", 'STAGECOACH_TOKEN_FILE'));
+    c.option('--actor <name>', 'who is acting (X-Actor, recorded in the audit log)');
+  } else c.addOption(envOption('--token-file <file>', 'control token, read-only or write (NAME:TOKEN or TOKEN lines; the first is sent): reads need one', 'STAGECOACH_TOKEN_FILE'));
   return c;
 }
 
