@@ -57,6 +57,9 @@ interface HostView {
   ip: string;
   fingerprint: string;
   rescue: string;
+  /** Each boot since the machine was made: `device (OS now installed there)`; the first is labelled with the OS it ran then. */
+  path: string[];
+  reboots: number;
 }
 
 async function viewHost(dir: string): Promise<HostView> {
@@ -67,14 +70,25 @@ async function viewHost(dir: string): Promise<HostView> {
     const os = await m.installedOs(i.rescueEntry).catch(() => null);
     rescue = os ? `${os.id} ${os.version} @${i.rescueEntry}` : i.rescueEntry;
   }
-  return {
-    os: i.running ? `${i.running.id} ${i.running.version}` : 'down',
-    device: i.bootDevice ?? '-',
-    ip: i.ip ?? '-',
-    fingerprint: i.hostKeyFingerprint ?? '-',
-    rescue,
-  };
+  const os = i.running ? `${i.running.id} ${i.running.version}` : 'down';
+  const booted = await m.bootPath();
+  const path: string[] = [];
+  for (const [n, device] of booted.entries()) {
+    // What a device holds now is what it ran then, except where a later OS replaced it: the
+    // first boot (A) is labelled by the caller, the last one by what runs.
+    const here = n === booted.length - 1 && i.running ? os : await m.installedOs(device).then((x) => (x ? `${x.id} ${x.version}` : '?'), () => '?');
+    path.push(`${here} @${device}`);
+  }
+  return { os, device: i.bootDevice ?? '-', ip: i.ip ?? '-', fingerprint: i.hostKeyFingerprint ?? '-', rescue, path, reboots: i.reboots };
 }
+
+/** `A @disk1p1 → B @disk2p1 → C @disk1p1`: the boots since `before` was read, after its own. */
+function bootPath(before: HostView, after: HostView): string {
+  const path = after.path.slice(before.path.length);
+  return [before.path.at(-1) ?? `${before.os} @${before.device}`, ...path].join(' → ');
+}
+
+const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
 
 // The `stagecoach` entry of this checkout, whether this module runs from the sources or from dist/.
 const BIN = fileURLToPath(new URL(import.meta.url.includes('/dist/infra/') ? '../../services/cli/bin.js' : '../services/cli/bin.js', import.meta.url));
@@ -170,7 +184,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     const originMetrics = await new ReadClient(origin.url).metricsText();
     const egress = counterValue(originMetrics, 'origin_blob_bytes_out_total');
     const bundleBytes = Object.values(published).reduce((s, b) => s + b.blob.size, 0);
-    say(`origin egress ${egress} blob bytes = ${(egress / bundleBytes).toFixed(2)} × bundle bytes for ${colos.length} colos (one copy per colo)`);
+    say(`origin egress ${mib(egress)} = ${(egress / bundleBytes).toFixed(2)} × the bundles for ${colos.length} colos (one copy per colo)`);
 
     // Redis, control, and the sim hosts with their agents (in this process, supervised).
     const redis = await ensureRedis(opts.redisUrl);
@@ -255,7 +269,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     const final = await watchRollout(client, rollout.spec.id, { intervalMs: 500 });
 
     say('');
-    const rows = [['host', 'OS before → after', 'boot device', 'IP before → after', 'host key before → after', 'rescue entry', 'result']];
+    const rows = [['host', 'boot path (OS @device)', 'reboots', 'IP before → after', 'host key before → after', 'rescue entry', 'result']];
     let failed = 0;
     for (const h of hosts) {
       const after = await viewHost(h.dir);
@@ -264,8 +278,8 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
       const fp = (x: string) => (x.length > 20 ? `${x.slice(0, 20)}…` : x);
       rows.push([
         h.hostId,
-        `${h.before.os} → ${after.os}`,
-        `${h.before.device} → ${after.device}`,
+        bootPath(h.before, after),
+        String(after.reboots - h.before.reboots),
         `${h.before.ip} → ${after.ip}`,
         `${fp(h.before.fingerprint)} ${h.before.fingerprint === after.fingerprint ? '(same)' : `→ ${fp(after.fingerprint)}`}`,
         after.rescue,
@@ -281,9 +295,9 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     for (const colo of colos) {
       const st = await new ReadClient(stages[colo]).metricsText();
       const up = counterValue(st, 'stage_upstream_bytes_total');
-      say(`origin → ${colo}: ${up} bytes (${(up / bundleBytes).toFixed(2)} × the two bundles); stage → hosts: ${counterValue(st, 'stage_bytes_served_total')} bytes`);
+      say(`origin → ${colo}: ${mib(up)} (${(up / bundleBytes).toFixed(2)} × the two bundles); stage → hosts: ${mib(counterValue(st, 'stage_bytes_served_total'))}`);
     }
-    say(`origin blob bytes served in all: ${totalEgress} = ${(totalEgress / bundleBytes).toFixed(2)} × bundle bytes for ${colos.length} colos`);
+    say(`origin blob bytes served in all: ${mib(totalEgress)} = ${(totalEgress / bundleBytes).toFixed(2)} × the bundles for ${colos.length} colos`);
     say(`\n${hosts.length - failed} of ${hosts.length} hosts converted${failed ? `, ${failed} FAILED` : ''}`);
 
     if (opts.exit) return failed ? 1 : 0;

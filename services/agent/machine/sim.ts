@@ -610,6 +610,12 @@ export class SimMachine implements MachineDriver {
     };
   }
 
+  /** The devices the firmware booted, oldest first (the boot log keeps the last 50 boots). */
+  async bootPath(): Promise<string[]> {
+    const s = await readSimState(this.dir);
+    return s.bootLog.map((b) => b.booted ?? 'none');
+  }
+
   async partition(disk: string, layout: PartitionSpec[]): Promise<{ changed: boolean }> {
     if (!DISK_RE.test(disk ?? '')) throw scError('SC_ERR_NO_DEVICE', `bad disk name ${JSON.stringify(String(disk).slice(0, 40))}`);
     const want = validateLayout(layout);
