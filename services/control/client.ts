@@ -8,7 +8,7 @@ import { fromErrorBody, ScError, scError } from '../../shared/errors.js';
 import type { AuditEntry } from './audit.js';
 import type { ColoView, HostView } from './inventory.js';
 import type { CreateRolloutInput } from './plan.js';
-import type { HostOp, HostState, RolloutView } from './rollouts.js';
+import type { HostOp, HostState, RolloutView } from './rollouts/index.js';
 import { gotTls, tlsError } from '../../shared/tls.js';
 
 export type { AuditEntry, ColoView, CreateRolloutInput, HostOp, HostState, HostView, RolloutView };

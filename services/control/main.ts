@@ -15,7 +15,7 @@ import { AuditLog } from './audit.js';
 import { type ControlConfig, type ControlConfigInput, controlConfig, readControlSecrets } from './config.js';
 import { Inventory } from './inventory.js';
 import { Board } from './queues.js';
-import { RolloutEngine } from './rollouts.js';
+import { RolloutEngine } from './rollouts/index.js';
 import { createControlApp } from './server.js';
 
 /** A running control plane. */

@@ -89,10 +89,6 @@ export async function jobLogTail(redis: Redis, prefix: string, host: string, job
   return redis.lrange(`${q}:${id}:logs`, -n, -1);
 }
 
-/** An error code inside a failure reason (`SC_ERR_X: …` or `… SC_ERR_X …`), if any. */
-export function codeInReason(reason: string | undefined): string | undefined {
-  return reason ? /\bSC_ERR_[A-Z_]+\b/.exec(reason)?.[0] : undefined;
-}
 
 /**
  * bull-board mounted under a base path, showing the queues of the first `limit` known hosts in

@@ -21,7 +21,7 @@ import type { NamedToken } from './config.js';
 import type { Inventory } from './inventory.js';
 import { parseCreateRollout } from './plan.js';
 import type { Board } from './queues.js';
-import type { HostOp, RolloutEngine } from './rollouts.js';
+import type { HostOp, RolloutEngine } from './rollouts/index.js';
 
 /** Directory of the dashboard's static files. */
 export const DASHBOARD_DIR = join(dirname(fileURLToPath(import.meta.url)), 'dashboard');

@@ -13,7 +13,7 @@
  * Which queue a host's jobs go to is its route (StepRoute), read from its registration's
  *
  * Control's own keys (rollouts, its leader lease, its report-stream group) are under the same
- * prefix and are named by control (services/control/rollouts.ts); BullMQ names the keys under
+ * prefix and are named by control (services/control/rollouts/model.ts and store.ts); BullMQ names the keys under
  * each queue.
  */
 import { scError } from '../errors.js';

@@ -1,0 +1,127 @@
+/**
+ * Owns keeping BullMQ and a rollout's persisted state in step: enqueueing the sequences of hosts
+ * marked `queued` and of queued rescues (intents persisted first; job ids are deterministic, so
+ * enqueueing twice adds nothing), and the backstop that settles in-flight hosts from BullMQ's own
+ * job records when their reports were lost (e.g. with a Redis crash).
+ */
+import type { Redis } from 'ioredis';
+import { type AgentProducer, CONVERT_STEPS, rescueSequence, type SequenceStep } from '../../../shared/protocol/index.js';
+import { failureOf } from '../../../shared/protocol/index.js';
+import { type JobOutcome, jobOutcomes, stepJobId } from '../queues.js';
+import { failHost, withLogLine } from './host-reducer.js';
+import { type ActiveRollout, type HostState, IN_FLIGHT_HOST, LAST_SEQ, rescueOpen, rescueRunId, type RolloutSpec } from './model.js';
+import type { RolloutStore } from './store.js';
+
+/** A host without news for this long (ms) is looked up in BullMQ; at most one pass per rollout per this long. */
+export const RECONCILE_MS = 2000;
+
+/** What enqueueing and reconcile need. */
+export interface ReconcileDeps {
+  redis: Redis;
+  prefix: string;
+  producer: AgentProducer;
+  /** TTL of the signed step jobs (ms). */
+  jobTtlMs: number;
+  now: () => number;
+}
+
+/** The signed conversion sequence of a rollout's hosts. */
+export function convertSteps(spec: Pick<RolloutSpec, 'base' | 'target'>): SequenceStep[] {
+  return CONVERT_STEPS.map((step) => ({ step, args: { base: spec.base, target: spec.target } }));
+}
+
+/** Carries out the persisted intents: enqueues the sequences of queued hosts and of queued rescues. */
+export async function enqueuePending(a: ActiveRollout, deps: ReconcileDeps, store: RolloutStore): Promise<void> {
+  const ttlMs = deps.jobTtlMs;
+  const todo: Promise<void>[] = [];
+  const update = (id: string, change: (h: HostState) => HostState) => {
+    a.hosts.set(id, change(a.hosts.get(id)!));
+    store.touchHost(a, id);
+  };
+  for (const h of a.hosts.values()) {
+    const id = h.host;
+    if (h.status === 'queued' && !h.enqueued) {
+      todo.push(
+        deps.producer.enqueueSequence(id, a.spec.id, convertSteps(a.spec), { ttlMs, now: deps.now() }).then(() => {
+          update(id, (cur) => ({ ...cur, enqueued: true }));
+        }),
+      );
+    }
+    if (h.rescue && h.rescue.state === 'queued' && !h.rescue.enqueued) {
+      todo.push(
+        deps.producer.enqueueSequence(id, rescueRunId(a.spec.id), rescueSequence(), { ttlMs, now: deps.now() }).then(() => {
+          const now = deps.now();
+          const line = { host: id, rollout: a.spec.id, seq: 0, step: 'rescue', event: 'queued', ts: now };
+          update(id, (cur) => ({ ...cur, rescue: { ...cur.rescue!, enqueued: true }, log: withLogLine(cur.log, line, now) }));
+        }),
+      );
+    }
+    if (todo.length >= 50) await Promise.all(todo.splice(0));
+  }
+  await Promise.all(todo);
+}
+
+/**
+ * What BullMQ's records say about a host: `cur` is the job of its current step (of its rescue,
+ * for a host that is no longer in flight) and `last` the job of its last conversion step. Pure:
+ * returns the host as it should be, or `h` itself when the records say nothing new.
+ */
+export function settleHost(h: HostState, cur: JobOutcome, last: JobOutcome, now: number): HostState {
+  if (!IN_FLIGHT_HOST.includes(h.status)) {
+    if (!h.rescue) return h;
+    if (cur.state === 'completed' && cur.byHost) return { ...h, rescue: { ...h.rescue, state: 'done' } };
+    if (cur.state === 'failed') return { ...h, rescue: { ...h.rescue, state: 'failed', error: cur.failedReason?.slice(0, 500) } };
+    return h;
+  }
+  const seq = h.status === 'queued' ? 0 : h.seq;
+  if (last.state === 'completed' && last.byHost) {
+    return { ...h, status: 'converted', finishedAt: now, step: CONVERT_STEPS[LAST_SEQ], seq: LAST_SEQ };
+  }
+  if (cur.state === 'failed') {
+    const code = failureOf(cur.failedReason)?.code ?? 'SC_ERR_STEP_FAILED';
+    return failHost(h, { step: CONVERT_STEPS[seq], seq, code, message: cur.failedReason ?? 'step failed', ts: now });
+  }
+  if (cur.state === 'completed' && cur.byHost && seq < LAST_SEQ) {
+    // The next step's reports were lost: move the cursor on; the next pass looks at it.
+    return {
+      ...h,
+      steps: { ...h.steps, [CONVERT_STEPS[seq]]: { ...h.steps[CONVERT_STEPS[seq]], state: 'completed' } },
+      status: 'running',
+      seq: seq + 1,
+      step: CONVERT_STEPS[seq + 1],
+    };
+  }
+  return h;
+}
+
+/**
+ * The backstop: at most every RECONCILE_MS, for hosts in flight (or being rescued) without news
+ * for RECONCILE_MS, reads BullMQ's record of their current and last step in one round trip and
+ * settles what a lost report would have told.
+ */
+export async function reconcileRollout(a: ActiveRollout, now: number, deps: ReconcileDeps, store: RolloutStore): Promise<void> {
+  if (now - a.lastReconcile < RECONCILE_MS) return;
+  a.lastReconcile = now;
+  const hs = [...a.hosts.values()].filter(
+    (h) => ((IN_FLIGHT_HOST.includes(h.status) && h.enqueued) || (h.rescue?.enqueued && rescueOpen(h))) && now - (h.lastEventAt ?? h.queuedAt ?? 0) >= RECONCILE_MS,
+  );
+  if (hs.length === 0) return;
+  const jobs: { host: string; jobId: string }[] = [];
+  for (const h of hs) {
+    if (IN_FLIGHT_HOST.includes(h.status)) {
+      const seq = h.status === 'queued' ? 0 : h.seq;
+      jobs.push({ host: h.host, jobId: stepJobId(a.spec.id, seq, CONVERT_STEPS[seq]) });
+      jobs.push({ host: h.host, jobId: stepJobId(a.spec.id, LAST_SEQ, CONVERT_STEPS[LAST_SEQ]) });
+    } else {
+      jobs.push({ host: h.host, jobId: stepJobId(rescueRunId(a.spec.id), 0, 'rescue') });
+      jobs.push({ host: h.host, jobId: stepJobId(rescueRunId(a.spec.id), 0, 'rescue') });
+    }
+  }
+  const out = await jobOutcomes(deps.redis, deps.prefix, jobs);
+  hs.forEach((h, i) => {
+    const next = settleHost(h, out[i * 2], out[i * 2 + 1], now);
+    if (next === h) return;
+    a.hosts.set(h.host, next);
+    store.touchHost(a, h.host);
+  });
+}
