@@ -2,17 +2,16 @@
  * The dashboard in a real browser (chromium through playwright-core) during a rollout of sim
  * hosts: hosts appear, move to "converted", the rollout shows its waves and steps; the token is
  * entered in the page, Pause and Resume are clicked and the state changes; screenshots go to
- * test-results/ (and the README one next to the other README material).
+ * test-results/.
  */
 import assert from 'node:assert/strict';
 import { existsSync, mkdirSync } from 'node:fs';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { type Browser, chromium, type Page } from 'playwright-core';
 import { type ControlFleet, startControlFleet } from '../integration/control-fleet-fixture.js';
 
 const CHROMIUM = '/usr/bin/chromium';
-const README_SHOT = '/work/briefs/out/dashboard.png';
 
 describe('dashboard', { skip: !existsSync(CHROMIUM) && 'chromium is not installed' }, () => {
   let cf: ControlFleet;
@@ -92,7 +91,6 @@ describe('dashboard', { skip: !existsSync(CHROMIUM) && 'chromium is not installe
     for (const h of created.spec.waves[1]) assert.equal(await tile(h).getAttribute('data-state'), 'pending');
     mkdirSync('test-results', { recursive: true });
     await page.screenshot({ path: join('test-results', 'dashboard-paused.png'), fullPage: true });
-    if (existsSync(dirname(README_SHOT))) await page.screenshot({ path: README_SHOT, fullPage: true });
 
     // Resume from the page: the second wave converts.
     await card.locator('button[data-action="resume"]:not([disabled])').click();
