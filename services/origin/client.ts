@@ -11,10 +11,20 @@ import { type Digest, parseDigest } from '../../shared/digest.js';
 import { fromErrorBody, isScError, ScError, scError } from '../../shared/errors.js';
 import { type Manifest, manifestDigest, parseManifest } from '../../shared/manifest.js';
 import { parseName, parseVersion } from '../../shared/names.js';
-import type { BundleEntry } from './store.js';
+import type { BundleEntry, GcReport, RemovedManifest } from './store.js';
 import { gotTls, tlsError } from '../../shared/tls.js';
 
-export type { BundleEntry };
+export type { BundleEntry, GcReport, RemovedManifest };
+
+/** `GET /v1/trusted-keys`: the release key ids whose signatures the origin accepts. */
+export interface TrustedKeys {
+  /** False when the origin was started without trust keys (then it accepts any signature). */
+  enforced: boolean;
+  keyIds: string[];
+}
+
+/** Default grace period of a garbage collection (`POST /v1/admin/gc`): blobs written in the last hour are kept. */
+export const DEFAULT_GC_GRACE_SEC = 3600;
 
 /** Response header that carries a manifest's content fingerprint (origin only). */
 export const FINGERPRINT_HEADER = 'stagecoach-content-fingerprint';
@@ -170,10 +180,21 @@ export class ReadClient {
 
   /** Like getManifestRecord, but null when the version does not exist. */
   async findManifest(name: string, version: string): Promise<ManifestRecord | null> {
+    const r = await this.lookupManifest(name, version);
+    return r === 'removed' ? null : r;
+  }
+
+  /**
+   * Like findManifest, but tells a version the origin removed (`'removed'`: it is never
+   * published again with other content) from one that never existed (null). A stage, or an
+   * origin that keeps no record of removals, answers null for both.
+   */
+  async lookupManifest(name: string, version: string): Promise<ManifestRecord | 'removed' | null> {
     try {
       return await this.getManifestRecord(name, version);
     } catch (err) {
-      if (isScError(err, 'SC_ERR_MANIFEST_NOT_FOUND') || isScError(err, 'SC_ERR_NOT_FOUND')) return null;
+      if (isScError(err, 'SC_ERR_MANIFEST_NOT_FOUND')) return err.details?.removed === true ? 'removed' : null;
+      if (isScError(err, 'SC_ERR_NOT_FOUND')) return null;
       throw err;
     }
   }
@@ -310,5 +331,67 @@ export class OriginClient extends ReadClient {
     const res = await this.request(url, { method: 'PUT', body: JSON.stringify(m), headers });
     const out = parseJson(res.body) as { manifestDigest?: string } | undefined;
     return { manifestDigest: parseDigest(out?.manifestDigest ?? manifestDigest(m)), created: res.statusCode === 201 };
+  }
+
+  /** `GET /v1/trusted-keys`. SC_ERR_BAD_PATH from an origin that predates the route. */
+  async trustedKeys(): Promise<TrustedKeys> {
+    const res = await this.request(`${this.baseUrl}/v1/trusted-keys`);
+    const body = parseJson(res.body) as Partial<TrustedKeys> | undefined;
+    if (!body || typeof body.enforced !== 'boolean' || !Array.isArray(body.keyIds)) {
+      throw scError('SC_ERR_UPSTREAM', `${this.baseUrl}/v1/trusted-keys: not a trusted-key list`);
+    }
+    return { enforced: body.enforced, keyIds: body.keyIds.map(String) };
+  }
+
+  /**
+   * Resolves when the origin would accept a manifest signed by `keyId`; throws
+   * SC_ERR_UNTRUSTED_KEY (with a hint) when it would not. An origin without the trusted-key
+   * route is not asked (its manifest PUT still checks the signature).
+   */
+  async checkSigningKey(keyId: string): Promise<void> {
+    let t: TrustedKeys;
+    try {
+      t = await this.trustedKeys();
+    } catch (err) {
+      if (isScError(err, 'SC_ERR_BAD_PATH') || isScError(err, 'SC_ERR_NOT_FOUND')) return;
+      throw err;
+    }
+    if (!t.enforced || t.keyIds.includes(keyId)) return;
+    throw scError('SC_ERR_UNTRUSTED_KEY', `the origin ${this.baseUrl} does not trust signing key ${keyId}; nothing was uploaded`, {
+      keyId,
+      trusted: t.keyIds,
+    }).withHint(`sign with a key the origin trusts (${t.keyIds.join(', ')}), or add this key's public half to the origin's --trust-key`);
+  }
+
+  /**
+   * `DELETE /v1/admin/bundles/<name>/<version>` (token): removes the manifest; its blob stays
+   * until a garbage collection. Throws SC_ERR_MANIFEST_NOT_FOUND, SC_ERR_UNAUTHORIZED, SC_ERR_FORBIDDEN.
+   */
+  async removeManifest(name: string, version: string): Promise<RemovedManifest> {
+    const url = `${this.baseUrl}/v1/admin/bundles/${parseName(name)}/${parseVersion(version)}`;
+    const res = await this.request(url, { method: 'DELETE', headers: this.#auth() });
+    const out = parseJson(res.body) as RemovedManifest | undefined;
+    if (!out || typeof out.manifestDigest !== 'string') throw scError('SC_ERR_UPSTREAM', `${url}: not a removal answer`);
+    return out;
+  }
+
+  /**
+   * `POST /v1/admin/gc` (token): one mark-and-sweep collection on the origin. `graceSec`
+   * defaults to the origin's (one hour). Waits for the collection to end.
+   */
+  async collectGarbage(opts: { graceSec?: number; dryRun?: boolean } = {}): Promise<GcReport & { graceSec: number }> {
+    const url = `${this.baseUrl}/v1/admin/gc`;
+    const body: Record<string, unknown> = {};
+    if (opts.graceSec !== undefined) body.graceSec = opts.graceSec;
+    if (opts.dryRun) body.dryRun = true;
+    const res = await this.request(url, {
+      method: 'POST',
+      body: JSON.stringify(body),
+      headers: { ...this.#auth(), 'content-type': 'application/json' },
+      timeout: { request: Math.max(this.opts.timeoutMs, 600_000) },
+    });
+    const out = parseJson(res.body) as (GcReport & { graceSec: number }) | undefined;
+    if (!out || typeof out.removed?.bytes !== 'number') throw scError('SC_ERR_UPSTREAM', `${url}: not a collection report`);
+    return out;
   }
 }

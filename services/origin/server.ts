@@ -1,6 +1,7 @@
 /**
  * The origin HTTP server: the shared read API (shared/http/read-api.ts) over the BlobStore, plus
- * token-protected writes (PUT of blobs and manifests), metrics and request logs.
+ * token-protected writes (PUT of blobs and manifests), the trusted-key list and the lifecycle
+ * routes (admin.ts: removal, garbage collection), metrics and request logs.
  */
 import type { KeyObject } from 'node:crypto';
 import type { Server } from 'node:http';
@@ -16,6 +17,7 @@ import type { Logger } from '../../shared/log.js';
 import { canonicalJson, parseManifest, verifyManifest } from '../../shared/manifest.js';
 import { Counter, createRegistry, httpMetrics, type Registry } from '../../shared/metrics.js';
 import { parseName, parseVersion } from '../../shared/names.js';
+import { createLifecycleMetrics, type LifecycleMetrics, mountAdminRoutes } from './admin.js';
 import { FINGERPRINT_HEADER } from './client.js';
 import type { BlobStore } from './store.js';
 
@@ -33,6 +35,8 @@ export interface OriginMetrics {
   blobBytesOut: Counter;
   /** `origin_blob_requests_total{method,status}`: requests on /v1/blobs/…. */
   blobRequests: Counter<'method' | 'status'>;
+  /** Removals and garbage collection (admin.ts). */
+  lifecycle: LifecycleMetrics;
 }
 
 /** Creates the origin metrics on a fresh registry (default process metrics included). */
@@ -49,6 +53,7 @@ export function createOriginMetrics(): OriginMetrics {
       labelNames: ['method', 'status'] as const,
       registers: [registry],
     }),
+    lifecycle: createLifecycleMetrics(registry),
   };
 }
 
@@ -65,6 +70,8 @@ export interface OriginAppDeps {
   maxManifestBytes: number;
   /** Largest blob body in bytes (413 SC_ERR_TOO_LARGE beyond; nothing is stored). */
   maxBlobSize: number;
+  /** Clock in ms since the epoch (the garbage collector's grace period). Default Date.now. */
+  now?: () => number;
 }
 
 /** Metric `route` labels by express route path (bounded cardinality). */
@@ -215,26 +222,14 @@ export function createOriginApp(deps: OriginAppDeps): express.Express {
           throw scError('SC_ERR_BAD_REQUEST', `${FINGERPRINT_HEADER} must be sha256:<64 hex>`);
         }
       }
-      let size: number;
-      try {
-        size = (await store.statBlob(m.blob.digest)).size;
-      } catch (err) {
-        if (isScError(err, 'SC_ERR_BLOB_NOT_FOUND')) {
-          throw scError('SC_ERR_MISSING_BLOB', `upload blob ${m.blob.digest} before its manifest`, { digest: m.blob.digest });
-        }
-        throw err;
-      }
-      if (size !== m.blob.size) {
-        throw scError('SC_ERR_SIZE_MISMATCH', `the manifest says ${m.blob.size} bytes but the stored blob has ${size}`, {
-          expected: m.blob.size,
-          actual: size,
-        });
-      }
-      const r = await store.putManifest(m, { fingerprint });
+      // The blob must be there, as stated: checked by the store under the lock a garbage
+      // collection takes, so a sweep can never remove it between this check and the write.
+      const r = await store.putManifest(m, { fingerprint }, { requireBlob: true });
       log.info({ name, version, manifestDigest: r.manifestDigest, created: r.created }, r.created ? 'manifest published' : 'manifest already present');
       res.status(r.created ? 201 : 200).json({ name, version, manifestDigest: r.manifestDigest, created: r.created });
     },
   );
+  mountAdminRoutes(app, { store, trustedKeys: deps.trustedKeys, auth, log, metrics: metrics.lifecycle, now: deps.now ?? Date.now });
   app.use(unknownRoute);
   app.use(errorHandler(log));
   return app;

@@ -1,146 +1,52 @@
 /**
- * Origin storage: the `BlobStore` interface with its error contract, and `FsBlobStore`, the
- * filesystem implementation.
+ * Origin storage: `FsBlobStore`, the filesystem implementation of `BlobStore` (the interface and
+ * its error contract live in blob-store.ts and are re-exported here).
  *
  * Data directory layout (FsBlobStore):
  * ```
  * DATA/blobs/sha256/<hex[0:2]>/<hex>     blob bytes, named by their sha256
  * DATA/manifests/<name>/<version>.json   the manifest, as canonical JSON (sha256 of the file = manifest digest)
  * DATA/meta/<name>/<version>.json        origin-side metadata of a manifest (content fingerprint)
+ * DATA/removed/<name>/<version>.json     tombstone of a removed manifest: {manifestDigest, blob, removedAt}
  * DATA/tmp/                              uploads in progress; emptied when the store opens
  * ```
- * One origin process owns a data directory at a time (opening it empties tmp/).
+ * One origin process owns a data directory at a time (opening it empties tmp/). Removal and
+ * garbage collection are in services/origin/gc.ts (safety argument) and guard.ts (the lock).
  */
-import { createHash, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import { createReadStream, createWriteStream } from 'node:fs';
-import { link, mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { link, mkdir, open, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
-import { type Readable, Transform, type TransformCallback, Writable } from 'node:stream';
+import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { type Digest, digestHex, parseDigest } from '../../shared/digest.js';
 import { isScError, scError } from '../../shared/errors.js';
 import { canonicalJson, type Manifest, manifestDigest, parseManifest } from '../../shared/manifest.js';
 import { parseName, parseVersion } from '../../shared/names.js';
+import { collectGarbage, type GcOptions, type GcReport } from './gc.js';
+import { exists, fsyncPath, isErrno, sink, VerifyingStream } from './fs-util.js';
+import { StoreGuard } from './guard.js';
+import type { BlobRange, BlobStore, BundleEntry, ManifestMeta, RemovedManifest } from './blob-store.js';
 
-/** One published bundle, as listed by `GET /v1/bundles` (contract). */
-export interface BundleEntry {
-  name: string;
-  version: string;
-  role: 'base' | 'target';
+export type { GcOptions, GcReport };
+export type { BlobRange, BlobStore, BundleEntry, ManifestMeta, RemovedManifest } from './blob-store.js';
+
+/** A removed version's tombstone, as stored under DATA/removed/. */
+interface Tombstone {
   manifestDigest: Digest;
-  publishedAt: string;
-}
-
-/** An inclusive byte range, as in HTTP `Range: bytes=start-end`. */
-export interface BlobRange {
-  start: number;
-  end: number;
-}
-
-/** Origin-side metadata kept beside a manifest. Never part of the signed manifest. */
-export interface ManifestMeta {
-  /**
-   * A digest of the bundle content that is stable across re-encryptions (see the publish
-   * command), recorded by the publisher so a re-publish of the same content is a no-op.
-   */
-  fingerprint?: Digest;
-}
-
-/**
- * Storage for blobs (by sha256) and manifests (by name@version).
- *
- * Error contract, for every implementation (all errors are ScError):
- * - a missing blob: SC_ERR_BLOB_NOT_FOUND; a missing manifest: SC_ERR_MANIFEST_NOT_FOUND;
- * - malformed input: SC_ERR_BAD_DIGEST, SC_ERR_BAD_NAME, SC_ERR_BAD_VERSION, SC_ERR_BAD_MANIFEST;
- * - an upload whose bytes do not hash to the digest: SC_ERR_DIGEST_MISMATCH; whose length differs
- *   from `expectedSize`: SC_ERR_SIZE_MISMATCH. In both cases nothing is stored and nothing is
- *   left behind;
- * - a different manifest at an existing name@version: SC_ERR_VERSION_EXISTS (versions are
- *   immutable; an identical manifest is accepted with `created: false`);
- * - an upload whose source fails (e.g. the client disconnects) rejects with that error, and
- *   nothing is stored or left behind.
- * Implementations must be safe for concurrent callers: two uploads of the same blob both succeed
- * and the stored blob is correct (exactly one reports `created: true` in FsBlobStore); two
- * different manifests raced at one version give one success and one SC_ERR_VERSION_EXISTS.
- * Stored blobs and manifests are immutable: a reader never sees a partial write.
- */
-export interface BlobStore {
-  /** Size in bytes of a stored blob. */
-  statBlob(digest: Digest): Promise<{ size: number }>;
-  /**
-   * Local path of a stored blob, when the implementation keeps blobs as files (lets the server
-   * use sendfile-like streaming). Does not check existence: call statBlob first.
-   */
-  blobPath?(digest: Digest): string;
-  /** The blob's bytes, optionally one inclusive range of them. */
-  openBlob(digest: Digest, range?: BlobRange): Promise<Readable>;
-  /**
-   * Streams `src` into the store, verifying sha256 (and `expectedSize` when given) before the
-   * blob becomes visible. When the blob is already stored the source is still read to its end
-   * and verified, nothing is written, and `created` is false.
-   */
-  putBlob(digest: Digest, src: Readable, expectedSize?: number): Promise<{ created: boolean; size: number }>;
-  /** The manifest stored at name@version (validated). */
-  getManifest(name: string, version: string): Promise<Manifest>;
-  /** Origin-side metadata of a stored manifest ({} when none was recorded). */
-  getManifestMeta(name: string, version: string): Promise<ManifestMeta>;
-  /**
-   * Stores a manifest at its own name@version. Identical content (same manifest digest) gives
-   * `created: false`; different content SC_ERR_VERSION_EXISTS. `meta` is recorded only when
-   * the manifest is created. Does not check that the blob exists: the server does.
-   */
-  putManifest(manifest: Manifest, meta?: ManifestMeta): Promise<{ created: boolean; manifestDigest: Digest }>;
-  /** Every stored manifest, sorted by name, then publishedAt, then version. */
-  listBundles(): Promise<BundleEntry[]>;
-}
-
-function isErrno(err: unknown, ...codes: string[]): boolean {
-  return codes.includes((err as NodeJS.ErrnoException)?.code ?? '');
-}
-
-async function fsyncPath(path: string): Promise<void> {
-  const fh = await open(path, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
-/** Hashes and counts bytes, failing early when more than `limit` bytes arrive. */
-class VerifyingStream extends Transform {
-  readonly hash = createHash('sha256');
-  bytes = 0;
-  constructor(private readonly limit?: number) {
-    super({ highWaterMark: 1 << 20 });
-  }
-  override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
-    this.bytes += chunk.length;
-    if (this.limit !== undefined && this.bytes > this.limit) {
-      cb(scError('SC_ERR_SIZE_MISMATCH', `body is longer than the declared ${this.limit} bytes`, { expected: this.limit }));
-      return;
-    }
-    this.hash.update(chunk);
-    cb(null, chunk);
-  }
-}
-
-/** A writable that discards everything (for re-uploads of a blob we already hold). */
-function sink(): Writable {
-  return new Writable({
-    highWaterMark: 1 << 20,
-    write(_c, _e, cb) {
-      cb();
-    },
-  });
+  blob: { digest: Digest; size: number };
+  removedAt: string;
 }
 
 /** Filesystem BlobStore. Create with `FsBlobStore.open(dataDir)`. */
 export class FsBlobStore implements BlobStore {
   readonly dir: string;
   readonly #tmp: string;
-  /** Listing entries by `name@version`; manifests are immutable so entries never go stale. */
+  /** Listing entries and blob digests by `name@version` (manifests are immutable; removal drops them). */
   readonly #entries = new Map<string, BundleEntry>();
+  readonly #blobOf = new Map<string, Digest>();
+  /** The lock manifest writes, removals and collections take, and the pins of running uploads. */
+  readonly #guard = new StoreGuard();
 
   private constructor(dir: string) {
     this.dir = dir;
@@ -150,7 +56,7 @@ export class FsBlobStore implements BlobStore {
   /** Opens (creating if needed) a store in `dir` and deletes leftover temp files. */
   static async open(dir: string): Promise<FsBlobStore> {
     const s = new FsBlobStore(dir);
-    for (const d of ['blobs/sha256', 'manifests', 'meta']) await mkdir(join(dir, d), { recursive: true });
+    for (const d of ['blobs/sha256', 'manifests', 'meta', 'removed']) await mkdir(join(dir, d), { recursive: true });
     await rm(s.#tmp, { recursive: true, force: true });
     await mkdir(s.#tmp, { recursive: true });
     return s;
@@ -168,6 +74,10 @@ export class FsBlobStore implements BlobStore {
 
   #metaPath(name: string, version: string): string {
     return join(this.dir, 'meta', parseName(name), `${parseVersion(version)}.json`);
+  }
+
+  #tombstonePath(name: string, version: string): string {
+    return join(this.dir, 'removed', parseName(name), `${parseVersion(version)}.json`);
   }
 
   #tmpFile(label: string): string {
@@ -208,6 +118,16 @@ export class FsBlobStore implements BlobStore {
       src.destroy();
       throw scError('SC_ERR_SIZE_MISMATCH', `bad expected size ${expectedSize}`);
     }
+    // Pinned from the first byte to the end: a collection never sweeps this digest meanwhile.
+    const unpin = this.#guard.pin(digest);
+    try {
+      return await this.#putBlob(digest, final, src, expectedSize);
+    } finally {
+      unpin();
+    }
+  }
+
+  async #putBlob(digest: Digest, final: string, src: Readable, expectedSize?: number): Promise<{ created: boolean; size: number }> {
     const verify = new VerifyingStream(expectedSize);
     const check = (): number => {
       if (expectedSize !== undefined && verify.bytes !== expectedSize) {
@@ -218,7 +138,10 @@ export class FsBlobStore implements BlobStore {
       return verify.bytes;
     };
 
-    if (await this.#exists(final)) {
+    // Under the lock, so that a sweep is either entirely before this check (and the blob is
+    // young again after it) or entirely after it (and cannot sweep a pinned digest).
+    const present = await this.#guard.exclusive(async () => (await exists(final)) && (await this.#touch(final)));
+    if (present) {
       await pipeline(src, verify, sink());
       return { created: false, size: check() };
     }
@@ -230,9 +153,22 @@ export class FsBlobStore implements BlobStore {
       await fsyncPath(tmp);
       await mkdir(dirname(final), { recursive: true });
       const created = await this.#publish(tmp, final);
+      if (!created) await this.#touch(final);
       return { created, size };
     } finally {
       await rm(tmp, { force: true });
+    }
+  }
+
+  /** Sets a blob's mtime to now (the grace period counts from it); false when it is gone. */
+  async #touch(path: string): Promise<boolean> {
+    const now = new Date();
+    try {
+      await utimes(path, now, now);
+      return true;
+    } catch (err) {
+      if (isErrno(err, 'ENOENT', 'ENOTDIR')) return false;
+      throw err;
     }
   }
 
@@ -249,7 +185,7 @@ export class FsBlobStore implements BlobStore {
     } catch (err) {
       if (isErrno(err, 'EEXIST')) created = false;
       else if (isErrno(err, 'EPERM', 'ENOTSUP', 'EOPNOTSUPP', 'EXDEV')) {
-        if (await this.#exists(final)) created = false;
+        if (await exists(final)) created = false;
         else {
           await rename(tmp, final);
           created = true;
@@ -260,24 +196,17 @@ export class FsBlobStore implements BlobStore {
     return created;
   }
 
-  async #exists(path: string): Promise<boolean> {
-    try {
-      await stat(path);
-      return true;
-    } catch (err) {
-      if (isErrno(err, 'ENOENT', 'ENOTDIR')) return false;
-      throw err;
-    }
-  }
-
   async getManifest(name: string, version: string): Promise<Manifest> {
     const p = this.#manifestPath(name, version);
     let text: string;
     try {
       text = await readFile(p, 'utf8');
     } catch (err) {
-      if (isErrno(err, 'ENOENT', 'ENOTDIR')) throw scError('SC_ERR_MANIFEST_NOT_FOUND', `no manifest ${name}@${version}`, { name, version });
-      throw err;
+      if (!isErrno(err, 'ENOENT', 'ENOTDIR')) throw err;
+      if (await this.#tombstone(name, version)) {
+        throw scError('SC_ERR_MANIFEST_NOT_FOUND', `${name}@${version} was removed`, { name, version, removed: true });
+      }
+      throw scError('SC_ERR_MANIFEST_NOT_FOUND', `no manifest ${name}@${version}`, { name, version });
     }
     try {
       return parseManifest(JSON.parse(text));
@@ -297,10 +226,34 @@ export class FsBlobStore implements BlobStore {
     }
   }
 
-  async putManifest(input: Manifest, meta: ManifestMeta = {}): Promise<{ created: boolean; manifestDigest: Digest }> {
+  /** The tombstone of a removed name@version, or null. */
+  async #tombstone(name: string, version: string): Promise<Tombstone | null> {
+    try {
+      return JSON.parse(await readFile(this.#tombstonePath(name, version), 'utf8')) as Tombstone;
+    } catch (err) {
+      if (isErrno(err, 'ENOENT', 'ENOTDIR')) return null;
+      throw err;
+    }
+  }
+
+  async putManifest(input: Manifest, meta: ManifestMeta = {}, opts: { requireBlob?: boolean } = {}): Promise<{ created: boolean; manifestDigest: Digest }> {
     const m = parseManifest(input);
     if (meta.fingerprint !== undefined) parseDigest(meta.fingerprint);
+    return await this.#guard.exclusive(() => this.#putManifest(m, meta, opts.requireBlob === true));
+  }
+
+  /** putManifest under the lock. */
+  async #putManifest(m: Manifest, meta: ManifestMeta, requireBlob: boolean): Promise<{ created: boolean; manifestDigest: Digest }> {
     const digest = manifestDigest(m);
+    const gone = await this.#tombstone(m.name, m.version);
+    if (gone && gone.manifestDigest !== digest) {
+      throw scError('SC_ERR_VERSION_EXISTS', `${m.name}@${m.version} was removed; a removed version is never reused with other content`, {
+        name: m.name,
+        version: m.version,
+        removed: true,
+      });
+    }
+    if (requireBlob) await this.#checkBlob(m);
     const final = this.#manifestPath(m.name, m.version);
     const tmp = this.#tmpFile('manifest');
     try {
@@ -322,18 +275,43 @@ export class FsBlobStore implements BlobStore {
         return { created: false, manifestDigest: digest };
       }
       if (meta.fingerprint) await this.#writeMeta(m.name, m.version, { fingerprint: meta.fingerprint });
+      else await rm(this.#metaPath(m.name, m.version), { force: true });
       this.#entries.set(`${m.name}@${m.version}`, toEntry(m));
+      this.#blobOf.set(`${m.name}@${m.version}`, m.blob.digest);
       return { created: true, manifestDigest: digest };
     } finally {
       await rm(tmp, { force: true });
     }
   }
 
-  async #writeMeta(name: string, version: string, meta: ManifestMeta): Promise<void> {
-    const final = this.#metaPath(name, version);
-    const tmp = this.#tmpFile('meta');
+  /** SC_ERR_MISSING_BLOB / SC_ERR_SIZE_MISMATCH unless the manifest's blob is stored as stated. */
+  async #checkBlob(m: Manifest): Promise<void> {
+    let size: number;
     try {
-      await writeFile(tmp, JSON.stringify(meta), { flag: 'wx', mode: 0o644 });
+      size = (await this.statBlob(m.blob.digest)).size;
+    } catch (err) {
+      if (isScError(err, 'SC_ERR_BLOB_NOT_FOUND')) {
+        throw scError('SC_ERR_MISSING_BLOB', `upload blob ${m.blob.digest} before its manifest`, { digest: m.blob.digest });
+      }
+      throw err;
+    }
+    if (size !== m.blob.size) {
+      throw scError('SC_ERR_SIZE_MISMATCH', `the manifest says ${m.blob.size} bytes but the stored blob has ${size}`, {
+        expected: m.blob.size,
+        actual: size,
+      });
+    }
+  }
+
+  async #writeMeta(name: string, version: string, meta: ManifestMeta): Promise<void> {
+    await this.#writeJson(this.#metaPath(name, version), 'meta', meta);
+  }
+
+  /** Writes `value` as JSON at `final` atomically (temp file, fsync, rename, fsync of the directory). */
+  async #writeJson(final: string, label: string, value: unknown): Promise<void> {
+    const tmp = this.#tmpFile(label);
+    try {
+      await writeFile(tmp, JSON.stringify(value), { flag: 'wx', mode: 0o644 });
       await fsyncPath(tmp);
       await mkdir(dirname(final), { recursive: true });
       await rename(tmp, final);
@@ -343,9 +321,62 @@ export class FsBlobStore implements BlobStore {
     }
   }
 
-  async listBundles(): Promise<BundleEntry[]> {
+  async deleteManifest(name: string, version: string): Promise<RemovedManifest> {
+    parseName(name);
+    parseVersion(version);
+    return await this.#guard.exclusive(async () => {
+      const m = await this.getManifest(name, version);
+      const digest = manifestDigest(m);
+      const blob = { digest: m.blob.digest, size: m.blob.size };
+      // The tombstone first: a crash after it leaves the version marked removed but still
+      // served, and removing it again finishes the job.
+      const stone: Tombstone = { manifestDigest: digest, blob, removedAt: new Date().toISOString() };
+      await this.#writeJson(this.#tombstonePath(name, version), 'removed', stone);
+      const path = this.#manifestPath(name, version);
+      await rm(path, { force: true });
+      await fsyncPath(dirname(path));
+      await rm(this.#metaPath(name, version), { force: true });
+      this.#entries.delete(`${name}@${version}`);
+      this.#blobOf.delete(`${name}@${version}`);
+      return { name, version, manifestDigest: digest, blob };
+    });
+  }
+
+  collectGarbage(opts: GcOptions): Promise<GcReport> {
+    return collectGarbage(
+      { blobsRoot: join(this.dir, 'blobs', 'sha256'), guard: this.#guard, referenced: () => this.#referenced() },
+      opts,
+    );
+  }
+
+  /** The blob digests every stored manifest references (a manifest that cannot be read throws). */
+  async #referenced(): Promise<{ digests: Set<Digest>; manifests: number }> {
+    const digests = new Set<Digest>();
+    let manifests = 0;
+    for (const { name, version } of await this.#manifestFiles()) {
+      const key = `${name}@${version}`;
+      let d = this.#blobOf.get(key);
+      if (d === undefined) {
+        let m: Manifest;
+        try {
+          m = await this.getManifest(name, version);
+        } catch (err) {
+          if (isScError(err, 'SC_ERR_MANIFEST_NOT_FOUND')) continue;
+          throw scError('SC_ERR_INTERNAL', `cannot read manifest ${key}: refusing to collect garbage`, undefined, err);
+        }
+        d = m.blob.digest;
+        this.#blobOf.set(key, d);
+      }
+      digests.add(d);
+      manifests++;
+    }
+    return { digests, manifests };
+  }
+
+  /** Every `manifests/<name>/<version>.json` with a valid name and version. */
+  async #manifestFiles(): Promise<{ name: string; version: string }[]> {
     const root = join(this.dir, 'manifests');
-    const out: BundleEntry[] = [];
+    const out: { name: string; version: string }[] = [];
     for (const name of await readdir(root)) {
       try {
         parseName(name);
@@ -362,19 +393,32 @@ export class FsBlobStore implements BlobStore {
       for (const f of files) {
         if (!f.endsWith('.json')) continue;
         const version = f.slice(0, -5);
-        const key = `${name}@${version}`;
-        let e = this.#entries.get(key);
-        if (!e) {
-          try {
-            e = toEntry(await this.getManifest(name, version));
-          } catch (err) {
-            if (isScError(err, 'SC_ERR_BAD_VERSION') || isScError(err, 'SC_ERR_MANIFEST_NOT_FOUND')) continue;
-            throw err;
-          }
-          this.#entries.set(key, e);
+        try {
+          parseVersion(version);
+        } catch {
+          continue;
         }
-        out.push(e);
+        out.push({ name, version });
       }
+    }
+    return out;
+  }
+
+  async listBundles(): Promise<BundleEntry[]> {
+    const out: BundleEntry[] = [];
+    for (const { name, version } of await this.#manifestFiles()) {
+      const key = `${name}@${version}`;
+      let e = this.#entries.get(key);
+      if (!e) {
+        try {
+          e = toEntry(await this.getManifest(name, version));
+        } catch (err) {
+          if (isScError(err, 'SC_ERR_MANIFEST_NOT_FOUND')) continue;
+          throw err;
+        }
+        this.#entries.set(key, e);
+      }
+      out.push(e);
     }
     return out.sort((a, b) => cmp(a.name, b.name) || cmp(a.publishedAt, b.publishedAt) || cmp(a.version, b.version));
   }

@@ -16,6 +16,10 @@
  * and GET). When name@version exists, only the plaintext tar is read and digested (no
  * compression, no encryption, no upload) and compared, with the manifest's role, os and blob
  * format: equal → nothing to do (exit 0); different → SC_ERR_VERSION_EXISTS (exit 1).
+ *
+ * Before any of that, the origin is asked which release keys it trusts (`GET /v1/trusted-keys`):
+ * a signing key it would refuse ends the command with SC_ERR_UNTRUSTED_KEY before a byte is
+ * packed or uploaded. A version the origin removed is refused too (SC_ERR_VERSION_EXISTS).
  */
 import { envOption } from '../defaults.js';
 import { createWriteStream, mkdtempSync, rmSync, statSync } from 'node:fs';
@@ -33,6 +37,7 @@ import {
   COMPRESSIONS,
   type Compression,
   canonicalJson,
+  keyId,
   type Manifest,
   NET_FORMATS,
   type NetFormat,
@@ -300,6 +305,10 @@ async function runPublish(path: string, flags: PublishFlags): Promise<void> {
   const input = bundleInput(path);
   const token = readTokenFile(flags.tokenFile);
   const key = loadSigningKey(flags.signingKey);
+  const client = new OriginClient(flags.origin, { token });
+  // Refused before reading the tree or uploading a byte when the origin would refuse the
+  // signature (the origin still verifies the signed manifest itself).
+  await client.checkSigningKey(keyId(key));
   const recipients = await loadRecipients(flags);
   const encryption = recipients.length > 0 ? 'age' : 'none';
   const tty = Boolean(process.stderr.isTTY) && !flags.json;
@@ -322,7 +331,6 @@ async function runPublish(path: string, flags: PublishFlags): Promise<void> {
     parseManifest({ schema: 1, name, version, role, os, blob, publishedAt: new Date().toISOString(), signatures: [] });
   draft({ digest: sha256Of(''), size: 0, compression, encryption });
 
-  const client = new OriginClient(flags.origin, { token });
   const report = (r: PublishResult) => {
     if (flags.json) printJson(r);
     else {
@@ -341,7 +349,12 @@ async function runPublish(path: string, flags: PublishFlags): Promise<void> {
       version,
     });
 
-  const existing = await client.findManifest(name, version);
+  const existing = await client.lookupManifest(name, version);
+  if (existing === 'removed') {
+    throw scError('SC_ERR_VERSION_EXISTS', `${name}@${version} was removed from the origin; a removed version is never reused`, { name, version }).withHint(
+      'publish it under a new version',
+    );
+  }
   if (existing) {
     // Hash the plaintext tar only: enough to decide, and no upload either way.
     const plain = new TreeDigest();
