@@ -68,7 +68,8 @@ import { type CrashPoint, noCrashPoints } from './hooks.js';
 import { Journal } from './journal.js';
 import { type MachineDriver, RebootSignal } from './machine/driver.js';
 import { isPermanent } from './steps/common.js';
-import { STEPS, type Step, type StepContext, type StepProgress } from './steps/index.js';
+import { type Base, runStep, throttleProgress } from './step-run.js';
+import { STEPS, type Step, type StepContext } from './steps/index.js';
 import type { ReportFields, StepJob, StepTransport } from '../../shared/protocol/transport.js';
 import { DirectTransport, hostToken } from './transport-direct.js';
 
@@ -112,15 +113,13 @@ export interface AgentWorkerOptions {
   journal?: Journal;
 }
 
-type Base = { rollout: string; seq: number; step: string };
-
 /** How long the running OS's inspected identity (IP, OS) is reused for registrations, ms. */
 const IDENTITY_TTL_MS = 60_000;
 
 /** One agent instance's job loop. Create, `run()`, and `stop()` from outside to end it. */
 export class AgentWorker {
-  readonly #o: Required<Omit<AgentWorkerOptions, 'origin' | 'redis' | 'transport' | 'journal'>> & { origin?: string };
-  readonly #t: StepTransport;
+  readonly #opts: Required<Omit<AgentWorkerOptions, 'origin' | 'redis' | 'transport' | 'journal'>> & { origin?: string };
+  readonly #transport: StepTransport;
   readonly #journal: Journal;
   #stopping = false;
   #current?: AbortController;
@@ -130,7 +129,7 @@ export class AgentWorker {
 
   constructor(opts: AgentWorkerOptions) {
     const { redis, transport, journal, ...rest } = opts;
-    this.#o = {
+    this.#opts = {
       lockDurationMs: 60_000,
       stalledIntervalMs: 30_000,
       maxStalledCount: 1000,
@@ -143,11 +142,11 @@ export class AgentWorker {
       agentFiles: [],
       ...(Object.fromEntries(Object.entries(rest).filter(([, v]) => v !== undefined)) as Omit<AgentWorkerOptions, 'redis' | 'transport' | 'journal'>),
     };
-    this.#journal = journal ?? new Journal({ driver: this.#o.driver, hostId: this.#o.hostId, now: this.#o.now });
-    if (transport) this.#t = transport;
+    this.#journal = journal ?? new Journal({ driver: this.#opts.driver, hostId: this.#opts.hostId, now: this.#opts.now });
+    if (transport) this.#transport = transport;
     else if (redis) {
-      const o = this.#o;
-      this.#t = new DirectTransport({
+      const o = this.#opts;
+      this.#transport = new DirectTransport({
         hostId: o.hostId,
         prefix: o.prefix,
         redis,
@@ -163,7 +162,7 @@ export class AgentWorker {
 
   /** The transport's kind. */
   get transport(): 'direct' | 'relay' {
-    return this.#t.kind;
+    return this.#transport.kind;
   }
 
   /**
@@ -172,21 +171,21 @@ export class AgentWorker {
    * job stays active for the next instance). Other errors of the loop are logged and retried.
    */
   async run(): Promise<WorkerExit> {
-    const o = this.#o;
+    const o = this.#opts;
     const log = o.logger;
     let heartbeat: NodeJS.Timeout | undefined;
     try {
-      await this.#t.open();
+      await this.#transport.open();
       await this.#register('idle');
       heartbeat = setInterval(() => {
-        this.#t.heartbeat(this.#state).catch((err) => log.warn({ err: (err as Error).message }, 'heartbeat failed'));
+        this.#transport.heartbeat(this.#state).catch((err) => log.warn({ err: (err as Error).message }, 'heartbeat failed'));
       }, o.heartbeatMs);
       heartbeat.unref();
-      let job = await this.#t.readopt();
+      let job = await this.#transport.readopt();
       while (!this.#stopping) {
         if (!job) {
           try {
-            job = await this.#t.next();
+            job = await this.#transport.next();
           } catch (err) {
             if (this.#stopping) break;
             log.warn({ err: (err as Error).message }, 'fetching the next job failed; retrying');
@@ -205,7 +204,7 @@ export class AgentWorker {
       throw err;
     } finally {
       clearInterval(heartbeat);
-      await this.#t.close().catch(() => {});
+      await this.#transport.close().catch(() => {});
     }
   }
 
@@ -216,7 +215,7 @@ export class AgentWorker {
   async stop(): Promise<void> {
     this.#stopping = true;
     this.#current?.abort(scError('SC_ERR_UNAVAILABLE', 'agent stopping'));
-    await this.#t.close().catch(() => {});
+    await this.#transport.close().catch(() => {});
   }
 
   /**
@@ -226,10 +225,10 @@ export class AgentWorker {
    * steps do change, is read every time.
    */
   async #facts(): Promise<Pick<HostRecord, 'ip' | 'running' | 'bootDevice'>> {
-    const d = this.#o.driver;
-    if (!this.#identity || this.#o.now() - this.#identity.at > IDENTITY_TTL_MS) {
+    const d = this.#opts.driver;
+    if (!this.#identity || this.#opts.now() - this.#identity.at > IDENTITY_TTL_MS) {
       const ins = await d.inspect();
-      this.#identity = { ip: ins.ip ?? '', running: ins.running, at: this.#o.now() };
+      this.#identity = { ip: ins.ip ?? '', running: ins.running, at: this.#opts.now() };
       return { ip: this.#identity.ip, running: ins.running, bootDevice: ins.bootDevice };
     }
     return { ip: this.#identity.ip, running: this.#identity.running, bootDevice: (await d.bootConfig()).default };
@@ -239,29 +238,29 @@ export class AgentWorker {
     this.#identity = null;
     const ins = await this.#facts();
     this.#state = { ...this.#state, state };
-    await this.#t.update({
-      hostId: this.#o.hostId,
-      colo: this.#o.colo,
+    await this.#transport.update({
+      hostId: this.#opts.hostId,
+      colo: this.#opts.colo,
       ip: ins.ip ?? '',
       running: ins.running,
       bootDevice: ins.bootDevice,
-      stages: [...this.#o.stages],
-      agentVersion: this.#o.agentVersion,
-      transport: this.#t.kind,
+      stages: [...this.#opts.stages],
+      agentVersion: this.#opts.agentVersion,
+      transport: this.#transport.kind,
       ...this.#state,
     });
   }
 
   async #setState(s: Pick<HostRecord, 'state' | 'rollout' | 'step'>): Promise<void> {
     this.#state = s;
-    await this.#t.update(s).catch((err) => this.#o.logger.warn({ err: (err as Error).message }, 'state update failed'));
+    await this.#transport.update(s).catch((err) => this.#opts.logger.warn({ err: (err as Error).message }, 'state update failed'));
   }
 
   async #runJob(job: StepJob): Promise<void> {
     const abort = new AbortController();
     this.#current = abort;
-    const release = this.#t.hold(job, () => {
-      this.#o.logger.error({ job: job.id }, 'lost the job lock; abandoning the step');
+    const release = this.#transport.hold(job, () => {
+      this.#opts.logger.error({ job: job.id }, 'lost the job lock; abandoning the step');
       abort.abort(scError('SC_ERR_CONFLICT', 'lost the job lock'));
     });
     try {
@@ -273,8 +272,8 @@ export class AgentWorker {
   }
 
   async #process(job: StepJob, abort: AbortController): Promise<void> {
-    const o = this.#o;
-    const t = this.#t;
+    const o = this.#opts;
+    const t = this.#transport;
     let payload: StepPayload;
     try {
       payload = verifyStepJobSignature(job.data, o.hostId, o.keys.control);
@@ -341,17 +340,7 @@ export class AgentWorker {
     await t.event(job, { ...base, event: 'started', message: `attempt ${job.attemptsMade + 1}` });
     log.info({ attempt: job.attemptsMade + 1 }, 'step started');
 
-    // Progress: the latest value is sent at most once per interval, to BullMQ and the stream.
-    let latest: StepProgress | null = null;
-    let sent: StepProgress | null = null;
-    const flush = () => {
-      if (!latest || latest === sent) return;
-      const p = latest;
-      sent = p;
-      const percent = p.total ? Math.min(100, Math.floor((p.bytes / p.total) * 1000) / 10) : undefined;
-      void t.progress(job, { bytes: p.bytes, total: p.total, percent }, { ...base, event: 'progress', bytes: p.bytes, percent });
-    };
-    const ticker = setInterval(flush, o.progressIntervalMs);
+    const progress = throttleProgress(t, job, base, o.progressIntervalMs);
     const ctx: StepContext = {
       hostId: o.hostId,
       payload,
@@ -367,11 +356,9 @@ export class AgentWorker {
         log.info(line);
         await t.log(job, line);
       },
-      progress: (p) => {
-        latest = p;
-      },
+      progress: progress.report,
       reboot: async () => {
-        flush();
+        progress.flush();
         await this.#setState({ state: 'rebooting', rollout: payload.rollout, step: payload.step });
         await t.event(job, { ...base, event: 'rebooting' });
         log.info('rebooting');
@@ -383,16 +370,9 @@ export class AgentWorker {
 
     let result: Record<string, unknown>;
     try {
-      result = await withDeadline(step.timeoutMs, abort, async () => {
-        const done = await step.check(ctx);
-        if (done) {
-          await ctx.log(`already done: ${done}`);
-          return { skipped: true, reason: done };
-        }
-        return step.apply(ctx);
-      });
+      result = await runStep(step, ctx, abort);
     } catch (err) {
-      clearInterval(ticker);
+      progress.stop();
       if (err instanceof RebootSignal) throw err;
       if (this.#stopping) {
         log.info('stopped during the step; the job stays active and runs again at the next start');
@@ -412,8 +392,8 @@ export class AgentWorker {
       await this.#setState({ state: 'failed', rollout: payload.rollout, step: payload.step });
       return;
     }
-    clearInterval(ticker);
-    flush();
+    progress.stop();
+    progress.flush();
     // Only the job's completion is left: should the host die before the journal hears of it,
     // the next step is let in (the queue hands it out only once this job completed).
     await this.#journal.ran(payload, job.id, digest).catch((err) => log.error({ err: (err as Error).message }, 'journal write failed'));
@@ -443,40 +423,17 @@ export class AgentWorker {
     const p = d.payload && typeof d.payload === 'object' ? d.payload : {};
     const str = (v: unknown, n: number) => (typeof v === 'string' ? v.slice(0, n) : '');
     const base = { rollout: str(p.rollout, 64), seq: typeof p.seq === 'number' ? p.seq : -1, step: str(p.step, 40) || job.name.slice(0, 40) };
-    this.#o.logger.warn({ job: job.id, reason: e.details?.reason, err: e.message }, 'job refused');
-    await this.#t.fail(job, e, true, { ...base, event: 'refused', code: e.code, message: e.message });
+    this.#opts.logger.warn({ job: job.id, reason: e.details?.reason, err: e.message }, 'job refused');
+    await this.#transport.fail(job, e, true, { ...base, event: 'refused', code: e.code, message: e.message });
     await this.#setState({ state: 'refused', rollout: base.rollout || null, step: base.step || null });
   }
 
   async #fail(job: StepJob, base: Base, e: ScError, permanent: boolean): Promise<void> {
     const r: ReportFields = { ...base, event: 'failed', code: e.code, message: e.message };
-    await this.#t.fail(job, e, permanent, r);
+    await this.#transport.fail(job, e, permanent, r);
   }
 }
 
 function isScError(v: unknown, code: string): boolean {
   return (v as { code?: string })?.code === code;
-}
-
-/**
- * Runs `fn` with a deadline: when it passes, `abort` is aborted with SC_ERR_TIMEOUT and, once
- * `fn` has settled (so a timed-out step never keeps writing while the job is retried), the
- * promise rejects with SC_ERR_TIMEOUT.
- */
-async function withDeadline<T>(ms: number, abort: AbortController, fn: () => Promise<T>): Promise<T> {
-  let timedOut = false;
-  const t = setTimeout(() => {
-    timedOut = true;
-    abort.abort(scError('SC_ERR_TIMEOUT', `step took longer than ${ms} ms`));
-  }, ms);
-  try {
-    const r = await fn();
-    if (timedOut) throw scError('SC_ERR_TIMEOUT', `step took longer than ${ms} ms`);
-    return r;
-  } catch (err) {
-    if (timedOut && !(err instanceof RebootSignal)) throw scError('SC_ERR_TIMEOUT', `step took longer than ${ms} ms`);
-    throw err;
-  } finally {
-    clearTimeout(t);
-  }
 }

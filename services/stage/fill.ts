@@ -12,247 +12,23 @@
  * wait on a progress signal between spans. The last byte of every response served from a fill
  * is held back until the fill is verified, so no client ever completes a 200/206 with bytes that
  * fail sha256: on a mismatch the response is destroyed mid-body.
+ *
+ * This file owns the fetch-once table (FetchOnce) and the run of one fill; the Fill object is
+ * in fill-state.ts and streaming to clients in fill-stream.ts, both re-exported here.
  */
 import { createHash, type Hash } from 'node:crypto';
 import { type FileHandle, open, rename, unlink } from 'node:fs/promises';
-import type { ServerResponse } from 'node:http';
 import type { Digest } from '../../shared/digest.js';
 import { type ScError, scError, toScError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
-import type { BlobCache, CacheEntry } from './cache.js';
+import type { BlobCache } from './cache.js';
 import type { Clock } from './clock.js';
+import { Fill, type FillInfo, type FillState } from './fill-state.js';
 import type { StageMetrics } from './metrics.js';
 import type { FetchSink, Upstreams } from './upstreams.js';
 
-/** The named outcomes of a fill. */
-export type FillState = 'filling' | 'committed' | 'failed' | 'gone';
-
-/** What GET /v1/fills shows for one fill. Times are ISO 8601. */
-export interface FillInfo {
-  digest: Digest;
-  state: FillState;
-  bytes: number;
-  size: number | null;
-  source: string | null;
-  sources: string[];
-  resumes: number;
-  passThrough: boolean;
-  startedAt: string;
-  finishedAt: string | null;
-  error?: { code: string; message: string };
-}
-
-/** Reader chunk for file reads: large enough for throughput, small enough that 500 readers stay cheap. */
-const READ_CHUNK = 128 * 1024;
-/**
- * The most recent bytes of a fill stay referenced in memory (the upstream's own chunks, no
- * copy), so readers following the edge of a fill share them instead of each reading the file.
- * Bounded per fill, independent of object size and client count.
- */
-const RING_BYTES = 2 * 1024 * 1024;
-/** Progress is signalled at once after this many new bytes, else within NOTIFY_MS. */
-const NOTIFY_BYTES = 1024 * 1024;
-const NOTIFY_MS = 10;
-
-interface Deferred {
-  promise: Promise<void>;
-  resolve: () => void;
-}
-
-function deferred(): Deferred {
-  let resolve!: () => void;
-  const promise = new Promise<void>((r) => {
-    resolve = r;
-  });
-  return { promise, resolve };
-}
-
-/** One running (or finished) fetch of one blob. Created only by `FetchOnce`. */
-export class Fill {
-  readonly digest: Digest;
-  state: FillState = 'filling';
-  /** Blob size in bytes, once an upstream told it. */
-  size: number | null = null;
-  /** Bytes written to the file, from offset 0. Always a prefix of what the upstream sent. */
-  filled = 0;
-  sources: string[] = [];
-  resumes = 0;
-  passThrough = false;
-  error?: ScError;
-  readonly startedAt: number;
-  finishedAt: number | null = null;
-
-  #fh: FileHandle | null = null;
-  #fhReady = deferred();
-  #path: string;
-  #holders = 1; // the fill itself
-  #change = deferred();
-  #sized = deferred();
-  #done = deferred();
-  #notified = 0;
-  #notifyTimer: NodeJS.Timeout | null = null;
-  /** The budget entry while the blob is (to be) cached. */
-  entry: CacheEntry | null = null;
-
-  constructor(digest: Digest, path: string, now: number) {
-    this.digest = digest;
-    this.#path = path;
-    this.startedAt = now;
-  }
-
-  /** True once the sha256 matched (readers may send their held-back final byte). */
-  verified = false;
-  #ring: { pos: number; buf: Buffer }[] = [];
-  #ringBytes = 0;
-
-  /** @internal Records a chunk just written at `pos` in the in-memory tail. */
-  remember(pos: number, buf: Buffer): void {
-    this.#ring.push({ pos, buf });
-    this.#ringBytes += buf.length;
-    while (this.#ring.length > 1 && this.#ringBytes - this.#ring[0].buf.length >= RING_BYTES) {
-      this.#ringBytes -= this.#ring.shift()!.buf.length;
-    }
-  }
-
-  /** @internal Drops the in-memory tail. */
-  forget(): void {
-    this.#ring = [];
-    this.#ringBytes = 0;
-  }
-
-  /** Up to `n` bytes at `pos` from the in-memory tail (no copy), or null when not there. */
-  fromTail(pos: number, n: number): Buffer | null {
-    const r = this.#ring;
-    if (r.length === 0 || pos < r[0].pos) return null;
-    for (let i = r.length - 1; i >= 0; i--) {
-      const c = r[i];
-      if (pos >= c.pos) {
-        const off = pos - c.pos;
-        if (off >= c.buf.length) return null;
-        return c.buf.subarray(off, off + Math.min(n, c.buf.length - off));
-      }
-    }
-    return null;
-  }
-
-  /** Resolves when the size is known or the fill ended (check `state`). Never rejects. */
-  ready(): Promise<void> {
-    return this.#sized.promise;
-  }
-
-  /** Resolves when the fill reaches an outcome. Never rejects. */
-  done(): Promise<void> {
-    return this.#done.promise;
-  }
-
-  /** Resolves at the next progress or state change. */
-  changed(): Promise<void> {
-    return this.#change.promise;
-  }
-
-  /** Takes a hold on the fill's file handle (for reading); pair with `release`. */
-  acquire(): void {
-    this.#holders++;
-  }
-
-  /** Drops a hold; the file handle closes (and a pass-through file is deleted) at the last one. */
-  release(): void {
-    if (--this.#holders === 0) void this.#closeFile();
-  }
-
-  /** Reads up to `n` bytes at `pos` into `buf`; only valid for bytes below `filled`. */
-  async read(buf: Buffer, n: number, pos: number): Promise<number> {
-    const fh = this.#fh ?? (await this.#waitFile());
-    const { bytesRead } = await fh.read(buf, 0, n, pos);
-    return bytesRead;
-  }
-
-  /** A snapshot for GET /v1/fills. */
-  info(): FillInfo {
-    return {
-      digest: this.digest,
-      state: this.state,
-      bytes: this.filled,
-      size: this.size,
-      source: this.sources.at(-1) ?? null,
-      sources: [...this.sources],
-      resumes: this.resumes,
-      passThrough: this.passThrough,
-      startedAt: new Date(this.startedAt).toISOString(),
-      finishedAt: this.finishedAt === null ? null : new Date(this.finishedAt).toISOString(),
-      ...(this.error ? { error: { code: this.error.code, message: this.error.message } } : {}),
-    };
-  }
-
-  // ---- used by FetchOnce ----
-
-  /** @internal */ get path(): string {
-    return this.#path;
-  }
-  /** @internal */ set path(p: string) {
-    this.#path = p;
-  }
-  /** @internal */ setFile(fh: FileHandle): void {
-    this.#fh = fh;
-    this.#fhReady.resolve();
-  }
-  /** @internal */ get file(): FileHandle | null {
-    return this.#fh;
-  }
-  /** @internal */ sized(): void {
-    this.#sized.resolve();
-  }
-
-  /** @internal Signals progress; immediate for big steps, else coalesced within NOTIFY_MS. */
-  progress(force = false): void {
-    if (force || this.filled - this.#notified >= NOTIFY_BYTES) {
-      this.#fire();
-      return;
-    }
-    if (!this.#notifyTimer) {
-      this.#notifyTimer = setTimeout(() => this.#fire(), NOTIFY_MS);
-    }
-  }
-
-  /** @internal Ends the fill with an outcome. */
-  finish(state: Exclude<FillState, 'filling'>, now: number, error?: ScError): void {
-    this.state = state;
-    this.forget();
-    this.error = error;
-    this.finishedAt = now;
-    this.#sized.resolve();
-    this.#fire();
-    this.#done.resolve();
-    this.#fhReady.resolve();
-  }
-
-  #fire(): void {
-    if (this.#notifyTimer) {
-      clearTimeout(this.#notifyTimer);
-      this.#notifyTimer = null;
-    }
-    this.#notified = this.filled;
-    const d = this.#change;
-    this.#change = deferred();
-    d.resolve();
-  }
-
-  async #waitFile(): Promise<FileHandle> {
-    await this.#fhReady.promise;
-    if (!this.#fh) throw scError('SC_ERR_INTERNAL', 'fill has no file');
-    return this.#fh;
-  }
-
-  /** @internal Hook run when the last holder is gone (set by FetchOnce). */
-  onClosed: () => Promise<void> = async () => {};
-
-  async #closeFile(): Promise<void> {
-    const fh = this.#fh;
-    this.#fh = null;
-    await fh?.close().catch(() => {});
-    await this.onClosed();
-  }
-}
+export { Fill, type FillInfo, type FillState } from './fill-state.js';
+export { streamFill } from './fill-stream.js';
 
 /** Dependencies of `FetchOnce`. */
 export interface FetchOnceOptions {
@@ -276,7 +52,7 @@ export interface FetchOnceOptions {
  * are synchronous where it matters, so "is it cached / filling / start it" is atomic.
  */
 export class FetchOnce {
-  #o: FetchOnceOptions;
+  #opts: FetchOnceOptions;
   #inFlight = new Map<Digest, Fill>();
   #gone = new Map<Digest, number>();
   #recent: Fill[] = [];
@@ -284,7 +60,7 @@ export class FetchOnce {
   #running = new Set<Promise<void>>();
 
   constructor(o: FetchOnceOptions) {
-    this.#o = o;
+    this.#opts = o;
   }
 
   /** The fill in flight for `d`, if any. */
@@ -296,7 +72,7 @@ export class FetchOnce {
   isGone(d: Digest): boolean {
     const until = this.#gone.get(d);
     if (until === undefined) return false;
-    if (until > this.#o.clock.now()) return true;
+    if (until > this.#opts.clock.now()) return true;
     this.#gone.delete(d);
     return false;
   }
@@ -340,7 +116,7 @@ export class FetchOnce {
   }
 
   #start(d: Digest): Fill {
-    const { cache, clock, metrics } = this.#o;
+    const { cache, clock, metrics } = this.#opts;
     const fill = new Fill(d, cache.partialPath(d), clock.now());
     this.#inFlight.set(d, fill);
     metrics.fillsInFlight.set(this.#inFlight.size);
@@ -350,7 +126,7 @@ export class FetchOnce {
   }
 
   async #run(fill: Fill): Promise<void> {
-    const { cache, clock, log, metrics, upstreams } = this.#o;
+    const { cache, clock, log, metrics, upstreams } = this.#opts;
     const d = fill.digest;
     const hashRef: { h: Hash } = { h: createHash('sha256') };
     let keepFile = false;
@@ -430,7 +206,7 @@ export class FetchOnce {
     } catch (err) {
       const e = toScError(err);
       if (e.code === 'SC_ERR_BLOB_NOT_FOUND') {
-        this.#gone.set(d, clock.now() + this.#o.negativeTtlMs);
+        this.#gone.set(d, clock.now() + this.#opts.negativeTtlMs);
         keepFile = false;
         this.#end(fill, 'gone', e);
         log.info({ digest: d }, 'blob not found upstream');
@@ -455,7 +231,7 @@ export class FetchOnce {
    * Throws SC_ERR_PASSTHROUGH_TOO_LARGE when a pass-through would be over maxPassthroughBytes.
    */
   async #setSize(fill: Fill, size: number, hashRef: { h: Hash }): Promise<void> {
-    const { cache, metrics } = this.#o;
+    const { cache, metrics } = this.#opts;
     if (fill.filled > size) {
       await fill.file?.truncate(0);
       hashRef.h = createHash('sha256');
@@ -463,11 +239,11 @@ export class FetchOnce {
     }
     fill.size = size;
     fill.entry = cache.reserve(fill.digest, size, fill.path);
-    if (!fill.entry && size > this.#o.maxPassthroughBytes) {
+    if (!fill.entry && size > this.#opts.maxPassthroughBytes) {
       throw scError(
         'SC_ERR_PASSTHROUGH_TOO_LARGE',
-        `blob ${fill.digest} of ${size} bytes is over the cache budget and over maxPassthroughBytes (${this.#o.maxPassthroughBytes})`,
-        { size, max: this.#o.maxPassthroughBytes },
+        `blob ${fill.digest} of ${size} bytes is over the cache budget and over maxPassthroughBytes (${this.#opts.maxPassthroughBytes})`,
+        { size, max: this.#opts.maxPassthroughBytes },
       );
     }
     if (!fill.entry) {
@@ -480,7 +256,7 @@ export class FetchOnce {
   }
 
   #end(fill: Fill, state: Exclude<FillState, 'filling'>, error?: ScError): void {
-    const { clock, metrics, history } = this.#o;
+    const { clock, metrics, history } = this.#opts;
     if (this.#inFlight.get(fill.digest) === fill) this.#inFlight.delete(fill.digest);
     metrics.fillsInFlight.set(this.#inFlight.size);
     fill.finish(state, clock.now(), error);
@@ -501,64 +277,4 @@ async function hashFile(fh: FileHandle, h: Hash): Promise<number> {
     h.update(buf.subarray(0, bytesRead));
     pos += bytesRead;
   }
-}
-
-/** Resolves when `p` settles (or `event` fires) or `res` closes, leaving no listener behind. */
-function untilOrClosed(p: Promise<void> | null, res: ServerResponse, event?: 'drain'): Promise<void> {
-  return new Promise((resolve) => {
-    const done = () => {
-      res.off('close', done);
-      if (event) res.off(event, done);
-      resolve();
-    };
-    res.once('close', done);
-    if (event) res.once(event, done);
-    void p?.then(done);
-  });
-}
-
-/**
- * Streams bytes [start, end] (inclusive) of a fill to `res`, following the file as it grows.
- * Byte `end` is sent only after the fill is verified. If the fill fails, `res` is destroyed
- * mid-body. The caller must hold the fill (from `FetchOnce.join`). Calls `onBytes` for every
- * chunk written. Resolves when done or when the client left.
- */
-export async function streamFill(fill: Fill, res: ServerResponse, start: number, end: number, onBytes: (n: number) => void): Promise<void> {
-  let pos = start;
-  let own: Buffer | undefined;
-  while (pos <= end) {
-    if (res.destroyed || res.writableEnded) return;
-    if (fill.state === 'failed' || fill.state === 'gone') {
-      res.destroy();
-      return;
-    }
-    const avail = fill.verified ? end + 1 : Math.min(fill.filled, end);
-    if (avail <= pos) {
-      await untilOrClosed(fill.changed(), res);
-      continue;
-    }
-    const n = Math.min(avail - pos, READ_CHUNK);
-    const shared = fill.fromTail(pos, n);
-    if (shared) {
-      // the upstream's own chunk, shared by every reader at the edge: no copy, no read
-      if (res.destroyed) return;
-      const ok = res.write(shared);
-      pos += shared.length;
-      onBytes(shared.length);
-      if (!ok) await untilOrClosed(null, res, 'drain');
-      continue;
-    }
-    // behind the edge: read the file into this reader's one buffer, reused once the socket took it
-    own ??= Buffer.allocUnsafe(READ_CHUNK);
-    const got = await fill.read(own, n, pos);
-    if (got <= 0) throw scError('SC_ERR_INTERNAL', `short read at ${pos} of a fill`);
-    if (res.destroyed) return;
-    const flushed = new Promise<void>((r) => {
-      res.write(got === own!.length ? own! : own!.subarray(0, got), () => r());
-    });
-    pos += got;
-    onBytes(got);
-    await untilOrClosed(flushed, res);
-  }
-  res.end();
 }

@@ -1,0 +1,70 @@
+/**
+ * Streaming a fill to one HTTP client while the fill grows (streamFill): the joiner side of
+ * fetch-once. The final byte of a response is held back until the fill is verified.
+ */
+import type { ServerResponse } from 'node:http';
+import { scError } from '../../shared/errors.js';
+import type { Fill } from './fill-state.js';
+
+/** Reader chunk for file reads: large enough for throughput, small enough that 500 readers stay cheap. */
+const READ_CHUNK = 128 * 1024;
+
+/** Resolves when `p` settles (or `event` fires) or `res` closes, leaving no listener behind. */
+function untilOrClosed(p: Promise<void> | null, res: ServerResponse, event?: 'drain'): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      res.off('close', done);
+      if (event) res.off(event, done);
+      resolve();
+    };
+    res.once('close', done);
+    if (event) res.once(event, done);
+    void p?.then(done);
+  });
+}
+
+/**
+ * Streams bytes [start, end] (inclusive) of a fill to `res`, following the file as it grows.
+ * Byte `end` is sent only after the fill is verified. If the fill fails, `res` is destroyed
+ * mid-body. The caller must hold the fill (from `FetchOnce.join`). Calls `onBytes` for every
+ * chunk written. Resolves when done or when the client left.
+ */
+export async function streamFill(fill: Fill, res: ServerResponse, start: number, end: number, onBytes: (n: number) => void): Promise<void> {
+  let pos = start;
+  let own: Buffer | undefined;
+  while (pos <= end) {
+    if (res.destroyed || res.writableEnded) return;
+    if (fill.state === 'failed' || fill.state === 'gone') {
+      res.destroy();
+      return;
+    }
+    const avail = fill.verified ? end + 1 : Math.min(fill.filled, end);
+    if (avail <= pos) {
+      await untilOrClosed(fill.changed(), res);
+      continue;
+    }
+    const n = Math.min(avail - pos, READ_CHUNK);
+    const shared = fill.fromTail(pos, n);
+    if (shared) {
+      // the upstream's own chunk, shared by every reader at the edge: no copy, no read
+      if (res.destroyed) return;
+      const ok = res.write(shared);
+      pos += shared.length;
+      onBytes(shared.length);
+      if (!ok) await untilOrClosed(null, res, 'drain');
+      continue;
+    }
+    // behind the edge: read the file into this reader's one buffer, reused once the socket took it
+    own ??= Buffer.allocUnsafe(READ_CHUNK);
+    const got = await fill.read(own, n, pos);
+    if (got <= 0) throw scError('SC_ERR_INTERNAL', `short read at ${pos} of a fill`);
+    if (res.destroyed) return;
+    const flushed = new Promise<void>((r) => {
+      res.write(got === own!.length ? own! : own!.subarray(0, got), () => r());
+    });
+    pos += got;
+    onBytes(got);
+    await untilOrClosed(flushed, res);
+  }
+  res.end();
+}
