@@ -1,11 +1,28 @@
 /**
- * A small, strict XML 1.0 reader for the unattend files the carry-over reads and writes:
- * elements, attributes, text, CDATA, comments, processing instructions and the five
- * predefined and numeric character references. No DTDs (refused, so no entity expansion).
+ * A strict XML 1.0 reader for the unattend files the carry-over reads and writes, on
+ * fast-xml-parser: its validator checks well-formedness (tags, attributes, quoting, stray `&`),
+ * its parser gives the tree in document order. Elements, attributes, text, CDATA, comments,
+ * processing instructions and the five predefined and numeric character references are read.
+ * No DTDs (refused, so no entity expansion): entity processing is off in the parser, and its
+ * entity decoder hook, which it calls for every DOCTYPE it meets, refuses the document.
  * Namespaces are resolved: every element and prefixed attribute carries its namespace URI.
- * Anything not well-formed throws SC_ERR_BAD_CONFIG.
+ * Line ends are normalised to \n, as XML 1.0 requires. Elements nest at most 100 deep (the
+ * library's limit; an unattend file needs fewer than ten). Anything not well-formed throws
+ * SC_ERR_BAD_CONFIG.
+ *
+ * Kept by hand, because the library does not do it:
+ * - namespace resolution (it can only strip prefixes);
+ * - character references: with entity processing off it leaves `&…;` as written, and with it on
+ *   it would also expand entities a DTD declares and reads numeric references only in its HTML
+ *   mode. So `decodeRefs` decodes the five predefined and numeric references and refuses a bare
+ *   `&`, any other entity and code points XML does not allow;
+ * - checks its validator does not make: exactly one root element, no `--` inside a comment, no
+ *   `<` in an attribute value, no `]]>` in text, the XML declaration only at the very start, no
+ *   markup declaration (`<!ELEMENT …>`, `<!ENTITY …>`) outside a DOCTYPE, and no text after the
+ *   last tag (the parser drops it).
  */
-import { scError } from '../../../shared/errors.js';
+import { type EntityDecoderOptions, XMLParser, XMLValidator } from 'fast-xml-parser';
+import { isScError, scError } from '../../../shared/errors.js';
 
 /** A parsed element. `ns` is the namespace URI ('' for none); attribute keys are `{uri}local` or `local`. */
 export interface XmlElement {
@@ -17,7 +34,6 @@ export interface XmlElement {
   text: string;
 }
 
-const NAME = /^[A-Za-z_][A-Za-z0-9._-]*(?::[A-Za-z_][A-Za-z0-9._-]*)?/;
 const XML_NS = 'http://www.w3.org/XML/1998/namespace';
 
 /** Escapes text for element content and attribute values. */
@@ -25,10 +41,10 @@ export function xmlEscape(s: string): string {
   return s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;').replace(/"/g, '&quot;').replace(/'/g, '&apos;');
 }
 
-function decodeRefs(s: string, at: number): string {
-  if (s.includes('<')) throw bad(at, "'<' in attribute value");
+function decodeRefs(s: string): string {
+  if (s.includes('<')) throw bad("'<' in attribute value");
   return s.replace(/&([^;]{0,12});|&/g, (m, ref: string | undefined) => {
-    if (ref === undefined) throw bad(at, 'bare &');
+    if (ref === undefined) throw bad('bare &');
     switch (ref) {
       case 'lt':
         return '<';
@@ -44,15 +60,15 @@ function decodeRefs(s: string, at: number): string {
     const num = /^#x([0-9A-Fa-f]{1,6})$/.exec(ref) ?? /^#([0-9]{1,7})$/.exec(ref);
     if (num) {
       const cp = Number.parseInt(num[1], ref[1] === 'x' ? 16 : 10);
-      if (cp === 0 || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) throw bad(at, `bad character reference ${m}`);
+      if (cp === 0 || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) throw bad(`bad character reference ${m}`);
       return String.fromCodePoint(cp);
     }
-    throw bad(at, `unknown entity ${m}`);
+    throw bad(`unknown entity ${m}`);
   });
 }
 
-function bad(at: number, msg: string) {
-  return scError('SC_ERR_BAD_CONFIG', `malformed XML at offset ${at}: ${msg}`);
+function bad(msg: string) {
+  return scError('SC_ERR_BAD_CONFIG', `malformed XML: ${msg}`);
 }
 
 interface Raw {
@@ -62,129 +78,117 @@ interface Raw {
   text: string;
 }
 
-/** Parses a whole document and returns its root element with namespaces resolved. */
-export function parseXml(src: string): XmlElement {
-  let i = 0;
-  if (src.charCodeAt(0) === 0xfeff) i = 1;
-  const stack: Raw[] = [];
-  let root: Raw | null = null;
+// Keys of fast-xml-parser's `preserveOrder` nodes: `{ [tag]: children, ':@': attributes }`,
+// `{ '#text': text }`, `{ '#cdata': [{ '#text': raw }] }`, `{ '#comment': [{ '#text': body }] }`;
+// processing instructions are tags named `?target`.
+const TEXT = '#text';
+const CDATA = '#cdata';
+const COMMENT = '#comment';
+const ATTRS = ':@';
 
-  const misc = () => {
-    // comments, PIs and whitespace outside the root element
-    for (;;) {
-      while (i < src.length && /\s/.test(src[i])) i++;
-      if (src.startsWith('<!--', i)) skipComment();
-      else if (src.startsWith('<?', i)) skipPi();
-      else return;
-    }
-  };
-  const skipComment = () => {
-    const end = src.indexOf('-->', i + 4);
-    if (end < 0) throw bad(i, 'unterminated comment');
-    if (src.slice(i + 4, end).includes('--')) throw bad(i, "'--' inside comment");
-    i = end + 3;
-  };
-  const skipPi = () => {
-    const end = src.indexOf('?>', i + 2);
-    if (end < 0) throw bad(i, 'unterminated processing instruction');
-    const target = /^[A-Za-z_][\w.-]*/.exec(src.slice(i + 2))?.[0];
-    if (!target) throw bad(i, 'processing instruction without a target');
-    if (target.toLowerCase() === 'xml' && i !== 0 && !(i === 1 && src.charCodeAt(0) === 0xfeff)) throw bad(i, 'XML declaration not at the start');
-    i = end + 2;
-  };
+type OrderedNode = Record<string, unknown>;
 
-  if (src.startsWith('<?xml', i)) skipPi();
-  misc();
-  if (src.startsWith('<!DOCTYPE', i)) throw bad(i, 'DTDs are not accepted');
+/** The parser's entity decoder: never asked to decode (entity processing is off); refuses any DOCTYPE. */
+const noDtd: EntityDecoderOptions = {
+  setExternalEntities: () => {},
+  addInputEntities: () => {
+    throw bad('DTDs are not accepted');
+  },
+  reset: () => {},
+  decode: (text) => text,
+  setXmlVersion: () => {},
+};
 
-  for (;;) {
-    if (i >= src.length) break;
-    if (src[i] !== '<') {
-      const next = src.indexOf('<', i);
-      const end = next < 0 ? src.length : next;
-      const text = src.slice(i, end);
-      if (stack.length === 0) {
-        if (text.trim()) throw bad(i, 'text outside the root element');
-      } else {
-        if (text.includes(']]>')) throw bad(i, "']]>' in text");
-        stack[stack.length - 1].text += decodeRefs(text, i);
-      }
-      i = end;
-      continue;
-    }
-    if (src.startsWith('<!--', i)) {
-      skipComment();
-      continue;
-    }
-    if (src.startsWith('<?', i)) {
-      skipPi();
-      continue;
-    }
-    if (src.startsWith('<![CDATA[', i)) {
-      if (stack.length === 0) throw bad(i, 'CDATA outside the root element');
-      const end = src.indexOf(']]>', i);
-      if (end < 0) throw bad(i, 'unterminated CDATA');
-      stack[stack.length - 1].text += src.slice(i + 9, end);
-      i = end + 3;
-      continue;
-    }
-    if (src.startsWith('<!', i)) throw bad(i, 'declarations are not accepted');
-    if (src[i + 1] === '/') {
-      const m = NAME.exec(src.slice(i + 2));
-      if (!m) throw bad(i, 'bad end tag');
-      const open = stack.pop();
-      if (!open || open.name !== m[0]) throw bad(i, `end tag </${m[0]}> does not match <${open?.name ?? ''}>`);
-      i += 2 + m[0].length;
-      while (/\s/.test(src[i] ?? '')) i++;
-      if (src[i] !== '>') throw bad(i, 'bad end tag');
-      i++;
-      if (stack.length === 0) {
-        misc();
-        if (i < src.length) throw bad(i, 'content after the root element');
-        break;
-      }
-      continue;
-    }
-    // start tag
-    if (stack.length === 0 && root) throw bad(i, 'second root element');
-    const m = NAME.exec(src.slice(i + 1));
-    if (!m) throw bad(i, 'bad start tag');
-    const el: Raw = { name: m[0], attrs: [], children: [], text: '' };
-    i += 1 + m[0].length;
-    for (;;) {
-      const ws = /^\s*/.exec(src.slice(i))![0].length;
-      i += ws;
-      if (src.startsWith('/>', i) || src[i] === '>') break;
-      if (!ws) throw bad(i, 'attributes must be separated by whitespace');
-      const an = NAME.exec(src.slice(i));
-      if (!an) throw bad(i, 'bad attribute name');
-      i += an[0].length;
-      while (/\s/.test(src[i] ?? '')) i++;
-      if (src[i] !== '=') throw bad(i, 'attribute without a value');
-      i++;
-      while (/\s/.test(src[i] ?? '')) i++;
-      const q = src[i];
-      if (q !== '"' && q !== "'") throw bad(i, 'unquoted attribute value');
-      const end = src.indexOf(q, i + 1);
-      if (end < 0) throw bad(i, 'unterminated attribute value');
-      if (el.attrs.some(([k]) => k === an[0])) throw bad(i, `duplicate attribute ${an[0]}`);
-      el.attrs.push([an[0], decodeRefs(src.slice(i + 1, end), i).replace(/[\t\n\r]/g, ' ')]);
-      i = end + 1;
-    }
-    if (i >= src.length) throw bad(i, 'unterminated start tag');
-    const selfClosing = src[i] === '/';
-    i += selfClosing ? 2 : 1;
-    if (stack.length) stack[stack.length - 1].children.push(el);
-    else root = el;
-    if (!selfClosing) stack.push(el);
-    else if (stack.length === 0) {
-      misc();
-      if (i < src.length) throw bad(i, 'content after the root element');
-      break;
+const parser = new XMLParser({
+  preserveOrder: true,
+  ignoreAttributes: false,
+  attributeNamePrefix: '',
+  textNodeName: TEXT,
+  cdataPropName: CDATA,
+  commentPropName: COMMENT,
+  parseTagValue: false,
+  parseAttributeValue: false,
+  trimValues: false,
+  allowBooleanAttributes: false,
+  processEntities: false,
+  htmlEntities: false,
+  entityDecoder: noDtd,
+  ignoreDeclaration: false,
+  ignorePiTags: false,
+  removeNSPrefix: false,
+});
+
+/** The node's tag (or `#text`, `#cdata`, `#comment`, `?target`). */
+function nodeName(n: OrderedNode): string {
+  return Object.keys(n).find((k) => k !== ATTRS) ?? '';
+}
+
+/** The text inside a `#cdata` or `#comment` node. */
+function innerText(n: OrderedNode, key: string): string {
+  return ((n[key] as OrderedNode[])[0]?.[TEXT] as string | undefined) ?? '';
+}
+
+/** Checks a comment or processing instruction; `atStart` when it opens the document. */
+function checkMisc(n: OrderedNode, name: string, atStart: boolean): void {
+  if (name === COMMENT) {
+    if (innerText(n, COMMENT).includes('--')) throw bad("'--' inside comment");
+  } else if (name.slice(1).toLowerCase() === 'xml' && !atStart) {
+    throw bad('XML declaration not at the start');
+  }
+}
+
+function toRaw(n: OrderedNode, name: string): Raw {
+  const attrs = Object.entries((n[ATTRS] as Record<string, string> | undefined) ?? {}).map(([k, v]): [string, string] => [k, decodeRefs(String(v)).replace(/[\t\n\r]/g, ' ')]);
+  const el: Raw = { name, attrs, children: [], text: '' };
+  for (const c of n[name] as OrderedNode[]) {
+    const cn = nodeName(c);
+    if (cn === TEXT) {
+      const text = String(c[TEXT]);
+      if (text.includes(']]>')) throw bad("']]>' in text");
+      el.text += decodeRefs(text);
+    } else if (cn === CDATA) {
+      el.text += innerText(c, CDATA);
+    } else if (cn === COMMENT || cn.startsWith('?')) {
+      checkMisc(c, cn, false);
+    } else {
+      // The library reads `<!ELEMENT …>` and the like inside an element as a tag named `!ELEMENT`.
+      if (cn.startsWith('!')) throw bad('declarations are not accepted');
+      el.children.push(toRaw(c, cn));
     }
   }
-  if (stack.length) throw bad(i, `unclosed element <${stack[stack.length - 1].name}>`);
-  if (!root) throw bad(0, 'no root element');
+  return el;
+}
+
+/** Parses a whole document and returns its root element with namespaces resolved. */
+export function parseXml(src: string): XmlElement {
+  const doc = src.charCodeAt(0) === 0xfeff ? src.slice(1) : src;
+  // The library drops text after the last tag; a well-formed document ends with '>'.
+  if (!/>\s*$/.test(doc)) throw bad('content after the root element');
+  const valid = XMLValidator.validate(doc);
+  if (valid !== true) throw scError('SC_ERR_BAD_CONFIG', `malformed XML at line ${valid.err.line}, column ${valid.err.col}: ${valid.err.msg}`);
+  let nodes: OrderedNode[];
+  try {
+    nodes = parser.parse(doc) as OrderedNode[];
+  } catch (err) {
+    if (isScError(err)) throw err;
+    throw bad((err as Error)?.message ?? String(err));
+  }
+  let root: Raw | null = null;
+  for (const [k, n] of nodes.entries()) {
+    const name = nodeName(n);
+    if (name === TEXT) {
+      if (String(n[TEXT]).trim()) throw bad('text outside the root element');
+    } else if (name === CDATA) {
+      throw bad('CDATA outside the root element');
+    } else if (name === COMMENT || name.startsWith('?')) {
+      checkMisc(n, name, k === 0);
+    } else {
+      if (name.startsWith('!')) throw bad('declarations are not accepted');
+      if (root) throw bad('second root element');
+      root = toRaw(n, name);
+    }
+  }
+  if (!root) throw bad('no root element');
   return resolve(root, { xml: XML_NS });
 }
 
@@ -193,7 +197,7 @@ function resolve(el: Raw, scope: Record<string, string>): XmlElement {
   for (const [k, v] of el.attrs) {
     if (k === 'xmlns') s[''] = v;
     else if (k.startsWith('xmlns:')) {
-      if (!v) throw bad(0, `empty namespace for prefix ${k.slice(6)}`);
+      if (!v) throw bad(`empty namespace for prefix ${k.slice(6)}`);
       s[k.slice(6)] = v;
     }
   }
@@ -202,7 +206,7 @@ function resolve(el: Raw, scope: Record<string, string>): XmlElement {
     if (c < 0) return [isAttr ? '' : (s[''] ?? ''), q];
     const prefix = q.slice(0, c);
     const uri = s[prefix];
-    if (uri === undefined) throw bad(0, `undeclared namespace prefix ${prefix}`);
+    if (uri === undefined) throw bad(`undeclared namespace prefix ${prefix}`);
     return [uri, q.slice(c + 1)];
   };
   const [ns, local] = split(el.name, false);
@@ -211,7 +215,7 @@ function resolve(el: Raw, scope: Record<string, string>): XmlElement {
     if (k === 'xmlns' || k.startsWith('xmlns:')) continue;
     const [u, l] = split(k, true);
     const key = u ? `{${u}}${l}` : l;
-    if (key in attrs) throw bad(0, `duplicate attribute ${key}`);
+    if (key in attrs) throw bad(`duplicate attribute ${key}`);
     attrs[key] = v;
   }
   return { name: el.name, local, ns, attrs, text: el.text, children: el.children.map((c) => resolve(c, s)) };

@@ -1,0 +1,250 @@
+/**
+ * Writing extracted entries to disk, inside a target the guard (tar-guard.ts) has cleared:
+ * files, directories, and the fixups applied once the stream has ended.
+ *
+ * Nothing is ever written through a link: files are created with O_EXCL|O_NOFOLLOW after
+ * whatever was at their path is removed, so an existing hardlink to a file elsewhere is never
+ * written into either.
+ *
+ * What is created: files (with holes where the content has 4 KiB blocks of zeros, so sparse
+ * files stay sparse), directories, symlinks, hardlinks and FIFOs (`mkfifo`, batched), with
+ * exact modes whatever the umask, owners by number (as root), mtimes and extended attributes
+ * (set last, after chown, which would clear `security.capability`). Character and block
+ * devices are skipped and counted: a booted system gets /dev from devtmpfs, and a device
+ * node in the target would give raw access to this host's devices to whoever may open it
+ * there. GNU sparse entries (`tar -S`) are refused with SC_ERR_BAD_ARCHIVE.
+ */
+import { execFile } from 'node:child_process';
+import type { Stats } from 'node:fs';
+import { constants as fsConstants } from 'node:fs';
+import { chmod, type FileHandle, lchown, link, lstat, lutimes, mkdir, open, rmdir, symlink, unlink, utimes } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import { promisify } from 'node:util';
+import { scError } from '../errors.js';
+import type { EntryMeta } from './tar-entry.js';
+import { type EntryGuard, LinkWalker } from './tar-guard.js';
+import { writeXattrs } from './xattr.js';
+
+/** Work left for after the stream: the final state wanted at one path. */
+export type Fixup =
+  | { kind: 'dir'; mode: number; mtime: Date }
+  | { kind: 'symlink'; target: string; mtime: Date; uid: number; gid: number; xattrs: [string, Buffer][] }
+  | { kind: 'hardlink'; target: string }
+  | { kind: 'fifo'; mode: number; mtime: Date; uid: number; gid: number; xattrs: [string, Buffer][] };
+
+const ZERO_BLOCK = Buffer.alloc(4096);
+
+function isZero(buf: Buffer, start: number, end: number): boolean {
+  return buf.subarray(start, end).equals(end - start === ZERO_BLOCK.length ? ZERO_BLOCK : ZERO_BLOCK.subarray(0, end - start));
+}
+
+/** Writes `chunk` at `pos`, leaving holes for 4 KiB-aligned blocks of zeros. */
+async function writeSparse(fh: FileHandle, chunk: Buffer, pos: number): Promise<void> {
+  const n = chunk.length;
+  const B = ZERO_BLOCK.length;
+  let i = 0;
+  while (i < n) {
+    const end = Math.min(n, i + (B - ((pos + i) % B)));
+    if (isZero(chunk, i, end)) {
+      i = end;
+      continue;
+    }
+    let j = end;
+    while (j < n) {
+      const e = Math.min(n, j + B);
+      if (isZero(chunk, j, e)) break;
+      j = e;
+    }
+    let off = i;
+    while (off < j) {
+      const { bytesWritten } = await fh.write(chunk, off, j - off, pos + off);
+      off += bytesWritten;
+    }
+    i = j;
+  }
+}
+
+/** Removes whatever is at `abs` (an empty directory too); missing is fine. */
+export async function clearPath(abs: string, rel: string, dirs?: DirCache): Promise<void> {
+  let st: Stats;
+  try {
+    st = await lstat(abs);
+  } catch {
+    return;
+  }
+  try {
+    if (st.isDirectory()) {
+      dirs?.forget(abs);
+      await rmdir(abs);
+    } else await unlink(abs);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOTEMPTY' || code === 'EEXIST') throw scError('SC_ERR_BAD_ARCHIVE', `${rel} would replace a non-empty directory`, { path: rel });
+    throw err;
+  }
+}
+
+const execFileP = promisify(execFile);
+
+/** Creates FIFOs with `mkfifo` (Node has no mkfifo), many per process, argv only. */
+async function makeFifos(paths: string[]): Promise<void> {
+  for (let i = 0; i < paths.length; i += 256) {
+    try {
+      await execFileP('mkfifo', ['--', ...paths.slice(i, i + 256)]);
+    } catch (err) {
+      const e = err as { stderr?: string; message: string };
+      throw scError('SC_ERR_INTERNAL', `mkfifo failed: ${(e.stderr || e.message).trim().slice(0, 300)}`, undefined, err);
+    }
+  }
+}
+
+/**
+ * Applies what waits for the end of the stream: symlinks (checked once more against the final
+ * set of links), hardlinks to them, FIFOs, then directory modes and mtimes (last, since creating
+ * entries changes a directory's mtime and a 0555 directory must stay writable until then).
+ */
+export async function applyFixups(root: string, fixups: Map<string, Fixup>, guard: EntryGuard, asRoot: boolean, dirs: DirCache): Promise<void> {
+  const abs = (rel: string) => (rel ? join(root, rel) : root);
+  const batch = async <T>(items: T[], fn: (x: T) => Promise<void>) => {
+    for (let i = 0; i < items.length; i += 32) await Promise.all(items.slice(i, i + 32).map(fn));
+  };
+  const all = [...fixups];
+  // The final links: what the tree will hold once they are made.
+  const finalLinks = new Map<string, string>();
+  for (const [rel, f] of all) if (f.kind === 'symlink') finalLinks.set(rel, f.target);
+  for (const [rel, f] of all) {
+    if (f.kind !== 'hardlink') continue;
+    const t = finalLinks.get(f.target);
+    if (t !== undefined) finalLinks.set(rel, t);
+  }
+  const final = new LinkWalker((p) => (fixups.has(p) ? finalLinks.get(p) : guard.diskLink(p)));
+  for (const [rel, target] of finalLinks) guard.checkLinkTarget(rel, target, rel, final);
+
+  await batch(all, async ([rel, f]) => {
+    if (f.kind !== 'symlink') return;
+    const p = abs(rel);
+    await dirs.ensureParent(p);
+    await clearPath(p, rel, dirs);
+    await symlink(f.target, p);
+    if (asRoot) await lchown(p, f.uid, f.gid);
+    await writeXattrs(p, f.xattrs, rel);
+    await lutimes(p, f.mtime, f.mtime);
+  });
+  for (const [rel, f] of all) {
+    if (f.kind !== 'hardlink') continue;
+    await clearPath(abs(rel), rel, dirs);
+    await link(abs(f.target), abs(rel));
+  }
+  const fifos = all.filter(([, f]) => f.kind === 'fifo') as [string, Extract<Fixup, { kind: 'fifo' }>][];
+  if (fifos.length) {
+    for (const [rel] of fifos) {
+      await dirs.ensureParent(abs(rel));
+      await clearPath(abs(rel), rel, dirs);
+    }
+    await makeFifos(fifos.map(([rel]) => abs(rel)));
+    await batch(fifos, async ([rel, f]) => {
+      const p = abs(rel);
+      if (asRoot) await lchown(p, f.uid, f.gid);
+      await chmod(p, f.mode);
+      await writeXattrs(p, f.xattrs, rel);
+      await utimes(p, f.mtime, f.mtime);
+    });
+  }
+  await batch(all, async ([rel, f]) => {
+    if (f.kind !== 'dir') return;
+    await chmod(abs(rel), f.mode);
+    await utimes(abs(rel), f.mtime, f.mtime);
+  });
+}
+
+/**
+ * Writes one regular file's content into a fresh file (never through a link, never into an
+ * existing inode) and returns its finisher: owner, mode, mtime, then extended attributes (after
+ * chown, which clears security.capability). The finisher may run while later entries are
+ * written.
+ */
+export async function writeFileContent(root: string, rel: string, meta: EntryMeta, content: AsyncIterable<Buffer>, asRoot: boolean, dirs: DirCache): Promise<() => Promise<void>> {
+  const p = join(root, rel);
+  await dirs.ensureParent(p);
+  const flags = fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW;
+  let fh: FileHandle;
+  try {
+    fh = await open(p, flags, 0o600);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    await clearPath(p, rel, dirs);
+    fh = await open(p, flags, 0o600);
+  }
+  let pos = 0;
+  try {
+    for await (const chunk of content) {
+      await writeSparse(fh, chunk, pos);
+      pos += chunk.length;
+    }
+    if (pos !== meta.size) throw scError('SC_ERR_BAD_ARCHIVE', `${rel}: ${pos} bytes of content, ${meta.size} declared`, { path: rel });
+  } catch (err) {
+    await fh.close();
+    throw err;
+  }
+  return async () => {
+    try {
+      // Holes at the end: the size comes from truncate.
+      await fh.truncate(pos);
+      // chown first: it clears setuid/setgid and security.capability.
+      if (asRoot) await fh.chown(meta.uid, meta.gid);
+      await fh.chmod(meta.mode);
+      await fh.utimes(meta.mtime, meta.mtime);
+    } finally {
+      await fh.close();
+    }
+    await writeXattrs(p, meta.xattrs, rel);
+  };
+}
+
+/** Directories known to exist under the root, so each parent is created (or checked) once. */
+export class DirCache {
+  readonly #root: string;
+  readonly #known = new Set<string>();
+
+  constructor(root: string) {
+    this.#root = root;
+  }
+
+  /** Ensures the parent directory of `abs` exists (the guard has checked it has no symlink). */
+  async ensureParent(abs: string): Promise<void> {
+    const parent = dirname(abs);
+    if (parent.length <= this.#root.length || this.#known.has(parent)) return;
+    await mkdir(parent, { recursive: true, mode: 0o755 });
+    this.#known.add(parent);
+  }
+
+  /** Records that the directory `abs` exists. */
+  add(abs: string): void {
+    this.#known.add(abs);
+  }
+
+  /** Forgets `abs` (and what is below it): it is about to be replaced. */
+  forget(abs: string): void {
+    for (const d of this.#known) if (d === abs || d.startsWith(`${abs}/`)) this.#known.delete(d);
+  }
+}
+
+/** Creates (or keeps) a directory; owner and xattrs now, mode and mtime in the fixups. */
+export async function makeDir(root: string, rel: string, meta: EntryMeta, asRoot: boolean, dirs: DirCache): Promise<void> {
+  const p = rel ? join(root, rel) : root;
+  if (rel) {
+    await dirs.ensureParent(p);
+    try {
+      await mkdir(p, { mode: 0o700 });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      if (!(await lstat(p)).isDirectory()) {
+        await clearPath(p, rel, dirs);
+        await mkdir(p, { mode: 0o700 });
+      }
+    }
+    dirs.add(p);
+  }
+  if (asRoot) await lchown(p, meta.uid, meta.gid);
+  await writeXattrs(p, meta.xattrs, rel || '.');
+}
