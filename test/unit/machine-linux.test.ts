@@ -139,7 +139,8 @@ describe('plans for a two-disk machine', () => {
     assert.deepEqual(efiLoaderPath('disk2p1'), 'EFI/stagecoach/disk2p1.efi');
     assert.deepEqual(planEfiLoader('/esp/EFI/stagecoach/disk2p1.efi', '/esp/EFI/stagecoach/disk2p1.cfg'), [
       ['mkdir', '-p', '/esp/EFI/stagecoach'],
-      ['grub-mkstandalone', '--format=x86_64-efi', '--output=/esp/EFI/stagecoach/disk2p1.efi', '--locales=', '--fonts=', '--themes=', 'boot/grub/grub.cfg=/esp/EFI/stagecoach/disk2p1.cfg'],
+      ['grub-mkstandalone', '--format=x86_64-efi', '--output=/esp/EFI/stagecoach/disk2p1.efi.new', '--locales=', '--fonts=', '--themes=', 'boot/grub/grub.cfg=/esp/EFI/stagecoach/disk2p1.cfg'],
+      ['mv', '/esp/EFI/stagecoach/disk2p1.efi.new', '/esp/EFI/stagecoach/disk2p1.efi'],
     ]);
     assert.deepEqual(planEfiEntry({ espDisk: '/dev/sdb', espPart: 3, label: 'stagecoach disk2p1', loader: 'EFI/stagecoach/disk2p1.efi' }), [
       ['efibootmgr', '--create-only', '--disk', '/dev/sdb', '--part', '3', '--label', 'stagecoach disk2p1', '--loader', '\\EFI\\stagecoach\\disk2p1.efi'],
@@ -401,11 +402,18 @@ describe('LinuxMachine, UEFI, at the point of no return', () => {
     );
     assert.deepEqual(efi.at(-1), ['efibootmgr', '--bootorder', '0004,0002,0003'], 'stagecoach first, without the deleted entry');
     const esp = join(tmp, 'esp');
+    const fs = ran.filter((x) => ['cp', 'mv', 'sync', 'grub-mkstandalone'].includes(x[0]));
     assert.deepEqual(
-      ran.find((x) => x[0] === 'cp'),
-      ['cp', `${esp}/EFI/stagecoach/disk2p1.efi`, `${esp}/EFI/BOOT/BOOTX64.EFI`],
-      "the default's loader at the removable-media path, for a firmware that loses its entries",
+      fs.slice(-3),
+      [
+        ['cp', `${esp}/EFI/stagecoach/disk2p1.efi`, `${esp}/EFI/BOOT/BOOTX64.EFI.new`],
+        ['mv', `${esp}/EFI/BOOT/BOOTX64.EFI.new`, `${esp}/EFI/BOOT/BOOTX64.EFI`],
+        ['sync', '-f', `${esp}/EFI/stagecoach/disk2p1.efi`],
+      ],
+      "the default's loader at the removable-media path (for a firmware that loses its entries), renamed into place and synced",
     );
+    const built = fs.findIndex((x) => x[0] === 'grub-mkstandalone');
+    assert.deepEqual(fs.slice(built, built + 3).map((x) => x[0]), ['grub-mkstandalone', 'mv', 'mv'], 'the loader is built beside its place, renamed, then its config');
     ran.length = 0;
     await m.setDefault('disk2p1');
     assert.equal(ran.filter((x) => x.includes('--delete-bootnum')).length, 0, 'nothing left to delete the second time');

@@ -173,9 +173,11 @@ export const EFI_FALLBACK_PATH = 'EFI/BOOT/BOOTX64.EFI';
 
 /** UEFI: `loader` (a path on the mounted ESP `espDir`) copied to the ESP's removable-media path. */
 export function planEfiFallback(espDir: string, loader: string): string[][] {
+  const to = `${espDir}/${EFI_FALLBACK_PATH}`;
   return [
     ['mkdir', '-p', `${espDir}/EFI/BOOT`],
-    ['cp', loader, `${espDir}/${EFI_FALLBACK_PATH}`],
+    ['cp', loader, `${to}.new`],
+    ['mv', `${to}.new`, to],
   ];
 }
 
@@ -194,11 +196,16 @@ export function planLoaderInstall(bootDir: string, diskPaths: string[]): string[
   return diskPaths.map((d) => ['grub-install', '--target=i386-pc', `--boot-directory=${bootDir}`, d]);
 }
 
-/** UEFI: a standalone GRUB EFI binary at `out` whose embedded grub.cfg is the file `cfgFile`. */
+/**
+ * UEFI: a standalone GRUB EFI binary at `out` whose embedded grub.cfg is the file `cfgFile`,
+ * built beside it and renamed into place, so a power cut leaves the old loader or the new one,
+ * never half of one.
+ */
 export function planEfiLoader(out: string, cfgFile: string): string[][] {
   return [
     ['mkdir', '-p', out.slice(0, out.lastIndexOf('/'))],
-    ['grub-mkstandalone', '--format=x86_64-efi', `--output=${out}`, '--locales=', '--fonts=', '--themes=', `boot/grub/grub.cfg=${cfgFile}`],
+    ['grub-mkstandalone', '--format=x86_64-efi', `--output=${out}.new`, '--locales=', '--fonts=', '--themes=', `boot/grub/grub.cfg=${cfgFile}`],
+    ['mv', `${out}.new`, out],
   ];
 }
 

@@ -164,10 +164,21 @@ export class LinuxBootLoader {
     const esp = await this.#esp();
     const cfg = join(esp.dir, `EFI/stagecoach/${device}.cfg`);
     const loader = join(esp.dir, efiLoaderPath(device));
-    await this.#runAll([['mkdir', '-p', join(esp.dir, 'EFI/stagecoach')]]);
-    await this.#m.runner.writeFile(cfg, efiLoaderConfig(await this.#bootRoot(device), this.#m.kernelArgs), 0o644);
-    await this.#runAll(planEfiLoader(loader, cfg));
+    const text = efiLoaderConfig(await this.#bootRoot(device), this.#m.kernelArgs);
+    // The ESP is FAT: no journal. A loader is rebuilt only when its config changed (the .cfg
+    // beside it is what it embeds, renamed into place after it), each file is written beside its
+    // place and renamed, and the ESP is synced before anything depends on it: a power cut at any
+    // point leaves a loader that boots (the old one or the new one).
+    const current = this.#m.runner.dryRun ? null : await fsp.readFile(cfg, 'utf8').catch(() => null);
+    const built = current === text && (await fsp.stat(loader).then((s) => s.size > 0, () => false));
+    if (!built) {
+      await this.#runAll([['mkdir', '-p', join(esp.dir, 'EFI/stagecoach')]]);
+      await this.#m.runner.writeFile(`${cfg}.new`, text, 0o644);
+      await this.#runAll(planEfiLoader(loader, `${cfg}.new`));
+      await this.#runAll([['mv', `${cfg}.new`, cfg]]);
+    }
     if (fallback) await this.#runAll(planEfiFallback(esp.dir, loader));
+    if (!built || fallback) await this.#runAll([['sync', '-f', loader]]);
     const found = (await this.#efi()).entries.find((e) => e.label === label);
     if (found) return found.num;
     await this.#runAll(planEfiEntry({ espDisk: esp.disk, espPart: esp.part, label, loader: efiLoaderPath(device) }));
@@ -188,6 +199,7 @@ export class LinuxBootLoader {
     if (l && env.stagecoach_loader === '1') {
       await this.#writeLoaderConfig(l, env.stagecoach_rescue ?? null);
       await this.#runAll(planEditEnv(l.env, { next_entry: grubEntryId(device) }, false));
+      await this.#runAll([['sync', '-f', l.env]]);
       return;
     }
     // Before the point of no return: the running OS's own GRUB boots the entry once.
@@ -210,6 +222,7 @@ export class LinuxBootLoader {
     await this.#runAll(planLoaderInstall(l.bootDir, Object.keys(this.#m.disks).sort().map((d) => this.#m.diskPath(d))));
     const exists = !!(await fsp.stat(l.env).catch(() => null));
     await this.#runAll(planEditEnv(l.env, { saved_entry: grubEntryId(device), stagecoach_loader: '1' }, !exists && !this.#m.runner.dryRun));
+    await this.#runAll([['sync', '-f', l.env]]);
   }
 
   async setRescueEntry(device: string): Promise<void> {
@@ -224,6 +237,7 @@ export class LinuxBootLoader {
     const exists = !!(await fsp.stat(l.env).catch(() => null));
     await this.#writeLoaderConfig(l, device);
     await this.#runAll(planEditEnv(l.env, { stagecoach_rescue: device }, !exists && !this.#m.runner.dryRun));
+    await this.#runAll([['sync', '-f', l.env]]);
   }
 
   async bootConfig(): Promise<BootConfig> {
