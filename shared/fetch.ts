@@ -2,8 +2,8 @@
  * Host-side fetching over the read API (ARCHITECTURE.md, "HTTP read API"), used by the CLI
  * (`stagecoach get`) and by the agent's fetch step:
  *
- * - `probeSources`: which stages answer /healthz, fastest first;
- * - `selectSources`: the candidate list (healthy stages by RTT, then unhealthy ones, then origin);
+ * - `probeSources`, `selectSources` (shared/fetch-sources.ts, re-exported): which stages answer
+ *   /healthz and the candidate order (healthy stages by RTT, then degraded, then unhealthy, then origin);
  * - `fetchManifest`: the first manifest that parses and verifies against the trusted keys;
  * - `fetchBlob`: a resumable, multi-source, digest-verified download into a file.
  *
@@ -21,6 +21,7 @@ import { type Digest, digestFile, parseDigest } from './digest.js';
 import { type ErrorCode, fromErrorBody, isScError, ScError, scError, toScError } from './errors.js';
 import { type Manifest, manifestDigest, parseManifest, verifyManifest } from './manifest.js';
 import { parseName, parseVersion } from './names.js';
+import { checkSource, describeError as describe, normalizeAll, normalizeSource, withOrigin } from './fetch-sources.js';
 import { gotTls, tlsError } from './tls.js';
 
 /** Largest manifest or error body read from a source, in bytes. */
@@ -29,141 +30,18 @@ const MAX_SMALL_BODY = 1 << 20;
 const WRITE_BATCH = 1 << 20;
 
 // ---------------------------------------------------------------------------------------------
-// Sources
+// Sources: shared/fetch-sources.ts (probing and ranking), re-exported here for callers.
 
-/**
- * Validates and normalises a source base URL: http or https, no query or fragment, no trailing
- * slash. Throws SC_ERR_BAD_CONFIG.
- */
-export function normalizeSource(url: string): string {
-  let u: URL;
-  try {
-    u = new URL(url);
-  } catch {
-    throw scError('SC_ERR_BAD_CONFIG', `not a URL: ${JSON.stringify(String(url).slice(0, 200))}`);
-  }
-  if (u.protocol !== 'http:' && u.protocol !== 'https:') throw scError('SC_ERR_BAD_CONFIG', `source must be http(s): ${u.protocol}`);
-  if (u.search || u.hash) throw scError('SC_ERR_BAD_CONFIG', `source URL must not have a query or fragment: ${url.slice(0, 200)}`);
-  return u.href.replace(/\/+$/, '');
-}
-
-function normalizeAll(urls: readonly string[]): string[] {
-  return [...new Set(urls.map(normalizeSource))];
-}
-
-/** The outcome of probing one source. */
-export interface ProbeResult {
-  /** The normalised source URL. */
-  url: string;
-  /** Milliseconds from request to complete /healthz answer (or to the failure). */
-  rttMs: number;
-  /** True when /healthz answered 2xx with `{"ok":true}`. */
-  healthy: boolean;
-  /** False when nothing answered at all (refused, reset, timed out). */
-  reachable: boolean;
-  /** True when the source accepted the connection or simply did not answer in time (as opposed to refusing it): busy, not known to be down. */
-  slow?: boolean;
-  /** HTTP status when the source answered. */
-  status?: number;
-  /** Why the source is not healthy. */
-  error?: string;
-}
-
-/** Options for probing. */
-export interface ProbeOptions {
-  /** Per-source deadline for the whole /healthz exchange, in ms (default 2000). */
-  timeoutMs?: number;
-  signal?: AbortSignal;
-  /** Clock in ms (default performance.now); injectable for tests. */
-  now?: () => number;
-}
-
-/**
- * GETs /healthz on every URL in parallel. Returns one result per distinct URL: healthy ones
- * sorted by RTT, then those that answered but are unhealthy (by RTT; still usable as last
- * resorts), then unreachable ones in the given order. Never throws for a failing source;
- * throws SC_ERR_BAD_CONFIG for a malformed URL.
- */
-export async function probeSources(urls: readonly string[], opts: ProbeOptions = {}): Promise<ProbeResult[]> {
-  const timeoutMs = opts.timeoutMs ?? 2000;
-  const now = opts.now ?? (() => performance.now());
-  const list = normalizeAll(urls);
-  const results = await Promise.all(
-    list.map(async (url): Promise<ProbeResult> => {
-      const t0 = now();
-      try {
-        const res = await got(`${url}/healthz`, { ...gotTls(),
-          timeout: { request: timeoutMs },
-          retry: { limit: 0 },
-          throwHttpErrors: false,
-          followRedirect: false,
-          responseType: 'text',
-          signal: opts.signal,
-        });
-        const rttMs = now() - t0;
-        let ok = false;
-        try {
-          ok = (JSON.parse(res.body) as { ok?: unknown })?.ok === true;
-        } catch {
-          ok = false;
-        }
-        const healthy = res.statusCode >= 200 && res.statusCode < 300 && ok;
-        return { url, rttMs, healthy, reachable: true, status: res.statusCode, ...(healthy ? {} : { error: `HTTP ${res.statusCode}` }) };
-      } catch (err) {
-        const slow = (err as { code?: string })?.code === 'ETIMEDOUT';
-        return { url, rttMs: now() - t0, healthy: false, reachable: false, ...(slow ? { slow } : {}), error: describe(err) };
-      }
-    }),
-  );
-  const rank = (r: ProbeResult) => (r.healthy ? 0 : r.reachable ? 1 : 2);
-  return results
-    .map((r, i) => ({ r, i }))
-    .sort((a, b) => rank(a.r) - rank(b.r) || (rank(a.r) < 2 ? a.r.rttMs - b.r.rttMs : 0) || a.i - b.i)
-    .map((x) => x.r);
-}
-
-/** Options for choosing sources. */
-export interface SelectOptions extends ProbeOptions {
-  /** The origin URL: always the last candidate, never probed. */
-  origin?: string;
-}
-
-/** The candidates chosen by selectSources. */
-export interface SelectedSources {
-  /** Manifest candidates: `stages`, then origin. */
-  sources: string[];
-  /** The stages worth trying, best first (no origin): the blob candidates before the last resort. */
-  stages: string[];
-  /** The normalised origin, when one was given. */
-  origin?: string;
-  probes: ProbeResult[];
-}
-
-/**
- * Probes `stages` and returns the candidate order used for manifests and blobs: healthy stages
- * fastest first, then stages that answered unhealthy, then stages that did not answer within the
- * probe timeout (busy is not down), then `origin`. Stages that refused the connection are skipped,
- * unless nothing else is left (then they are tried anyway, in the given order).
- */
-export async function selectSources(stages: readonly string[], opts: SelectOptions = {}): Promise<SelectedSources> {
-  const origin = opts.origin === undefined ? undefined : normalizeSource(opts.origin);
-  const probes = await probeSources(
-    normalizeAll(stages).filter((s) => s !== origin),
-    opts,
-  );
-  let usable = probes.filter((p) => p.reachable || p.slow).map((p) => p.url);
-  if (usable.length === 0 && !origin) usable = probes.map((p) => p.url);
-  return { sources: origin ? [...usable, origin] : usable, stages: usable, ...(origin ? { origin } : {}), probes };
-}
-
-function withOrigin(sources: readonly string[], origin?: string): string[] {
-  const list = normalizeAll(sources);
-  if (origin !== undefined) {
-    const o = normalizeSource(origin);
-    if (!list.includes(o)) list.push(o);
-  }
-  return list;
-}
+export {
+  checkSource,
+  normalizeSource,
+  type ProbeOptions,
+  type ProbeResult,
+  probeSources,
+  type SelectedSources,
+  type SelectOptions,
+  selectSources,
+} from './fetch-sources.js';
 
 // ---------------------------------------------------------------------------------------------
 // Manifests
@@ -263,9 +141,11 @@ export interface FetchBlobOptions {
   sources: readonly string[];
   /**
    * The last resort: tried only once `sources` are used up (every one failed `retries` + 1 passes
-   * in a row without progress, answered 404, or was dropped for bad bytes), or when there are
-   * none; from then on it comes first, the stages behind it. A stage that is merely slow keeps
-   * its hosts; origin serves one copy per colo, not one per host.
+   * in a row without progress, or in one pass answered 404 or could not serve (see
+   * `stallCheckMs`; a 502/503 SC_ERR_UPSTREAM, SC_ERR_NO_UPSTREAM or SC_ERR_UNAVAILABLE), or was
+   * dropped for bad bytes), or when there are none; from then on it comes first, the stages
+   * behind it. A stage that is merely slow keeps its hosts; origin serves one copy per colo, not
+   * one per host.
    */
   origin?: string;
   digest: string;
@@ -278,6 +158,16 @@ export interface FetchBlobOptions {
   signal?: AbortSignal;
   /** A source that sends nothing for this long (connect, headers or body) is abandoned, in ms. Default 30000. */
   idleTimeoutMs?: number;
+  /**
+   * After this long without a byte (connect, headers or body), the source's /healthz is checked
+   * (within `probeTimeoutMs`), then again every `stallCheckMs` while it stays silent. A source
+   * whose check fails or says `degraded` is left at once (it cannot serve now); a healthy one
+   * keeps the request until `idleTimeoutMs` (busy is not down). In ms; default 3000; 0, or not
+   * below `idleTimeoutMs`, turns the checks off.
+   */
+  stallCheckMs?: number;
+  /** Deadline of one stall check, in ms. Default 2000. */
+  probeTimeoutMs?: number;
   /** Extra passes over the candidate list after a pass that made no progress. Default 3. */
   retries?: number;
   /** Pause before the second pass, doubled on each further pass (capped at 16×), in ms. Default 500. */
@@ -332,8 +222,11 @@ interface DownloadState {
  *   `Range: bytes=<have>-` (the 206 Content-Range start and total are checked; a 200 answer means
  *   starting over from 0 with that source). After a full pass without progress it waits
  *   (backoff) and wraps around, at most `retries` times in a row. Then `origin` joins, first in
- *   the passes that follow with the stages behind it (at once when every stage answered 404 or
- *   none is left), and the count starts again.
+ *   the passes that follow with the stages behind it (at once when every stage of a pass
+ *   answered 404 or could not serve, or none is left), and the count starts again. A source that
+ *   cannot serve is left at once: an answer 502/503 with SC_ERR_UPSTREAM, SC_ERR_NO_UPSTREAM or
+ *   SC_ERR_UNAVAILABLE (a degraded stage's miss), or a silence of `stallCheckMs` after which its
+ *   /healthz fails or says degraded.
  * - sha256 is computed while writing. When the size is reached, the digest is checked: on a
  *   mismatch the partial is deleted; if one source supplied the whole file it is dropped and the
  *   download starts over from the others, else it starts over once from all of them; when
@@ -353,6 +246,8 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
   const out = resolve(opts.out);
   const partial = `${out}.partial`;
   const idleTimeoutMs = opts.idleTimeoutMs ?? 30_000;
+  const stallCheckMs = opts.stallCheckMs ?? 3000;
+  const probeTimeoutMs = opts.probeTimeoutMs ?? 2000;
   const retries = opts.retries ?? 3;
   const backoffMs = opts.backoffMs ?? 500;
   const sleep = opts.sleep ?? abortableSleep;
@@ -407,27 +302,30 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
     for (;;) {
       if (st.have < size) {
         const before = st.hwm;
-        // True while every source of this pass answered 404 (origin is then asked at once).
-        let notFoundPass = true;
+        // True while every source of this pass answered 404 or could not serve (origin is then asked at once).
+        let unservedPass = true;
+        // True once a source of this pass said it cannot serve: then origin joins even if that source had made progress before.
+        let cannotServe = false;
         for (const source of candidates) {
           if (st.have >= size) break;
           if (excluded.has(source)) continue;
           throwIfAborted(signal);
           try {
-            await pull(st, { source, digest, size, idleTimeoutMs, signal, progress });
+            await pull(st, { source, digest, size, idleTimeoutMs, stallCheckMs, probeTimeoutMs, signal, progress });
           } catch (err) {
             if (err instanceof LocalFailure) throw scError('SC_ERR_INTERNAL', `writing ${partial}: ${err.message}`, { path: partial }, err.inner);
             if (signal?.aborted) throw abortError(signal);
             const e = tlsError(err, source) ?? toScError(err);
             failures.push({ source, error: e });
-            if (e.code !== 'SC_ERR_BLOB_NOT_FOUND') notFoundPass = false;
+            if (unserved.has(err as object)) cannotServe = true;
+            else if (e.code !== 'SC_ERR_BLOB_NOT_FOUND') unservedPass = false;
             if (failures.length > 50) failures.shift();
           }
         }
         if (st.have < size) {
           idlePasses = st.hwm > before ? 0 : idlePasses + 1;
           const live = candidates.filter((c) => !excluded.has(c));
-          if ((idlePasses > retries || live.length === 0 || (notFoundPass && st.hwm === before)) && toLastResort()) {
+          if ((idlePasses > retries || live.length === 0 || (unservedPass && (st.hwm === before || cannotServe))) && toLastResort()) {
             idlePasses = 0;
             continue;
           }
@@ -518,6 +416,8 @@ interface PullArgs {
   digest: Digest;
   size: number;
   idleTimeoutMs: number;
+  stallCheckMs: number;
+  probeTimeoutMs: number;
   signal?: AbortSignal;
   /** Reports progress; `pending` is received bytes not yet written. */
   progress: (source: string, pending?: number) => void;
@@ -540,9 +440,11 @@ async function pull(st: DownloadState, a: PullArgs): Promise<void> {
     followRedirect: false,
   });
   let timer: NodeJS.Timeout | undefined;
+  const stall = watchStall(req, a);
   const arm = () => {
     clearTimeout(timer);
     timer = setTimeout(() => req.destroy(scError('SC_ERR_TIMEOUT', `${a.source}: nothing received for ${a.idleTimeoutMs} ms`)), a.idleTimeoutMs);
+    stall.activity();
   };
   // Failures surface through responseOf / the body iterator (stream.errored); this listener only
   // keeps an error emitted between two awaits from becoming an uncaught exception.
@@ -559,7 +461,9 @@ async function pull(st: DownloadState, a: PullArgs): Promise<void> {
       const body = await readBounded(req, 64 * 1024).catch(() => Buffer.alloc(0));
       if (status === 404) throw scError('SC_ERR_BLOB_NOT_FOUND', `${a.source}: blob ${a.digest} not found`);
       if (status === 416) throw scError('SC_ERR_SIZE_MISMATCH', `${a.source}: Range ${start}- not satisfiable, its blob is smaller than ${a.size} bytes`);
-      throw errorFromBody(status, body, a.source);
+      const e = errorFromBody(status, body, a.source);
+      if ((status === 502 || status === 503) && UNSERVED_CODES.has(e.code)) unserved.add(e);
+      throw e;
     }
     const etag = typeof h.etag === 'string' ? h.etag.replace(/^W\//, '') : undefined;
     if (etag !== undefined && etag !== `"${a.digest}"`) throw scError('SC_ERR_UPSTREAM', `${a.source}: ETag ${etag.slice(0, 80)} is not ${a.digest}`);
@@ -581,11 +485,69 @@ async function pull(st: DownloadState, a: PullArgs): Promise<void> {
     if (st.have < a.size && (status === 200 || (len !== undefined && st.have - start < len))) {
       throw scError('SC_ERR_UPSTREAM', `${a.source}: body ended early at byte ${st.have} of ${a.size}`);
     }
+  } catch (err) {
+    throw err instanceof LocalFailure ? err : (stall.error ?? err);
   } finally {
     clearTimeout(timer);
+    stall.stop();
     a.signal?.removeEventListener('abort', onAbort);
     if (!req.destroyed) req.destroy();
   }
+}
+
+/** Codes with which a source (a stage) says it cannot serve now: its upstreams failed or it is closing. */
+const UNSERVED_CODES: ReadonlySet<ErrorCode> = new Set(['SC_ERR_UPSTREAM', 'SC_ERR_NO_UPSTREAM', 'SC_ERR_UNAVAILABLE']);
+
+/** Errors meaning "this source cannot serve now" (not "it is slow"): fail over at once, and let origin join. */
+const unserved = new WeakSet<object>();
+
+/**
+ * The stall checks of one request (see `FetchBlobOptions.stallCheckMs`): `activity()` on every
+ * sign of life; after `stallCheckMs` without one, the source's /healthz is checked, and a failed
+ * or degraded answer destroys `req` and sets `error` (in `unserved`; got wraps what destroys it). One check at a time; an answer
+ * that arrives after new bytes is ignored. `stop()` ends it (and a check in flight).
+ */
+function watchStall(req: GotRequest, a: PullArgs): { activity(): void; stop(): void; readonly error: ScError | null } {
+  const every = a.stallCheckMs;
+  if (!(every > 0 && every < a.idleTimeoutMs)) return { activity() {}, stop() {}, error: null };
+  let error: ScError | null = null;
+  let last = performance.now();
+  let timer: NodeJS.Timeout | undefined;
+  let checking: AbortController | null = null;
+  let stopped = false;
+  const schedule = (ms: number) => {
+    timer = setTimeout(tick, ms);
+  };
+  const tick = () => {
+    const quiet = performance.now() - last;
+    if (quiet < every) return schedule(every - quiet);
+    const seen = last;
+    checking = new AbortController();
+    void checkSource(a.source, { timeoutMs: a.probeTimeoutMs, signal: checking.signal }).then((r) => {
+      checking = null;
+      if (stopped || req.destroyed) return;
+      if (last !== seen || (r.healthy && !r.degraded)) return schedule(every);
+      const why = r.degraded ? 'it reports degraded (no upstream answers)' : `its /healthz failed (${r.error ?? 'unhealthy'})`;
+      const e = scError(r.degraded ? 'SC_ERR_NO_UPSTREAM' : 'SC_ERR_UNAVAILABLE', `${a.source}: nothing received for ${Math.round(performance.now() - seen)} ms and ${why}`);
+      unserved.add(e);
+      error = e;
+      req.destroy(e);
+    });
+  };
+  schedule(every);
+  return {
+    activity() {
+      last = performance.now();
+    },
+    stop() {
+      stopped = true;
+      clearTimeout(timer);
+      checking?.abort();
+    },
+    get error() {
+      return error;
+    },
+  };
 }
 
 /**
@@ -736,11 +698,6 @@ function errorFromBody(status: number, data: Buffer, source?: string): ScError {
   }
   const e = fromErrorBody(status, body);
   return source ? scError(e.code, `${source}: ${e.message}`, e.details) : e;
-}
-
-function describe(err: unknown): string {
-  const e = err as { code?: string; message?: string };
-  return e?.code && !String(e.message).includes(e.code) ? `${e.code}: ${e.message}` : String(e?.message ?? err);
 }
 
 function abortError(signal: AbortSignal): ScError {

@@ -46,6 +46,29 @@ export function createStageMetrics(r: Registry) {
     }),
     cacheMaxBytes: new Gauge({ name: 'stage_cache_max_bytes', help: 'The byte budget (--cache-size)', registers: [r] }),
     cacheEntries: new Gauge({ name: 'stage_cache_entries', help: 'Entries in the cache index', registers: [r] }),
+    upstreamUp: new Gauge({
+      name: 'stage_upstream_up',
+      help: 'Per upstream: 1 while it answers (its /healthz check or a real request), 0 once it failed upstreamDownAfter times in a row',
+      labelNames: ['upstream'] as const,
+      registers: [r],
+    }),
+    upstreamLastAnswer: new Gauge({
+      name: 'stage_upstream_last_answer_timestamp_seconds',
+      help: 'Per upstream: Unix time of its last answer (any HTTP response); 0 before the first',
+      labelNames: ['upstream'] as const,
+      registers: [r],
+    }),
+    upstreamChecks: new Counter({
+      name: 'stage_upstream_checks_total',
+      help: 'Background /healthz checks of upstreams, by upstream and outcome (up|down)',
+      labelNames: ['upstream', 'outcome'] as const,
+      registers: [r],
+    }),
+    degraded: new Gauge({
+      name: 'stage_degraded',
+      help: '1 while no upstream answers (cache hits are still served, misses are refused at once), else 0',
+      registers: [r],
+    }),
   };
 }
 

@@ -59,6 +59,12 @@ function stageReadSource(d: StageAppDeps): ReadSource {
         metrics.negativeHits.inc();
         throw scError('SC_ERR_BLOB_NOT_FOUND', `no blob ${digest}`);
       }
+      // Degraded (no upstream answers): a miss could only fail after the upstream timeouts, so it
+      // is refused at once and the client moves to its next source. A fill already running is
+      // still joined. Same answer as a fill that ran out of upstreams: 502 SC_ERR_UPSTREAM.
+      if (d.upstreams.degraded && !fills.inFlight(digest)) {
+        throw scError('SC_ERR_UPSTREAM', `${digest} is not cached here and no upstream answers (stage degraded)`, { reason: 'SC_ERR_NO_UPSTREAM', degraded: true });
+      }
       const { fill, joined } = fills.join(digest);
       (joined ? metrics.coalesced : metrics.misses).inc();
       try {
@@ -108,11 +114,22 @@ function stageReadSource(d: StageAppDeps): ReadSource {
       if (!Array.isArray(list)) throw scError('SC_ERR_UPSTREAM', `upstream ${r.upstream} sent a listing that is not a JSON array`);
       return list;
     },
+    /*
+     * Always HTTP 200 with `ok: true` (the process serves the read API), and `status`: `ok`, or
+     * `degraded` while no upstream answers. Degraded is not a 503 on purpose: a degraded stage
+     * still serves every cached blob and manifest, which matters most exactly when its upstreams
+     * are gone, so a status-code health check (load balancer, systemd, orchestrator) must not
+     * eject or restart it. Hosts read `status` (shared/fetch-sources.ts) and rank a degraded stage
+     * after the healthy ones. Built from state the upstream checks keep (upstreams.ts): answering
+     * costs no upstream request.
+     */
     health: () => ({
       ok: true,
+      status: d.upstreams.degraded ? 'degraded' : 'ok',
       role: 'stage',
       colo: d.colo,
       upstreams: d.upstreams.order(),
+      upstreamHealth: d.upstreams.health(),
       fillsInFlight: fills.size,
       cacheBytes: cache.bytes,
       cacheMaxBytes: cache.maxBytes,

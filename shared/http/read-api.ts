@@ -86,7 +86,11 @@ export interface ReadSource {
   getManifest(name: string, version: string): Promise<ManifestDoc>;
   /** The bundle listing: `{name, version, role, manifestDigest, publishedAt}` objects. */
   listBundles(): Promise<readonly unknown[]>;
-  /** The `/healthz` body; must include `ok: true`. */
+  /**
+   * The `/healthz` body, always answered 200; must include `ok: true` (the tier serves the read
+   * API). A stage adds `status: "ok" | "degraded"` (services/stage/server.ts), which hosts use to
+   * rank it. Must be cheap: built from state, never from an upstream request.
+   */
   health(): Record<string, unknown>;
   /** The `/metrics` answer (Prometheus text). */
   metrics(): Promise<{ contentType: string; text: string }>;
