@@ -20,7 +20,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
-import { makeFleetKeys, packBundleFile } from '../infra/fleet.js';
+import { makeFleetKeys, packBundleFile } from '../services/demo/fleet.js';
 import { OriginClient } from '../services/origin/client.js';
 import { makeSampleRootfs } from '../shared/bundle/index.js';
 import { unpackFile } from '../services/agent/unpack.js';

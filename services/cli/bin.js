@@ -25,7 +25,8 @@ function newest(dir) {
 function built() {
   try {
     const at = statSync(compiled).mtimeMs;
-    return at >= newest(join(root, 'services')) && at >= newest(join(root, 'shared')) && at >= newest(join(root, 'infra'));
+    // The compiled sources are services/ and shared/ (infra/ holds deployed files, no code).
+    return at >= newest(join(root, 'services')) && at >= newest(join(root, 'shared'));
   } catch {
     return false;
   }

@@ -27,7 +27,7 @@ import { scError } from '../../shared/errors.js';
 import { createLogger, type Logger } from '../../shared/log.js';
 import { ensureRedis, freePort } from '../../shared/redis.js';
 import { relayToken } from '../../shared/protocol/index.js';
-import { generateKeys } from '../cli/commands/keys.js';
+import { generateKeys } from '../../shared/keys.js';
 import { ControlClient } from '../control/client.js';
 import { startControl } from '../control/main.js';
 import { startOrigin } from '../origin/main.js';

@@ -16,7 +16,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it, type TestContext } from 'node:test';
 import type { Browser, Page } from 'playwright-core';
-import { fleetAgentConfig } from '../../infra/fleet.js';
+import { fleetAgentConfig } from '../../services/demo/fleet.js';
 import { simFault } from '../../services/agent/machine/sim.js';
 import { startAgent } from '../../services/agent/runtime.js';
 import { silentLogger } from '../../shared/log.js';

@@ -1,5 +1,5 @@
 /**
- * A sim fleet for tests (infra/fleet.ts in a temp dir): real origin and stages on port 0, sim
+ * A sim fleet for tests (services/demo/fleet.ts in a temp dir): real origin and stages on port 0, sim
  * machines in temp dirs, in-process agents, real Redis with a unique prefix. Adds what tests
  * need around it: a signing producer, waiting for jobs, reading reports and the sim machines,
  * and a cleanup that stops everything, deletes the prefix's keys and the temp dir.
@@ -13,7 +13,7 @@ import type { Redis } from 'ioredis';
 import { createLogger } from '../../shared/log.js';
 import { createRedis } from '../../shared/redis.js';
 import { AgentProducer, decodeReport, hostQueueName, keys, type SequenceStep, type StepReport } from '../../shared/protocol/index.js';
-import { type Fleet, type FleetOptions, startFleet } from '../../infra/fleet.js';
+import { type Fleet, type FleetOptions, startFleet } from '../../services/demo/fleet.js';
 import { SimMachine, readActionLog, type SimAction } from '../../services/agent/machine/sim.js';
 import type { MachineInspect } from '../../services/agent/machine/driver.js';
 

@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Queue, Worker } from 'bullmq';
 import { Redis } from 'ioredis';
-import { credentialUrl, generateAcl } from '../../infra/redis/acl-gen.js';
+import { credentialUrl, generateAcl } from '../../services/cli/acl-gen.js';
 import { haveRedisServer, freePort } from '../../shared/redis.js';
 import { startControlFleet } from './control-fleet-fixture.js';
 

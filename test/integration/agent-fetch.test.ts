@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { convertSequence } from '../../shared/protocol/index.js';
 import { type RunningStage, startStage } from '../../services/stage/main.js';
-import { createSimHosts, type FleetAgents, packBundleFile, startFleetAgents } from '../../infra/fleet.js';
+import { createSimHosts, type FleetAgents, packBundleFile, startFleetAgents } from '../../services/demo/fleet.js';
 import { makeSampleRootfs } from '../../shared/bundle/index.js';
 import type { Manifest } from '../../shared/manifest.js';
 import { silentLogger } from '../../shared/log.js';

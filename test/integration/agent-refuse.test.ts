@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { Queue } from 'bullmq';
 import { convertSequence, hostQueueName, requestAbort, signStepJob, type StepPayload } from '../../shared/protocol/index.js';
-import { createSimHosts, packBundleFile, startFleetAgents, type FleetAgents } from '../../infra/fleet.js';
+import { createSimHosts, packBundleFile, startFleetAgents, type FleetAgents } from '../../services/demo/fleet.js';
 import { makeSampleRootfs } from '../../shared/bundle/index.js';
 import type { Manifest } from '../../shared/manifest.js';
 import { silentLogger } from '../../shared/log.js';

@@ -13,7 +13,7 @@ import type { AddressInfo } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import { Queue, Worker } from 'bullmq';
 import { CONVERT_STEPS, hostQueueName, type SignedStepJob } from '../../shared/protocol/index.js';
-import { startFleetAgents } from '../../infra/fleet.js';
+import { startFleetAgents } from '../../services/demo/fleet.js';
 import { readActionLog, SimMachine } from '../../services/agent/machine/sim.js';
 import { type AgentHandle, startAgent } from '../../services/agent/runtime.js';
 import type { StepJob } from '../../shared/protocol/transport.js';

@@ -10,7 +10,7 @@ import { after, before, describe, it } from 'node:test';
 import { Queue } from 'bullmq';
 import { convertSequence, hostQueueName, installOtherSequence, reinstallSequence, rescueSequence } from '../../shared/protocol/index.js';
 import { simFault } from '../../services/agent/machine/sim.js';
-import { publishSampleBundle } from '../../infra/fleet.js';
+import { publishSampleBundle } from '../../services/demo/fleet.js';
 import { startTestFleet, type TestFleet } from '../helpers/fleet.js';
 
 const ref = (m: { name: string; version: string }) => ({ name: m.name, version: m.version });

@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Transform } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
-import { type FleetKeys, makeFleetKeys, packBundleFile } from '../../infra/fleet.js';
+import { type FleetKeys, makeFleetKeys, packBundleFile } from '../../services/demo/fleet.js';
 import { AGE_CHUNK_SIZE, generateAgeIdentity, makeSampleRootfs, unpackBundle } from '../../shared/bundle/index.js';
 import type { Manifest } from '../../shared/manifest.js';
 import { unpackFile } from '../../services/agent/unpack.js';

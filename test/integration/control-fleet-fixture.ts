@@ -1,14 +1,14 @@
 /**
  * A sim fleet driven by a real control plane, for the control fleet tests: origin with real
  * (packed, encrypted) bundles, one stage per colo that accepts preheat with a token, sim
- * machines with in-process agents (infra/fleet.ts), and control on port 0, all under a unique
+ * machines with in-process agents (services/demo/fleet.ts), and control on port 0, all under a unique
  * Redis prefix that cleanup deletes. Reports are read back from the stream to check limits.
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
 import { Redis } from 'ioredis';
-import { type ColoSpec, type Fleet, type FleetAgents, startFleet, startFleetAgents } from '../../infra/fleet.js';
+import { type ColoSpec, type Fleet, type FleetAgents, startFleet, startFleetAgents } from '../../services/demo/fleet.js';
 import { decodeReport, keys, type StepReport } from '../../shared/protocol/index.js';
 import { type AgentHandle, startAgent } from '../../services/agent/runtime.js';
 import { ControlClient, type RolloutDetail } from '../../services/control/client.js';

@@ -10,7 +10,7 @@ import { execFile } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { publishSampleBundle } from '../../infra/fleet.js';
+import { publishSampleBundle } from '../../services/demo/fleet.js';
 import { readSimRunning } from '../../services/agent/machine/sim.js';
 import { type ControlFleet, hostSpans, maxInFlight, startControlFleet } from './control-fleet-fixture.js';
 import { until } from './control-fixture.js';

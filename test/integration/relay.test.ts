@@ -14,7 +14,7 @@ import { fileURLToPath } from 'node:url';
 import { createHmac, randomBytes } from 'node:crypto';
 import { Queue } from 'bullmq';
 import { coloQueueName, convertSequence, keys, relayToken, type StepRoute } from '../../shared/protocol/index.js';
-import { startFleetAgents } from '../../infra/fleet.js';
+import { startFleetAgents } from '../../services/demo/fleet.js';
 import { RelayTransport } from '../../services/relay/client.js';
 import { startStage } from '../../services/stage/main.js';
 import { silentLogger } from '../../shared/log.js';

@@ -8,7 +8,7 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, it } from 'node:test';
-import { generateKeys, KEY_FILES } from '../../services/cli/commands/keys.js';
+import { generateKeys, KEY_FILES } from '../../shared/keys.js';
 import { decryptStream, encryptStream, parseIdentity, readIdentityFile, readRecipientsFile } from '../../shared/bundle/index.js';
 import { isScError } from '../../shared/errors.js';
 import { keyId, loadPrivateKey, loadPublicKey, signBytes, verifyBytes } from '../../shared/manifest.js';

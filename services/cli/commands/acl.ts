@@ -5,7 +5,7 @@
 import { chmodSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Command } from 'commander';
-import { credentialUrl, generateAcl } from '../../../infra/redis/acl-gen.js';
+import { credentialUrl, generateAcl } from '../acl-gen.js';
 import { readRelaySecrets, relayToken } from '../../../shared/protocol/index.js';
 import { scError } from '../../../shared/errors.js';
 import { action, makeDir, printJson, readTokenFile, splitList } from '../util.js';

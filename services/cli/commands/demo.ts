@@ -17,7 +17,7 @@ export function register(program: Command): void {
     .option('--log-level <level>', 'service log level (silent, error, warn, info, debug)', 'warn')
     .action(
       action(async (f: { exit?: boolean; colos: string; hosts: string; bundleMib: string; dir?: string; keep?: boolean; logLevel: string }) => {
-        const { runDemo } = await import('../../../infra/demo.js');
+        const { runDemo } = await import('../../demo/demo.js');
         const n = (s: string, what: string, max: number) => {
           const v = Number(s);
           if (!Number.isInteger(v) || v < 1 || v > max) throw scError('SC_ERR_BAD_CONFIG', `--${what} must be an integer from 1 to ${max}`);

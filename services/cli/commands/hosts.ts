@@ -6,7 +6,7 @@ import type { Command } from 'commander';
 import type { ControlClient, HostOp } from '../../control/client.js';
 import { scError } from '../../../shared/errors.js';
 import { action, printJson } from '../util.js';
-import { type ClientFlags, clientFor, clientOptions, table } from './rollout.js';
+import { type ClientFlags, clientFor, clientOptions, table } from '../control-flags.js';
 
 function ago(ms: number | undefined): string {
   if (typeof ms !== 'number') return '-';

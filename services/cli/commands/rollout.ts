@@ -2,44 +2,12 @@
  * `stagecoach rollout create|list|show|pause|resume|abort|watch`: rollouts through the control
  * API. Writes need --token-file; every command takes --json.
  */
-import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
-import { envOption } from '../defaults.js';
-import { ControlClient, ROLLOUT_FINISHED, type RolloutDetail, type RolloutView } from '../../control/client.js';
-import type { CreateRolloutInput } from '../../control/client.js';
+import type { CreateRolloutInput, RolloutDetail } from '../../control/client.js';
+import { rolloutSummary, watchRollout } from '../../control/watch.js';
 import { scError } from '../../../shared/errors.js';
-import { action, printJson, readTokenFile, splitList } from '../util.js';
-
-/** Flags every control client command takes. */
-export interface ClientFlags {
-  control: string;
-  tokenFile?: string;
-  actor?: string;
-  json?: boolean;
-}
-
-/** Adds --control, --token-file, --json (and --actor for writes) to a command. */
-export function clientOptions(c: Command, write: boolean): Command {
-  c.addOption(envOption('--control <url>', 'control plane URL', 'STAGECOACH_CONTROL').default('http://127.0.0.1:7090')).option('--json', 'print JSON');
-  if (write) {
-    c.addOption(envOption('--token-file <file>', "control write token: control's own token file works (NAME:TOKEN or TOKEN lines; the first is sent)", 'STAGECOACH_TOKEN_FILE'));
-    c.option('--actor <name>', 'who is acting (X-Actor, recorded in the audit log)');
-  } else c.addOption(envOption('--token-file <file>', 'control token, read-only or write (NAME:TOKEN or TOKEN lines; the first is sent): reads need one', 'STAGECOACH_TOKEN_FILE'));
-  return c;
-}
-
-/** A ControlClient for the flags; writes require --token-file (SC_ERR_BAD_CONFIG). */
-export function clientFor(f: ClientFlags, write: boolean): ControlClient {
-  if (write && !f.tokenFile) throw scError('SC_ERR_BAD_CONFIG', 'this command writes: give --token-file');
-  return new ControlClient(f.control, { token: f.tokenFile ? readTokenFile(f.tokenFile) : undefined, actor: f.actor });
-}
-
-/** Prints rows as aligned columns. */
-export function table(rows: (string | number | null | undefined)[][]): void {
-  const cells = rows.map((r) => r.map((c) => (c === null || c === undefined ? '-' : String(c))));
-  const widths = cells[0].map((_, i) => Math.max(...cells.map((r) => (r[i] ?? '').length)));
-  for (const r of cells) process.stdout.write(`${r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]))).join('  ')}\n`);
-}
+import { type ClientFlags, clientFor, clientOptions, table } from '../control-flags.js';
+import { action, printJson, splitList } from '../util.js';
 
 function parseWaves(s: string): (number | string)[] {
   return splitList(s).map((x) => {
@@ -55,19 +23,8 @@ function intFlag(name: string, v: string | undefined): number | undefined {
   return Number(v);
 }
 
-function summary(r: RolloutView): string {
-  const c = r.status.counts;
-  const parts = [
-    `${r.spec.id}  ${r.status.state}${r.status.pauseReason ? ` (${r.status.pauseReason})` : ''}`,
-    `${r.spec.base.name}@${r.spec.base.version} → ${r.spec.target.name}@${r.spec.target.version}`,
-    `wave ${r.status.wave + 1}/${r.spec.waves.length} ${r.status.phase}`,
-    `converted ${c.converted}/${r.spec.hostCount}, in flight ${c.inFlight}, failed ${c.failed}, aborted ${c.aborted}, skipped ${c.skipped}`,
-  ];
-  return parts.join('  ·  ');
-}
-
 function printDetail(r: RolloutDetail): void {
-  process.stdout.write(`${summary(r)}\n`);
+  process.stdout.write(`${rolloutSummary(r)}\n`);
   for (const [colo, p] of Object.entries(r.preheat)) {
     process.stdout.write(`preheat ${colo}: ${p.state}${p.reason ? ` (${p.reason})` : ''}\n`);
   }
@@ -85,65 +42,6 @@ function printDetail(r: RolloutDetail): void {
   for (const h of r.hosts.filter((x) => x.error)) {
     process.stdout.write(`\n${h.host} failed at ${h.error!.step}: ${h.error!.code} ${h.error!.message}\n`);
     for (const l of (h.jobLog?.length ? h.jobLog : h.log).slice(-10)) process.stdout.write(`  | ${l}\n`);
-  }
-}
-
-/**
- * Follows a rollout until it finishes: one progress bar per wave on a terminal (hosts done of
- * the wave, hosts per step, failures printed with their reasons), plain lines otherwise.
- * Resolves with the final view.
- */
-export async function watchRollout(client: ControlClient, id: string, opts: { intervalMs?: number; tty?: boolean } = {}): Promise<RolloutDetail> {
-  const tty = opts.tty ?? Boolean(process.stderr.isTTY);
-  const every = opts.intervalMs ?? 1000;
-  const seenFailures = new Set<string>();
-  let lastLine = '';
-  let bars: cliProgress.MultiBar | null = null;
-  const waveBars: cliProgress.SingleBar[] = [];
-  try {
-    for (;;) {
-      const r = await client.rollout(id);
-      if (tty && !bars) {
-        bars = new cliProgress.MultiBar(
-          { format: ' {label} |{bar}| {value}/{total} {steps}', hideCursor: true, clearOnComplete: false, stream: process.stderr },
-          cliProgress.Presets.shades_classic,
-        );
-        r.spec.waves.forEach((w, i) => {
-          waveBars.push(bars!.create(w.length, 0, { label: `wave ${String(i + 1).padStart(2)}`, steps: '' }));
-        });
-      }
-      r.spec.waves.forEach((_w, i) => {
-        const hs = r.hosts.filter((h) => h.wave === i);
-        const done = hs.filter((h) => ['converted', 'failed', 'aborted', 'skipped'].includes(h.status)).length;
-        const perStep = new Map<string, number>();
-        for (const h of hs) {
-          const k = h.status === 'running' ? (h.step ?? 'starting') : h.status;
-          perStep.set(k, (perStep.get(k) ?? 0) + 1);
-        }
-        const steps = [...perStep].map(([k, n]) => `${k}:${n}`).join(' ');
-        if (bars) waveBars[i].update(done, { steps });
-      });
-      for (const h of r.hosts) {
-        if (h.error && !seenFailures.has(h.host)) {
-          seenFailures.add(h.host);
-          const msg = `${h.host} ${h.status} at ${h.error.step}: ${h.error.code} ${h.error.message}`.slice(0, 300);
-          if (bars) bars.log(`${msg}\n`);
-          else process.stderr.write(`${msg}\n`);
-        }
-      }
-      const line = summary(r);
-      if (!bars && line !== lastLine) process.stderr.write(`${line}\n`);
-      lastLine = line;
-      if (ROLLOUT_FINISHED.includes(r.status.state)) {
-        bars?.stop();
-        bars = null;
-        if (tty) process.stderr.write(`${line}\n`);
-        return r;
-      }
-      await new Promise((res) => setTimeout(res, every));
-    }
-  } finally {
-    bars?.stop();
   }
 }
 
@@ -254,7 +152,7 @@ export function register(program: Command): void {
       action(async (id: string, f: ClientFlags) => {
         const v = await clientFor(f, true)[verb](id);
         if (f.json) printJson(v);
-        else process.stdout.write(`${summary(v)}\n`);
+        else process.stdout.write(`${rolloutSummary(v)}\n`);
       }),
     );
   }

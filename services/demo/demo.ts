@@ -1,6 +1,8 @@
 /**
- * `stagecoach demo`: a whole local fleet on one machine, running the production code with the
- * sim machine driver plugged in.
+ * The demo launcher, owned here: `stagecoach demo` (services/cli/commands/demo.ts parses the
+ * flags and calls runDemo). A whole local fleet on one machine, running the production code
+ * with the sim machine driver plugged in; the sim fleet's building blocks (./fleet.ts) make the
+ * keys, the machines and their agents.
  *
  * 1. Redis: REDIS_URL if set, else a private redis-server on a free port.
  * 2. Keys (release, control, fleet), an origin, and one stage per colo.
@@ -8,8 +10,8 @@
  *    `stagecoach publish` command, then fetched back through every stage with `stagecoach get`
  *    (signature and digest checked).
  * 4. Control, and N sim hosts per colo whose agents run in this process; a rollout (canary 1,
- *    then the rest) through the control API, with live progress, a per-host table, and the
- *    origin's egress per colo (one copy per colo).
+ *    then the rest) through the control API, with live progress (services/control/watch.ts), a
+ *    per-host table, and the origin's egress per colo (one copy per colo).
  *
  * With `--exit` it stops when done and exits non-zero when any host failed; otherwise the
  * services stay up until Ctrl-C.
@@ -19,20 +21,19 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { initSimMachine, SimMachine } from '../services/agent/machine/sim.js';
-import { type AgentHandle, startAgent } from '../services/agent/runtime.js';
-import { watchRollout } from '../services/cli/commands/rollout.js';
-import { generateKeys } from '../services/cli/commands/keys.js';
-import { ControlClient } from '../services/control/client.js';
-import { startControl } from '../services/control/main.js';
-import { ReadClient } from '../services/origin/client.js';
-import { startOrigin } from '../services/origin/main.js';
-import { startStage } from '../services/stage/main.js';
-import { makeSampleRootfs } from '../shared/bundle/index.js';
-import { readTokenFile } from '../shared/config.js';
-import { scError } from '../shared/errors.js';
-import { createLogger, silentLogger } from '../shared/log.js';
-import { ensureRedis } from '../shared/redis.js';
+import { SimMachine } from '../agent/machine/sim.js';
+import { ControlClient } from '../control/client.js';
+import { startControl } from '../control/main.js';
+import { watchRollout } from '../control/watch.js';
+import { ReadClient } from '../origin/client.js';
+import { startOrigin } from '../origin/main.js';
+import { startStage } from '../stage/main.js';
+import { makeSampleRootfs } from '../../shared/bundle/index.js';
+import { readTokenFile } from '../../shared/config.js';
+import { scError } from '../../shared/errors.js';
+import { createLogger, silentLogger } from '../../shared/log.js';
+import { ensureRedis } from '../../shared/redis.js';
+import { createSimHosts, makeFleetKeys, type SimHost, startFleetAgents } from './fleet.js';
 
 /** Options of `stagecoach demo`. */
 export interface DemoOptions {
@@ -91,7 +92,7 @@ function bootPath(before: HostView, after: HostView): string {
 const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
 
 // The `stagecoach` entry of this checkout, whether this module runs from the sources or from dist/.
-const BIN = fileURLToPath(new URL(import.meta.url.includes('/dist/infra/') ? '../../services/cli/bin.js' : '../services/cli/bin.js', import.meta.url));
+const BIN = fileURLToPath(new URL(import.meta.url.includes('/dist/services/demo/') ? '../../../services/cli/bin.js' : '../cli/bin.js', import.meta.url));
 
 /** Runs `stagecoach ARGS…` as a child process (what a release engineer would type); returns stdout. */
 export async function stagecoach(args: string[]): Promise<string> {
@@ -134,7 +135,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
   };
   try {
     say(`work dir   ${work}`);
-    const keys = await generateKeys(join(work, 'keys'));
+    const keys = await makeFleetKeys(join(work, 'keys'));
     const tokenFile = join(work, 'origin.token');
     writeFileSync(tokenFile, `demo-${Math.random().toString(36).slice(2)}\n`, { mode: 0o600 });
 
@@ -215,40 +216,25 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     const writeToken = readTokenFile(controlTokenFile);
     say(`token      ${controlTokenFile}: use it as --token-file for rollout/host writes; paste ${writeToken} into the dashboard to write there`);
 
-    const hosts: { hostId: string; colo: string; dir: string; before: HostView }[] = [];
-    for (let i = 0; i < opts.hosts; i++) {
-      const ci = i % colos.length;
-      const colo = colos[ci];
-      const n = Math.floor(i / colos.length) + 1;
-      const hostId = `${colo}-h${n}`;
-      const dir = join(work, 'machines', hostId);
-      const ip = `10.${ci + 1}.${Math.floor(n / 200)}.${(n % 200) + 10}/16`;
-      await initSimMachine(dir, { hostId, ip, gateway: `10.${ci + 1}.0.1`, os: 'debian-11' });
-      hosts.push({ hostId, colo, dir, before: await viewHost(dir) });
+    // The hosts go round-robin over the colos (colo i gets every colos.length-th host); they are
+    // listed in that order.
+    const per = colos.map((name, ci) => ({ name, hosts: Math.floor(opts.hosts / colos.length) + (ci < opts.hosts % colos.length ? 1 : 0) }));
+    const made = await createSimHosts(join(work, 'machines'), per);
+    const byColo = colos.map((c) => made.filter((h) => h.colo === c));
+    const hosts: (SimHost & { before: HostView })[] = [];
+    for (let n = 0; hosts.length < made.length; n++) {
+      for (const list of byColo) if (list[n]) hosts.push({ ...list[n], before: await viewHost(list[n].dir) });
     }
-    const agents: AgentHandle[] = [];
-    cleanup.push(async () => {
-      await Promise.all(agents.map((a) => a.stop()));
+    // Started one after the other; a failed start stops the ones already running.
+    const agents = await startFleetAgents(hosts, {
+      redisUrl: redis.url,
+      prefix,
+      keys,
+      stages: Object.fromEntries(Object.entries(stages).map(([c, u]) => [c, [u]])),
+      origin: origin.url,
+      logger: log,
     });
-    for (const h of hosts) {
-      agents.push(
-        await startAgent(
-          {
-            hostId: h.hostId,
-            colo: h.colo,
-            redis: redis.url,
-            machine: `sim:${h.dir}`,
-            stages: [stages[h.colo]],
-            origin: origin.url,
-            trustKey: [keys.files.releasePub],
-            controlKey: keys.files.controlPub,
-            identity: keys.files.fleetIdentity,
-            prefix,
-          },
-          { logger: log },
-        ),
-      );
-    }
+    cleanup.push(() => agents.stop());
     say(`hosts      ${hosts.length} sim hosts in ${colos.length} colos, agents running`);
 
     const client = new ControlClient(control.url, { token: writeToken, actor: 'demo' });

@@ -1,36 +1,38 @@
 /**
- * A sim fleet in one process, for the demo launcher, the fleet benchmark and the tests: keys,
- * an origin with published bundles, one or more stages per colo, N sim machines per colo, and
- * their agents running in-process (startAgent: a sim reboot restarts the agent instance after
- * the firmware ran). Everything runs the production code; only the machines are simulated.
+ * The sim fleet: a whole fleet in one process, owned here and used by the demo launcher
+ * (services/demo/demo.ts), the fleet benchmark and the tests: keys, an origin with published
+ * bundles, one or more stages per colo, N sim machines per colo, and their agents running
+ * in-process (startAgent: a sim reboot restarts the agent instance after the firmware ran).
+ * Everything runs the production code; only the machines are simulated. Keys come from
+ * shared/keys.ts and publishing from services/origin/publish.ts, the code of `stagecoach keys
+ * gen` and `stagecoach publish`.
  *
  * Building blocks (use them one by one, or `startFleet` for all of it):
  * - `makeFleetKeys(dir)`: release, control and fleet age keys (as `stagecoach keys gen`).
  * - `publishBundle(origin, keys, …)`: pack a root filesystem directory (zstd + age to the
  *   fleet), upload the blob, sign and upload the manifest (as `stagecoach publish`).
  * - `publishSampleBundle(...)`: the same for a generated sample root filesystem.
+ * - `packBundleFile(keys, …, file)`: the packing alone, into a file, with its signed manifest.
  * - `createSimHosts(root, colos)`: `stagecoach machine init` for every host.
  * - `startFleetAgents(hosts, …)`: one in-process agent per host.
  */
-import { createWriteStream } from 'node:fs';
-import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
-import { pipeline } from 'node:stream/promises';
 import type { KeyObject } from 'node:crypto';
 import { randomBytes } from 'node:crypto';
-import { type Compression, makeSampleRootfs, packBundle } from '../shared/bundle/index.js';
-import { HashingStream } from '../shared/digest.js';
-import type { Logger } from '../shared/log.js';
-import { silentLogger } from '../shared/log.js';
-import { loadPrivateKey, loadPublicKey, type Manifest, type NetFormat, signManifest } from '../shared/manifest.js';
-import { generateKeys } from '../services/cli/commands/keys.js';
-import { relayToken } from '../shared/protocol/index.js';
-import { type AgentHandle, type AgentRunOptions, startAgent } from '../services/agent/runtime.js';
-import type { AgentKeys } from '../services/agent/config.js';
-import { initSimMachine } from '../services/agent/machine/sim.js';
-import { OriginClient } from '../services/origin/client.js';
-import { startOrigin } from '../services/origin/main.js';
-import { type RunningStage, startStage } from '../services/stage/main.js';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import type { AgentKeys } from '../agent/config.js';
+import { initSimMachine } from '../agent/machine/sim.js';
+import { type AgentHandle, type AgentRunOptions, startAgent } from '../agent/runtime.js';
+import { OriginClient } from '../origin/client.js';
+import { startOrigin } from '../origin/main.js';
+import { checkPublishRequest, draftManifest, packBlob, publish } from '../origin/publish.js';
+import { type RunningStage, startStage } from '../stage/main.js';
+import { type Compression, makeSampleRootfs } from '../../shared/bundle/index.js';
+import { generateKeys } from '../../shared/keys.js';
+import type { Logger } from '../../shared/log.js';
+import { silentLogger } from '../../shared/log.js';
+import { loadPrivateKey, loadPublicKey, type Manifest, type NetFormat, signManifest } from '../../shared/manifest.js';
+import { relayToken } from '../../shared/protocol/index.js';
 
 /** The fleet's keys: files (for CLIs and configs) and loaded objects. */
 export interface FleetKeys {
@@ -81,44 +83,43 @@ export interface PublishOptions {
   signingKey?: KeyObject;
 }
 
-/**
- * Packs `o.dir` (tar → compression → age to the fleet) into the file `out` while hashing it,
- * and returns the signed manifest for it. Nothing is held in memory.
- */
-export async function packBundleFile(keys: FleetKeys, o: PublishOptions, out: string): Promise<Manifest> {
-  const compression = o.compression ?? 'zstd';
-  const encrypt = o.encrypt ?? true;
-  const hash = new HashingStream();
-  await pipeline(packBundle({ dir: o.dir }, { compression, recipients: encrypt ? [keys.recipient] : [] }), hash, createWriteStream(out));
-  return signManifest(
-    {
-      schema: 1,
-      name: o.name,
-      version: o.version,
-      role: o.role,
-      os: { id: o.os.id, version: o.os.version, family: o.os.family ?? 'linux', netFormat: o.os.netFormat },
-      blob: { digest: hash.digest(), size: (await stat(out)).size, compression, encryption: encrypt ? 'age' : 'none' },
-      publishedAt: new Date().toISOString(),
-    },
-    o.signingKey ?? keys.releaseKey,
-  );
+/** The publish request of `o` (the fleet's own keys unless `o` says otherwise). */
+function request(keys: FleetKeys, o: PublishOptions) {
+  return {
+    path: o.dir,
+    name: o.name,
+    version: o.version,
+    role: o.role,
+    compression: o.compression ?? 'zstd',
+    osId: o.os.id,
+    osVersion: o.os.version,
+    netFormat: o.os.netFormat,
+    osFamily: o.os.family ?? 'linux',
+    recipients: (o.encrypt ?? true) ? [keys.recipient] : [],
+    signingKey: o.signingKey ?? keys.releaseKey,
+  };
 }
 
 /**
- * Packs `dir` (see packBundleFile) into a temp file, uploads blob and signed manifest to the
- * origin, and returns the manifest.
+ * Packs `o.dir` (tar → compression → age to the fleet) into the file `out` while hashing it,
+ * and returns the signed manifest for it, uploading nothing: the packing of `stagecoach
+ * publish` (services/origin/publish.ts). Nothing is held in memory.
+ */
+export async function packBundleFile(keys: FleetKeys, o: PublishOptions, out: string): Promise<Manifest> {
+  const r = request(keys, o);
+  const { name, version, role, compression, input } = checkPublishRequest(r);
+  const { blob } = await packBlob(input, { compression, recipients: r.recipients }, out);
+  const os = { id: r.osId, version: r.osVersion, family: r.osFamily, netFormat: r.netFormat };
+  return signManifest(draftManifest({ name, version, role, os }, blob), r.signingKey);
+}
+
+/**
+ * Publishes `o.dir` to the origin as `stagecoach publish` does (the same function), and
+ * returns the manifest on the origin.
  */
 export async function publishBundle(origin: OriginClient, keys: FleetKeys, o: PublishOptions): Promise<Manifest> {
-  const work = await mkdtemp(join(o.workDir ?? join(o.dir, '..'), '.publish-'));
-  try {
-    const file = join(work, 'bundle');
-    const m = await packBundleFile(keys, o, file);
-    await origin.putBlob(file, m.blob.digest, m.blob.size);
-    await origin.putManifest(m);
-    return m;
-  } finally {
-    await rm(work, { recursive: true, force: true });
-  }
+  const out = await publish({ ...request(keys, o), origin, workDir: o.workDir ?? dirname(o.dir) });
+  return out.manifest;
 }
 
 /** Builds a sample root filesystem (makeSampleRootfs) under `workDir` and publishes it. */

@@ -1,5 +1,6 @@
 /**
- * Redis ACL generator: one user per agent, limited to its own queue and registration keys, one
+ * The Redis ACL generator behind `stagecoach acl gen` (the Redis config it goes with is
+ * infra/redis/redis.conf): one user per agent, limited to its own queue and registration keys, one
  * user for control, the default user disabled. Passwords are derived from one secret
  * (HMAC-SHA256(secret, user name), base64url), so the file and every agent's credentials can be
  * regenerated at any time without storing passwords; the ACL file holds only their SHA-256
