@@ -27,7 +27,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Redis } from 'ioredis';
 import { createSimHosts, type FleetKeys, makeFleetKeys, publishSampleBundle, type SimHost, startFleetAgents } from '../services/demo/fleet.js';
 import { counterValue } from '../services/demo/demo.js';
-import { decodeReport, keys as redisKeys } from '../shared/protocol/index.js';
+import { decodeReport, formatRelayKeys, keys as redisKeys } from '../shared/protocol/index.js';
 import { ControlClient } from '../services/control/client.js';
 import { OriginClient, ReadClient } from '../services/origin/client.js';
 import { startOrigin } from '../services/origin/main.js';
@@ -208,7 +208,7 @@ async function startStages(spec: StageChildSpec): Promise<RunningStage[]> {
           // Everything shares two cores here: a 15 s upstream silence is load, not a dead origin,
           // and each spurious resume costs the bytes already in flight (origin ratio > 1).
           idleTimeoutMs: 120_000,
-          ...(spec.relay ? { redis: spec.relay.redisUrl, prefix: spec.relay.prefix, relaySecret: spec.relay.relaySecret } : {}),
+          ...(spec.relay ? { redis: spec.relay.redisUrl, prefix: spec.relay.prefix, relayKeys: formatRelayKeys([{ kid: '1', secret: spec.relay.relaySecret }], c) } : {}),
         },
         { log: silentLogger },
       ),

@@ -32,7 +32,7 @@ import { generateKeys } from '../../shared/keys.js';
 import type { Logger } from '../../shared/log.js';
 import { silentLogger } from '../../shared/log.js';
 import { loadPrivateKey, loadPublicKey, type Manifest, type NetFormat, signManifest } from '../../shared/manifest.js';
-import { relayToken } from '../../shared/protocol/index.js';
+import { formatRelayKeys, relayToken } from '../../shared/protocol/index.js';
 
 /** The fleet's keys: files (for CLIs and configs) and loaded objects. */
 export interface FleetKeys {
@@ -301,7 +301,7 @@ export interface Fleet {
   target: Manifest;
   hosts: SimHost[];
   agents: FleetAgents | null;
-  /** The relay secret (relay colos' host tokens derive from it). */
+  /** The fleet relay secret (relay colos' host tokens and their stages' keys derive from it; no stage holds it). */
   relaySecret: string;
   /** Restarts the stage(s) of a colo on the same cache and port (relay state re-adopted from Redis). */
   restartStages(colo: string): Promise<void>;
@@ -339,7 +339,8 @@ export async function startFleet(o: FleetOptions): Promise<Fleet> {
         ? {
             redis: o.redisUrl,
             prefix,
-            relaySecret,
+            // The stage gets its colo's keys only; the fleet secret stays with whoever mints tokens.
+            relayKeys: formatRelayKeys([{ kid: '1', secret: relaySecret }], colo),
             ...(o.relayLockDurationMs ? { relayLockDurationMs: o.relayLockDurationMs } : {}),
             ...(o.relayStalledIntervalMs ? { relayStalledIntervalMs: o.relayStalledIntervalMs } : {}),
           }

@@ -32,7 +32,8 @@
  *   after `lockDurationMs`.
  * - Hosts authenticate with `Authorization: Bearer <relayToken(secret, colo, id)>` and
  *   `X-Stagecoach-Host: <id>` (a per-host HMAC, nothing stored per host): a host can only take
- *   and report its own jobs (403 otherwise). The relay never sees step secrets and cannot forge a
+ *   and report its own jobs (403 otherwise). The relay holds its own colo's keys only, never the
+ *   fleet secret, so what it holds mints no token for another colo's relay. The relay never sees step secrets and cannot forge a
  *   step: the agent verifies control's signature on every job. It cannot replay one either (the
  *   host's journal), and what it reports is not believed by control on its word: a final state
  *   changes a rollout only once the BullMQ job itself is completed or failed (services/control).
@@ -54,12 +55,11 @@ import {
   queuePresence,
   queueReport,
   relayLockToken,
-  coloRelayKey,
   hostFieldsSchema,
   parseHostInput,
   reportFieldsSchema,
   parseRelayToken,
-  type RelaySecret,
+  type RelayKey,
   relayMac,
   type StepPayload,
   StepQueueConsumer,
@@ -80,10 +80,10 @@ export interface RelayOptions {
   redisUrl: string;
   prefix: string;
   /**
-   * The fleet's relay secrets, current first (shared/protocol/relay-wire.ts): a host's token is
-   * accepted under any of them, and only for this relay's colo. Never logged.
+   * This colo's relay keys, current first (shared/protocol/relay-wire.ts; never the fleet secret):
+   * a host's token is accepted under any of them. Never logged.
    */
-  secrets: readonly RelaySecret[];
+  keys: readonly RelayKey[];
   log: Logger;
   /** BullMQ lock duration of held jobs, ms (default 30000; renewed by lockRenewalIntervalMs, every third). */
   lockDurationMs?: number;
@@ -233,9 +233,9 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
 
   // ---------------------------------------------------------------- HTTP
 
-  // The colo's key per key id, derived once; each host's expected MAC, derived once (an HMAC per
-  // request adds up at thousands of hosts).
-  const coloKeys = new Map(o.secrets.map((x) => [x.kid, coloRelayKey(x.secret, o.colo)]));
+  // The colo's key per key id; each host's expected MAC, computed once (an HMAC per request adds
+  // up at thousands of hosts).
+  const coloKeys = new Map(o.keys.map((x) => [x.kid, x.key]));
   const macs = new LRUCache<string, Buffer>({ max: 100_000 });
   const authHost = (req: Request): string => {
     const m = /^Bearer\s+(\S+)\s*$/i.exec(req.headers.authorization ?? '');

@@ -20,6 +20,14 @@ const upstreamUrl = z
 
 const list = commaList;
 
+/** The removed fleet-secret settings: refused with what to use instead (the value is never echoed). */
+const removedRelaySecret = z
+  .undefined({
+    error: () =>
+      "the fleet relay secret (--relay-secret-file, relaySecretFile, relaySecret) is no longer accepted: a stage holds only its colo's relay keys. Make them with stagecoach acl relay-key --secret-file F --colo C --out FILE (mode 0600) and start the stage with --relay-key-file FILE",
+  })
+  .optional();
+
 /** The stage config schema (unknown keys rejected). Durations are milliseconds, sizes bytes. */
 export const stageConfigSchema = z.strictObject({
   ...serverTlsSettings,
@@ -67,10 +75,17 @@ export const stageConfigSchema = z.strictObject({
   redis: z.string().regex(/^rediss?:\/\/\S+$/, 'expected redis://… or rediss://…').optional(),
   /** Redis key prefix of the fleet (relay). */
   prefix: z.string().regex(/^[A-Za-z0-9{}_.-]{1,64}$/).default('stagecoach'),
-  /** File whose first line is the relay secret hosts' tokens derive from (relay). */
-  relaySecretFile: z.string().optional(),
-  /** The relay secret itself, for in-process callers (never logged). Overrides relaySecretFile. */
-  relaySecret: z.string().min(16).optional(),
+  /**
+   * File of this colo's relay keys, `KID:HEXKEY` lines, current first (`stagecoach acl relay-key`;
+   * mode 0600): the relay checks hosts' tokens with them and holds no fleet secret.
+   */
+  relayKeyFile: z.string().min(1).optional(),
+  /** The relay key file's text itself, for in-process callers (never logged). Overrides relayKeyFile. */
+  relayKeys: z.string().min(1).optional(),
+  /** Removed: a stage holding the fleet secret could mint tokens for every colo's relay. */
+  relaySecretFile: removedRelaySecret,
+  /** Removed, as relaySecretFile. */
+  relaySecret: removedRelaySecret,
   /** BullMQ lock duration of the jobs the relay holds, ms (renewed every third). */
   relayLockDurationMs: z.coerce.number().int().min(1000).default(30_000),
   /** Stalled-job check period of the relay's queue, ms. */

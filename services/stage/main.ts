@@ -21,7 +21,7 @@ import { ManifestCache } from './manifests.js';
 import { createStageMetrics } from './metrics.js';
 import { createStageApp, onClientError } from './server.js';
 import { type Relay, type RelayStats, startRelay } from '../relay/server.js';
-import { readRelaySecrets } from '../../shared/protocol/index.js';
+import { parseRelayKeys, readRelayKeys } from '../../shared/protocol/index.js';
 import { Upstreams } from './upstreams.js';
 
 /** Optional collaborators for `startStage`. */
@@ -68,6 +68,9 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
       throw scError('SC_ERR_BAD_CONFIG', `trust key ${p}: ${(err as Error).message}`);
     }
   });
+  // Checked before anything is opened: a bad key file leaves nothing running.
+  const relayKeys = config.relayKeys ? parseRelayKeys(config.relayKeys, 'relayKeys') : config.relayKeyFile ? readRelayKeys(config.relayKeyFile) : undefined;
+  if (config.redis && !relayKeys) throw scError('SC_ERR_BAD_CONFIG', "the relay (--redis) needs --relay-key-file (this colo's keys: stagecoach acl relay-key)");
   const dir = resolve(config.cache);
   await mkdir(dir, { recursive: true });
 
@@ -90,14 +93,12 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
   for (const d of partials) fills.resume(d);
 
   let relay: Relay | null = null;
-  if (config.redis) {
-    const secrets = config.relaySecret ? [{ kid: '1', secret: config.relaySecret }] : config.relaySecretFile ? readRelaySecrets(config.relaySecretFile) : undefined;
-    if (!secrets) throw scError('SC_ERR_BAD_CONFIG', 'the relay (--redis) needs --relay-secret-file');
+  if (config.redis && relayKeys) {
     relay = await startRelay({
       colo: config.colo,
       redisUrl: config.redis,
       prefix: config.prefix,
-      secrets,
+      keys: relayKeys,
       log,
       lockDurationMs: config.relayLockDurationMs,
       stalledIntervalMs: config.relayStalledIntervalMs,

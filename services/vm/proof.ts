@@ -26,7 +26,7 @@ import { join, resolve } from 'node:path';
 import { scError } from '../../shared/errors.js';
 import { createLogger, type Logger } from '../../shared/log.js';
 import { ensureRedis, freePort } from '../../shared/redis.js';
-import { relayToken } from '../../shared/protocol/index.js';
+import { formatRelayKeys, relayToken } from '../../shared/protocol/index.js';
 import { generateKeys } from '../../shared/keys.js';
 import { ControlClient } from '../control/client.js';
 import { startControl } from '../control/main.js';
@@ -114,8 +114,10 @@ export async function runProof(o: ProofOptions): Promise<ProofResult> {
     cleanup.push(() => redis.stop());
     const prefix = `vm-${randomBytes(4).toString('hex')}`;
     const relaySecret = randomBytes(32).toString('hex');
+    const relayKeyFile = join(work, 'relay.keys');
+    await fsp.writeFile(relayKeyFile, formatRelayKeys([{ kid: '1', secret: relaySecret }], COLO), { mode: 0o600 });
     const stage = await startStage(
-      { listen: '127.0.0.1:0', upstreams: [origin.url], cache: join(work, 'stage'), cacheSize: '8GiB', colo: COLO, tokenFile, trustKeys: [keys.files.releasePub], redis: redis.url, prefix, relaySecret },
+      { listen: '127.0.0.1:0', upstreams: [origin.url], cache: join(work, 'stage'), cacheSize: '8GiB', colo: COLO, tokenFile, trustKeys: [keys.files.releasePub], redis: redis.url, prefix, relayKeyFile },
       { log: logger },
     );
     cleanup.push(() => stage.close());

@@ -7,17 +7,19 @@
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { createHmac, randomBytes } from 'node:crypto';
 import { Queue } from 'bullmq';
-import { coloQueueName, convertSequence, keys, relayToken, type StepRoute } from '../../shared/protocol/index.js';
+import { coloQueueName, convertSequence, formatRelayKeys, keys, parseRelayKeys, relayKeyToken, relayToken, type StepRoute } from '../../shared/protocol/index.js';
 import { startFleetAgents } from '../../services/demo/fleet.js';
 import { RelayTransport } from '../../services/relay/client.js';
+import type { StageConfigInput } from '../../services/stage/config.js';
 import { startStage } from '../../services/stage/main.js';
 import { silentLogger } from '../../shared/log.js';
+import { cli } from '../helpers/cli.js';
 import { startTestFleet, type TestFleet, until } from '../helpers/fleet.js';
 
 const BIN = fileURLToPath(new URL('../../services/cli/bin.js', import.meta.url));
@@ -187,11 +189,21 @@ describe('relay mode', () => {
     await mkdir(dir, { recursive: true });
     const old = { kid: '1', secret: f.relaySecret };
     const next = { kid: '2', secret: randomBytes(32).toString('hex') };
-    const file = join(dir, 'relay.secrets');
-    await writeFile(file, `# current first\n${next.kid}:${next.secret}\n${old.kid}:${old.secret}\n`, { mode: 0o600 });
-    // A relay of colo c9 (no hosts, so it takes no one's jobs) under both secrets.
+    const secrets = join(dir, 'relay.secrets');
+    await writeFile(secrets, `# current first\n${next.kid}:${next.secret}\n${old.kid}:${old.secret}\n`, { mode: 0o600 });
+    // The stage of colo c9 (no hosts, so it takes no one's jobs) gets c9's keys only, from the CLI.
+    const file = join(dir, 'c9.keys');
+    const made = await cli(['acl', 'relay-key', '--secret-file', secrets, '--colo', 'c9', '--out', file]);
+    assert.equal(made.code, 0, made.stderr);
+    assert.equal((await stat(file)).mode & 0o777, 0o600);
+    const text = await readFile(file, 'utf8');
+    assert.equal(text, formatRelayKeys([next, old], 'c9'));
+    assert.match(text, /^2:[0-9a-f]{64}\n1:[0-9a-f]{64}\n$/, 'one KID:HEXKEY line per secret, current first');
+    assert.ok(!text.includes(next.secret) && !text.includes(old.secret), 'no fleet secret in a key file');
+    const printed = await cli(['acl', 'relay-key', '--secret-file', secrets, '--colo', 'c9']);
+    assert.equal(printed.stdout, text);
     const stage = await startStage(
-      { listen: '127.0.0.1:0', upstreams: [f.origin.url], cache: join(dir, 'cache'), colo: 'c9', logLevel: 'silent', redis: f.redisUrl, prefix: f.prefix, relaySecretFile: file },
+      { listen: '127.0.0.1:0', upstreams: [f.origin.url], cache: join(dir, 'cache'), colo: 'c9', logLevel: 'silent', redis: f.redisUrl, prefix: f.prefix, relayKeyFile: file },
       { log: silentLogger },
     );
     try {
@@ -200,14 +212,79 @@ describe('relay mode', () => {
       assert.equal(await poll(relayToken(next, 'c9', 'h-rot')), 204, 'the current key');
       assert.equal(await poll(relayToken(old, 'c9', 'h-rot')), 204, 'the previous key, during the rotation');
       assert.equal(await poll(relayToken(old, 'c1', 'h-rot')), 403, "another colo's token");
+      assert.equal(await poll(relayToken(next, 'c1', 'h-rot')), 403, "another colo's token under the current key");
       assert.equal(await poll(relayToken({ kid: '3', secret: next.secret }, 'c9', 'h-rot')), 403, 'an unknown key id');
       assert.equal(await poll(relayToken(next, 'c9', 'h-rot2')), 403, "another host's token");
       const legacy = createHmac('sha256', old.secret).update('h-rot').digest('hex');
       assert.equal(await poll(legacy), 403, 'a token without key id and colo');
       assert.notEqual(relayToken(old, 'c9', 'h-rot'), relayToken(old, 'c1', 'h-rot'));
+      // What the c9 stage holds mints c9 tokens and no other colo's.
+      const held = parseRelayKeys(text);
+      assert.equal(relayKeyToken(held[0], 'h-rot'), relayToken(next, 'c9', 'h-rot'));
+      assert.notEqual(relayKeyToken(held[0], 'h-rot'), relayToken(next, 'c1', 'h-rot'));
     } finally {
       await stage.close();
     }
+  });
+
+  it('refuses a bad relay key file without echoing key material', async () => {
+    const dir = join(f.root, 'badkeys');
+    await mkdir(dir, { recursive: true });
+    const key = randomBytes(32).toString('hex');
+    const bad = [
+      { text: `1:${key.slice(0, 62)}\n`, want: /line 1: a relay key must be 64 hex digits/ },
+      { text: `# c9\n\n1:${key}zz\n`, want: /line 3: a relay key must be 64 hex digits/ },
+      { text: `1:${key}\nbad.kid:${key}\n`, want: /line 2: a key id must be/ },
+      { text: `1:${key}\n1:${key}\n`, want: /line 2: key id 1 appears twice/ },
+      { text: `${key}\n`, want: /line 1: expected KID:HEXKEY/ },
+      { text: `1:${f.relaySecret}-not-hex\n`, want: /line 1: a relay key must be 64 hex digits/ },
+      { text: '# nothing\n', want: /holds no relay key/ },
+    ];
+    for (const [i, b] of bad.entries()) {
+      const file = join(dir, `k${i}`);
+      await writeFile(file, b.text, { mode: 0o600 });
+      await assert.rejects(
+        startStage(
+          { listen: '127.0.0.1:0', upstreams: [f.origin.url], cache: join(dir, 'cache'), colo: 'c9', logLevel: 'silent', redis: f.redisUrl, prefix: f.prefix, relayKeyFile: file },
+          { log: silentLogger },
+        ),
+        (err: Error & { code?: string }) => {
+          assert.equal(err.code, 'SC_ERR_BAD_CONFIG', err.message);
+          assert.match(err.message, b.want);
+          assert.ok(err.message.includes(file), `names the file: ${err.message}`);
+          assert.ok(!err.message.includes(key.slice(0, 16)) && !err.message.includes(f.relaySecret.slice(0, 16)), `no key material: ${err.message}`);
+          return true;
+        },
+      );
+    }
+    await assert.rejects(
+      startStage({ listen: '127.0.0.1:0', upstreams: [f.origin.url], cache: join(dir, 'cache'), colo: 'c9', logLevel: 'silent', redis: f.redisUrl, prefix: f.prefix }, { log: silentLogger }),
+      /--relay-key-file/,
+    );
+  });
+
+  it('refuses the fleet secret (--relay-secret-file, relaySecret) with the way to a colo key file', async () => {
+    const dir = join(f.root, 'nosecret');
+    await mkdir(dir, { recursive: true });
+    const secrets = join(dir, 'relay.secrets');
+    await writeFile(secrets, `1:${f.relaySecret}\n`, { mode: 0o600 });
+    const r = await cli(
+      ['stage', '--listen', '127.0.0.1:0', '--upstream', f.origin.url, '--cache', join(dir, 'cache'), '--colo', 'c9', '--redis', f.redisUrl, '--prefix', f.prefix, '--relay-secret-file', secrets],
+      { timeoutMs: 20_000 },
+    );
+    assert.notEqual(r.code, 0);
+    assert.equal(r.timedOut, false, 'refused at once, not started');
+    assert.match(r.stderr, /SC_ERR_BAD_CONFIG/);
+    assert.match(r.stderr, /stagecoach acl relay-key/);
+    assert.match(r.stderr, /--relay-key-file/);
+    assert.ok(!r.stderr.includes(f.relaySecret), 'the secret is not echoed');
+    const inProcess = { listen: '127.0.0.1:0', upstreams: [f.origin.url], cache: join(dir, 'cache'), colo: 'c9', logLevel: 'silent', redis: f.redisUrl, prefix: f.prefix, relaySecret: f.relaySecret };
+    await assert.rejects(startStage(inProcess as unknown as StageConfigInput, { log: silentLogger }), (err: Error & { code?: string }) => {
+      assert.equal(err.code, 'SC_ERR_BAD_CONFIG');
+      assert.match(err.message, /stagecoach acl relay-key/);
+      assert.ok(!err.message.includes(f.relaySecret), 'the secret is not echoed');
+      return true;
+    });
   });
 
   it("sends a step's log lines with its completion, not one request each", async () => {

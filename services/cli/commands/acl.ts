@@ -6,7 +6,7 @@ import { chmodSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Command } from 'commander';
 import { credentialUrl, generateAcl } from '../acl-gen.js';
-import { readRelaySecrets, relayToken } from '../../../shared/protocol/index.js';
+import { formatRelayKeys, readRelaySecrets, relayToken } from '../../../shared/protocol/index.js';
 import { scError } from '../../../shared/errors.js';
 import { action, makeDir, printJson, readTokenFile, splitList } from '../util.js';
 
@@ -71,7 +71,7 @@ export function register(program: Command): void {
   acl
     .command('relay-token')
     .description("Print a host's relay token (KID.HEX, bound to its colo: see README, relay tokens); give it to the agent as --relay-token-file")
-    .requiredOption('--secret-file <file>', "the fleet's relay secrets (KID:SECRET lines, current first; the stage's --relay-secret-file)")
+    .requiredOption('--secret-file <file>', "the fleet's relay secrets (KID:SECRET lines, current first; kept off the stages)")
     .requiredOption('--colo <colo>', "the host's colo (its token works only at that colo's relay)")
     .requiredOption('--host <id>', 'host id')
     .option('--kid <id>', 'make the token under this key id (default: the first line of the secrets file)')
@@ -84,6 +84,22 @@ export function register(program: Command): void {
         const token = relayToken(secret, f.colo, f.host);
         if (f.out) writeFileSync(f.out, `${token}\n`, { mode: 0o600 });
         else process.stdout.write(`${token}\n`);
+      }),
+    );
+
+  acl
+    .command('relay-key')
+    .description("Print a colo's relay keys (KID:HEXKEY lines, same order as the secrets file, current first) for its stage's --relay-key-file; store them mode 0600")
+    .requiredOption('--secret-file <file>', "the fleet's relay secrets (KID:SECRET lines, current first)")
+    .requiredOption('--colo <colo>', "the colo whose relay gets the keys (they check only that colo's host tokens)")
+    .option('--out <file>', 'write the keys here (mode 0600) instead of stdout; keep the file mode 0600 either way')
+    .action(
+      action(async (f: { secretFile: string; colo: string; out?: string }) => {
+        const text = formatRelayKeys(readRelaySecrets(f.secretFile), f.colo);
+        if (f.out) {
+          writeFileSync(f.out, text, { mode: 0o600 });
+          chmodSync(f.out, 0o600);
+        } else process.stdout.write(text);
       }),
     );
 }

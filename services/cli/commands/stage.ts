@@ -25,7 +25,8 @@ export function register(program: Command): void {
     .option('--negative-ttl <ms>', 'remember upstream 404s this long (default 5000)')
     .option('--redis <url>', "relay on: the fleet's Redis URL; this stage then serves its colo's hosts in relay mode")
     .option('--prefix <p>', 'relay: Redis key prefix of the fleet (default stagecoach)')
-    .option('--relay-secret-file <file>', 'relay: the fleet relay secrets (KID:SECRET lines, current first) host tokens derive from (stagecoach acl relay-token)')
+    .option('--relay-key-file <file>', "relay: this colo's relay keys (KID:HEXKEY lines, current first; mode 0600), made by stagecoach acl relay-key")
+    .option('--relay-secret-file <file>', 'removed (refused): a stage no longer holds the fleet secret; use --relay-key-file')
     .option('--tls-cert <pem>', 'listen with TLS: certificate (chain) file, with --tls-key (stagecoach tls gen)')
     .option('--tls-key <pem>', 'listen with TLS: private key file of --tls-cert')
     .option('--config <file>', 'YAML config file (keys as in the README)')
@@ -48,6 +49,7 @@ export function register(program: Command): void {
             logLevel: o.logLevel,
             redis: o.redis,
             prefix: o.prefix,
+            relayKeyFile: o.relayKeyFile,
             relaySecretFile: o.relaySecretFile,
             tlsCert: o.tlsCert,
             tlsKey: o.tlsKey,
