@@ -5,9 +5,9 @@
  */
 import type { KeyObject } from 'node:crypto';
 import { envOption, trustKeysOf } from '../defaults.js';
+import { byteBar, showsProgress } from '../progress.js';
 import { createReadStream } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
 import { readIdentityFile } from '../../../shared/bundle/age.js';
 import { unpackBundle } from '../../../shared/bundle/index.js';
@@ -103,20 +103,7 @@ async function runGet(ref: string, flags: GetFlags): Promise<void> {
     throw scError('SC_ERR_BAD_CONFIG', `${name}@${version} is encrypted: --unpack needs --identity`);
   }
 
-  const bar =
-    !flags.json && process.stderr.isTTY
-      ? new cliProgress.SingleBar(
-          {
-            stream: process.stderr,
-            format: ' {bar} {percentage}% | {mib}/{totalMib} MiB | {source}',
-            hideCursor: true,
-            clearOnComplete: true,
-          },
-          cliProgress.Presets.shades_classic,
-        )
-      : undefined;
-  const mib = (n: number) => (n / (1 << 20)).toFixed(1);
-  bar?.start(m.blob.size, 0, { mib: mib(0), totalMib: mib(m.blob.size), source: '' });
+  const bar = byteBar(showsProgress(flags.json), 'fetching', m.blob.size);
   let res: Awaited<ReturnType<typeof fetchBlob>>;
   try {
     res = await fetchBlob({
@@ -128,23 +115,31 @@ async function runGet(ref: string, flags: GetFlags): Promise<void> {
       overwrite: flags.force === true,
       idleTimeoutMs,
       retries,
-      onProgress: (p: FetchProgress) => bar?.update(p.bytes, { mib: mib(p.bytes), source: p.source ?? '' }),
+      onProgress: (p: FetchProgress) => bar.update(p.bytes, p.source ?? ''),
     });
   } finally {
-    bar?.stop();
+    bar.stop();
   }
 
   let unpacked: { dir: string; entries: number; skipped: number } | undefined;
   if (flags.unpack) {
     makeDir(flags.unpack);
-    const r = await unpackBundle(createReadStream(res.path, { highWaterMark: 1 << 20 }), {
+    // Progress of the unpack: the bundle's bytes read (decrypted, decompressed and untarred behind).
+    const unpackBar = byteBar(showsProgress(flags.json), 'unpacking', res.size);
+    const input = createReadStream(res.path, { highWaterMark: 1 << 20 });
+    let read = 0;
+    input.on('data', (c) => {
+      read += c.length;
+      unpackBar.update(read);
+    });
+    const r = await unpackBundle(input, {
       dir: flags.unpack,
       compression: m.blob.compression,
       encryption: m.blob.encryption,
       identities,
       // The signed plaintext size bounds the unpack (a decompression bomb stops there).
       maxUnpackedBytes: m.blob.unpackedSize,
-    });
+    }).finally(() => unpackBar.stop());
     unpacked = { dir: flags.unpack, entries: r.entries, skipped: r.skipped };
   }
 

@@ -3,12 +3,12 @@
  * and prints; what publishing does (streaming, the idempotent re-publish, the early trusted-key
  * check) is services/origin/publish.ts, which the sim fleet calls too.
  */
-import cliProgress from 'cli-progress';
 import type { Command } from 'commander';
 import { COMPRESSIONS, NET_FORMATS } from '../../../shared/manifest.js';
 import { OriginClient } from '../../origin/client.js';
 import { checkPublishRequest, type PublishProgress, type PublishRequest, publish } from '../../origin/publish.js';
 import { envOption } from '../defaults.js';
+import { byteBar } from '../progress.js';
 import { action, collect, loadSigningKey, printJson, readTokenFile } from '../util.js';
 
 interface PublishFlags {
@@ -51,22 +51,6 @@ export function register(program: Command): void {
     .action(action(async (path: string, flags: PublishFlags) => runPublish(path, flags)));
 }
 
-/** A progress bar on stderr when it is a terminal (and not --json); no-ops otherwise. */
-function progressBar(enabled: boolean, label: string, total?: number): { update(n: number): void; stop(): void } {
-  if (!enabled) return { update: () => {}, stop: () => {} };
-  const mib = (n: number) => (n / 1048576).toFixed(1);
-  const bar = new cliProgress.SingleBar({
-    stream: process.stderr,
-    hideCursor: true,
-    format: total === undefined ? `${label} {done} MiB` : `${label} |{bar}| {percentage}% {done}/{all} MiB`,
-  });
-  bar.start(total ?? 1, 0, { done: '0.0', all: mib(total ?? 0) });
-  return {
-    update: (n) => bar.update(total === undefined ? 0 : n, { done: mib(n) }),
-    stop: () => bar.stop(),
-  };
-}
-
 const LABELS = { compare: 'comparing with the published version', pack: 'packing', upload: 'uploading' } as const;
 
 async function runPublish(path: string, flags: PublishFlags): Promise<void> {
@@ -93,7 +77,7 @@ async function runPublish(path: string, flags: PublishFlags): Promise<void> {
     recipients: flags.recipient,
     recipientsFiles: flags.recipientsFile,
     warn: flags.json ? undefined : (m) => process.stderr.write(`warning: ${m}\n`),
-    progress: (phase, total): PublishProgress => progressBar(tty, LABELS[phase], total),
+    progress: (phase, total): PublishProgress => byteBar(tty, LABELS[phase], total),
   });
   if (flags.json) printJson(r);
   else {
