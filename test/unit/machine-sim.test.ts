@@ -299,6 +299,7 @@ describe('a two-reboot swap through the driver', () => {
     assert.deepEqual(onC.authorizedKeys, before.authorizedKeys);
     assert.equal(onC.rescueEntry, 'disk2p1');
     assert.equal(onC.reboots, 2);
+    assert.deepEqual(await m.bootPath(), ['disk1p1', 'disk2p1', 'disk1p1'], 'the boot path the demo shows: A, then B, then C');
     const ops = (await readActionLog(dir)).map((a) => a.op);
     assert.equal(ops.filter((o) => o === 'apply-config').length, 2, 'applying the same config twice is one effect');
     assert.equal(ops.filter((o) => o === 'reboot').length, 2);
