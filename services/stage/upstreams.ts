@@ -126,7 +126,7 @@ export class Upstreams {
   #checkTimer: unknown;
   #closed = new AbortController();
   /** Blob attempts in flight: how long each has been silent, and how to end it (see `#endSilent`). */
-  #attempts = new Set<{ answered: boolean; quietMs(): number; end(): void }>();
+  #attempts = new Set<{ url: string; answered: boolean; quietMs(): number; end(): void }>();
 
   /** Starts the background checks at once (unless `checkIntervalMs` is 0); `close()` stops them. */
   constructor(urls: readonly string[], o: UpstreamOptions) {
@@ -270,11 +270,28 @@ export class Upstreams {
       this.#failed(url, `HTTP_${r.status}`);
       return false;
     } catch (err) {
-      if (!signal.aborted) this.#failed(url, failureCode(err));
+      if (signal.aborted) return false;
+      const code = failureCode(err);
+      // Busy is not down: a check that timed out while a fill from this upstream still receives
+      // bytes counts as an answer (under load, /healthz can be slower than the check's deadline,
+      // and a stage that took that for "down" would end its fills and send every host to origin).
+      if ((code === 'ETIMEDOUT' || code === 'SC_ERR_TIMEOUT') && this.#receiving(url)) {
+        outcome = 'busy';
+        this.#answered(url);
+        return true;
+      }
+      this.#failed(url, code);
       return false;
     } finally {
       if (!signal.aborted) this.#o.metrics.upstreamChecks.inc({ upstream: url, outcome });
     }
+  }
+
+  /** Whether a fill from `url` received bytes within the last check interval. */
+  #receiving(url: string): boolean {
+    const within = this.#checkIntervalMs > 0 ? this.#checkIntervalMs : UPSTREAM_HEALTH_DEFAULTS.checkIntervalMs;
+    for (const a of this.#attempts) if (a.url === url && a.answered && a.quietMs() < within) return true;
+    return false;
   }
 
   #noUpstream(what: string, cause?: unknown): never {
@@ -395,6 +412,7 @@ export class Upstreams {
     signal.addEventListener('abort', onAbort, { once: true });
     let endedDegraded = false;
     const tracked = {
+      url,
       answered: false,
       quietMs: () => o.clock.now() - lastByte,
       end: () => {
