@@ -65,6 +65,8 @@ export interface TestOrigin {
   fault(f: Fault): void;
   /** Every blob request answers this status until set back to null. */
   setStatus(status: number | null): void;
+  /** While true, /healthz never answers (a busy upstream: blobs still flow). */
+  hangHealth(on: boolean): void;
   /** Every blob request seen, in order. */
   readonly requests: BlobRequest[];
   /** GET blob requests seen (HEAD excluded). */
@@ -170,9 +172,13 @@ export async function startTestOrigin(opts: TestOriginOptions = {}): Promise<Tes
     }
   }
 
+  let healthHangs = false;
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const url = req.url ?? '/';
-    if (url === '/healthz') return json(res, 200, { ok: true, role: 'origin' });
+    if (url === '/healthz') {
+      if (healthHangs) return; // the request stays open until the client gives up
+      return json(res, 200, { ok: true, role: 'origin' });
+    }
     if (url === '/metrics') {
       const gets = requests.filter((r) => r.method === 'GET').length;
       res.writeHead(200, { 'content-type': 'text/plain' }).end(`origin_blob_bytes_out_total ${bytesSent}\norigin_blob_requests_total ${gets}\n`);
@@ -282,6 +288,9 @@ export async function startTestOrigin(opts: TestOriginOptions = {}): Promise<Tes
     },
     setStatus(s) {
       forcedStatus = s;
+    },
+    hangHealth(on) {
+      healthHangs = on;
     },
     requests,
     blobGets: (d) => requests.filter((r) => r.method === 'GET' && (!d || r.digest === d)).length,

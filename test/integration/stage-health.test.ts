@@ -337,3 +337,23 @@ test('host: a stage that goes silent and stops answering /healthz is left after 
   assert.equal(backoff.calls, 0, 'origin joined at once: the stage could not serve');
   assert.equal((await health(s)).body.status, 'ok', 'the stage itself is fine');
 });
+
+test('busy is not down: an upstream whose /healthz does not answer while a fill from it receives bytes keeps the stage ok, and the fill completes', async () => {
+  // 8 MiB at 1 MiB/s: the fill runs ~8 s, through at least two background checks (every 3 s,
+  // 2 s deadline) that time out; without the rule they would mark the stage degraded and end it.
+  const up = await origin({ rateBytesPerSec: MiB });
+  const data = randomBytes(8 * MiB);
+  const d = up.addBlob(data);
+  const s = await stage([up.url]);
+  up.hangHealth(true);
+  const got = await httpGet(`${s.url}/v1/blobs/${d}`);
+  assert.ok(got.complete, 'the host got the whole blob');
+  assert.ok(got.body.equals(data));
+  const h = await health(s);
+  assert.equal(h.body.status, 'ok', 'the stage never took the busy upstream for a dead one');
+  assert.equal(h.body.upstreamHealth[0].reachable, true);
+  const metrics = (await httpGet(`${s.url}/metrics`)).body.toString('utf8');
+  const busy = metrics.split('\n').filter((l) => l.startsWith('stage_upstream_checks_total{') && l.includes('outcome="busy"'));
+  assert.ok(busy.length === 1 && Number(busy[0].slice(busy[0].lastIndexOf(' ') + 1)) >= 1, `a timed-out check during the fill counted as busy:\n${busy.join('\n')}`);
+  up.hangHealth(false);
+});
