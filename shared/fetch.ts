@@ -161,9 +161,8 @@ export interface FetchBlobOptions {
   /**
    * After this long without a byte (connect, headers or body), the source's /healthz is checked
    * (within `probeTimeoutMs`), then again every `stallCheckMs` while it stays silent. A source
-   * whose check fails (refused, reset, an error status), says `degraded`, or times out twice in
-   * a row is left at once (it cannot serve now); a healthy one keeps the request until
-   * `idleTimeoutMs` (busy is not down). In ms; default 3000; 0, or not
+   * whose check fails or says `degraded` is left at once (it cannot serve now); a healthy one
+   * keeps the request until `idleTimeoutMs` (busy is not down). In ms; default 3000; 0, or not
    * below `idleTimeoutMs`, turns the checks off.
    */
   stallCheckMs?: number;
@@ -505,7 +504,7 @@ const unserved = new WeakSet<object>();
 /**
  * The stall checks of one request (see `FetchBlobOptions.stallCheckMs`): `activity()` on every
  * sign of life; after `stallCheckMs` without one, the source's /healthz is checked, and a failed
- * or degraded answer (or a second timed-out check in a row) destroys `req` and sets `error` (in `unserved`; got wraps what destroys it). One check at a time; an answer
+ * or degraded answer destroys `req` and sets `error` (in `unserved`; got wraps what destroys it). One check at a time; an answer
  * that arrives after new bytes is ignored. `stop()` ends it (and a check in flight).
  */
 function watchStall(req: GotRequest, a: PullArgs): { activity(): void; stop(): void; readonly error: ScError | null } {
@@ -516,7 +515,6 @@ function watchStall(req: GotRequest, a: PullArgs): { activity(): void; stop(): v
   let timer: NodeJS.Timeout | undefined;
   let checking: AbortController | null = null;
   let stopped = false;
-  let slowChecks = 0;
   const schedule = (ms: number) => {
     timer = setTimeout(tick, ms);
   };
@@ -528,14 +526,7 @@ function watchStall(req: GotRequest, a: PullArgs): { activity(): void; stop(): v
     void checkSource(a.source, { timeoutMs: a.probeTimeoutMs, signal: checking.signal }).then((r) => {
       checking = null;
       if (stopped || req.destroyed) return;
-      // One check that timed out is a busy source, not a dead one (under load a stage's /healthz
-      // can take longer than the deadline); the second in a row, with no byte in between, is a
-      // source gone silent (a machine or link lost without a reset).
-      if (last !== seen || (r.healthy && !r.degraded)) {
-        slowChecks = 0;
-        return schedule(every);
-      }
-      if (r.slow && ++slowChecks < 2) return schedule(every);
+      if (last !== seen || (r.healthy && !r.degraded)) return schedule(every);
       const why = r.degraded ? 'it reports degraded (no upstream answers)' : `its /healthz failed (${r.error ?? 'unhealthy'})`;
       const e = scError(r.degraded ? 'SC_ERR_NO_UPSTREAM' : 'SC_ERR_UNAVAILABLE', `${a.source}: nothing received for ${Math.round(performance.now() - seen)} ms and ${why}`);
       unserved.add(e);
