@@ -74,7 +74,8 @@ describe('dashboard', { skip: !existsSync(CHROMIUM) && 'chromium is not installe
       base: `${cf.fleet.base.name}@${cf.fleet.base.version}`,
       target: `${cf.fleet.target.name}@${cf.fleet.target.version}`,
       colos: ['ams1', 'fra1'],
-      plan: { waves: [3, '100%'], maxInFlight: 3, bakeSeconds: 20 },
+      // The bake outlasts the page's clicks even on a loaded machine (the pause must land in it).
+      plan: { waves: [3, '100%'], maxInFlight: 3, bakeSeconds: 45 },
     });
     const id = created.spec.id;
     const card = page.locator(`.rollout[data-rollout="${id}"]`);
