@@ -5,15 +5,15 @@
  * test-results/.
  */
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync } from 'node:fs';
+import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { type Browser, chromium, type Page } from 'playwright-core';
+import type { Browser, Page } from 'playwright-core';
+import { launchChromium, noChromium } from './chromium.js';
 import { type ControlFleet, startControlFleet } from '../integration/control-fleet-fixture.js';
 
-const CHROMIUM = '/usr/bin/chromium';
 
-describe('dashboard', { skip: !existsSync(CHROMIUM) && 'chromium is not installed' }, () => {
+describe('dashboard', { skip: noChromium }, () => {
   let cf: ControlFleet;
   let browser: Browser;
   let page: Page;
@@ -25,20 +25,7 @@ describe('dashboard', { skip: !existsSync(CHROMIUM) && 'chromium is not installe
         { name: 'fra1', hosts: 3 },
       ],
     });
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      headless: true,
-      args: [
-        '--headless',
-        '--no-sandbox',
-        '--disable-gpu',
-        '--disable-quic',
-        '--no-first-run',
-        '--disable-background-networking',
-        '--disable-component-update',
-        '--disable-sync',
-      ],
-    });
+    browser = await launchChromium();
     page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
   });
   after(async () => {
