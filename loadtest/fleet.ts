@@ -27,7 +27,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Redis } from 'ioredis';
 import { createSimHosts, type FleetKeys, makeFleetKeys, publishSampleBundle, type SimHost, startFleetAgents } from '../services/demo/fleet.js';
 import { counterValue } from '../services/demo/demo.js';
-import { decodeReport, formatRelayKeys, keys as redisKeys } from '../shared/protocol/index.js';
+import { formatRelayKeys, readAllReports, readHosts } from '../shared/protocol/index.js';
 import { ControlClient } from '../services/control/client.js';
 import { OriginClient, ReadClient } from '../services/origin/client.js';
 import { startOrigin } from '../services/origin/main.js';
@@ -336,7 +336,7 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
       await Promise.all(children.map(stopChild));
     });
     for (let deadline = Date.now() + 600_000; ; ) {
-      if ((await redis.zcard(redisKeys(prefix).agents)) >= nHosts) break;
+      if ((await readHosts(redis, prefix)).length >= nHosts) break;
       if (Date.now() > deadline) throw new Error('agents did not register');
       await new Promise((r) => setTimeout(r, 250));
     }
@@ -421,26 +421,17 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
       resumes += counterValue(text, 'stage_resumes_total');
     }
 
-    // Step times from the reports stream.
+    // Step times from the report streams.
     const started = new Map<string, number>();
     const perStep = new Map<string, number[]>();
-    let cursor = '-';
-    for (;;) {
-      const batch = await redis.xrange(redisKeys(prefix).reports, cursor, '+', 'COUNT', 10_000);
-      if (batch.length === 0) break;
-      for (const [, fields] of batch) {
-        const r = decodeReport(fields);
-        const k = `${r.host}|${r.rollout}|${r.seq}`;
-        if (r.event === 'started' && !started.has(k)) started.set(k, r.ts);
-        if (r.event === 'completed' && started.has(k)) {
-          const arr = perStep.get(r.step) ?? [];
-          arr.push(r.ts - started.get(k)!);
-          perStep.set(r.step, arr);
-        }
+    for (const r of await readAllReports(redis, prefix)) {
+      const k = `${r.host}|${r.rollout}|${r.seq}`;
+      if (r.event === 'started' && !started.has(k)) started.set(k, r.ts);
+      if (r.event === 'completed' && started.has(k)) {
+        const arr = perStep.get(r.step) ?? [];
+        arr.push(r.ts - started.get(k)!);
+        perStep.set(r.step, arr);
       }
-      const last = batch[batch.length - 1][0];
-      const [ms, seq] = last.split('-');
-      cursor = `${ms}-${Number(seq) + 1}`;
     }
     const all = [...perStep.values()].flat();
     const steps = all.length;

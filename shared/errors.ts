@@ -25,6 +25,7 @@ export const ERRORS = {
   SC_ERR_METHOD_NOT_ALLOWED: { status: 405, message: 'Method not allowed' },
   SC_ERR_VERSION_EXISTS: { status: 409, message: 'This version exists with other content; versions are immutable' },
   SC_ERR_CONFLICT: { status: 409, message: 'Conflicting state' },
+  SC_ERR_HOST_CONFLICT: { status: 409, message: 'More than one source (the host, a relay) holds a live registration of this host' },
   SC_ERR_IN_USE_UNKNOWN: { status: 409, message: 'Cannot tell which bundles are in use, so nothing is removed' },
   SC_ERR_TOO_LARGE: { status: 413, message: 'Body too large' },
   SC_ERR_DIGEST_MISMATCH: { status: 422, message: 'Content does not match its sha256 digest' },

@@ -92,7 +92,7 @@ export const agentConfigSchema = z.strictObject({
   maxStalledCount: z.coerce.number().int().min(1).default(1000),
   /** Heartbeat period in ms. */
   heartbeatMs: z.coerce.number().int().min(100).max(600_000).default(10_000),
-  /** Approximate cap on the shared reports stream (XADD MAXLEN ~). */
+  /** Approximate cap on the host's own reports stream (XADD MAXLEN ~). */
   reportsMaxLen: z.coerce.number().int().min(1000).default(1_000_000),
   /**
    * Tests only: a directory of crash points. At a point named `<step>:<where>` the agent, once per

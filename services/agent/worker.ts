@@ -56,7 +56,7 @@
  * ## Failures
  * A step failure is recorded with `moveToFailed`, which applies the job's attempts and backoff;
  * failures that a retry cannot cure (steps/common.ts isPermanent) fail at once. The failed
- * reason is `<code>: <message>`. Every event also goes to the shared reports stream.
+ * reason is `<code>: <message>`. Every event also goes to the host's reports stream.
  */
 import type { Redis } from 'ioredis';
 import { type ScError, scError, toScError } from '../../shared/errors.js';

@@ -6,10 +6,17 @@
  * regenerated at any time without storing passwords; the ACL file holds only their SHA-256
  * (`#<hex>`), never a password.
  *
+ * Every key an agent or a relay writes is its own (shared/protocol/keys.ts), so nobody writes a
+ * report or a registration for somebody else. The shared keys control reads them by are
+ * writable with one command each, through Redis 7 ACL selectors `(~key +cmd)`: ZADD, SADD and
+ * LPUSH cannot read, remove or trim anything.
+ *
  * An agent user (prefix P, host id H) may touch:
  * - `P:host.H:*` and `P:host.H`   its BullMQ queue (jobs, locks, events, markers);
  * - `P:agent:H`                   its registration hash;
- * - `P:agents`, `P:reports`       the shared heartbeat set and reports stream (write needed);
+ * - `P:agent:H:reports`           its reports stream: XADD only;
+ * - `P:agents`                    ZADD only (its id; scores are not trusted);
+ * - `P:report-bell`               LPUSH only;
  * - `P:hostctl:H`                 read only (the abort flag control writes).
  * and run only data commands on them (no KEYS/SCAN, no admin, no pub/sub, no FLUSH*, no
  * SCRIPT FLUSH/KILL, no FUNCTION); scripts (EVAL/EVALSHA, how BullMQ works) are checked
@@ -17,10 +24,13 @@
  *
  * A relay user (a stage running colo C's relay, services/relay/server.ts) has the same commands on:
  * - `P:colo.C:*` and `P:colo.C`   its colo's BullMQ queue (no host queue, no other colo's);
- * - `P:agent:*`, `P:agents`, `P:reports`   the registrations, heartbeats and reports it writes
- *   for its hosts (host ids carry no colo, so this is every registration: a relay is trusted to
- *   speak for the hosts it serves; it still cannot touch a job outside its colo's queue);
+ * - `P:relay:C:agent:*`, `P:relay:C:agents`   the registrations and heartbeats of its hosts;
+ * - `P:relay:C:reports`           its hosts' reports stream: XADD only;
+ * - `P:relays`                    SADD only; `P:report-bell` LPUSH only;
  * - `P:hostctl:*`                 read only (abort flags, checked before a job is handed out).
+ * A relay cannot write a direct-mode host's keys or another colo's: what it can claim is a host
+ * in its own colo, which control then shows as conflicting if the host, or another relay, claims
+ * it too (shared/protocol/records.ts).
  */
 import { createHash, createHmac } from 'node:crypto';
 import { HOST_ID_RE } from '../../shared/protocol/index.js';
@@ -148,11 +158,14 @@ export function generateAcl(o: AclOptions): { acl: string; users: AclUser[] } {
       `~${keyPattern(o.prefix, `host.${h}:*`)}`,
       `~${keyPattern(o.prefix, `host.${h}`)}`,
       `~${keyPattern(o.prefix, `agent:${h}`)}`,
-      `~${keyPattern(o.prefix, 'agents')}`,
-      `~${keyPattern(o.prefix, 'reports')}`,
       `%R~${keyPattern(o.prefix, `hostctl:${h}`)}`,
     ];
-    lines.push(limitedUser(user, pw, keysRule));
+    const only = [
+      oneCommand(keyPattern(o.prefix, `agent:${h}:reports`), 'xadd'),
+      oneCommand(keyPattern(o.prefix, 'agents'), 'zadd'),
+      oneCommand(keyPattern(o.prefix, 'report-bell'), 'lpush'),
+    ];
+    lines.push(limitedUser(user, pw, keysRule, only));
   }
   for (const c of [...new Set(o.relayColos ?? [])].sort()) {
     const user = relayUser(c);
@@ -161,19 +174,28 @@ export function generateAcl(o: AclOptions): { acl: string; users: AclUser[] } {
     const keysRule = [
       `~${keyPattern(o.prefix, `colo.${c}:*`)}`,
       `~${keyPattern(o.prefix, `colo.${c}`)}`,
-      `~${keyPattern(o.prefix, 'agent:*')}`,
-      `~${keyPattern(o.prefix, 'agents')}`,
-      `~${keyPattern(o.prefix, 'reports')}`,
+      `~${keyPattern(o.prefix, `relay:${c}:agent:*`)}`,
+      `~${keyPattern(o.prefix, `relay:${c}:agents`)}`,
       `%R~${keyPattern(o.prefix, 'hostctl:*')}`,
     ];
-    lines.push(limitedUser(user, pw, keysRule));
+    const only = [
+      oneCommand(keyPattern(o.prefix, `relay:${c}:reports`), 'xadd'),
+      oneCommand(keyPattern(o.prefix, 'relays'), 'sadd'),
+      oneCommand(keyPattern(o.prefix, 'report-bell'), 'lpush'),
+    ];
+    lines.push(limitedUser(user, pw, keysRule, only));
   }
   return { acl: `${lines.join('\n')}\n`, users };
 }
 
-/** The ACL line of an agent or relay user: only `keys`, only the agent commands. */
-function limitedUser(user: string, password: string, keys: string[]): string {
-  return `user ${user} on #${sha(password)} resetkeys resetchannels ${keys.join(' ')} -@all ${AGENT_COMMANDS.join(' ')}`;
+/** The ACL line of an agent or relay user: only `keys`, only the agent commands; then one-command selectors. */
+function limitedUser(user: string, password: string, keys: string[], selectors: string[]): string {
+  return `user ${user} on #${sha(password)} resetkeys resetchannels ${keys.join(' ')} -@all ${AGENT_COMMANDS.join(' ')} ${selectors.join(' ')}`;
+}
+
+/** A Redis 7 ACL selector allowing one command on one key pattern (nothing else through it). */
+function oneCommand(pattern: string, command: string): string {
+  return `(~${pattern} +${command})`;
 }
 
 function sha(s: string): string {

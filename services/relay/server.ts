@@ -23,8 +23,9 @@
  *   (`updateProgress`/`log`, the consumer's `complete`, and its `fail` with the job's attempts
  *   and backoff and the protocol's failure encoding, encodeFailure) and write the host's step
  *   reports; `POST /v1/relay/hosts/:id/heartbeat` and any request's `fields` write its
- *   registration: same keys and stream as direct mode, so control and the dashboard see no
- *   difference except `transport: relay`. Hosts with an open poll are kept alive by the relay
+ *   registration. Both go to this colo's own keys (`P:relay:<colo>:*`, shared/protocol/keys.ts),
+ *   the only ones its Redis user may write: a relay cannot rewrite a host of another colo or a
+ *   direct-mode host, and control shows its hosts as `transport: relay` in this colo. Hosts with an open poll are kept alive by the relay
  *   (one pipelined write per `heartbeatMs` for all of them).
  * - If the relay dies, its jobs stay active under the colo token. A restarted relay re-adopts
  *   them at once (`extendLock` with the same token succeeds) and hands them out again; if none
@@ -64,6 +65,7 @@ import {
   type StepPayload,
   StepQueueConsumer,
   type StepReport,
+  type Source,
   isFailureCode,
 } from '../../shared/protocol/index.js';
 import { stepJobOf } from '../../shared/protocol/transport.js';
@@ -95,7 +97,7 @@ export interface RelayOptions {
   maxWaitSec?: number;
   /** How often hosts with an open poll get their heartbeat written, ms (default 10000). */
   heartbeatMs?: number;
-  /** Approximate cap of the reports stream (default 1,000,000). */
+  /** Approximate cap of this colo's reports stream (default 1,000,000). */
   reportsMaxLen?: number;
   now?: () => number;
 }
@@ -153,6 +155,7 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
   const token = relayLockToken(o.colo);
   const queueName = coloQueueName(o.colo);
   const k = keys(o.prefix);
+  const source: Source = { kind: 'relay', colo: o.colo };
   const redis: Redis = createRedis(o.redisUrl, { forBullmq: true, name: `relay:${o.colo}` });
   redis.on('error', (err) => log.warn({ err: err.message }, 'redis connection error'));
   const consumer = new StepQueueConsumer({
@@ -214,7 +217,7 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
     if (waiters.size === 0) return;
     const t = now();
     const pipe = redis.pipeline();
-    for (const host of waiters.keys()) pipe.hset(k.agent(host), 'lastSeen', String(t)).zadd(k.agents, t, host);
+    for (const host of waiters.keys()) pipe.hset(k.relayAgent(o.colo, host), 'lastSeen', String(t)).zadd(k.relayAgents(o.colo), t, host);
     pipe.exec().catch((err) => log.warn({ err: (err as Error).message }, 'heartbeat write failed'));
   }, hbMs);
 
@@ -273,8 +276,8 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
   const write = async (host: string, fields: Partial<HostRecord> | null, r: StepReport | null) => {
     if (!fields && !r) return;
     const pipe = redis.multi();
-    if (fields) queuePresence(pipe, o.prefix, host, fields, now());
-    if (r) queueReport(pipe, o.prefix, r, maxLen);
+    if (fields) queuePresence(pipe, o.prefix, source, host, fields, now());
+    if (r) queueReport(pipe, o.prefix, source, r, maxLen);
     await pipe.exec();
   };
   const heldFor = (req: Request, host: string): Held => {

@@ -6,7 +6,8 @@ import { createHash, type KeyObject } from 'node:crypto';
 import type { Redis } from 'ioredis';
 import { scError } from '../errors.js';
 import { canonicalJson, keyId, signBytes, verifyBytes } from '../manifest.js';
-import { coloQueueName, hostQueueName, keys } from './keys.js';
+import { coloQueueName, hostQueueName } from './keys.js';
+import { readRecordSources } from './records.js';
 import { STEP_NAMES, type StepName } from './steps.js';
 
 /**
@@ -46,6 +47,8 @@ export interface StepRoute {
   transport: Transport;
   /** BullMQ queue name: `host.<id>` (direct) or `colo.<colo>` (relay). */
   queue: string;
+  /** Sources that hold live registrations of the host at once (records.ts): no job goes to it until one is gone. */
+  conflict?: string[];
 }
 
 /**
@@ -82,20 +85,21 @@ export function routedJobId(route: StepRoute | Transport, host: string, baseId: 
   return t === 'relay' ? `${baseId}.${host}` : baseId;
 }
 
-/** The routes of many hosts in one pipelined round trip (hosts without a registration: direct). */
+/**
+ * The routes of many hosts, from who holds each one's registration (records.ts
+ * readRecordSources): a relay's record routes the host to its colo's queue, the host's own record
+ * (or none) to its own queue. What a record says of its transport is not asked: a host cannot
+ * send its jobs to a colo, and a relay cannot take a host into another colo.
+ */
 export async function readRoutes(redis: Redis, prefix: string, hosts: readonly string[]): Promise<Map<string, StepRoute>> {
-  const uniq = [...new Set(hosts)];
+  const sources = await readRecordSources(redis, prefix, hosts);
   const out = new Map<string, StepRoute>();
-  if (uniq.length === 0) return out;
-  const k = keys(prefix);
-  const pipe = redis.pipeline();
-  for (const h of uniq) pipe.hmget(k.agent(h), 'transport', 'colo');
-  const res = (await pipe.exec()) ?? [];
-  uniq.forEach((h, i) => {
-    const [err, v] = res[i] ?? [];
-    const [transport, colo] = !err && Array.isArray(v) ? (v as (string | null)[]) : [null, null];
-    out.set(h, stepRoute(h, { transport, colo }));
-  });
+  for (const h of new Set(hosts)) {
+    const s = sources.get(h);
+    const route = s?.source.kind === 'relay' ? stepRoute(h, { transport: 'relay', colo: s.source.colo }) : stepRoute(h);
+    if (s?.conflict.length) route.conflict = s.conflict;
+    out.set(h, route);
+  }
   return out;
 }
 

@@ -38,6 +38,9 @@ export class AgentProducer {
   ): Promise<string[]> {
     hostQueueName(host);
     const route = opts.route ?? (await readRoutes(this.#redis, this.prefix, [host])).get(host)!;
+    if (route.conflict?.length) {
+      throw scError('SC_ERR_HOST_CONFLICT', `host ${host} is registered by ${route.conflict.join(' and ')}; no job goes to it until one of them has been quiet for 5 minutes (or an operator deletes the stale registration's key)`);
+    }
     const queueName = route.queue;
     if (!ROLLOUT_RE.test(rollout)) throw scError('SC_ERR_BAD_NAME', `bad rollout id ${JSON.stringify(rollout.slice(0, 80))}`);
     if (steps.length === 0) throw scError('SC_ERR_BAD_REQUEST', 'empty sequence');

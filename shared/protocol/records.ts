@@ -6,7 +6,7 @@ import type { ChainableCommander, Redis } from 'ioredis';
 import { z } from 'zod';
 import { scError } from '../errors.js';
 import { NAME_RE } from '../names.js';
-import { keys } from './keys.js';
+import { keys, reportStreamOf, type Source, sourceName } from './keys.js';
 import type { Transport } from './job.js';
 
 /** A host as its agent last reported it. */
@@ -26,6 +26,13 @@ export interface HostRecord {
   state: string;
   rollout: string | null;
   step: string | null;
+  /** Who wrote this record (`host.<id>` or `relay.<colo>`, keys.ts): set by the reader, never by the writer. */
+  source?: string;
+  /**
+   * Set by the reader when more than one source holds a live record of this host (keys.ts): the
+   * sources, newest first. Control sends such a host no job until the stale claim is gone.
+   */
+  conflict?: string[];
 }
 
 /** One step event from an agent, as written to the reports stream. */
@@ -61,18 +68,118 @@ export function decodeHostRecord(fields: Record<string, string>): HostRecord {
   return o as unknown as HostRecord;
 }
 
-/** Reads every registered host (registrations and heartbeats). */
+/**
+ * Two records of one host whose heartbeats are this close (ms) are a conflict (HostRecord.conflict);
+ * farther apart, the newer one is the host's (a host moved from direct mode to a relay, or between
+ * colos, and its old record went quiet).
+ */
+export const RECORD_CONFLICT_WINDOW_MS = 5 * 60_000;
+
+/** One host's record as one source wrote it. */
+interface SourcedRecord {
+  source: Source;
+  fields: Record<string, string>;
+}
+
+/** The host record from one source's hash: the key decides id, transport and (for a relay) colo. */
+function fromSource(host: string, r: SourcedRecord): HostRecord {
+  const rec = decodeHostRecord(r.fields);
+  rec.hostId = host;
+  rec.source = sourceName(r.source);
+  if (r.source.kind === 'relay') {
+    rec.colo = r.source.colo;
+    rec.transport = 'relay';
+  } else {
+    rec.transport = 'direct';
+  }
+  return rec;
+}
+
+/** The record of a host from every source's claim: the newest, with the conflict rule (RECORD_CONFLICT_WINDOW_MS). */
+function resolve(host: string, claims: SourcedRecord[]): HostRecord | null {
+  const recs = claims.filter((c) => Object.keys(c.fields).length > 0).map((c) => fromSource(host, c));
+  if (recs.length === 0) return null;
+  const seen = (h: HostRecord) => (typeof h.lastSeen === 'number' && Number.isFinite(h.lastSeen) ? h.lastSeen : 0);
+  recs.sort((x, y) => seen(y) - seen(x));
+  const live = recs.filter((h) => seen(recs[0]) - seen(h) <= RECORD_CONFLICT_WINDOW_MS);
+  const out = recs[0];
+  if (live.length > 1) out.conflict = live.map((h) => h.source!);
+  else delete out.conflict;
+  return out;
+}
+
+/** The colos whose relay registered hosts. */
+async function relayColos(redis: Redis, prefix: string): Promise<string[]> {
+  return (await redis.smembers(keys(prefix).relays)).filter((c) => NAME_RE.test(c)).sort();
+}
+
+/**
+ * Reads every registered host: direct-mode hosts (`P:agents`) and every relay's hosts
+ * (`P:relays`, then each `P:relay:<c>:agents`), each record as its source wrote it, resolved per
+ * host (the newest; HostRecord.conflict when several sources claim a host at once).
+ */
 export async function readHosts(redis: Redis, prefix = 'stagecoach'): Promise<HostRecord[]> {
   const k = keys(prefix);
-  const ids = await redis.zrange(k.agents, '0', '-1');
-  if (ids.length === 0) return [];
+  const colos = await relayColos(redis, prefix);
+  const idPipe = redis.pipeline().zrange(k.agents, '0', '-1');
+  for (const c of colos) idPipe.zrange(k.relayAgents(c), '0', '-1');
+  const idRes = (await idPipe.exec()) ?? [];
+  const wanted: { host: string; source: Source; key: string }[] = [];
+  const ids = (i: number) => ((idRes[i]?.[1] as string[] | undefined) ?? []).filter((h) => NAME_RE.test(h));
+  for (const h of ids(0)) wanted.push({ host: h, source: { kind: 'host', host: h }, key: k.agent(h) });
+  colos.forEach((c, i) => {
+    for (const h of ids(i + 1)) wanted.push({ host: h, source: { kind: 'relay', colo: c }, key: k.relayAgent(c, h) });
+  });
+  if (wanted.length === 0) return [];
   const pipe = redis.pipeline();
-  for (const id of ids) pipe.hgetall(k.agent(id));
+  for (const w of wanted) pipe.hgetall(w.key);
   const res = (await pipe.exec()) ?? [];
-  return res
-    .map(([, fields]) => fields as Record<string, string>)
-    .filter((f) => f && Object.keys(f).length > 0)
-    .map(decodeHostRecord);
+  const claims = new Map<string, SourcedRecord[]>();
+  wanted.forEach((w, i) => {
+    const fields = (res[i]?.[1] as Record<string, string> | undefined) ?? {};
+    const list = claims.get(w.host) ?? [];
+    list.push({ source: w.source, fields });
+    claims.set(w.host, list);
+  });
+  const out: HostRecord[] = [];
+  for (const [h, list] of claims) {
+    const r = resolve(h, list);
+    if (r) out.push(r);
+  }
+  return out;
+}
+
+/**
+ * Who holds each host's record, by the rule of readHosts, in two round trips whatever the number
+ * of hosts: the source of the newest record and the conflicting sources (empty when none).
+ * Hosts nobody registered are absent.
+ */
+export async function readRecordSources(redis: Redis, prefix: string, hosts: readonly string[]): Promise<Map<string, { source: Source; conflict: string[] }>> {
+  const k = keys(prefix);
+  const uniq = [...new Set(hosts)];
+  const out = new Map<string, { source: Source; conflict: string[] }>();
+  if (uniq.length === 0) return out;
+  const colos = await relayColos(redis, prefix);
+  const sources: Source[] = colos.map((c) => ({ kind: 'relay', colo: c }));
+  const pipe = redis.pipeline();
+  for (const h of uniq) {
+    pipe.hmget(k.agent(h), 'lastSeen');
+    for (const c of colos) pipe.hmget(k.relayAgent(c, h), 'lastSeen');
+  }
+  const res = (await pipe.exec()) ?? [];
+  const per = colos.length + 1;
+  uniq.forEach((h, i) => {
+    const claims: SourcedRecord[] = [];
+    [{ kind: 'host', host: h } as Source, ...sources].forEach((source, j) => {
+      const v = res[i * per + j]?.[1] as (string | null)[] | undefined;
+      if (v?.[0] != null) claims.push({ source, fields: { lastSeen: v[0] } });
+    });
+    const r = resolve(h, claims);
+    if (!r) return;
+    const won = claims.find((c) => sourceName(c.source) === r.source)!;
+    out.set(h, { source: won.source, conflict: r.conflict ?? [] });
+  });
+  return out;
 }
 
 /** Asks a host's agent to stop at its next step boundary for `rollout` (abort). */
@@ -87,15 +194,51 @@ export function decodeReport(fields: string[]): StepReport {
   return JSON.parse(o.r ?? '{}') as StepReport;
 }
 
-/** Queues the registration/heartbeat writes of one host on a MULTI or pipeline (what an agent or its relay writes). */
-export function queuePresence(pipe: ChainableCommander, prefix: string, hostId: string, fields: Partial<HostRecord>, now: number): ChainableCommander {
+/**
+ * Queues the registration/heartbeat writes of one host on a MULTI or pipeline, into the keys of
+ * `source` (the host itself, or its colo's relay: keys.ts). Only the given fields change.
+ */
+export function queuePresence(pipe: ChainableCommander, prefix: string, source: Source, hostId: string, fields: Partial<HostRecord>, now: number): ChainableCommander {
   const k = keys(prefix);
-  return pipe.hset(k.agent(hostId), encodeHostRecord({ ...fields, hostId, lastSeen: now })).zadd(k.agents, now, hostId);
+  const rec = encodeHostRecord({ ...fields, hostId, lastSeen: now });
+  if (source.kind === 'host') return pipe.hset(k.agent(hostId), rec).zadd(k.agents, now, hostId);
+  return pipe.hset(k.relayAgent(source.colo, hostId), rec).zadd(k.relayAgents(source.colo), now, hostId).sadd(k.relays, source.colo);
 }
 
-/** Queues one report on the shared stream (field `r`: the StepReport as JSON) on a MULTI or pipeline. */
-export function queueReport(pipe: ChainableCommander, prefix: string, r: StepReport, maxLen = 1_000_000): ChainableCommander {
-  return pipe.xadd(keys(prefix).reports, 'MAXLEN', '~', maxLen, '*', 'r', JSON.stringify(r));
+/**
+ * Queues one report on the source's own stream (field `r`: the StepReport as JSON, MAXLEN ~ cap)
+ * and rings the report bell, on a MULTI or pipeline.
+ */
+export function queueReport(pipe: ChainableCommander, prefix: string, source: Source, r: StepReport, maxLen = 1_000_000): ChainableCommander {
+  return pipe.xadd(reportStreamOf(prefix, source), 'MAXLEN', '~', maxLen, '*', 'r', JSON.stringify(r)).lpush(keys(prefix).bell, sourceName(source));
+}
+
+/**
+ * Every report of every source (direct hosts and relays), oldest first by `ts`: for tests,
+ * benchmarks and tools that read the whole history. Control reads with its consumer groups
+ * (services/control/rollouts/report-stream.ts).
+ */
+export async function readAllReports(redis: Redis, prefix: string): Promise<StepReport[]> {
+  const k = keys(prefix);
+  const streams = [
+    ...(await redis.zrange(k.agents, '0', '-1')).filter((h) => NAME_RE.test(h)).map((h) => k.hostReports(h)),
+    ...(await relayColos(redis, prefix)).map((c) => k.relayReports(c)),
+  ];
+  const pipe = redis.pipeline();
+  for (const s of streams) pipe.xrange(s, '-', '+');
+  const res = (await pipe.exec()) ?? [];
+  const out: { id: string; r: StepReport }[] = [];
+  for (const [, rows] of res) {
+    for (const [id, fields] of (rows as [string, string[]][] | null) ?? []) {
+      try {
+        out.push({ id, r: decodeReport(fields) });
+      } catch {
+        // a malformed entry is skipped, as control skips it
+      }
+    }
+  }
+  const ms = (id: string) => Number(id.slice(0, id.indexOf('-')));
+  return out.sort((a, b) => a.r.ts - b.r.ts || ms(a.id) - ms(b.id)).map((x) => x.r);
 }
 
 /** A string cut to `max` characters (a host's free text is kept, not refused, but bounded). */

@@ -253,7 +253,7 @@ describe('dashboard states', { skip: noChromium }, () => {
               step: st === 'failed' ? 'fetch' : null,
             };
             // The same writes an agent's registration and heartbeats make.
-            queuePresence(pipe, fx.prefix, `${colo}-h${i}`, fields, st === 'stale' ? now - 2 * 3600_000 : now);
+            queuePresence(pipe, fx.prefix, { kind: 'host', host: `${colo}-h${i}` }, `${colo}-h${i}`, fields, st === 'stale' ? now - 2 * 3600_000 : now);
           }
           await pipe.exec();
         }

@@ -12,7 +12,7 @@ import { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { createLogger } from '../../shared/log.js';
 import { createRedis } from '../../shared/redis.js';
-import { AgentProducer, decodeReport, hostQueueName, keys, type SequenceStep, type StepReport } from '../../shared/protocol/index.js';
+import { AgentProducer, hostQueueName, readAllReports, type SequenceStep, type StepReport } from '../../shared/protocol/index.js';
 import { type Fleet, type FleetOptions, startFleet } from '../../services/demo/fleet.js';
 import { SimMachine, readActionLog, type SimAction } from '../../services/agent/machine/sim.js';
 import type { MachineInspect } from '../../services/agent/machine/driver.js';
@@ -139,8 +139,7 @@ export async function startTestFleet(opts: Partial<FleetOptions> = {}): Promise<
       return done.filter((o): o is JobOutcome => o !== null);
     },
     reports: async () => {
-      const entries = await redis.xrange(keys(prefix).reports, '-', '+');
-      return entries.map(([, fields]) => decodeReport(fields));
+      return readAllReports(redis, prefix);
     },
     machine: (host: string) => new SimMachine(dirOf(host)),
     inspect: (host: string) => new SimMachine(dirOf(host)).inspect(),

@@ -1,7 +1,8 @@
 /**
  * The generated Redis ACL against a real private redis-server started with `--aclfile`: agent
- * h1 runs a real BullMQ Worker on its own queue and writes its presence, but can neither read
- * nor write host h2's queue, nor write its abort flag, nor list or flush keys. Control can do
+ * h1 runs a real BullMQ Worker on its own queue and writes its presence and reports, but can
+ * neither read nor write host h2's queue or reports, nor read, trim or remove anything shared,
+ * nor write its abort flag, nor list or flush keys. A relay writes only its colo's keys. Control can do
  * its work; the default user can do nothing.
  */
 import assert from 'node:assert/strict';
@@ -14,11 +15,14 @@ import { Queue, Worker } from 'bullmq';
 import { Redis } from 'ioredis';
 import { credentialUrl, generateAcl } from '../../services/cli/acl-gen.js';
 import { haveRedisServer, freePort } from '../../shared/redis.js';
+import { queuePresence, queueReport, type Source } from '../../shared/protocol/index.js';
 import { startControlFleet } from './control-fleet-fixture.js';
 
 
 const P = 'sc';
 const noperm = (err: unknown) => /NOPERM|NOAUTH|WRONGPASS/.test((err as Error).message);
+/** True when no command of a MULTI failed (EXEC's per-command errors would otherwise pass silently). */
+const noErrors = (res: [Error | null, unknown][] | null) => !!res && res.every(([e]) => !e);
 
 describe('redis ACL', { skip: !haveRedisServer() && 'redis-server is not installed' }, () => {
   let dir: string;
@@ -76,7 +80,8 @@ describe('redis ACL', { skip: !haveRedisServer() && 'redis-server is not install
     const acl = generateAcl({ prefix: P, hosts: ['h1'], secret: 'a-test-secret-of-enough-length' });
     for (const u of acl.users) assert.ok(!acl.acl.includes(u.password));
     assert.match(acl.acl, /^user default off/m);
-    assert.match(acl.acl, /~sc:host\.h1:\* ~sc:host\.h1 ~sc:agent:h1 ~sc:agents ~sc:reports %R~sc:hostctl:h1 /);
+    assert.match(acl.acl, /~sc:host\.h1:\* ~sc:host\.h1 ~sc:agent:h1 %R~sc:hostctl:h1 /);
+    assert.match(acl.acl, /\(~sc:agent:h1:reports \+xadd\) \(~sc:agents \+zadd\) \(~sc:report-bell \+lpush\)$/m);
   });
 
   it('redis.conf turns AOF on and never evicts', async () => {
@@ -110,9 +115,12 @@ describe('redis ACL', { skip: !haveRedisServer() && 'redis-server is not install
     assert.equal(await q1.getJobState('r1.0.fetch'), 'completed');
     assert.deepEqual(await q1.getJobLogs('r1.0.fetch'), { logs: ['half way'], count: 1 });
 
-    // Presence: registration, heartbeat, reports; the abort flag is readable.
-    await a1.multi().hset(`${P}:agent:h1`, 'hostId', '"h1"').zadd(`${P}:agents`, Date.now(), 'h1').exec();
-    await a1.xadd(`${P}:reports`, 'MAXLEN', '~', '1000', '*', 'r', '{}');
+    // Presence: registration, heartbeat, reports (the writers the agent uses); the abort flag is readable.
+    const me: Source = { kind: 'host', host: 'h1' };
+    assert.ok(noErrors(await queuePresence(a1.multi(), P, me, 'h1', { colo: 'c1' }, Date.now()).exec()));
+    assert.ok(noErrors(await queueReport(a1.multi(), P, me, { host: 'h1', rollout: 'r1', seq: 0, step: 'fetch', event: 'started', ts: Date.now() }).exec()));
+    assert.equal(await ctl.xlen(`${P}:agent:h1:reports`), 1);
+    assert.deepEqual(await ctl.lrange(`${P}:report-bell`, 0, -1), ['host.h1']);
     assert.equal(await a1.hget(`${P}:hostctl:h1`, 'abort'), 'none');
   });
 
@@ -130,6 +138,21 @@ describe('redis ACL', { skip: !haveRedisServer() && 'redis-server is not install
     await assert.rejects(a1.flushall(), noperm);
     await assert.rejects(a1.call('CONFIG', 'GET', 'dir'), noperm);
     await assert.rejects(a1.get(`${P}:control:audit`), noperm);
+
+    // The shared keys: one command each, nothing that reads, removes or trims.
+    await assert.rejects(a1.xrange(`${P}:agent:h2:reports`, '-', '+'), noperm, 'no reading another host’s reports');
+    await assert.rejects(a1.xadd(`${P}:agent:h2:reports`, '*', 'r', '{}'), noperm, 'no writing another host’s reports');
+    await assert.rejects(a1.xrange(`${P}:agent:h1:reports`, '-', '+'), noperm, 'its own stream is write-only');
+    await assert.rejects(a1.xtrim(`${P}:agent:h1:reports`, 'MAXLEN', '0'), noperm);
+    await assert.rejects(a1.del(`${P}:agent:h1:reports`), noperm);
+    await assert.rejects(a1.xgroup('DESTROY', `${P}:agent:h1:reports`, 'control'), noperm, 'control’s group is not the agent’s');
+    await assert.rejects(a1.zrem(`${P}:agents`, 'h2'), noperm, 'no removing another host');
+    await assert.rejects(a1.del(`${P}:agents`), noperm);
+    await assert.rejects(a1.zrange(`${P}:agents`, '0', '-1'), noperm);
+    await assert.rejects(a1.lrange(`${P}:report-bell`, 0, -1), noperm);
+    await assert.rejects(a1.lpop(`${P}:report-bell`), noperm);
+    await assert.rejects(a1.hset(`${P}:relay:c1:agent:h2`, 'ip', '"x"'), noperm, 'no relay registration');
+    await assert.rejects(a1.sadd(`${P}:relays`, 'c9'), noperm);
 
     // Through BullMQ itself: adding to or taking from h2's queue fails.
     const a1b = connect('agent-h1', { bullmq: true });
@@ -168,8 +191,11 @@ describe('redis ACL', { skip: !haveRedisServer() && 'redis-server is not install
     await job!.log('relayed');
     await job!.moveToCompleted({ ok: true }, token, false);
     assert.equal(await q1.getJobState('r9.0.fetch.h1'), 'completed');
-    await r1.multi().hset(`${P}:agent:h1`, 'transport', '"relay"').zadd(`${P}:agents`, Date.now(), 'h1').exec();
-    await r1.xadd(`${P}:reports`, 'MAXLEN', '~', '1000', '*', 'r', '{}');
+    const relay: Source = { kind: 'relay', colo: 'c1' };
+    assert.ok(noErrors(await queuePresence(r1.multi(), P, relay, 'h1', { transport: 'relay' }, Date.now()).exec()));
+    assert.ok(noErrors(await queueReport(r1.multi(), P, relay, { host: 'h1', rollout: 'r9', seq: 0, step: 'fetch', event: 'started', ts: Date.now() }).exec()));
+    assert.equal(await ctl.xlen(`${P}:relay:c1:reports`), 1);
+    assert.deepEqual(await ctl.smembers(`${P}:relays`), ['c1']);
     assert.equal(await r1.hget(`${P}:hostctl:h1`, 'abort'), 'none');
 
     // Not: another colo's queue, any host queue, abort flags, control's keys.
@@ -180,6 +206,16 @@ describe('redis ACL', { skip: !haveRedisServer() && 'redis-server is not install
     await assert.rejects(r1p.hset(`${P}:hostctl:h1`, 'abort', ''), noperm);
     await assert.rejects(r1p.get(`${P}:control:audit`), noperm);
     await assert.rejects(r1p.keys('*'), noperm);
+    // Registrations and reports: its colo's own keys only.
+    await assert.rejects(r1p.hset(`${P}:agent:h1`, 'transport', '"relay"'), noperm, 'no rewriting a direct-mode host');
+    await assert.rejects(r1p.hset(`${P}:relay:c2:agent:h2`, 'ip', '"x"'), noperm, 'no rewriting another colo’s host');
+    await assert.rejects(r1p.zadd(`${P}:relay:c2:agents`, 1, 'h2'), noperm);
+    await assert.rejects(r1p.xadd(`${P}:relay:c2:reports`, '*', 'r', '{}'), noperm);
+    await assert.rejects(r1p.xadd(`${P}:agent:h2:reports`, '*', 'r', '{}'), noperm);
+    await assert.rejects(r1p.xtrim(`${P}:relay:c1:reports`, 'MAXLEN', '0'), noperm);
+    await assert.rejects(r1p.xrange(`${P}:relay:c1:reports`, '-', '+'), noperm);
+    await assert.rejects(r1p.srem(`${P}:relays`, 'c2'), noperm);
+    await assert.rejects(r1p.zadd(`${P}:agents`, 1, 'h1'), noperm);
     const w2 = new Worker('colo.c2', null, { connection: connect('relay-c1', { bullmq: true }), prefix: P, autorun: false });
     w2.on('error', () => {});
     closers.push(() => w2.close());

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { tmpdir } from 'node:os';
 import { Redis } from 'ioredis';
 import { type ColoSpec, type Fleet, type FleetAgents, startFleet, startFleetAgents } from '../../services/demo/fleet.js';
-import { decodeReport, keys, type StepReport } from '../../shared/protocol/index.js';
+import { readAllReports, type StepReport } from '../../shared/protocol/index.js';
 import { type AgentHandle, startAgent } from '../../services/agent/runtime.js';
 import { ControlClient, type RolloutDetail } from '../../services/control/client.js';
 import type { ControlConfigInput } from '../../services/control/config.js';
@@ -167,8 +167,7 @@ export async function startControlFleet(o: {
         return cf.control;
       },
       async reports() {
-        const rows = (await redis.xrange(keys(fleet.prefix).reports, '-', '+')) as [string, string[]][];
-        return rows.map(([, f]) => decodeReport(f));
+        return readAllReports(redis, fleet.prefix);
       },
       async waitRollout(id, pred, ms = 240_000) {
         return until(

@@ -1,11 +1,12 @@
 /**
- * Control believes a host's final states only when the host's BullMQ job agrees: `completed`
- * reports that anyone with write access to the reports stream (every direct agent, every relay)
- * writes for another host change nothing in the rollout.
+ * Control believes a host's final states only when the host's BullMQ job agrees, and a source's
+ * reports only about itself: `completed` reports that another host's agent writes in the
+ * victim's name on its own stream, or that appear on the victim's own stream without its job,
+ * change nothing in the rollout.
  */
 import assert from 'node:assert/strict';
 import { after, describe, it } from 'node:test';
-import { CONVERT_STEPS, keys, type StepReport } from '../../shared/protocol/index.js';
+import { CONVERT_STEPS, keys, queueReport, reportStreamOf, type Source, type StepReport } from '../../shared/protocol/index.js';
 import { type ControlFixture, controlFixture, until } from './control-fixture.js';
 
 describe('control: final reports are checked against BullMQ', () => {
@@ -30,24 +31,32 @@ describe('control: final reports are checked against BullMQ', () => {
     });
     const before = await view();
 
-    // What the liar's agent can write: every step of the victim "completed", in its name.
+    // What can be written in the victim's name: by the liar's agent on its own stream (the only
+    // one its Redis user may write), and on the victim's own stream (say, by the victim's agent
+    // gone wrong): every step of the victim "completed".
     const k = keys(f.prefix);
-    let last = '';
-    for (const [seq, step] of CONVERT_STEPS.entries()) {
-      const rep: StepReport = { host: 'victim', rollout: id, seq, step, event: 'completed', ts: Date.now() };
-      last = (await f.redis.xadd(k.reports, '*', 'r', JSON.stringify(rep))) as string;
-    }
-    // Wait until control read and acknowledged them.
-    await until('control consumed the reports', async () => {
-      const groups = (await f.redis.xinfo('GROUPS', k.reports)) as unknown[][];
+    const consumed = async (stream: string, last: string) => {
+      const groups = (await f.redis.xinfo('GROUPS', stream)) as unknown[][];
       const asObject = (row: unknown[]) => {
         const o: Record<string, unknown> = {};
         for (let i = 0; i + 1 < row.length; i += 2) o[String(row[i])] = row[i + 1];
         return o;
       };
       const ctl = groups.map(asObject).find((x) => x.name === 'control');
-      return ctl && String(ctl['last-delivered-id']) === last && Number(ctl.pending) === 0;
-    });
+      return !!ctl && String(ctl['last-delivered-id']) === last && Number(ctl.pending) === 0;
+    };
+    for (const source of [{ kind: 'host', host: 'liar' }, { kind: 'host', host: 'victim' }] as Source[]) {
+      let last = '';
+      for (const [seq, step] of CONVERT_STEPS.entries()) {
+        const rep: StepReport = { host: 'victim', rollout: id, seq, step, event: 'completed', ts: Date.now() };
+        const res = await queueReport(f.redis.multi(), f.prefix, source, rep).exec();
+        last = res![0][1] as string;
+      }
+      // Wait until control read and acknowledged them.
+      const stream = reportStreamOf(f.prefix, source);
+      await until(`control consumed the reports on ${stream}`, () => consumed(stream, last));
+    }
+    assert.equal(await f.redis.llen(k.bell), 0, 'control took every ring');
     // A few more ticks (reconcile included) for anything the reports might have set off.
     await new Promise((res) => setTimeout(res, 2500));
     const afterwards = await view();

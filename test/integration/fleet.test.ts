@@ -14,7 +14,7 @@ import { after, before, describe, it } from 'node:test';
 import { Redis } from 'ioredis';
 import { type Fleet, startFleet } from '../../services/demo/fleet.js';
 import { counterValue } from '../../services/demo/demo.js';
-import { decodeReport, keys, readHosts } from '../../shared/protocol/index.js';
+import { readAllReports, readHosts } from '../../shared/protocol/index.js';
 import { ControlClient } from '../../services/control/client.js';
 import { type RunningControl, startControl } from '../../services/control/main.js';
 import { ReadClient } from '../../services/origin/client.js';
@@ -132,7 +132,8 @@ describe('fleet: 40 hosts in 4 colos, half of them through relays', () => {
     assert.equal(egress, (fleet.base.blob.size + fleet.target.blob.size) * COLOS.length);
     // In-flight limits: each host's first step start → last step completion lies inside its
     // in-flight window, so these intervals never overlap more than the limits.
-    const reps = (await redis.xrange(keys(fleet.prefix).reports, '-', '+')).map(([, f]) => decodeReport(f)).filter((x) => x.rollout === r.spec.id);
+    const all = await readAllReports(redis, fleet.prefix);
+    const reps = all.filter((x) => x.rollout === r.spec.id);
     const iv = new Map<string, [number, number]>();
     for (const x of reps) {
       const cur = iv.get(x.host) ?? [Number.POSITIVE_INFINITY, 0];
@@ -140,7 +141,6 @@ describe('fleet: 40 hosts in 4 colos, half of them through relays', () => {
       if (x.event === 'completed') cur[1] = Math.max(cur[1], x.ts);
       iv.set(x.host, cur);
     }
-    const all = (await redis.xrange(keys(fleet.prefix).reports, '-', '+')).map(([, f]) => decodeReport(f));
     const missing = fleet.hosts.filter((h) => !iv.has(h.hostId)).map((h) => h.hostId);
     assert.equal(iv.size, 40, `reports of ${missing.join(',')}: ${JSON.stringify(all.filter((x) => missing.includes(x.host)).slice(0, 5))} / rollout ${r.spec.id}`);
     assert.ok(maxOverlap([...iv.values()]) <= MAX_IN_FLIGHT, 'maxInFlight held');

@@ -94,7 +94,7 @@ describe('relay mode', () => {
       }
     });
     // The relay registers the host on its behalf, with transport relay.
-    await until(async () => (await f.redis.hget(keys(f.prefix).agent(host.hostId), 'transport')) === '"relay"', 30_000, 'relay registration');
+    await until(async () => (await f.redis.hget(keys(f.prefix).relayAgent('c1', host.hostId), 'transport')) === '"relay"', 30_000, 'relay registration');
     const ids = await f.producer.enqueueSequence(host.hostId, 'rrelay1', seq());
     assert.ok(ids.every((id) => id.endsWith(`.${host.hostId}`)), 'relay job ids name the host');
     const killed: string[] = [];
@@ -170,7 +170,7 @@ describe('relay mode', () => {
     const url = f.stages.c1[0].url;
     const headers = { authorization: `Bearer ${relayToken({ kid: '1', secret: f.relaySecret }, 'c1', id)}`, 'x-stagecoach-host': id, 'content-type': 'application/json' };
     const beat = (fields: unknown) => fetch(`${url}/v1/relay/hosts/${id}/heartbeat`, { method: 'POST', headers, body: JSON.stringify({ fields }) });
-    const key = keys(f.prefix).agent(id);
+    const key = keys(f.prefix).relayAgent('c1', id);
     let r = await beat({ state: 'idle', ip: '10.9.9.9', junk: 'x'.repeat(10_000), hostId: 'someone-else' });
     assert.equal(r.status, 204);
     assert.equal(await f.redis.hget(key, 'ip'), '"10.9.9.9"');
@@ -329,7 +329,7 @@ describe('relay mode', () => {
       });
     let agents = await start();
     try {
-      await until(async () => (await f.redis.hget(keys(f.prefix).agent(host.hostId), 'transport')) === '"relay"', 30_000, 'registration');
+      await until(async () => (await f.redis.hget(keys(f.prefix).relayAgent('c1', host.hostId), 'transport')) === '"relay"', 30_000, 'registration');
       const ids = await f.producer.enqueueSequence(host.hostId, 'rrelay3', seq());
       await until(async () => (await states(ids)).filter((s) => s === 'completed').length >= 3, 60_000, 'three steps done');
       // The host goes away in the middle of its sequence (its step aborted, as in a crash): the

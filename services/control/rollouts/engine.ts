@@ -5,9 +5,10 @@
  * step states live in Redis; memory holds a write-through copy of the active ones (store.ts). The
  * loop can be stopped and started at any time:
  *
- * 1. read step reports from the agents' reports stream with ONE connection (report-stream.ts:
- *    XREADGROUP in the consumer group `control`; a restarted control first re-reads what it had
- *    read but not acknowledged, then continues with new entries);
+ * 1. read step reports from every source's report stream with ONE connection (report-stream.ts:
+ *    woken by the report bell, XREADGROUP in a consumer group `control` per stream; a restarted
+ *    control first re-reads what it had read but not acknowledged, then continues with new
+ *    entries);
  * 2. apply them to host states, advance waves (preheat → rolling → bake), start hosts within
  *    the in-flight limits, enforce the failure budget, and run pending side effects;
  * 3. persist every change in one MULTI, and only then XACK the reports.
@@ -23,7 +24,7 @@
 import { EventEmitter } from 'node:events';
 import type { KeyObject } from 'node:crypto';
 import type { Redis } from 'ioredis';
-import { type AgentProducer, type BundleRef, HOST_ID_RE, keys, requestAbort, type StepReport } from '../../../shared/protocol/index.js';
+import { type AgentProducer, type BundleRef, HOST_ID_RE, requestAbort, type StepReport } from '../../../shared/protocol/index.js';
 import { isScError, scError } from '../../../shared/errors.js';
 import type { Logger } from '../../../shared/log.js';
 import { parseRef } from '../../../shared/names.js';
@@ -97,7 +98,7 @@ export class RolloutEngine extends EventEmitter {
     this.#reports = new ReportStream({
       redis: deps.redis,
       readerRedis: deps.readerRedis,
-      stream: keys(deps.prefix).reports,
+      prefix: deps.prefix,
       consumer: deps.consumer,
       blockMs: deps.tickMs,
       log: deps.log,
@@ -167,7 +168,7 @@ export class RolloutEngine extends EventEmitter {
         if (this.#stopped) break;
         await this.#exclusive(async () => {
           this.#reportsApplied += entries.filter(([, fields]) => fields).length;
-          const reps = this.#reports.decode(entries);
+          const reps = await this.#reports.decode(entries);
           const outcomes = await finalOutcomes(this.#deps.redis, this.#deps.prefix, reps, (r) => !!this.#store.target(r));
           for (const rep of reps) {
             try {
