@@ -23,16 +23,18 @@
  *   firmware fell back" from "the agent died before rebooting";
  * - `journal.json`: the host's journal of step jobs (journal.ts), also kept in the running OS's
  *   state dir, `<root of the running device>/var/lib/stagecoach/journal.json` (journalPaths).
- * Every file is written atomically (temp file, fsync, rename, fsync of the directory).
+ * Every file is written atomically and durably (shared/fs-atomic.ts: temp file, fsync, rename,
+ * fsync of the directory).
  */
 import { createReadStream, createWriteStream } from 'node:fs';
-import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
+import { mkdir, readFile, rm, stat } from 'node:fs/promises';
+import { join } from 'node:path';
 import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { KeyObject } from 'node:crypto';
 import { type Digest, digestHex, HashingStream } from '../../shared/digest.js';
 import { scError } from '../../shared/errors.js';
+import { commitFile, fsyncPath, writeFileAtomic } from '../../shared/fs-atomic.js';
 import { type Manifest, manifestDigest, parseManifest, verifyManifest } from '../../shared/manifest.js';
 import { parseName, parseVersion } from '../../shared/names.js';
 import type { BundleRef } from '../../shared/protocol/index.js';
@@ -55,34 +57,6 @@ export function parseBundleRef(v: unknown, what: string): BundleRef {
 /** `name@version`. */
 export function refString(r: BundleRef): string {
   return `${r.name}@${r.version}`;
-}
-
-/** Writes `data` to `path` atomically: temp file, fsync, rename, fsync of the directory. */
-export async function writeFileAtomic(path: string, data: string | Buffer, mode = 0o644): Promise<void> {
-  await mkdir(dirname(path), { recursive: true });
-  const tmp = `${path}.tmp-${process.pid}`;
-  const fh = await open(tmp, 'w', mode);
-  try {
-    await fh.writeFile(data);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await rename(tmp, path);
-  await syncDir(dirname(path));
-}
-
-/** fsync of a directory (best effort: some filesystems refuse it). */
-export async function syncDir(dir: string): Promise<void> {
-  const d = await open(dir, 'r').catch(() => null);
-  if (!d) return;
-  try {
-    await d.sync();
-  } catch {
-    /* not supported here */
-  } finally {
-    await d.close();
-  }
 }
 
 /** Reads a JSON file; null when it does not exist or does not parse (a torn write is no write). */
@@ -133,7 +107,7 @@ export class BundleDir {
 
   /** Writes a manifest (last, after its blob is in place). */
   async saveManifest(m: Manifest): Promise<void> {
-    await writeFileAtomic(this.manifestPath(m), `${JSON.stringify(m, null, 2)}\n`);
+    await writeFileAtomic(this.manifestPath(m), `${JSON.stringify(m, null, 2)}\n`, { mkdirs: true });
   }
 
   /**
@@ -156,11 +130,7 @@ export class BundleDir {
         // A local file that fails its digest does not get better on a retry: permanent.
         throw scError('SC_ERR_DIGEST_MISMATCH', `copy of ${refString(m)} does not match its digest`, { expected: m.blob.digest, actual: hash.digest(), permanent: true });
       }
-      const fh = await open(partial, 'r+');
-      await fh.sync();
-      await fh.close();
-      await rename(partial, out);
-      await syncDir(this.dir);
+      await commitFile(partial, out);
     }
     await this.saveManifest(m);
     return { copied: true };
@@ -229,7 +199,7 @@ export class KeptStore {
 
   /** Writes carry.json atomically, mode 0600 (it holds private host keys). */
   async writeCarry(cfg: unknown): Promise<void> {
-    await writeFileAtomic(join(this.dir, 'carry.json'), `${JSON.stringify(cfg, null, 2)}\n`, 0o600);
+    await writeFileAtomic(join(this.dir, 'carry.json'), `${JSON.stringify(cfg, null, 2)}\n`, { mode: 0o600, mkdirs: true });
   }
 
   /** The kept bundle refs (`{}` when none). */
@@ -239,7 +209,7 @@ export class KeptStore {
 
   /** Records the kept bundle refs. */
   async writeKept(k: { base?: BundleRef; target?: BundleRef }): Promise<void> {
-    await writeFileAtomic(join(this.dir, 'kept.json'), `${JSON.stringify(k, null, 2)}\n`);
+    await writeFileAtomic(join(this.dir, 'kept.json'), `${JSON.stringify(k, null, 2)}\n`, { mkdirs: true });
   }
 
   /** Manifest digest of the bundle completely installed on `device`, if recorded. */
@@ -253,7 +223,7 @@ export class KeptStore {
     const rec = (await readJson<Record<string, string>>(join(this.dir, 'installed.json'))) ?? {};
     if (m) rec[device] = manifestDigest(m);
     else delete rec[device];
-    await writeFileAtomic(join(this.dir, 'installed.json'), `${JSON.stringify(rec, null, 2)}\n`);
+    await writeFileAtomic(join(this.dir, 'installed.json'), `${JSON.stringify(rec, null, 2)}\n`, { mkdirs: true });
   }
 
   /** The boot attempt in flight, if any. */
@@ -263,13 +233,15 @@ export class KeptStore {
 
   /** Records a boot attempt (before rebooting). */
   async writeBootAttempt(a: BootAttempt): Promise<void> {
-    await writeFileAtomic(join(this.dir, 'boot.json'), `${JSON.stringify(a, null, 2)}\n`);
+    await writeFileAtomic(join(this.dir, 'boot.json'), `${JSON.stringify(a, null, 2)}\n`, { mkdirs: true });
   }
 
   /** Forgets the boot attempt (its outcome was seen). */
   async clearBootAttempt(): Promise<void> {
     await rm(join(this.dir, 'boot.json'), { force: true });
-    await syncDir(this.dir);
+    await fsyncPath(this.dir).catch((err: NodeJS.ErrnoException) => {
+      if (err.code !== 'ENOENT') throw err;
+    });
   }
 }
 

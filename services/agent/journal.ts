@@ -34,7 +34,8 @@
  * one out. A refusal writes nothing.
  *
  * ## Where (bundles.ts journalPaths)
- * Two copies, both written atomically (temp file, fsync, rename, fsync of the directory):
+ * Two copies, both written atomically and durably (shared/fs-atomic.ts: temp file, fsync, rename,
+ * fsync of the directory), so a copy written before a step's first effect survives a power cut:
  * - the running OS's state dir, `<root of the running device>/var/lib/stagecoach/journal.json`,
  *   the only one before disk 2 is laid out (steps `fetch` and `partition` run there);
  * - the kept store on disk2p2, `<disk2p2>/stagecoach/journal.json`, once disk2p2 has a
@@ -48,7 +49,8 @@
  */
 import { join } from 'node:path';
 import { scError } from '../../shared/errors.js';
-import { journalPaths, readJson, writeFileAtomic } from './bundles.js';
+import { writeFileAtomic } from '../../shared/fs-atomic.js';
+import { journalPaths, readJson } from './bundles.js';
 import type { StepPayload } from '../../shared/protocol/index.js';
 import type { MachineDriver } from './machine/driver.js';
 
@@ -251,7 +253,7 @@ export class Journal {
     const now = this.#now();
     for (const [id, e] of Object.entries(doc.rollouts)) if (e.exp && e.exp + KEEP_AFTER_EXP_MS < now && !e.started) delete doc.rollouts[id];
     const text = `${JSON.stringify(doc)}\n`;
-    const res = await Promise.allSettled(dirs.map((d) => writeFileAtomic(join(d, JOURNAL_FILE), text, 0o600)));
+    const res = await Promise.allSettled(dirs.map((d) => writeFileAtomic(join(d, JOURNAL_FILE), text, { mode: 0o600, mkdirs: true })));
     const ok = res.filter((r) => r.status === 'fulfilled').length;
     if (ok === 0) throw scError('SC_ERR_INTERNAL', `cannot write the journal: ${(res[0] as PromiseRejectedResult).reason?.message ?? 'unknown error'}`);
   }

@@ -1,26 +1,16 @@
 /**
  * Small filesystem and stream helpers of the origin's FsBlobStore and its garbage collector:
- * errno checks, fsync of a path, existence checks, the verifying (hash + count) pass-through
- * and a discarding sink. Nothing here knows the store's layout.
+ * errno checks, existence checks, the verifying (hash + count) pass-through and a discarding
+ * sink. Nothing here knows the store's layout. fsync and atomic writes are in shared/fs-atomic.ts.
  */
 import { createHash } from 'node:crypto';
-import { open, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import { Transform, type TransformCallback, Writable } from 'node:stream';
 import { scError } from '../../shared/errors.js';
 
 /** True when `err` is a Node errno error with one of `codes`. */
 export function isErrno(err: unknown, ...codes: string[]): boolean {
   return codes.includes((err as NodeJS.ErrnoException)?.code ?? '');
-}
-
-/** fsync(2) of a file or directory, so a rename or link into it survives a crash. */
-export async function fsyncPath(path: string): Promise<void> {
-  const fh = await open(path, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
 }
 
 /** True when `path` exists (anything but ENOENT/ENOTDIR is thrown). */

@@ -21,10 +21,11 @@ import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { type Digest, digestHex, parseDigest } from '../../shared/digest.js';
 import { isScError, scError } from '../../shared/errors.js';
+import { fsyncPath, writeFileAtomic } from '../../shared/fs-atomic.js';
 import { canonicalJson, type Manifest, manifestDigest, parseManifest } from '../../shared/manifest.js';
 import { parseName, parseVersion } from '../../shared/names.js';
 import { collectGarbage, type GcOptions, type GcReport } from './gc.js';
-import { exists, fsyncPath, isErrno, sink, VerifyingStream } from './fs-util.js';
+import { exists, isErrno, sink, VerifyingStream } from './fs-util.js';
 import { StoreGuard } from './guard.js';
 import type { BlobRange, BlobStore, BundleEntry, ManifestMeta, RemovedManifest } from './blob-store.js';
 
@@ -304,21 +305,12 @@ export class FsBlobStore implements BlobStore {
   }
 
   async #writeMeta(name: string, version: string, meta: ManifestMeta): Promise<void> {
-    await this.#writeJson(this.#metaPath(name, version), 'meta', meta);
+    await this.#writeJson(this.#metaPath(name, version), meta);
   }
 
-  /** Writes `value` as JSON at `final` atomically (temp file, fsync, rename, fsync of the directory). */
-  async #writeJson(final: string, label: string, value: unknown): Promise<void> {
-    const tmp = this.#tmpFile(label);
-    try {
-      await writeFile(tmp, JSON.stringify(value), { flag: 'wx', mode: 0o644 });
-      await fsyncPath(tmp);
-      await mkdir(dirname(final), { recursive: true });
-      await rename(tmp, final);
-      await fsyncPath(dirname(final));
-    } finally {
-      await rm(tmp, { force: true });
-    }
+  /** Writes `value` as JSON at `final` atomically and durably (shared/fs-atomic.ts), the temp file in DATA/tmp/. */
+  async #writeJson(final: string, value: unknown): Promise<void> {
+    await writeFileAtomic(final, JSON.stringify(value), { mkdirs: true, tempDir: this.#tmp });
   }
 
   async deleteManifest(name: string, version: string): Promise<RemovedManifest> {
@@ -331,7 +323,7 @@ export class FsBlobStore implements BlobStore {
       // The tombstone first: a crash after it leaves the version marked removed but still
       // served, and removing it again finishes the job.
       const stone: Tombstone = { manifestDigest: digest, blob, removedAt: new Date().toISOString() };
-      await this.#writeJson(this.#tombstonePath(name, version), 'removed', stone);
+      await this.#writeJson(this.#tombstonePath(name, version), stone);
       const path = this.#manifestPath(name, version);
       await rm(path, { force: true });
       await fsyncPath(dirname(path));

@@ -4,10 +4,10 @@
  * root-relative, `..` stops at the root), so no read or write ever leaves it, however the
  * tree's links point. Paths are given as the target OS sees them (`/etc/hostname`).
  */
-import { randomBytes } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { scError } from '../../../shared/errors.js';
+import { writeFileAtomic } from '../../../shared/fs-atomic.js';
 
 const MAX_LINKS = 40;
 
@@ -102,7 +102,8 @@ async function mkdirsInside(root: string, osDir: string): Promise<string> {
 }
 
 /**
- * Writes a file inside the root atomically (temp file + fsync + rename; a symlink at the final
+ * Writes a file inside the root atomically and durably (shared/fs-atomic.ts: a hidden temp file
+ * the target OS's config globs skip, fsync, rename, fsync of the directory; a symlink at the final
  * path is replaced, never followed) with exactly `mode`. Missing parent directories are
  * created. Returns false, touching nothing, when the file already has this content and mode.
  */
@@ -115,21 +116,7 @@ export async function writeInside(root: string, osPath: string, content: string,
     if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
   }
   const dir = await mkdirsInside(root, dirname(`/${segments(osPath).join('/')}`));
-  const tmp = join(dir, `.${segments(osPath).pop()}.sc-${randomBytes(4).toString('hex')}`);
-  const fh = await fsp.open(tmp, 'wx', mode);
-  try {
-    await fh.writeFile(content);
-    await fh.chmod(mode);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  try {
-    await fsp.rename(tmp, target);
-  } catch (err) {
-    await fsp.rm(tmp, { force: true });
-    throw err;
-  }
+  await writeFileAtomic(target, content, { mode, tempDir: dir });
   return true;
 }
 

@@ -2,9 +2,10 @@
  * The sim machine's on-disk state: the schema of machine.json and running.json, the action log,
  * atomic JSON writes, the machine's write lock, and device names to partitions in that state.
  *
- * Writes to machine.json and running.json are atomic (temp file, fsync, rename, fsync of DIR)
- * and serialised by the lock (read-modify-write, across processes), so a kill -9 at any moment
- * leaves either the old or the new state, never a torn file. The directory layout is described
+ * Writes to machine.json and running.json are atomic (shared/fs-atomic.ts: temp file, fsync,
+ * rename, fsync of DIR) and serialised by the lock (read-modify-write, across processes; the pid
+ * lock of ../lock.ts), so a kill -9 at any moment leaves either the old or the new state, never
+ * a torn file. The directory layout is described
  * in sim.ts.
  */
 import { randomBytes } from 'node:crypto';
@@ -12,7 +13,9 @@ import { promises as fsp } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { z } from 'zod';
 import { scError } from '../../../shared/errors.js';
+import { tempOwner, writeFileAtomic } from '../../../shared/fs-atomic.js';
 import { NAME_RE } from '../../../shared/names.js';
+import { processAlive, withPidLock } from '../lock.js';
 import { MAC_RE, NIC_NAME_RE } from '../carry/types.js';
 import { DEVICE_RE, DISK_RE, PARTITION_ROLES } from './driver.js';
 
@@ -77,97 +80,18 @@ export const paths = (dir: string) => ({
 // ---------------------------------------------------------------------------------------------
 // Atomic files and the write lock
 
-async function fsyncDir(dir: string): Promise<void> {
-  const fh = await fsp.open(dir, 'r');
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
-/** Writes JSON to `path` atomically: temp file in the same directory, fsync, rename, fsync dir. */
+/** Writes JSON to `path` atomically and durably (shared/fs-atomic.ts: temp file, fsync, rename, fsync of the directory). */
 export async function writeJsonAtomic(path: string, value: unknown): Promise<void> {
-  const dir = join(path, '..');
-  const tmp = join(dir, `.tmp-${process.pid}-${randomBytes(6).toString('hex')}`);
-  const fh = await fsp.open(tmp, 'wx', 0o644);
-  try {
-    await fh.writeFile(`${JSON.stringify(value, null, 2)}\n`);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  try {
-    await fsp.rename(tmp, path);
-  } catch (err) {
-    await fsp.rm(tmp, { force: true });
-    throw err;
-  }
-  await fsyncDir(dir);
+  await writeFileAtomic(path, `${JSON.stringify(value, null, 2)}\n`);
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-const held = new Map<string, Promise<void>>();
-
-async function acquireFileLock(path: string): Promise<() => Promise<void>> {
-  const deadline = Date.now() + LOCK_TIMEOUT_MS;
-  // The lock is created with its content in one step (a temp file hard-linked into place), so
-  // a holder killed at any moment leaves either no lock or one that names its dead pid.
-  const tmp = join(path, '..', `.tmp-lock-${process.pid}-${randomBytes(6).toString('hex')}`);
-  await fsp.writeFile(tmp, String(process.pid));
-  try {
-    for (;;) {
-      try {
-        await fsp.link(tmp, path);
-        return () => fsp.rm(path, { force: true });
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-      }
-      const text = (await fsp.readFile(path, 'utf8').catch(() => '')).trim();
-      const owner = Number(text);
-      // Our own pid cannot hold it (this process serialises its users in `held`): a leftover.
-      // A lock without a pid is only ever a damaged one: stale once it is a few seconds old.
-      const stale = owner > 0 ? owner === process.pid || !alive(owner) : Date.now() - ((await fsp.stat(path).catch(() => null))?.mtimeMs ?? 0) > 5000;
-      if (stale) {
-        if ((await fsp.readFile(path, 'utf8').catch(() => '')).trim() === text) await fsp.rm(path, { force: true });
-        continue;
-      }
-      if (Date.now() > deadline) throw scError('SC_ERR_TIMEOUT', `machine lock ${path} held by pid ${owner || '?'}`);
-      await new Promise((r) => setTimeout(r, 5));
-    }
-  } finally {
-    await fsp.rm(tmp, { force: true });
-  }
-}
-
-/** Runs `fn` holding the machine's write lock (in this process and across processes). */
+/**
+ * Runs `fn` holding the machine's write lock: in this process (callers queue) and across
+ * processes (the pid lock `machine.lock` of ../lock.ts; a lock of a dead process is taken over,
+ * a live holder is waited for up to LOCK_TIMEOUT_MS, then SC_ERR_TIMEOUT).
+ */
 export async function withLock<T>(machineDir: string, fn: () => Promise<T>): Promise<T> {
-  const dir = resolve(machineDir);
-  const prev = held.get(dir) ?? Promise.resolve();
-  let done!: () => void;
-  const gate = new Promise<void>((r) => (done = r));
-  const mine = prev.then(() => gate);
-  held.set(dir, mine);
-  await prev;
-  try {
-    const release = await acquireFileLock(paths(dir).lock);
-    try {
-      return await fn();
-    } finally {
-      await release();
-    }
-  } finally {
-    done();
-    if (held.get(dir) === mine) held.delete(dir);
-  }
+  return withPidLock(paths(resolve(machineDir)).lock, { waitMs: LOCK_TIMEOUT_MS }, fn);
 }
 
 /** Reads machine.json. SC_ERR_NOT_FOUND when DIR is no sim machine; SC_ERR_BAD_CONFIG when it is corrupt. */
@@ -249,9 +173,8 @@ export async function removeTree(dir: string, p: string): Promise<void> {
  */
 export async function cleanLeftovers(dir: string): Promise<void> {
   for (const e of await fsp.readdir(dir)) {
-    const m = /^\.tmp-(?:lock-)?(\d+)-/.exec(e);
-    const pid = m ? Number(m[1]) : 0;
-    if ((m && (pid === process.pid || !alive(pid))) || e.startsWith('.trash-')) await fsp.rm(join(dir, e), { recursive: true, force: true });
+    const pid = tempOwner(e);
+    if ((pid !== null && (pid === process.pid || !processAlive(pid))) || e.startsWith('.trash-')) await fsp.rm(join(dir, e), { recursive: true, force: true });
   }
 }
 

@@ -16,8 +16,11 @@
  *                         effect happened once. A torn last line (kill -9) is ignored on read.
  *   DIR/disks/<disk>/<pN>/  the filesystem of partition <disk><pN> (a root tree, a bundle store…);
  *                         present exactly when the partition has a filesystem.
- *   DIR/machine.lock      short-lived write lock (holder's pid); stale locks of dead pids are taken over.
- *   DIR/.tmp-*, .trash-*  temp files of atomic writes and partitions being deleted; removed at boot.
+ *   DIR/machine.lock      short-lived write lock, a pid lock (../lock.ts: holder's pid, boot id and start
+ *                         time); the lock of a dead holder is taken over.
+ *   DIR/agent.lock        the agent's machine lock (same module), held for the agent's life.
+ *   DIR/.tmp-<pid>-*, .trash-*  temp files of atomic writes (shared/fs-atomic.ts) and of the lock, and
+ *                         partitions being deleted; those of dead processes are removed at boot.
  *
  * This file owns the driver (SimMachine: disks, partitions, installs, boot entries, reboot).
  * The rest lives beside it and is re-exported here: the state files, their atomic writes and
