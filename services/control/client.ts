@@ -159,9 +159,10 @@ export class ControlClient {
     return this.#req('GET', `/v1/ops/${encodeURIComponent(id)}`);
   }
 
-  /** Host operations, newest first. */
-  async ops(limit = 50): Promise<HostOp[]> {
-    return (await this.#req<{ ops: HostOp[] }>('GET', `/v1/ops?limit=${limit}`)).ops;
+  /** Host operations, newest first; with `host`, only that host's. */
+  async ops(limit = 50, host?: string): Promise<HostOp[]> {
+    const q = `?limit=${limit}${host === undefined ? '' : `&host=${encodeURIComponent(host)}`}`;
+    return (await this.#req<{ ops: HostOp[] }>('GET', `/v1/ops${q}`)).ops;
   }
 
   /** The audit log, newest first; `before` pages back from an entry id. */

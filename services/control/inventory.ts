@@ -11,6 +11,7 @@ import type { Redis } from 'ioredis';
 import { type HostRecord, readHosts } from '../../shared/protocol/index.js';
 import { StageClient } from '../stage/client.js';
 import { naturalCompare } from './plan.js';
+import type { HostResult } from './rollouts/model.js';
 
 /** A host as control shows it: the agent's record plus liveness and control's view of its work. */
 export interface HostView extends HostRecord {
@@ -20,6 +21,8 @@ export interface HostView extends HostRecord {
   stale: boolean;
   /** The active rollout or host operation that holds this host, as control sees it. */
   work: { kind: 'rollout' | 'op'; id: string; status: string; step: string | null } | null;
+  /** Its newest finished result (a rollout or an operation), as control recorded it; filled by the caller. */
+  last?: HostResult | null;
 }
 
 /** Live numbers of one stage, or the error that prevented reading them. */

@@ -180,7 +180,10 @@ export function createControlApp(d: ControlAppDeps): express.Express {
     const colo = req.query.colo;
     if (colo !== undefined && (typeof colo !== 'string' || !/^[a-z0-9][a-z0-9._-]{0,63}$/.test(colo))) throw scError('SC_ERR_BAD_NAME', 'bad colo');
     const hosts = await inventory.hosts(colo as string | undefined);
-    for (const h of hosts) h.work = engine.workOf(h.hostId);
+    for (const h of hosts) {
+      h.work = engine.workOf(h.hostId);
+      h.last = engine.lastResultOf(h.hostId);
+    }
     res.json({ hosts });
   });
   app.get('/v1/hosts/:id', noStore, async (req, res) => {
@@ -188,6 +191,7 @@ export function createControlApp(d: ControlAppDeps): express.Express {
     const h = (await inventory.hosts()).find((x) => x.hostId === id);
     if (!h) throw scError('SC_ERR_NOT_FOUND', `host ${id} is not registered`);
     h.work = engine.workOf(id);
+    h.last = engine.lastResultOf(id);
     res.json(h);
   });
   app.get('/v1/colos', noStore, async (_req, res) => {
@@ -234,7 +238,9 @@ export function createControlApp(d: ControlAppDeps): express.Express {
     });
   }
   app.get('/v1/ops', noStore, async (req, res) => {
-    res.json({ ops: await engine.listOps(intParam(req.query.limit, 50, 500)) });
+    const host = req.query.host;
+    if (host !== undefined && (typeof host !== 'string' || !HOST_ID_RE.test(host))) throw scError('SC_ERR_BAD_NAME', 'bad host id');
+    res.json({ ops: await engine.listOps(intParam(req.query.limit, 50, 500), host as string | undefined) });
   });
   app.get('/v1/ops/:id', noStore, async (req, res) => {
     res.json(await engine.getOp(String(req.params.id)));

@@ -76,6 +76,12 @@ describe('control: rollout over a sim fleet', () => {
 
   it('rescues and reinstalls one host through the API', async () => {
     const host = cf.fleet.hosts.find((h) => h.hostId === 'west-h2')!;
+    const lastOf = async (id: string) => (await cf.reader.hosts()).find((h) => h.hostId === id)?.last;
+    // Control's record of each host's newest result: the rollout converted it.
+    const before = await lastOf(host.hostId);
+    assert.equal(before?.kind, 'rollout');
+    assert.equal(before?.id, rid);
+    assert.equal(before?.outcome, 'converted');
     const op = await cf.client.rescue(host.hostId);
     const done = await until('rescue op', async () => {
       const x = await cf.reader.op(op.id);
@@ -85,6 +91,11 @@ describe('control: rollout over a sim fleet', () => {
     let run = await readSimRunning(host.dir);
     assert.equal(run.state === 'running' && run.device, 'disk2p1', 'the host runs B');
     assert.equal(run.state === 'running' && run.id, cf.fleet.base.os.id);
+    assert.deepEqual(
+      { ...(await lastOf(host.hostId)), at: 0 },
+      { kind: 'op', id: op.id, op: 'rescue', outcome: 'done', error: null, at: 0 },
+      'the rescue is now its newest result',
+    );
 
     const re = await cf.client.reinstall(host.hostId);
     const redone = await until('reinstall op', async () => {
@@ -95,6 +106,14 @@ describe('control: rollout over a sim fleet', () => {
     run = await readSimRunning(host.dir);
     assert.equal(run.state === 'running' && run.device, 'disk1p1', 'the host runs C again');
     assert.equal(run.state === 'running' && run.id, cf.fleet.target.os.id);
+    assert.equal((await lastOf(host.hostId))?.id, re.id);
+    assert.equal((await lastOf('west-h1'))?.id, rid, "another host's result is its own");
+    // A host's operations, and only its own.
+    assert.deepEqual((await cf.reader.ops(50, host.hostId)).map((o) => o.id), [re.id, op.id]);
+    assert.deepEqual(await cf.reader.ops(50, 'west-h1'), []);
+    // Control restarted: the record is read back from Redis.
+    await cf.restartControl();
+    assert.equal((await lastOf(host.hostId))?.id, re.id);
 
     const audit = await cf.reader.audit();
     assert.deepEqual(

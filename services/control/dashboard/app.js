@@ -208,8 +208,17 @@ const state = {
   showAll: false,
 };
 
-/** The newest known result for a host: its latest rollout place or operation, whichever is newer. */
+/**
+ * The newest known result for a host: control's record of it (`last` on /v1/hosts), else what the
+ * lists loaded here show (its latest rollout place or operation, whichever is newer).
+ */
 function newestResult(h) {
+  if (h.last) {
+    const l = h.last;
+    return l.kind === 'op'
+      ? { what: `${l.op} ${l.id}`, outcome: l.outcome, error: l.error, kind: l.op }
+      : { what: `rollout ${l.id}`, outcome: l.outcome, error: l.error, rescue: l.rescue };
+  }
   const r = state.lastRollout.get(h.hostId);
   const op = state.lastOp.get(h.hostId);
   const rAt = r ? (r.h.finishedAt ?? r.h.startedAt ?? r.h.queuedAt ?? r.createdAt) : -1;

@@ -36,7 +36,7 @@ import { checkManifest, newRollout, selectHosts } from './admission.js';
 import { getOp, listOps, newOp, tickOp } from './host-ops.js';
 import { applyOpReport, applyReport, isIgnoredFinal } from './host-reducer.js';
 import { LeaderLease } from './lease.js';
-import { type ActiveRollout, type Counts, FINISHED_ROLLOUT, type HostOp, type HostState, type HostWork, newId, type RolloutView } from './model.js';
+import { type ActiveRollout, type Counts, FINISHED_ROLLOUT, type HostOp, type HostResult, type HostState, type HostWork, newId, type RolloutView } from './model.js';
 import { runPreheat } from './preheat.js';
 import { enqueuePending, reconcileRollout } from './reconcile.js';
 import { finalOutcomes, ReportStream } from './report-stream.js';
@@ -388,8 +388,8 @@ export class RolloutEngine extends EventEmitter {
   }
 
   /** The newest host operations (newest first). */
-  listOps(limit = 50): Promise<HostOp[]> {
-    return listOps(this.#store, limit);
+  listOps(limit = 50, host?: string): Promise<HostOp[]> {
+    return listOps(this.#store, limit, host);
   }
 
   /**
@@ -405,7 +405,12 @@ export class RolloutEngine extends EventEmitter {
     return listRollouts(this.#store, limit);
   }
 
-  /** What control is doing with a host right now (active rollout or operation), if anything. */
+  /** A host's newest finished result (rollout or operation), if control recorded one. */
+  lastResultOf(host: string): HostResult | null {
+    return this.#store.lastResults.get(host) ?? null;
+  }
+
+  /** What control is doing with `host` right now (an active rollout or operation), or null. */
   workOf(host: string): HostWork | null {
     return workOf(this.#store, host);
   }

@@ -104,8 +104,8 @@ export async function getOp(store: RolloutStore, id: string): Promise<HostOp> {
   return op;
 }
 
-/** The newest host operations (newest first, at most `limit`, capped at 500). */
-export async function listOps(store: RolloutStore, limit = 50): Promise<HostOp[]> {
-  const ids = await store.opIds(limit);
+/** The newest host operations (newest first, at most `limit`, capped at 500), of every host or of `host`. */
+export async function listOps(store: RolloutStore, limit = 50, host?: string): Promise<HostOp[]> {
+  const ids = await store.opIds(limit, host);
   return Promise.all(ids.map((id) => getOp(store, id)));
 }

@@ -141,6 +141,27 @@ export interface HostOp {
   log: string[];
 }
 
+/**
+ * A host's newest finished result as control recorded it (`<prefix>:control:host-last`): the
+ * rollout that converted, failed or aborted it, or the operation that ended on it, whichever
+ * finished last. What the dashboard colours a host by; it never has to guess from lists.
+ */
+export interface HostResult {
+  kind: 'rollout' | 'op';
+  id: string;
+  /** The operation's kind (kind `op`). */
+  op?: HostOp['kind'];
+  /** converted | failed | aborted (a rollout), done | failed (an operation). */
+  outcome: string;
+  error: { step: string; code: string; message: string } | null;
+  /** A rollout's rescue run of this host, if one was started. */
+  rescue?: HostState['rescue'];
+  at: number;
+}
+
+/** Rollout host statuses that are a result (skipped is not: the rollout never touched the host). */
+export const RESULT_STATUSES: readonly HostStatus[] = ['converted', 'failed', 'aborted'];
+
 /** An active rollout as the engine holds it in memory (a write-through copy of Redis). */
 export interface ActiveRollout {
   spec: RolloutSpec;

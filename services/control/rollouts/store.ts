@@ -5,7 +5,8 @@
  *
  * Keys: `r:<id>` (hash: spec, status, preheat as JSON), `r:<id>:hosts` (hash: host id → host
  * state), `rollouts` (sorted set by creation time), `active` (set of unfinished rollout ids),
- * `op:<id>` (hash: op), `ops` (sorted set), `ops:active` (set).
+ * `op:<id>` (hash: op), `ops` (sorted set), `ops:active` (set), `ops:host:<host>` (sorted set: the
+ * host's operations), `host-last` (hash: host id → its newest finished result, HostResult).
  */
 import type { Redis } from 'ioredis';
 import { opFinished } from './host-reducer.js';
@@ -16,9 +17,11 @@ import {
   countHosts,
   FINISHED_ROLLOUT,
   type HostOp,
+  type HostResult,
   type HostState,
   type PreheatColo,
   RESCUE_SUFFIX,
+  RESULT_STATUSES,
   type RolloutSpec,
   type RolloutStatus,
   type RolloutView,
@@ -42,6 +45,8 @@ export class RolloutStore {
   readonly active = new Map<string, ActiveRollout>();
   /** Active host operations by id (same rule, touchOp). */
   readonly ops = new Map<string, HostOp>();
+  /** Every host's newest finished result (a write-through copy of `host-last`). */
+  readonly lastResults = new Map<string, HostResult>();
   readonly #deps: StoreDeps;
   readonly #dirtyHosts = new Map<string, Set<string>>();
   readonly #dirtyRollouts = new Set<string>();
@@ -61,6 +66,7 @@ export class RolloutStore {
     const redis = this.#deps.redis;
     const ids = await redis.smembers(this.key('active'));
     const opIds = await redis.smembers(this.key('ops', 'active'));
+    const last = await redis.hgetall(this.key('host-last'));
     const loaded = new Map<string, ActiveRollout>();
     for (const id of ids) {
       const a = await this.read(id);
@@ -75,6 +81,14 @@ export class RolloutStore {
     for (const [k, v] of loaded) this.active.set(k, v);
     this.ops.clear();
     for (const [k, v] of ops) this.ops.set(k, v);
+    this.lastResults.clear();
+    for (const [h, v] of Object.entries(last ?? {})) {
+      try {
+        this.lastResults.set(h, JSON.parse(v) as HostResult);
+      } catch {
+        // a malformed entry is rewritten at the host's next result
+      }
+    }
     this.#dirtyHosts.clear();
     this.#dirtyRollouts.clear();
     this.#dirtyOps.clear();
@@ -111,9 +125,10 @@ export class RolloutStore {
     return this.#deps.redis.zrevrange(this.key('rollouts'), 0, Math.max(0, Math.min(limit, 500) - 1));
   }
 
-  /** Host operation ids, newest first (at most `limit`, capped at 500). */
-  opIds(limit: number): Promise<string[]> {
-    return this.#deps.redis.zrevrange(this.key('ops'), 0, Math.max(0, Math.min(limit, 500) - 1));
+  /** Host operation ids, newest first (at most `limit`, capped at 500), of every host or of one. */
+  opIds(limit: number, host?: string): Promise<string[]> {
+    const key = host === undefined ? this.key('ops') : this.key('ops', 'host', host);
+    return this.#deps.redis.zrevrange(key, 0, Math.max(0, Math.min(limit, 500) - 1));
   }
 
   /** True when a rollout `id` was ever created. */
@@ -141,6 +156,7 @@ export class RolloutStore {
       .multi()
       .hset(this.key('op', op.id), 'op', JSON.stringify(op))
       .zadd(this.key('ops'), op.createdAt, op.id)
+      .zadd(this.key('ops', 'host', op.host), op.createdAt, op.id)
       .sadd(this.key('ops', 'active'), op.id)
       .exec();
     this.ops.set(op.id, op);
@@ -190,6 +206,7 @@ export class RolloutStore {
     const m = this.#deps.redis.multi();
     const now = this.#deps.now();
     const changed: string[] = [];
+    const results = new Map<string, HostResult>();
     for (const id of this.#dirtyRollouts) {
       const a = this.active.get(id);
       if (!a) continue;
@@ -199,7 +216,13 @@ export class RolloutStore {
       const hs = this.#dirtyHosts.get(id);
       if (hs && hs.size > 0) {
         const args: string[] = [];
-        for (const h of hs) args.push(h, JSON.stringify(a.hosts.get(h)));
+        for (const h of hs) {
+          const st = a.hosts.get(h);
+          args.push(h, JSON.stringify(st));
+          if (st && RESULT_STATUSES.includes(st.status)) {
+            results.set(h, { kind: 'rollout', id, outcome: st.status, error: st.error, rescue: st.rescue, at: st.finishedAt ?? now });
+          }
+        }
         m.hset(this.key('r', id, 'hosts'), ...args);
       }
       if (FINISHED_ROLLOUT.includes(a.status.state)) m.srem(this.key('active'), id);
@@ -209,13 +232,18 @@ export class RolloutStore {
       const op = this.ops.get(id);
       if (!op) continue;
       m.hset(this.key('op', id), 'op', JSON.stringify(op));
-      if (opFinished(op)) m.srem(this.key('ops', 'active'), id);
+      if (opFinished(op)) {
+        m.srem(this.key('ops', 'active'), id);
+        results.set(op.host, { kind: 'op', id, op: op.kind, outcome: op.status, error: op.error, at: op.finishedAt ?? now });
+      }
     }
+    if (results.size > 0) m.hset(this.key('host-last'), ...[...results].flatMap(([h, r]) => [h, JSON.stringify(r)]));
     const opsChanged = [...this.#dirtyOps];
     await m.exec();
     this.#dirtyRollouts.clear();
     this.#dirtyHosts.clear();
     this.#dirtyOps.clear();
+    for (const [h, r] of results) this.lastResults.set(h, r);
     for (const id of changed) {
       const a = this.active.get(id);
       if (a && FINISHED_ROLLOUT.includes(a.status.state)) this.active.delete(id);
