@@ -243,6 +243,9 @@ async function startStagePeer(dir: string, originUrl: string): Promise<Peer> {
     '4GiB',
     '--colo',
     'bench',
+    // The bench origin lists only what it was told to: no reconcile pass may drop the herd's blob.
+    '--reconcile-interval',
+    '0',
     '--log-level',
     'warn',
   ]);

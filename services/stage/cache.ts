@@ -11,6 +11,11 @@
  * full size as soon as the size is known, so fills evict older blobs before they land. Eviction
  * deletes the file, unless readers hold the entry: then the unlink waits for the last `release`,
  * and those bytes stay counted (`deferredBytes`) and shrink the room left for new entries.
+ *
+ * `dropUnreferenced` is the other way out of the index (the reconcile pass, reconcile.ts): it
+ * goes through the same removal, so a dropped blob that is being read is unlinked only at its
+ * last `release`. An evicted file whose path a newer entry of the same digest has taken since
+ * (the blob was filled again while an old reader held it) is left to the newer entry.
  */
 import { mkdir, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
@@ -34,6 +39,21 @@ export interface CacheEntry {
   evicted: boolean;
   /** Set by `drop(e, true)`: the file outlives the entry (a partial kept for a later resume). */
   retain?: boolean;
+  /**
+   * Cache generation at which the entry was reserved or committed (0: found on disk at start).
+   * `dropUnreferenced` leaves entries newer than the generation it is given.
+   */
+  gen: number;
+}
+
+/** What `BlobCache.dropUnreferenced` removed. */
+export interface DropReport {
+  /** Committed entries taken out of the index. */
+  blobs: number;
+  /** Their bytes. */
+  bytes: number;
+  /** Of those, entries read at that moment: their files go at their last release. */
+  held: number;
 }
 
 /** What `BlobCache.open` found on disk. */
@@ -49,6 +69,9 @@ export class BlobCache {
   readonly maxBytes: number;
   #lru: LRUCache<Digest, CacheEntry>;
   #deferred = 0;
+  #gen = 0;
+  /** Unlinks in progress, by digest: a commit of the same digest waits for them. */
+  #unlinking = new Map<Digest, Promise<void>>();
   #log: Logger;
   #metrics?: StageMetrics;
 
@@ -86,7 +109,7 @@ export class BlobCache {
     }
     found.sort((a, b) => a.t - b.t);
     for (const f of found) {
-      const e: CacheEntry = { digest: f.digest, size: f.size, path: cache.blobPath(f.digest), state: 'committed', refs: 0, evicted: false };
+      const e: CacheEntry = { digest: f.digest, size: f.size, path: cache.blobPath(f.digest), state: 'committed', refs: 0, evicted: false, gen: 0 };
       if (f.size > maxBytes) {
         await unlink(e.path).catch(() => {});
         continue;
@@ -151,7 +174,7 @@ export class BlobCache {
    */
   reserve(d: Digest, size: number, path: string): CacheEntry | null {
     if (size > this.maxBytes) return null;
-    const e: CacheEntry = { digest: d, size, path, state: 'filling', refs: 1, evicted: false };
+    const e: CacheEntry = { digest: d, size, path, state: 'filling', refs: 1, evicted: false, gen: ++this.#gen };
     this.#lru.set(d, e);
     this.#trim(d);
     this.#gauges();
@@ -161,10 +184,47 @@ export class BlobCache {
   /** Moves a verified fill into `blobs/` and marks it committed (unless it was evicted meanwhile). */
   async commit(e: CacheEntry): Promise<void> {
     if (e.evicted) return;
+    // An older entry of this digest may be unlinking `dest` right now: never let it take ours.
+    const unlinking = this.#unlinking.get(e.digest);
+    if (unlinking) {
+      await unlinking;
+      if (e.evicted) return;
+    }
     const dest = this.blobPath(e.digest);
     await rename(e.path, dest);
     e.path = dest;
     e.state = 'committed';
+    e.gen = ++this.#gen;
+  }
+
+  /**
+   * The current generation: every later reservation or commit gets a higher one. Read it before
+   * learning what to keep, and pass it to `dropUnreferenced`, so blobs that arrive meanwhile stay.
+   */
+  get generation(): number {
+    return this.#gen;
+  }
+
+  /**
+   * Takes every committed entry whose digest is not in `keep` and whose generation is at most
+   * `upTo` out of the index. Fills in progress are never touched. A dropped entry that readers
+   * hold keeps its file until the last `release` (counted in `deferredBytes` until then), so its
+   * readers finish; new requests no longer find it. Never throws.
+   */
+  dropUnreferenced(keep: ReadonlySet<Digest>, upTo: number): DropReport {
+    const out: DropReport = { blobs: 0, bytes: 0, held: 0 };
+    const victims: CacheEntry[] = [];
+    for (const e of this.#lru.values()) if (e.state === 'committed' && e.gen <= upTo && !keep.has(e.digest)) victims.push(e);
+    for (const e of victims) {
+      if (this.#lru.peek(e.digest) !== e) continue;
+      out.blobs++;
+      out.bytes += e.size;
+      if (e.refs > 0) out.held++;
+      this.#log.info({ digest: e.digest, size: e.size, readers: e.refs }, 'dropped: no longer referenced upstream');
+      this.#lru.delete(e.digest);
+    }
+    this.#gauges();
+    return out;
   }
 
   /**
@@ -216,11 +276,18 @@ export class BlobCache {
 
   #unlink(e: CacheEntry): void {
     if (e.retain) return;
-    unlink(e.path)
+    const live = this.#lru.peek(e.digest);
+    // A committed blob filled again since its eviction: the file at its path is the new entry's.
+    if (e.path === this.blobPath(e.digest) && live && live !== e && live.path === e.path) return;
+    const p = unlink(e.path)
       .catch((err: NodeJS.ErrnoException) => {
         if (err.code !== 'ENOENT') this.#log.warn({ err, path: e.path }, 'cannot delete evicted blob');
       })
-      .finally(() => this.#gauges());
+      .finally(() => {
+        if (this.#unlinking.get(e.digest) === p) this.#unlinking.delete(e.digest);
+        this.#gauges();
+      });
+    this.#unlinking.set(e.digest, p);
   }
 
   #gauges(): void {

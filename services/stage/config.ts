@@ -67,6 +67,11 @@ export const stageConfigSchema = z.strictObject({
   upstreamDownMs: ms(10_000),
   /** How long a 404 (blob or manifest) is remembered. */
   negativeTtlMs: ms(5_000),
+  /**
+   * Period of the reconcile pass (reconcile.ts): cached blobs and manifests of bundles the
+   * upstream no longer lists are dropped. 0 disables the timer.
+   */
+  reconcileIntervalMs: ms(600_000),
   /** Finished fills kept for GET /v1/fills. */
   fillHistory: z.coerce.number().int().nonnegative().default(200),
   /** Log level (pino). */

@@ -1,7 +1,7 @@
 /**
- * The stage composition root: `startStage` wires config, cache, upstreams, fetch-once and the
- * HTTP server (in-process, for the CLI, the demo and tests); `runStage` is the CLI's process
- * lifecycle around it.
+ * The stage composition root: `startStage` wires config, cache, upstreams, fetch-once, the
+ * reconcile pass and the HTTP server (in-process, for the CLI, the demo and tests); `runStage`
+ * is the CLI's process lifecycle around it.
  */
 import { readFileSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
@@ -19,6 +19,7 @@ import { type StageConfig, type StageConfigInput, loadStageConfig, parseStageCon
 import { FetchOnce, type FillInfo } from './fill.js';
 import { ManifestCache } from './manifests.js';
 import { createStageMetrics } from './metrics.js';
+import { type ReconcileResult, Reconciler } from './reconcile.js';
 import { createStageApp, onClientError } from './server.js';
 import { type Relay, type RelayStats, startRelay } from '../relay/server.js';
 import { parseRelayKeys, readRelayKeys } from '../../shared/protocol/index.js';
@@ -42,6 +43,11 @@ export interface RunningStage {
   config: StageConfig;
   /** Fills in flight and recently finished (what GET /v1/fills shows). */
   fills(): FillInfo[];
+  /**
+   * Runs one reconcile pass now (or joins the running one): drops cached blobs and manifests of
+   * bundles the upstream no longer lists (reconcile.ts). Never rejects.
+   */
+  reconcile(): Promise<ReconcileResult>;
   /** The relay's numbers when the relay is on (config `redis`), else null. */
   relay(): RelayStats | null;
   /**
@@ -91,6 +97,7 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
   const fills = new FetchOnce({ cache, upstreams, clock, log, metrics, negativeTtlMs: config.negativeTtlMs, history: config.fillHistory, maxPassthroughBytes: config.maxPassthroughBytes });
   const manifests = new ManifestCache({ dir: join(dir, 'manifests'), upstreams, trusted, clock, log, negativeTtlMs: config.negativeTtlMs });
   for (const d of partials) fills.resume(d);
+  const reconciler = new Reconciler({ cache, manifests, upstreams, clock, log, metrics, intervalMs: config.reconcileIntervalMs });
 
   let relay: Relay | null = null;
   if (config.redis && relayKeys) {
@@ -113,6 +120,7 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
   const { host, port } = parseListen(config.listen);
   const l = await listen(server, host, port);
   log.info({ url: l.url, upstreams: config.upstreams, cacheSize: config.cacheSize, resumed: partials.length }, 'stage listening');
+  reconciler.start();
 
   let closing: Promise<void> | undefined;
   return {
@@ -121,9 +129,11 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
     metrics: registry,
     config,
     fills: () => fills.list(),
+    reconcile: () => reconciler.run(),
     relay: () => relay?.stats() ?? null,
     close: () => {
       closing ??= (async () => {
+        reconciler.close();
         await relay?.close();
         const serverClosed = l.close();
         await fills.close();

@@ -64,6 +64,20 @@ export function createStageMetrics(r: Registry) {
       labelNames: ['upstream', 'outcome'] as const,
       registers: [r],
     }),
+    reconcileRuns: new Counter({
+      name: 'stage_reconcile_runs_total',
+      help: 'Reconcile passes by outcome: ok, upstream_error (no valid answer), invalid_listing, empty_listing, incomplete (a listed manifest could not be read); only ok drops anything',
+      labelNames: ['outcome'] as const,
+      registers: [r],
+    }),
+    reconcileDroppedBlobs: c('stage_reconcile_dropped_blobs_total', 'Cached blobs dropped because no bundle the upstream lists references them'),
+    reconcileDroppedBytes: c('stage_reconcile_dropped_bytes_total', 'Bytes of cached blobs dropped by reconcile passes'),
+    reconcileDroppedManifests: c('stage_reconcile_dropped_manifests_total', 'Cached manifests dropped because the upstream no longer lists them'),
+    reconcileLastSuccess: new Gauge({
+      name: 'stage_reconcile_last_success_timestamp_seconds',
+      help: 'Unix time of the last reconcile pass that ended ok; 0 before the first',
+      registers: [r],
+    }),
     degraded: new Gauge({
       name: 'stage_degraded',
       help: '1 while no upstream answers (cache hits are still served, misses are refused at once), else 0',

@@ -3,7 +3,7 @@ import type { Command } from 'commander';
 import { action, collect, splitList } from '../util.js';
 
 /** Settings whose flag is not `--` + the key in kebab case (for naming a missing setting). */
-const STAGE_FLAG_NAMES = { upstreams: '--upstream', trustKeys: '--trust-key', idleTimeoutMs: '--idle-timeout', negativeTtlMs: '--negative-ttl' };
+const STAGE_FLAG_NAMES = { upstreams: '--upstream', trustKeys: '--trust-key', idleTimeoutMs: '--idle-timeout', negativeTtlMs: '--negative-ttl', reconcileIntervalMs: '--reconcile-interval' };
 
 /** Registers the `stage` command. */
 export function register(program: Command): void {
@@ -23,6 +23,7 @@ export function register(program: Command): void {
     .option('--token-file <file>', 'bearer token file protecting POST /v1/prefetch')
     .option('--idle-timeout <ms>', 'abandon and resume an upstream response idle this long (default 15000)')
     .option('--negative-ttl <ms>', 'remember upstream 404s this long (default 5000)')
+    .option('--reconcile-interval <ms>', 'drop cached bundles the upstream no longer lists, every this many ms (default 600000; 0: never)')
     .option('--redis <url>', "relay on: the fleet's Redis URL; this stage then serves its colo's hosts in relay mode")
     .option('--prefix <p>', 'relay: Redis key prefix of the fleet (default stagecoach)')
     .option('--relay-key-file <file>', "relay: this colo's relay keys (KID:HEXKEY lines, current first; mode 0600), made by stagecoach acl relay-key")
@@ -46,6 +47,7 @@ export function register(program: Command): void {
             tokenFile: o.tokenFile,
             idleTimeoutMs: o.idleTimeout,
             negativeTtlMs: o.negativeTtl,
+            reconcileIntervalMs: o.reconcileInterval,
             logLevel: o.logLevel,
             redis: o.redis,
             prefix: o.prefix,
