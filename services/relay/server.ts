@@ -66,6 +66,7 @@ import {
   StepQueueConsumer,
   type StepReport,
   type Source,
+  type RelayStats,
   isFailureCode,
 } from '../../shared/protocol/index.js';
 import { stepJobOf } from '../../shared/protocol/transport.js';
@@ -75,6 +76,7 @@ import { createRedis } from '../../shared/redis.js';
 
 /** The lock token of every job a relay of `colo` takes (stable across relay restarts; shared/protocol/keys.ts). */
 export { relayLockToken };
+export type { RelayStats };
 
 /** Options of startRelay. */
 export interface RelayOptions {
@@ -114,18 +116,6 @@ interface Waiter {
   wake: () => void;
   /** A newer poll of the same host took over: answer 204. */
   replace: () => void;
-}
-
-/** What a relay shows on /healthz. */
-export interface RelayStats {
-  colo: string;
-  queue: string;
-  /** Jobs held (taken from the queue, not yet reported finished). */
-  held: number;
-  /** Hosts with an open long-poll. */
-  polling: number;
-  /** Jobs handed to hosts since start (re-adoptions included). */
-  handedOut: number;
 }
 
 /** A running relay (see the top of this file). */

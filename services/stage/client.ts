@@ -6,6 +6,8 @@ import got, { type OptionsInit } from 'got';
 import { type Digest, parseDigest } from '../../shared/digest.js';
 import { fromErrorBody, scError } from '../../shared/errors.js';
 import type { FillInfo } from './fill.js';
+import type { UpstreamHealth } from './upstream-health.js';
+import type { RelayStats } from '../../shared/protocol/index.js';
 import { gotTls, tlsError } from '../../shared/tls.js';
 
 export type { FillInfo };
@@ -13,13 +15,19 @@ export type { FillInfo };
 /** What `GET /healthz` on a stage returns. */
 export interface StageHealth {
   ok: boolean;
+  /** `degraded` while no upstream answers (the cache still serves; see the stage's /healthz). */
+  status: 'ok' | 'degraded';
   role: 'stage';
   colo: string;
   upstreams: string[];
+  /** What the stage knows of each upstream. */
+  upstreamHealth: UpstreamHealth[];
   fillsInFlight: number;
   cacheBytes: number;
   cacheMaxBytes: number;
   cacheEntries: number;
+  /** The colo relay's numbers, when this stage runs one. */
+  relay?: RelayStats;
 }
 
 /** Answer of `POST /v1/prefetch`. */

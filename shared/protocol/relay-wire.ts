@@ -138,3 +138,15 @@ export function parseRelayToken(token: string): { kid: string; mac: Buffer } | n
   const m = TOKEN_RE.exec(token);
   return m ? { kid: m[1], mac: Buffer.from(m[2], 'hex') } : null;
 }
+
+/** What a relay shows on /healthz. */
+export interface RelayStats {
+  colo: string;
+  queue: string;
+  /** Jobs held (taken from the queue, not yet reported finished). */
+  held: number;
+  /** Hosts with an open long-poll. */
+  polling: number;
+  /** Jobs handed to hosts since start (re-adoptions included). */
+  handedOut: number;
+}
