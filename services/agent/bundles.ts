@@ -37,7 +37,7 @@ import { scError } from '../../shared/errors.js';
 import { commitFile, fsyncPath, writeFileAtomic } from '../../shared/fs-atomic.js';
 import { type Manifest, manifestDigest, parseManifest, verifyManifest } from '../../shared/manifest.js';
 import { parseName, parseVersion } from '../../shared/names.js';
-import type { BundleRef } from '../../shared/protocol/index.js';
+import { type BundleRef, refString } from '../../shared/protocol/index.js';
 import type { MachineDriver } from './machine/driver.js';
 
 /** Where the kept store and agent state live on disk2p2. */
@@ -54,10 +54,6 @@ export function parseBundleRef(v: unknown, what: string): BundleRef {
   return { name: parseName(r.name), version: parseVersion(r.version) };
 }
 
-/** `name@version`. */
-export function refString(r: BundleRef): string {
-  return `${r.name}@${r.version}`;
-}
 
 /** Reads a JSON file; null when it does not exist or does not parse (a torn write is no write). */
 export async function readJson<T>(path: string): Promise<T | null> {

@@ -38,15 +38,6 @@ export interface JobOutcome {
   byHost: boolean;
 }
 
-/**
- * The route-independent id of step `seq` of `rollout`: `<rollout>.<seq>.<step>`. The BullMQ job
- * id is this in a host's own queue, and this plus `.<host>` in a colo relay queue (client.ts
- * stepJobId); jobOutcomes and jobLogTail resolve the host's route themselves.
- */
-export function stepJobId(rollout: string, seq: number, step: string): string {
-  return `${rollout}.${seq}.${step}`;
-}
-
 /** The BullMQ job key (`P:<queue>:<id>`) of a step given by its route-independent id. */
 function jobKey(prefix: string, route: { transport: 'direct' | 'relay'; queue: string }, host: string, baseId: string): { q: string; id: string } {
   return { q: `${prefix}:${route.queue}`, id: routedJobId(route, host, baseId) };

@@ -73,7 +73,7 @@ function credential(h: string | undefined, basic: boolean): string | null {
  * credential (with a Basic challenge when `basic`), 403 for an unknown token or a read-only
  * token on a write.
  */
-export function requireToken(tokens: readonly RoleToken[], need: TokenRole, opts: { basic?: boolean } = {}): RequestHandler {
+export function requireRole(tokens: readonly RoleToken[], need: TokenRole, opts: { basic?: boolean } = {}): RequestHandler {
   return (req, res, next) => {
     const c = credential(req.headers.authorization, opts.basic ?? false);
     if (!c) {
@@ -152,9 +152,9 @@ export function createControlApp(d: ControlAppDeps): express.Express {
   });
 
   const all: RoleToken[] = [...d.tokens.map((t) => ({ ...t, role: 'write' as const })), ...(d.readTokens ?? []).map((t) => ({ ...t, role: 'read' as const }))];
-  const auth = requireToken(all, 'write');
+  const auth = requireRole(all, 'write');
   const open: RequestHandler = (_req, _res, next) => next();
-  const reader = requireToken(all, 'read');
+  const reader = requireRole(all, 'read');
   const readAuth = d.openReads ? open : reader;
   const isRead = (req: Request) => req.method === 'GET' || req.method === 'HEAD';
   // Every read of the API; writes carry `auth` on their routes.
@@ -281,8 +281,8 @@ export function createControlApp(d: ControlAppDeps): express.Express {
   // ------------------------------------------------------------- dashboard and bull-board
   if (d.board) {
     // bull-board's page and API: reads with any token, its job actions (retry, clean…) with a write token.
-    const boardRead = d.openReads ? open : requireToken(all, 'read', { basic: true });
-    const boardWrite = requireToken(all, 'write', { basic: true });
+    const boardRead = d.openReads ? open : requireRole(all, 'read', { basic: true });
+    const boardWrite = requireRole(all, 'write', { basic: true });
     app.use('/queues', (req, res, next) => (isRead(req) ? boardRead(req, res, next) : boardWrite(req, res, next)), d.board.adapter.getRouter() as RequestHandler);
   }
   app.use(express.static(DASHBOARD_DIR, { index: 'index.html', maxAge: 0 }));

@@ -67,7 +67,7 @@ export async function makeFleetKeys(dir: string): Promise<FleetKeys> {
 }
 
 /** What to publish. */
-export interface PublishOptions {
+export interface FleetBundleOptions {
   name: string;
   version: string;
   role: 'base' | 'target';
@@ -84,7 +84,7 @@ export interface PublishOptions {
 }
 
 /** The publish request of `o` (the fleet's own keys unless `o` says otherwise). */
-function request(keys: FleetKeys, o: PublishOptions) {
+function request(keys: FleetKeys, o: FleetBundleOptions) {
   return {
     path: o.dir,
     name: o.name,
@@ -105,7 +105,7 @@ function request(keys: FleetKeys, o: PublishOptions) {
  * and returns the signed manifest for it, uploading nothing: the packing of `stagecoach
  * publish` (services/origin/publish.ts). Nothing is held in memory.
  */
-export async function packBundleFile(keys: FleetKeys, o: PublishOptions, out: string): Promise<Manifest> {
+export async function packBundleFile(keys: FleetKeys, o: FleetBundleOptions, out: string): Promise<Manifest> {
   const r = request(keys, o);
   const { name, version, role, compression, input } = checkPublishRequest(r);
   const { blob } = await packBlob(input, { compression, recipients: r.recipients }, out);
@@ -117,7 +117,7 @@ export async function packBundleFile(keys: FleetKeys, o: PublishOptions, out: st
  * Publishes `o.dir` to the origin as `stagecoach publish` does (the same function), and
  * returns the manifest on the origin.
  */
-export async function publishBundle(origin: OriginClient, keys: FleetKeys, o: PublishOptions): Promise<Manifest> {
+export async function publishBundle(origin: OriginClient, keys: FleetKeys, o: FleetBundleOptions): Promise<Manifest> {
   const out = await publish({ ...request(keys, o), origin, workDir: o.workDir ?? dirname(o.dir) });
   return out.manifest;
 }
@@ -126,7 +126,7 @@ export async function publishBundle(origin: OriginClient, keys: FleetKeys, o: Pu
 export async function publishSampleBundle(
   origin: OriginClient,
   keys: FleetKeys,
-  o: Omit<PublishOptions, 'dir'> & { workDir: string; sizeMiB?: number; prettyName?: string },
+  o: Omit<FleetBundleOptions, 'dir'> & { workDir: string; sizeMiB?: number; prettyName?: string },
 ): Promise<Manifest> {
   const dir = join(o.workDir, `rootfs-${o.name}-${o.version}`);
   await mkdir(dir, { recursive: true });
@@ -272,8 +272,8 @@ export interface FleetOptions {
   /** Filler size of the sample bundles in MiB (default 1). */
   bundleMiB?: number;
   /** The bundles to publish (defaults: rescue-os@1.0.0 debian 12 base, target-os@2.0.0 ubuntu 24.04 target). */
-  base?: { name: string; version: string; os: PublishOptions['os'] };
-  target?: { name: string; version: string; os: PublishOptions['os'] };
+  base?: { name: string; version: string; os: FleetBundleOptions['os'] };
+  target?: { name: string; version: string; os: FleetBundleOptions['os'] };
   /** OS A of the machines (default debian-11). */
   os?: string;
   /** Start the agents (default true). */

@@ -13,7 +13,7 @@ import { createTarExtract } from './pax.js';
 import { DEVICE_TYPES, entryMeta, FILE_TYPES } from './tar-entry.js';
 import { archivePath, EntryGuard } from './tar-guard.js';
 import { drained, fsFailure } from './tar-io.js';
-import { applyFixups, clearPath, DirCache, type Fixup, makeDir, writeFileContent } from './tar-write.js';
+import { applyFixups, clearPath, DirCache, type Fixup, makeDirEntry, writeFileContent } from './tar-write.js';
 
 /** What `safeExtract` did. */
 export interface ExtractResult {
@@ -122,7 +122,7 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
       }
       await settle(rel);
       if (meta.type === 'directory') {
-        await makeDir(root, rel, meta, asRoot, dirs);
+        await makeDirEntry(root, rel, meta, asRoot, dirs);
         fixups.set(rel, { kind: 'dir', mode: meta.mode, mtime: meta.mtime });
       } else if (meta.type === 'symlink') {
         fixups.set(rel, { kind: 'symlink', target: meta.linkname, mtime: meta.mtime, uid: meta.uid, gid: meta.gid, xattrs: meta.xattrs });

@@ -230,7 +230,7 @@ export class DirCache {
 }
 
 /** Creates (or keeps) a directory; owner and xattrs now, mode and mtime in the fixups. */
-export async function makeDir(root: string, rel: string, meta: EntryMeta, asRoot: boolean, dirs: DirCache): Promise<void> {
+export async function makeDirEntry(root: string, rel: string, meta: EntryMeta, asRoot: boolean, dirs: DirCache): Promise<void> {
   const p = rel ? join(root, rel) : root;
   if (rel) {
     await dirs.ensureParent(p);

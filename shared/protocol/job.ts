@@ -76,7 +76,12 @@ function jsonish(v: unknown): unknown {
  * own queue (direct), `<rollout>.<seq>.<step>.<host>` in a colo queue shared by many hosts (relay).
  */
 export function stepJobId(route: StepRoute | Transport, host: string, rollout: string, seq: number, step: string): string {
-  return routedJobId(route, host, `${rollout}.${seq}.${step}`);
+  return routedJobId(route, host, stepBaseId(rollout, seq, step));
+}
+
+/** The route-independent id of step `seq` of `rollout`: `<rollout>.<seq>.<step>` (see stepJobId). */
+export function stepBaseId(rollout: string, seq: number, step: string): string {
+  return `${rollout}.${seq}.${step}`;
 }
 
 /** A route-independent step id (`<rollout>.<seq>.<step>`) made into the job id on `route` (see stepJobId). */

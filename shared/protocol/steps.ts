@@ -28,6 +28,11 @@ export interface BundleRef {
   version: string;
 }
 
+/** `name@version` of a bundle reference. */
+export function refString(r: BundleRef): string {
+  return `${r.name}@${r.version}`;
+}
+
 /** One step of a sequence before signing. */
 export interface SequenceStep {
   step: StepName;

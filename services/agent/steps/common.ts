@@ -2,6 +2,7 @@
  * What several steps share: reading their job arguments, the carried configuration, installing
  * a bundle onto a partition, and booting into a device with a one-shot entry.
  */
+import { refString } from '../../../shared/protocol/index.js';
 import { createReadStream } from 'node:fs';
 import { execFile } from 'node:child_process';
 import { mkdir, readFile, rm, stat, symlink } from 'node:fs/promises';
@@ -20,7 +21,7 @@ import type { NetFormat } from '../../../shared/manifest.js';
 import type { BundleRef } from '../../../shared/protocol/index.js';
 import type { MachineDriver } from '../machine/driver.js';
 import { unpackFile } from '../unpack.js';
-import { type BundleDir, KeptStore, parseBundleRef, refString } from '../bundles.js';
+import { type BundleDir, KeptStore, parseBundleRef } from '../bundles.js';
 import type { StepContext } from './step.js';
 
 const execFileP = promisify(execFile);

@@ -6,7 +6,8 @@
  * Effect check: D complete in the kept store.
  * Failure leaves: at most a `.partial` download on disk2p2 (resumed by the next run).
  */
-import { refString } from '../bundles.js';
+
+import { refString } from '../../../shared/protocol/index.js';
 import { fetchBundles } from './fetch.js';
 import { keptStore, permanent, targetArg } from './common.js';
 import type { Step } from './step.js';

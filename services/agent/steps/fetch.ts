@@ -10,10 +10,11 @@
  * Failure leaves: at most a `.partial` download in the state dir (resumed by the next run);
  * nothing on disk 2, nothing unpacked.
  */
+import { refString } from '../../../shared/protocol/index.js';
 import { mkdir } from 'node:fs/promises';
 import { type FetchedManifest, fetchBlob, fetchManifest, selectSources } from '../../../shared/fetch.js';
 import type { Manifest } from '../../../shared/manifest.js';
-import { type BundleDir, refString, stateBundles } from '../bundles.js';
+import { type BundleDir, stateBundles } from '../bundles.js';
 import type { BundleRef } from '../../../shared/protocol/index.js';
 import { baseArg, permanent, targetArg } from './common.js';
 import type { Step, StepContext, StepResult } from './step.js';

@@ -11,7 +11,8 @@
  * Failure leaves: possibly partial copies (`.partial`, redone) and a wiped or half-written
  * disk2p1 that no boot entry points at; OS A untouched and still the default.
  */
-import { refString, stateBundles, BASE_DEVICE } from '../bundles.js';
+import { refString } from '../../../shared/protocol/index.js';
+import { stateBundles, BASE_DEVICE } from '../bundles.js';
 import { baseArg, installBundle, installedHere, keptStore, permanent, targetArg } from './common.js';
 import type { Step, StepContext } from './step.js';
 

@@ -9,7 +9,8 @@
  * both are written after the config).
  * Failure leaves: disk1p1 wiped or half-written, no boot entry pointing at it; the host on B.
  */
-import { refString, TARGET_DEVICE, BASE_DEVICE } from '../bundles.js';
+import { refString } from '../../../shared/protocol/index.js';
+import { TARGET_DEVICE, BASE_DEVICE } from '../bundles.js';
 import { carried, installBundle, installedHere, keptManifest, keptStore, permanent, targetRef } from './common.js';
 import type { Step, StepContext } from './step.js';
 

@@ -6,7 +6,8 @@
  *
  * Failure leaves: nothing changed; the failure names the check that failed.
  */
-import { refString, TARGET_DEVICE, BASE_DEVICE } from '../bundles.js';
+import { refString } from '../../../shared/protocol/index.js';
+import { TARGET_DEVICE, BASE_DEVICE } from '../bundles.js';
 import { carried, identityProblem, keptStore, permanent, runningInstalledProblem } from './common.js';
 import type { Step } from './step.js';
 

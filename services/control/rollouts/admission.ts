@@ -2,6 +2,7 @@
  * Owns admitting work: checking a bundle's manifest at the origin, resolving a rollout's host
  * selection against the inventory, and building a new rollout's spec, status and hosts.
  */
+import { refString } from '../../../shared/protocol/index.js';
 import type { KeyObject } from 'node:crypto';
 import type { BundleRef } from '../../../shared/protocol/index.js';
 import { type ErrorCode, ERRORS, isScError, scError } from '../../../shared/errors.js';
@@ -9,7 +10,7 @@ import { type Manifest, manifestDigest, verifyManifest } from '../../../shared/m
 import type { ReadClient } from '../../origin/client.js';
 import type { Inventory } from '../inventory.js';
 import { type CreateRolloutRequest, planWaves, resolveBudget } from '../plan.js';
-import { type ActiveRollout, emptyCounts, type HostState, refString, type RolloutSpec, type RolloutStatus } from './model.js';
+import { type ActiveRollout, emptyCounts, type HostState, type RolloutSpec, type RolloutStatus } from './model.js';
 
 /** Where manifests come from and which keys they must be signed with (none: not checked). */
 export interface ManifestSource {

@@ -4,20 +4,12 @@
  * and reading operations back. Report handling is host-reducer.ts applyOpReport.
  */
 import type { Redis } from 'ioredis';
-import {
-  type AgentProducer,
-  type BundleRef,
-  failureOf,
-  installOtherSequence,
-  reinstallSequence,
-  rescueSequence,
-  type SequenceStep,
-} from '../../../shared/protocol/index.js';
+import { type AgentProducer, type BundleRef, failureOf, installOtherSequence, reinstallSequence, rescueSequence, type SequenceStep, refString, stepBaseId } from '../../../shared/protocol/index.js';
 import { scError } from '../../../shared/errors.js';
 import { parseRef } from '../../../shared/names.js';
-import { type JobOutcome, jobOutcomes, stepJobId } from '../queues.js';
+import { type JobOutcome, jobOutcomes } from '../queues.js';
 import { failOp, opFinished } from './host-reducer.js';
-import { type HostOp, refString } from './model.js';
+import type { HostOp } from './model.js';
 import type { RolloutStore } from './store.js';
 
 /** What following an operation needs. */
@@ -85,8 +77,8 @@ export async function tickOp(op: HostOp, deps: HostOpDeps, store: RolloutStore):
   }
   const lastSeq = op.steps.length - 1;
   const [cur, last] = await jobOutcomes(deps.redis, deps.prefix, [
-    { host: op.host, jobId: stepJobId(op.id, op.seq, op.steps[op.seq]) },
-    { host: op.host, jobId: stepJobId(op.id, lastSeq, op.steps[lastSeq]) },
+    { host: op.host, jobId: stepBaseId(op.id, op.seq, op.steps[op.seq]) },
+    { host: op.host, jobId: stepBaseId(op.id, lastSeq, op.steps[lastSeq]) },
   ]);
   const next = settleOp(op, cur, last, deps.now());
   if (next === op) return;

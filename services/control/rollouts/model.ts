@@ -208,10 +208,6 @@ export function controlKey(prefix: string, ...parts: string[]): string {
   return [prefix, 'control', ...parts].join(':');
 }
 
-/** `name@version`. */
-export function refString(r: BundleRef): string {
-  return `${r.name}@${r.version}`;
-}
 
 /** All counters at zero. */
 export function emptyCounts(): Counts {

@@ -5,9 +5,9 @@
  * job records when their reports were lost (e.g. with a Redis crash).
  */
 import type { Redis } from 'ioredis';
-import { type AgentProducer, CONVERT_STEPS, rescueSequence, type SequenceStep } from '../../../shared/protocol/index.js';
+import { type AgentProducer, CONVERT_STEPS, rescueSequence, type SequenceStep, stepBaseId } from '../../../shared/protocol/index.js';
 import { failureOf } from '../../../shared/protocol/index.js';
-import { type JobOutcome, jobOutcomes, stepJobId } from '../queues.js';
+import { type JobOutcome, jobOutcomes } from '../queues.js';
 import { failHost, withLogLine } from './host-reducer.js';
 import { type ActiveRollout, type HostState, IN_FLIGHT_HOST, LAST_SEQ, rescueOpen, rescueRunId, type RolloutSpec } from './model.js';
 import type { RolloutStore } from './store.js';
@@ -110,11 +110,11 @@ export async function reconcileRollout(a: ActiveRollout, now: number, deps: Reco
   for (const h of hs) {
     if (IN_FLIGHT_HOST.includes(h.status)) {
       const seq = h.status === 'queued' ? 0 : h.seq;
-      jobs.push({ host: h.host, jobId: stepJobId(a.spec.id, seq, CONVERT_STEPS[seq]) });
-      jobs.push({ host: h.host, jobId: stepJobId(a.spec.id, LAST_SEQ, CONVERT_STEPS[LAST_SEQ]) });
+      jobs.push({ host: h.host, jobId: stepBaseId(a.spec.id, seq, CONVERT_STEPS[seq]) });
+      jobs.push({ host: h.host, jobId: stepBaseId(a.spec.id, LAST_SEQ, CONVERT_STEPS[LAST_SEQ]) });
     } else {
-      jobs.push({ host: h.host, jobId: stepJobId(rescueRunId(a.spec.id), 0, 'rescue') });
-      jobs.push({ host: h.host, jobId: stepJobId(rescueRunId(a.spec.id), 0, 'rescue') });
+      jobs.push({ host: h.host, jobId: stepBaseId(rescueRunId(a.spec.id), 0, 'rescue') });
+      jobs.push({ host: h.host, jobId: stepBaseId(rescueRunId(a.spec.id), 0, 'rescue') });
     }
   }
   const out = await jobOutcomes(deps.redis, deps.prefix, jobs);

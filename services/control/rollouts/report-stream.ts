@@ -15,9 +15,9 @@
  *   relay's only of hosts whose registration that relay holds.
  */
 import type { Redis } from 'ioredis';
-import { decodeReport, keys, parseSourceName, reportStreamOf, type Source, type StepReport } from '../../../shared/protocol/index.js';
+import { decodeReport, keys, parseSourceName, reportStreamOf, type Source, type StepReport, stepBaseId } from '../../../shared/protocol/index.js';
 import type { Logger } from '../../../shared/log.js';
-import { type JobOutcome, jobOutcomes, stepJobId } from '../queues.js';
+import { type JobOutcome, jobOutcomes } from '../queues.js';
 import { FINAL_EVENTS } from './host-reducer.js';
 import { NAME_RE } from '../../../shared/names.js';
 
@@ -231,7 +231,7 @@ export async function finalOutcomes(redis: Redis, prefix: string, reps: StepRepo
   const res = await jobOutcomes(
     redis,
     prefix,
-    todo.map((r) => ({ host: r.host, jobId: stepJobId(r.rollout, r.seq, r.step) })),
+    todo.map((r) => ({ host: r.host, jobId: stepBaseId(r.rollout, r.seq, r.step) })),
   );
   for (const [i, r] of todo.entries()) out.set(r, res[i]);
   return out;

@@ -3,9 +3,10 @@
  * one rollout with its hosts and failed jobs' logs, the list, what control does with a host, and
  * the counters.
  */
+import { stepBaseId } from '../../../shared/protocol/index.js';
 import type { Redis } from 'ioredis';
 import { scError } from '../../../shared/errors.js';
-import { jobLogTail, stepJobId } from '../queues.js';
+import { jobLogTail } from '../queues.js';
 import { type ActiveRollout, type Counts, countHosts, emptyCounts, type HostState, type HostWork, rescueOpen, type RolloutView, TERMINAL_HOST } from './model.js';
 import type { RolloutStore } from './store.js';
 
@@ -41,7 +42,7 @@ export async function getRollout(
       v.hosts
         .filter((h) => h.error)
         .map(async (h) => {
-          h.jobLog = await jobLogTail(jobs.redis, jobs.prefix, h.host, stepJobId(id, h.error!.seq, h.error!.step)).catch(() => []);
+          h.jobLog = await jobLogTail(jobs.redis, jobs.prefix, h.host, stepBaseId(id, h.error!.seq, h.error!.step)).catch(() => []);
         }),
     );
   }
