@@ -31,7 +31,7 @@
  *   them at once (`extendLock` with the same token succeeds) and hands them out again; if none
  *   restarts, BullMQ's stalled-job check (run by every relay of the colo) returns them to wait
  *   after `lockDurationMs`.
- * - Hosts authenticate with `Authorization: Bearer <relayToken(secret, colo, id)>` and
+ * - Hosts authenticate (services/relay/auth.ts) with `Authorization: Bearer <relayToken(secret, colo, id)>` and
  *   `X-Stagecoach-Host: <id>` (a per-host HMAC, nothing stored per host): a host can only take
  *   and report its own jobs (403 otherwise). The relay holds its own colo's keys only, never the
  *   fleet secret, so what it holds mints no token for another colo's relay. The relay never sees step secrets and cannot forge a
@@ -43,11 +43,9 @@
  * which the hosts polling the first one would not see). A standby stage can be started with the
  * same flags when the first one dies: it re-adopts the colo's jobs at its start.
  */
-import { timingSafeEqual } from 'node:crypto';
 import type { Job } from 'bullmq';
 import express, { type NextFunction, type Request, type Response } from 'express';
 import type { Redis } from 'ioredis';
-import { LRUCache } from 'lru-cache';
 import {
   coloQueueName,
   HOST_ID_RE,
@@ -56,12 +54,7 @@ import {
   queuePresence,
   queueReport,
   relayLockToken,
-  hostFieldsSchema,
-  parseHostInput,
-  reportFieldsSchema,
-  parseRelayToken,
   type RelayKey,
-  relayMac,
   type StepPayload,
   StepQueueConsumer,
   type StepReport,
@@ -73,6 +66,7 @@ import { stepJobOf } from '../../shared/protocol/transport.js';
 import { scError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
 import { createRedis } from '../../shared/redis.js';
+import { fieldsChecker, hostAuthenticator, pathHost, reportParser } from './auth.js';
 
 /** The lock token of every job a relay of `colo` takes (stable across relay restarts; shared/protocol/keys.ts). */
 export { relayLockToken };
@@ -226,43 +220,9 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
 
   // ---------------------------------------------------------------- HTTP
 
-  // The colo's key per key id; each host's expected MAC, computed once (an HMAC per request adds
-  // up at thousands of hosts).
-  const coloKeys = new Map(o.keys.map((x) => [x.kid, x.key]));
-  const macs = new LRUCache<string, Buffer>({ max: 100_000 });
-  const authHost = (req: Request): string => {
-    const m = /^Bearer\s+(\S+)\s*$/i.exec(req.headers.authorization ?? '');
-    const host = req.headers['x-stagecoach-host'];
-    if (!m || typeof host !== 'string') throw scError('SC_ERR_UNAUTHORIZED', 'relay requests need a host token and X-Stagecoach-Host');
-    if (!HOST_ID_RE.test(host)) throw scError('SC_ERR_FORBIDDEN', 'bad host id');
-    const t = parseRelayToken(m[1]);
-    if (!t) throw scError('SC_ERR_FORBIDDEN', 'malformed relay token (expected KID.HEX: make it again with stagecoach acl relay-token)');
-    const key = coloKeys.get(t.kid);
-    if (!key) throw scError('SC_ERR_FORBIDDEN', `relay token key id ${t.kid} is not accepted here (rotated out?)`);
-    const k = `${t.kid}:${host}`;
-    let want = macs.get(k);
-    if (!want) {
-      want = relayMac(key, host);
-      macs.set(k, want);
-    }
-    if (want.length !== t.mac.length || !timingSafeEqual(want, t.mac)) throw scError('SC_ERR_FORBIDDEN', `wrong relay token for host ${host} at colo ${o.colo}`);
-    return host;
-  };
-  const pathHost = (req: Request, host: string) => {
-    if (req.params.id !== host) throw scError('SC_ERR_FORBIDDEN', 'a host token only serves its own host');
-  };
-  const checkFields = (f: unknown): Partial<HostRecord> | null => {
-    if (f === undefined || f === null) return null;
-    const r = parseHostInput(hostFieldsSchema, f, 'fields');
-    if (r.colo !== undefined && r.colo !== o.colo) throw scError('SC_ERR_CONFLICT', `this relay serves colo ${o.colo}, not ${String(r.colo).slice(0, 64)}`);
-    delete r.lastSeen;
-    delete r.hostId;
-    return { ...r, transport: 'relay' };
-  };
-  const report = (host: string, r: unknown): StepReport | null => {
-    if (r === undefined || r === null) return null;
-    return { ...parseHostInput(reportFieldsSchema, r, 'report'), host, ts: now() };
-  };
+  const authHost = hostAuthenticator(o.keys, o.colo);
+  const checkFields = fieldsChecker(o.colo);
+  const report = reportParser(now);
   const write = async (host: string, fields: Partial<HostRecord> | null, r: StepReport | null) => {
     if (!fields && !r) return;
     const pipe = redis.multi();
