@@ -7,6 +7,7 @@ import { z } from 'zod';
 import { byteSize, commaList, deepFreeze, loadConfig, parseListen, type ConfigSources } from '../../shared/config.js';
 import { scError } from '../../shared/errors.js';
 import { clientTlsSettings, serverTlsSettings } from '../../shared/tls.js';
+import { UPSTREAM_HEALTH_DEFAULTS } from './upstream-health.js';
 
 const bytes = byteSize;
 
@@ -67,6 +68,12 @@ export const stageConfigSchema = z.strictObject({
   upstreamDownMs: ms(10_000),
   /** How long a 404 (blob or manifest) is remembered. */
   negativeTtlMs: ms(5_000),
+  /** Period of the background /healthz check of each upstream (upstream-health.ts); 0: none. */
+  upstreamCheckIntervalMs: ms(UPSTREAM_HEALTH_DEFAULTS.checkIntervalMs),
+  /** Deadline of one background check. */
+  upstreamCheckTimeoutMs: ms(UPSTREAM_HEALTH_DEFAULTS.checkTimeoutMs),
+  /** Failed checks or requests in a row after which an upstream counts as down. */
+  upstreamDownAfter: z.coerce.number().int().positive().default(UPSTREAM_HEALTH_DEFAULTS.downAfter),
   /**
    * Period of the reconcile pass (reconcile.ts): cached blobs and manifests of bundles the
    * upstream no longer lists are dropped. 0 disables the timer.

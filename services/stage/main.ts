@@ -93,6 +93,9 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
     retriesPerUpstream: config.retriesPerUpstream,
     maxAttempts: config.maxAttempts,
     upstreamDownMs: config.upstreamDownMs,
+    checkIntervalMs: config.upstreamCheckIntervalMs,
+    checkTimeoutMs: config.upstreamCheckTimeoutMs,
+    downAfter: config.upstreamDownAfter,
   });
   const fills = new FetchOnce({ cache, upstreams, clock, log, metrics, negativeTtlMs: config.negativeTtlMs, history: config.fillHistory, maxPassthroughBytes: config.maxPassthroughBytes });
   const manifests = new ManifestCache({ dir: join(dir, 'manifests'), upstreams, trusted, clock, log, negativeTtlMs: config.negativeTtlMs });
