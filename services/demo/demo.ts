@@ -5,7 +5,10 @@
  * keys, the machines and their agents.
  *
  * 1. Redis: REDIS_URL if set, else a private redis-server on a free port.
- * 2. Keys (release, control, fleet), an origin, and one stage per colo.
+ * 2. Keys (release, control, fleet), a private CA and a server certificate for 127.0.0.1
+ *    (shared/tls-gen.ts; every server listens with TLS, every client trusts that CA: the
+ *    in-process ones through trustCa, the CLI children and agents through STAGECOACH_CA; plain
+ *    HTTP, with a note, only where no `openssl` is installed), an origin, and one stage per colo.
  * 3. Two sample root filesystems, a rescue OS "B" and a target OS "C", published with the
  *    `stagecoach publish` command, then fetched back through every stage with `stagecoach get`
  *    (signature and digest checked).
@@ -33,6 +36,8 @@ import { readTokenFile } from '../../shared/config.js';
 import { scError } from '../../shared/errors.js';
 import { createLogger, silentLogger } from '../../shared/log.js';
 import { ensureRedis } from '../../shared/redis.js';
+import { trustCa } from '../../shared/tls.js';
+import { generateTls } from '../../shared/tls-gen.js';
 import { createSimHosts, makeFleetKeys, type SimHost, startFleetAgents } from './fleet.js';
 
 /** Options of `stagecoach demo`. */
@@ -110,6 +115,24 @@ export async function stagecoach(args: string[]): Promise<string> {
   return out;
 }
 
+/**
+ * The demo's TLS: a private CA and a certificate for 127.0.0.1 and localhost in `dir`, trusted by
+ * this process and (STAGECOACH_CA) by every child it starts. Without `openssl`, plain HTTP on
+ * loopback, said so.
+ */
+async function demoTls(dir: string): Promise<{ tlsCert: string; tlsKey: string } | Record<string, never>> {
+  try {
+    const g = await generateTls(dir, ['127.0.0.1', 'localhost']);
+    process.env.STAGECOACH_CA = g.ca;
+    trustCa([g.ca]);
+    say(`tls        private CA ${g.ca} (every server below listens with TLS; clients: --ca ${g.ca})`);
+    return { tlsCert: g.cert, tlsKey: g.key };
+  } catch (err) {
+    say(`tls        none: ${(err as Error).message}; the services listen with plain HTTP on 127.0.0.1`);
+    return {};
+  }
+}
+
 function say(line: string): void {
   process.stdout.write(`${line}\n`);
 }
@@ -139,7 +162,8 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     const tokenFile = join(work, 'origin.token');
     writeFileSync(tokenFile, `demo-${Math.random().toString(36).slice(2)}\n`, { mode: 0o600 });
 
-    const origin = await startOrigin({ listen: '127.0.0.1:0', data: join(work, 'origin'), tokenFile }, { logger: log });
+    const tls = await demoTls(join(work, 'tls'));
+    const origin = await startOrigin({ listen: '127.0.0.1:0', data: join(work, 'origin'), tokenFile, ...tls }, { logger: log });
     cleanup.push(() => origin.close());
     say(`origin     ${origin.url}`);
 
@@ -147,7 +171,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
     const stages: Record<string, string> = {};
     for (const colo of colos) {
       const st = await startStage(
-        { listen: '127.0.0.1:0', upstreams: [origin.url], cache: join(work, 'stages', colo), cacheSize: '2GiB', colo, tokenFile, trustKeys: [keys.files.releasePub], logLevel: opts.logLevel },
+        { listen: '127.0.0.1:0', upstreams: [origin.url], cache: join(work, 'stages', colo), cacheSize: '2GiB', colo, tokenFile, trustKeys: [keys.files.releasePub], logLevel: opts.logLevel, ...tls },
         { log },
       );
       cleanup.push(() => st.close());
@@ -207,6 +231,7 @@ export async function runDemo(opts: DemoOptions): Promise<number> {
         trustKey: [keys.files.releasePub],
         stages: Object.entries(stages).map(([c, u]) => `${c}=${u}`),
         logLevel: opts.logLevel as 'warn',
+        ...tls,
       },
       { logger: log },
     );

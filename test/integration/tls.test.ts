@@ -6,7 +6,7 @@ import { existsSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { generateTls, type GeneratedTls } from '../../services/cli/commands/tls.js';
+import { generateTls, type GeneratedTls } from '../../shared/tls-gen.js';
 import { type RunningStage, startStage } from '../../services/stage/main.js';
 import type { Digest } from '../../shared/digest.js';
 import { isScError } from '../../shared/errors.js';

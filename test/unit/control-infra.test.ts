@@ -13,7 +13,6 @@ import { loadStageConfig } from '../../services/stage/config.js';
 describe('infra examples', () => {
   it('example configs validate against the service schemas', () => {
     const o = loadOriginConfig({ file: 'infra/config/origin.yaml', env: {} });
-    assert.equal(o.listen, '0.0.0.0:7070');
     const s = loadStageConfig({ file: 'infra/config/stage.yaml', env: {} });
     assert.equal(s.colo, 'ams1');
     const a = loadAgentConfig({ file: 'infra/config/agent.yaml', env: {} });
@@ -21,6 +20,13 @@ describe('infra examples', () => {
     const c = loadControlConfig({ file: 'infra/config/control.yaml', env: {} });
     assert.equal(c.prefix, 'stagecoach');
     assert.deepEqual(parseStagesFlag(c.stages).get('ams1')?.length, 2);
+    // Loopback by default, TLS configured, and every URL a client is given is https.
+    for (const x of [o, s, c]) {
+      assert.match(x.listen, /^127\.0\.0\.1:/);
+      assert.ok(x.tlsCert && x.tlsKey);
+    }
+    for (const u of [...s.upstreams, a.origin ?? '', ...a.stages, c.origin, ...c.stages.map((x) => x.slice(x.indexOf('=') + 1))]) assert.match(u, /^https:\/\//);
+    for (const x of [s, a, c]) assert.ok(x.ca);
   });
 
   it('control config: env overrides file, flags override env, unknown keys are refused', () => {
