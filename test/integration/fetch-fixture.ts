@@ -6,7 +6,7 @@
 import { generateKeyPairSync, type KeyObject } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
-import { createServer } from 'node:http';
+import { createServer, type ServerResponse } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import express from 'express';
@@ -28,10 +28,20 @@ export interface Faults {
   stallAfter?: number;
   /** Answer every blob request with the full 200, ignoring Range. */
   ignoreRange?: boolean;
+  /**
+   * Send this many body bytes per blob response, then freeze like a link gone silent without a
+   * FIN: that response stalls, and every later request (/healthz included) is accepted and never
+   * answered, until the faults change or the server closes. Blob requests are still recorded.
+   */
+  freezeAfter?: number;
+  /** Send the blob body in pieces of `bytes`, one every `everyMs` (a busy source: slow, but alive). */
+  trickle?: { bytes: number; everyMs: number };
 }
 
 export interface ReadServer extends Listening {
   faults: Faults;
+  /** True once a `freezeAfter` response reached its limit (cleared when `faults` is replaced). */
+  readonly frozen: boolean;
   /** Every blob request seen: method and Range header. */
   blobRequests: { method: string; range?: string }[];
   /** Serves the file at `path` as blob `digest` (its real digest unless given: tampering). */
@@ -46,10 +56,11 @@ export async function startReadServer(faults: Faults = {}): Promise<ReadServer> 
   const manifests = new Map<string, unknown>();
   const blobRequests: ReadServer['blobRequests'] = [];
   const app = express();
-  const state = { faults };
+  const state = { faults, frozen: false };
 
   app.get('/healthz', async (req, res) => {
     const f = state.faults;
+    if (state.frozen) return; // never answered; the client's deadline or close() ends it
     if (f.healthDelayMs) {
       // Wait, unless the client goes away first (so no timer outlives the test).
       await new Promise<void>((r) => {
@@ -72,25 +83,31 @@ export async function startReadServer(faults: Faults = {}): Promise<ReadServer> 
   app.get('/v1/blobs/:ref', async (req, res) => {
     const f = state.faults;
     blobRequests.push({ method: req.method, range: req.headers.range });
+    if (state.frozen) return;
     const digest = parseDigest(req.params.ref);
     const b = blobs.get(digest);
     if (!b) throw scError('SC_ERR_BLOB_NOT_FOUND');
     if (f.ignoreRange) delete req.headers.range;
-    const limit = f.cutAfter ?? f.stallAfter;
-    if (limit === undefined) {
+    const limit = f.cutAfter ?? f.stallAfter ?? f.freezeAfter;
+    if (limit === undefined && !f.trickle) {
       await serveBlobFile(req, res, b.path, digest, b.size);
       return;
     }
     const r = startBlobResponse(req, res, digest, b.size);
     if (r === 'not-modified') return;
-    const end = Math.min(r.end, r.start + limit - 1);
+    const end = limit === undefined ? r.end : Math.min(r.end, r.start + limit - 1);
     if (end >= r.start) {
-      for await (const chunk of createReadStream(b.path, { start: r.start, end })) {
+      const piece = f.trickle ? { highWaterMark: f.trickle.bytes } : {};
+      let first = true;
+      for await (const chunk of createReadStream(b.path, { start: r.start, end, ...piece })) {
+        if (f.trickle && !first && !(await pause(f.trickle.everyMs, res))) return;
+        first = false;
         await new Promise<void>((resolve, reject) => res.write(chunk, (err) => (err ? reject(err) : resolve())));
       }
     }
     if (end >= r.end) res.end();
     else if (f.cutAfter !== undefined) res.socket?.destroy();
+    else if (f.freezeAfter !== undefined) state.frozen = true;
     // else: stall with the response open; close() ends it.
   });
   app.use(errorHandler(silentLogger));
@@ -103,6 +120,10 @@ export async function startReadServer(faults: Faults = {}): Promise<ReadServer> 
     },
     set faults(v: Faults) {
       state.faults = v;
+      state.frozen = false;
+    },
+    get frozen() {
+      return state.frozen;
     },
     blobRequests,
     async addBlob(path, digest) {
@@ -115,6 +136,21 @@ export async function startReadServer(faults: Faults = {}): Promise<ReadServer> 
       manifests.set(`${name}@${version}`, m);
     },
   };
+}
+
+/** Waits `ms`, or until `res` closes; true when the wait ran out with `res` still open. */
+function pause(ms: number, res: ServerResponse): Promise<boolean> {
+  return new Promise((resolve) => {
+    const t = setTimeout(() => {
+      res.off('close', onClose);
+      resolve(!res.destroyed);
+    }, ms);
+    const onClose = () => {
+      clearTimeout(t);
+      resolve(false);
+    };
+    res.once('close', onClose);
+  });
 }
 
 /** A temp dir, removed by `cleanup`. */
