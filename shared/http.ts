@@ -1,14 +1,13 @@
 /**
  * HTTP plumbing shared by every server: the single place where errors become responses, bearer
- * token checks (constant time), serving a blob file with Range/ETag/304 exactly as the read
- * API contract says, and listening on HOST:PORT (port 0 in tests).
+ * token checks (constant time), blob headers and Range parsing for the read API
+ * (shared/http/read-api.ts, which answers blob requests), and listening on HOST:PORT (port 0 in
+ * tests).
  */
 import { timingSafeEqual, createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import type { Server } from 'node:http';
 import { Server as HttpsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
-import { pipeline } from 'node:stream/promises';
 import type { NextFunction, Request, RequestHandler, Response } from 'express';
 import parseRange from 'range-parser';
 import { type Digest, parseDigest } from './digest.js';
@@ -30,16 +29,6 @@ export function blobParam(req: Request): Digest {
   return parseDigest(req.params.ref);
 }
 
-/** True when If-None-Match matches the blob's ETag (or is `*`). */
-export function notModified(req: Request, digest: Digest): boolean {
-  const inm = req.headers['if-none-match'];
-  if (!inm) return false;
-  return inm.split(',').some((t) => {
-    const v = t.trim().replace(/^W\//, '');
-    return v === '*' || v === `"${digest}"`;
-  });
-}
-
 export type ByteRange = { start: number; end: number } | null;
 
 /**
@@ -56,50 +45,6 @@ export function requestedRange(req: Request, size: number): ByteRange {
   if (r === -2) throw scError('SC_ERR_BAD_RANGE', 'malformed Range header', { size });
   if (r.type !== 'bytes' || r.length !== 1) return null;
   return { start: r[0].start, end: r[0].end };
-}
-
-/** Writes status and headers for a blob response (200 or 206); returns the range to send. */
-export function startBlobResponse(req: Request, res: Response, digest: Digest, size: number): { start: number; end: number } | 'not-modified' {
-  res.set(blobHeaders(digest));
-  if (notModified(req, digest)) {
-    res.status(304).end();
-    return 'not-modified';
-  }
-  const range = requestedRange(req, size);
-  if (range) {
-    res.status(206);
-    res.set('Content-Range', `bytes ${range.start}-${range.end}/${size}`);
-    res.set('Content-Length', String(range.end - range.start + 1));
-    return range;
-  }
-  res.status(200);
-  res.set('Content-Length', String(size));
-  return { start: 0, end: size - 1 };
-}
-
-/**
- * Serves a complete blob file: 200/206/304/416 per the contract, HEAD without a body. Returns
- * the number of body bytes written.
- */
-export async function serveBlobFile(req: Request, res: Response, path: string, digest: Digest, size: number): Promise<number> {
-  const r = startBlobResponse(req, res, digest, size);
-  if (r === 'not-modified') return 0;
-  if (req.method === 'HEAD' || size === 0 || r.end < r.start) {
-    res.end();
-    return 0;
-  }
-  let sent = 0;
-  const src = createReadStream(path, { start: r.start, end: r.end, highWaterMark: 1 << 20 });
-  src.on('data', (c: Buffer | string) => {
-    sent += c.length;
-  });
-  try {
-    await pipeline(src, res);
-  } catch (err) {
-    if (!res.headersSent) throw err;
-    res.destroy();
-  }
-  return sent;
 }
 
 /** Constant-time token comparison (hashing first so lengths never leak). */

@@ -187,6 +187,22 @@ function blobRange(req: Request, res: Response, size: number): { start: number; 
   return { start: 0, end: size - 1 };
 }
 
+/**
+ * Starts a blob reply by the read API's rules: blob headers, 304 when the request is fresh
+ * (If-None-Match), else 200 or 206 with Content-Length and Content-Range (416 SC_ERR_BAD_RANGE
+ * thrown with the unsatisfied-range Content-Range set). Returns the bytes to send, or
+ * `not-modified` (the reply is ended). For the router below, and for test upstreams that send
+ * the bytes their own faulty way.
+ */
+export function startBlobReply(req: Request, res: Response, digest: Digest, size: number): { start: number; end: number } | 'not-modified' {
+  res.set(blobHeaders(digest));
+  if (req.fresh) {
+    res.status(304).end();
+    return 'not-modified';
+  }
+  return blobRange(req, res, size);
+}
+
 /** Builds the read API router over `source` (see the module comment for what it answers). */
 export function createReadApiRouter(source: ReadSource, opts: ReadApiOptions = {}): express.Router {
   const writes = new Set(opts.writeMethods ?? []);
@@ -221,12 +237,9 @@ export function createReadApiRouter(source: ReadSource, opts: ReadApiOptions = {
     const blob = await source.openBlob(digest);
     try {
       if (res.destroyed) return; // the client left while the source waited
-      res.set(blobHeaders(digest));
-      if (req.fresh) {
-        res.status(304).end();
-        return;
-      }
-      const { start, end } = blobRange(req, res, blob.size);
+      const r = startBlobReply(req, res, digest, blob.size);
+      if (r === 'not-modified') return;
+      const { start, end } = r;
       if (req.method === 'HEAD') {
         res.end();
         return;

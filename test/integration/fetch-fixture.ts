@@ -12,7 +12,8 @@ import { join } from 'node:path';
 import express from 'express';
 import { type Digest, digestFile, parseDigest, sha256Of } from '../../shared/digest.js';
 import { scError } from '../../shared/errors.js';
-import { errorHandler, type Listening, listen, serveBlobFile, startBlobResponse } from '../../shared/http.js';
+import { errorHandler, type Listening, listen } from '../../shared/http.js';
+import { sendFileRange, startBlobReply } from '../../shared/http/read-api.js';
 import { silentLogger } from '../../shared/log.js';
 import { type Manifest, signManifest, type UnsignedManifest } from '../../shared/manifest.js';
 
@@ -89,12 +90,13 @@ export async function startReadServer(faults: Faults = {}): Promise<ReadServer> 
     if (!b) throw scError('SC_ERR_BLOB_NOT_FOUND');
     if (f.ignoreRange) delete req.headers.range;
     const limit = f.cutAfter ?? f.stallAfter ?? f.freezeAfter;
+    const r = startBlobReply(req, res, digest, b.size);
+    if (r === 'not-modified') return;
     if (limit === undefined && !f.trickle) {
-      await serveBlobFile(req, res, b.path, digest, b.size);
+      if (req.method === 'HEAD') res.end();
+      else await sendFileRange(res, b.path, r.start, r.end);
       return;
     }
-    const r = startBlobResponse(req, res, digest, b.size);
-    if (r === 'not-modified') return;
     const end = limit === undefined ? r.end : Math.min(r.end, r.start + limit - 1);
     if (end >= r.start) {
       const piece = f.trickle ? { highWaterMark: f.trickle.bytes } : {};
