@@ -57,6 +57,7 @@ export async function startControl(config: ControlConfig | ControlConfigInput, o
     stageToken: secrets.stageToken,
     consumer: cfg.consumer,
     tickMs: cfg.tickMs,
+    passMs: cfg.passMs,
     preheatTimeoutMs: cfg.preheatTimeoutSec * 1000,
     jobTtlMs: cfg.jobTtlSec * 1000,
     hostTimeoutMs: cfg.hostTimeoutSec * 1000,

@@ -57,6 +57,12 @@ export interface EngineDeps {
   stageToken: string | null;
   consumer: string;
   tickMs: number;
+  /**
+   * Shortest time between two passes of the loop (ms, default 0): reports that arrive meanwhile
+   * are applied together in the next pass, so a busy fleet costs one pass (waves, persistence)
+   * per batch instead of one per report.
+   */
+  passMs?: number;
   preheatTimeoutMs: number;
   jobTtlMs: number;
   /** In-flight hosts silent for this long fail with SC_ERR_TIMEOUT (0: never). */
@@ -162,9 +168,14 @@ export class RolloutEngine extends EventEmitter {
 
   async #run(): Promise<void> {
     let backoff = 100;
+    let lastPass = 0;
     while (!this.#stopped) {
       try {
+        const wait = (this.#deps.passMs ?? 0) - (Date.now() - lastPass);
+        if (wait > 0) await new Promise((r) => setTimeout(r, wait));
+        if (this.#stopped) break;
         const entries = await this.#reports.read();
+        lastPass = Date.now();
         if (this.#stopped) break;
         await this.#exclusive(async () => {
           this.#reportsApplied += entries.filter(([, fields]) => fields).length;
