@@ -21,8 +21,9 @@ import { ManifestCache } from './manifests.js';
 import { createStageMetrics } from './metrics.js';
 import { type ReconcileResult, Reconciler } from './reconcile.js';
 import { createStageApp, onClientError } from './server.js';
-import { type Relay, type RelayStats, startRelay } from '../relay/server.js';
-import { parseRelayKeys, readRelayKeys } from '../../shared/protocol/index.js';
+import type { Relay, RelayStats } from '../relay/server.js';
+// The relay wire only: the queue protocol (BullMQ, ioredis: about 20 MiB) loads with the relay, when it is on.
+import { parseRelayKeys, readRelayKeys } from '../../shared/protocol/relay-wire.js';
 import { Upstreams } from './upstreams.js';
 
 /** Optional collaborators for `startStage`. */
@@ -104,6 +105,7 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
 
   let relay: Relay | null = null;
   if (config.redis && relayKeys) {
+    const { startRelay } = await import('../relay/server.js');
     relay = await startRelay({
       colo: config.colo,
       redisUrl: config.redis,
