@@ -135,7 +135,7 @@ describe('report and registration sources', () => {
   it('finds a report whose bell ring was lost at its next sweep', async () => {
     await register(host('h1'), 'h1', { colo: 'east' });
     await say(host('h1'), { host: 'h1', event: 'started' }, false);
-    const rs = new ReportStream({ redis, readerRedis: reader, prefix, consumer: 'test', blockMs: 100, sweepMs: 300, log: silentLogger });
+    const rs = new ReportStream({ redis, readerRedis: reader, prefix, consumer: 'test', blockMs: 100, sweepMs: 300, discoverMs: 1000, log: silentLogger });
     await rs.ensureGroup();
     const first = await rs.decode(await rs.read());
     assert.deepEqual(first.map((r) => r.event), ['started'], 'the start sweep reads streams that exist');
@@ -147,5 +147,15 @@ describe('report and registration sources', () => {
       return later.length > 0;
     }, 10_000, 'the completed report is read without a ring');
     assert.deepEqual(later.map((r) => r.event), ['completed']);
+
+    // A host whose very first report lost its ring: its stream is found by the next discovery.
+    await register(host('h2'), 'h2', { colo: 'east' });
+    await say(host('h2'), { host: 'h2', event: 'started' }, false);
+    const found: StepReport[] = [];
+    await until(async () => {
+      found.push(...(await rs.decode(await rs.read())));
+      return found.length > 0;
+    }, 10_000, "h2's first report is read without a ring");
+    assert.deepEqual(found.map((r) => `${r.host}:${r.event}`), ['h2:started']);
   });
 });

@@ -10,7 +10,9 @@
  * - ONE blocking connection waits on the bell (BLMPOP), then reads the rung streams with
  *   XREADGROUP, in chunks. After a failure it first re-reads its own unacknowledged entries
  *   (id `0`), then new ones. Every `sweepMs` all known streams are read without a ring, so a
- *   lost ring (or one an attacker trimmed) delays a report by at most that.
+ *   lost ring (or one an attacker trimmed) delays a report by at most that; streams it has no
+ *   group on yet are looked for every `discoverMs` (a new stream's first report whose ring was
+ *   lost waits at most that long).
  * - Decoding drops what a source may not say: a host's stream speaks only of that host, a
  *   relay's only of hosts whose registration that relay holds.
  */
@@ -44,6 +46,12 @@ export interface ReportStreamDeps {
   blockMs: number;
   /** How often every known stream is read without a ring (ms, default 5000). */
   sweepMs?: number;
+  /**
+   * How often a sweep also looks for streams it has no group on yet (ms, default 60000): a host
+   * that registered and never reported has none, and asking for it every sweep would cost one
+   * XGROUP per such host. New streams are normally learnt from their first ring.
+   */
+  discoverMs?: number;
   log: Logger;
   now?: () => number;
 }
@@ -59,6 +67,7 @@ export class ReportStream {
   /** Streams to read next. */
   readonly #due = new Set<string>();
   #lastSweep = Number.NEGATIVE_INFINITY;
+  #lastDiscovery = Number.NEGATIVE_INFINITY;
   #started = false;
 
   constructor(deps: ReportStreamDeps) {
@@ -70,6 +79,7 @@ export class ReportStream {
   async ensureGroup(): Promise<void> {
     this.#known.clear();
     this.#lastSweep = Number.NEGATIVE_INFINITY;
+    this.#lastDiscovery = Number.NEGATIVE_INFINITY;
   }
 
   /** Reads entries: first our own unacknowledged ones, then new ones (waiting on the bell up to blockMs). */
@@ -98,12 +108,16 @@ export class ReportStream {
       await redis.del(k.bell);
       this.#started = true;
     }
-    const [hosts, colos] = await Promise.all([redis.zrange(k.agents, '0', '-1'), redis.smembers(k.relays)]);
-    const sources: Source[] = [
-      ...hosts.filter((h) => NAME_RE.test(h)).map((host): Source => ({ kind: 'host', host })),
-      ...colos.filter((c) => NAME_RE.test(c)).map((colo): Source => ({ kind: 'relay', colo })),
-    ];
-    const fresh = await this.#learn(sources.filter((s) => !this.#known.has(reportStreamOf(prefix, s))));
+    let fresh: string[] = [];
+    if (this.#now() - this.#lastDiscovery >= (this.#deps.discoverMs ?? 60_000)) {
+      const [hosts, colos] = await Promise.all([redis.zrange(k.agents, '0', '-1'), redis.smembers(k.relays)]);
+      const sources: Source[] = [
+        ...hosts.filter((h) => NAME_RE.test(h)).map((host): Source => ({ kind: 'host', host })),
+        ...colos.filter((c) => NAME_RE.test(c)).map((colo): Source => ({ kind: 'relay', colo })),
+      ];
+      fresh = await this.#learn(sources.filter((s) => !this.#known.has(reportStreamOf(prefix, s))));
+      this.#lastDiscovery = this.#now();
+    }
     for (const s of this.#known.keys()) this.#due.add(s);
     // A group made by an earlier control may hold entries it read and never acknowledged.
     for (const s of fresh) this.#pending.add(s);
