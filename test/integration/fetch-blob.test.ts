@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, test } from 'node:test';
 import type { Digest } from '../../shared/digest.js';
 import { fetchBlob } from '../../shared/fetch.js';
-import { pseudoRandom, type ReadServer, startReadServer, tempDir, writeBlob } from './fetch-fixture.js';
+import { countingSleep, pseudoRandom, rangeStart, type ReadServer, startReadServer, tempDir, writeBlob } from './fetch-fixture.js';
 
 const SIZE = 3 * 1024 * 1024 + 12345;
 let dir: string;
@@ -15,29 +15,12 @@ let digest: Digest;
 let blobPath: string;
 const servers: ReadServer[] = [];
 const noSleep = async () => {};
-/** A sleep that returns at once and counts its calls (the backoffs). */
-function countingSleep(): { sleep: () => Promise<void>; readonly calls: number } {
-  let calls = 0;
-  return {
-    sleep: async () => {
-      calls++;
-    },
-    get calls() {
-      return calls;
-    },
-  };
-}
 
 async function server(faults = {}): Promise<ReadServer> {
   const s = await startReadServer(faults);
   await s.addBlob(blobPath);
   servers.push(s);
   return s;
-}
-
-function rangeStart(r: { range?: string }): number {
-  const m = /^bytes=(\d+)-$/.exec(r.range ?? '');
-  return m ? Number(m[1]) : 0;
 }
 
 beforeEach(async () => {

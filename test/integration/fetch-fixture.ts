@@ -212,3 +212,22 @@ export async function deadPort(): Promise<number> {
   await l.close();
   return port;
 }
+
+/** A sleep that returns at once and counts its calls (a fetch's backoffs). */
+export function countingSleep(): { sleep: () => Promise<void>; readonly calls: number } {
+  let calls = 0;
+  return {
+    sleep: async () => {
+      calls++;
+    },
+    get calls() {
+      return calls;
+    },
+  };
+}
+
+/** Where a recorded request's `Range: bytes=N-` starts (0 without one). */
+export function rangeStart(r: { range?: string }): number {
+  const m = /^bytes=(\d+)-$/.exec(r.range ?? '');
+  return m ? Number(m[1]) : 0;
+}

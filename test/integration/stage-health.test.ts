@@ -14,6 +14,7 @@ import type { UpstreamHealth } from '../../services/stage/upstreams.js';
 import { fetchBlob, selectSources } from '../../shared/fetch.js';
 import { silentLogger } from '../../shared/log.js';
 import { type TestOrigin, httpGet, metricValue, startTestOrigin, waitFor } from '../helpers/test-origin.js';
+import { countingSleep } from './fetch-fixture.js';
 
 const MiB = 1024 * 1024;
 /** Upper bound for a stage to notice a dead upstream: checks every 3 s, down after 2 failures of at most 2 s. */
@@ -64,18 +65,6 @@ async function stageBlobRequests(s: RunningStage): Promise<number> {
     .split('\n')
     .filter((l) => l.startsWith('stage_http_requests_total{') && l.includes('/v1/blobs/'))
     .reduce((n, l) => n + Number(l.slice(l.lastIndexOf(' ') + 1)), 0);
-}
-
-function countingSleep(): { sleep: () => Promise<void>; readonly calls: number } {
-  let calls = 0;
-  return {
-    sleep: async () => {
-      calls++;
-    },
-    get calls() {
-      return calls;
-    },
-  };
 }
 
 /**
