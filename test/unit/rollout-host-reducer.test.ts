@@ -7,7 +7,7 @@ import { CONVERT_STEPS, POINT_OF_NO_RETURN, type StepReport } from '../../shared
 import type { JobOutcome } from '../../services/control/queues.js';
 import { applyOpReport, applyReport, failHost, failOp, isConfirmed, isIgnoredFinal, LOG_TAIL } from '../../services/control/rollouts/host-reducer.js';
 import type { HostOp, HostState, HostStatus } from '../../services/control/rollouts/model.js';
-import { settleHost } from '../../services/control/rollouts/reconcile.js';
+import { RECONCILE_MAX_MS, RECONCILE_MS, reconcileDue, settleHost } from '../../services/control/rollouts/reconcile.js';
 import { settleOp } from '../../services/control/rollouts/host-ops.js';
 
 const NOW = 1_700_000_000_000;
@@ -386,5 +386,40 @@ describe('reconcile: settling a host from BullMQ records', () => {
     assert.equal(settleHost(h0, done, done, NOW).rescue?.state, 'done');
     assert.deepEqual(settleHost(h0, failed('SC_ERR_X'), failed('SC_ERR_X'), NOW).rescue, { state: 'failed', enqueued: true, at: TS, error: 'SC_ERR_X' });
     assert.equal(settleHost(h0, other, other, NOW), h0);
+  });
+});
+
+describe('reconcile: when a quiet host is looked up', () => {
+  it('not before RECONCILE_MS of silence, then at once', () => {
+    assert.equal(reconcileDue(NOW - RECONCILE_MS + 1, undefined, NOW), false);
+    assert.equal(reconcileDue(NOW - RECONCILE_MS, undefined, NOW), true);
+  });
+  it('a lookup from before the last report does not count', () => {
+    assert.equal(reconcileDue(NOW - RECONCILE_MS, NOW - RECONCILE_MS - 1, NOW), true);
+  });
+  it('again after half the silence: the lookups of a long step thin out', () => {
+    const since = NOW - 60_000;
+    assert.equal(reconcileDue(since, NOW - 29_000, NOW), false);
+    assert.equal(reconcileDue(since, NOW - 30_000, NOW), true);
+    // Early in a silence, every RECONCILE_MS.
+    assert.equal(reconcileDue(NOW - 3000, NOW - RECONCILE_MS + 1, NOW), false);
+    assert.equal(reconcileDue(NOW - 3000, NOW - RECONCILE_MS, NOW), true);
+  });
+  it('never more than RECONCILE_MAX_MS apart', () => {
+    const since = NOW - 3_600_000;
+    assert.equal(reconcileDue(since, NOW - RECONCILE_MAX_MS + 1, NOW), false);
+    assert.equal(reconcileDue(since, NOW - RECONCILE_MAX_MS, NOW), true);
+  });
+  it('a one-minute step: five lookups (2, 4, 8, 16, 32 s), where every RECONCILE_MS would be thirty', () => {
+    const since = 0;
+    let checkedAt: number | undefined;
+    let n = 0;
+    for (let t = 0; t <= 60_000; t += 100) {
+      if (reconcileDue(since, checkedAt, t)) {
+        n++;
+        checkedAt = t;
+      }
+    }
+    assert.equal(n, 5);
   });
 });

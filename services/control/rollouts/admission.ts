@@ -117,5 +117,5 @@ export function newRollout(n: NewRollout): ActiveRollout {
     updatedAt: now,
     finishedAt: null,
   };
-  return { spec, status, preheat: {}, hosts, lastPreheatPoll: 0, lastReconcile: now };
+  return { spec, status, preheat: {}, hosts, lastPreheatPoll: 0, lastReconcile: now, reconciledAt: new Map() };
 }

@@ -171,6 +171,8 @@ export interface ActiveRollout {
   /** When preheat last polled the stages, and when reconcile last looked at BullMQ (ms). */
   lastPreheatPoll: number;
   lastReconcile: number;
+  /** When reconcile last looked up each host's jobs (ms; memory only: a restarted control looks at every quiet host once). */
+  reconciledAt: Map<string, number>;
 }
 
 /** What control is doing with a host right now (see `workOf`). */

@@ -14,6 +14,8 @@ import type { RolloutStore } from './store.js';
 
 /** A host without news for this long (ms) is looked up in BullMQ; at most one pass per rollout per this long. */
 export const RECONCILE_MS = 2000;
+/** The longest time (ms) between two lookups of a host that stays quiet (see `reconcileDue`). */
+export const RECONCILE_MAX_MS = 30_000;
 
 /** What enqueueing and reconcile need. */
 export interface ReconcileDeps {
@@ -95,17 +97,36 @@ export function settleHost(h: HostState, cur: JobOutcome, last: JobOutcome, now:
 }
 
 /**
- * The backstop: at most every RECONCILE_MS, for hosts in flight (or being rescued) without news
- * for RECONCILE_MS, reads BullMQ's record of their current and last step in one round trip and
- * settles what a lost report would have told.
+ * Whether a host quiet since `since` (its last report, or when it was queued) is due for a
+ * lookup at `now`, given when it was last looked up (`checkedAt`, if since then). A host is first
+ * looked up RECONCILE_MS into its silence, then again whenever the time since its last lookup
+ * reaches half its silence (at least RECONCILE_MS, at most RECONCILE_MAX_MS), so the lookups
+ * double apart (2, 4, 8, 16, 32 s…): a step that runs for a minute costs five lookups instead of
+ * thirty. A lost report is noticed no later than the host's silence when it was lost, and never
+ * more than RECONCILE_MAX_MS late. Pure.
+ */
+export function reconcileDue(since: number, checkedAt: number | undefined, now: number): boolean {
+  const quiet = now - since;
+  if (quiet < RECONCILE_MS) return false;
+  if (checkedAt === undefined || checkedAt < since) return true;
+  return now - checkedAt >= Math.min(RECONCILE_MAX_MS, Math.max(RECONCILE_MS, quiet / 2));
+}
+
+/**
+ * The backstop: at most every RECONCILE_MS, for hosts in flight (or being rescued) whose silence
+ * makes them due (`reconcileDue`), reads BullMQ's record of their current and last step in one
+ * round trip and settles what a lost report would have told.
  */
 export async function reconcileRollout(a: ActiveRollout, now: number, deps: ReconcileDeps, store: RolloutStore): Promise<void> {
   if (now - a.lastReconcile < RECONCILE_MS) return;
   a.lastReconcile = now;
   const hs = [...a.hosts.values()].filter(
-    (h) => ((IN_FLIGHT_HOST.includes(h.status) && h.enqueued) || (h.rescue?.enqueued && rescueOpen(h))) && now - (h.lastEventAt ?? h.queuedAt ?? 0) >= RECONCILE_MS,
+    (h) =>
+      ((IN_FLIGHT_HOST.includes(h.status) && h.enqueued) || (h.rescue?.enqueued && rescueOpen(h))) &&
+      reconcileDue(h.lastEventAt ?? h.queuedAt ?? 0, a.reconciledAt.get(h.host), now),
   );
   if (hs.length === 0) return;
+  for (const h of hs) a.reconciledAt.set(h.host, now);
   const jobs: { host: string; jobId: string }[] = [];
   for (const h of hs) {
     if (IN_FLIGHT_HOST.includes(h.status)) {

@@ -70,7 +70,7 @@ export class RolloutStore {
     const loaded = new Map<string, ActiveRollout>();
     for (const id of ids) {
       const a = await this.read(id);
-      if (a) loaded.set(id, { ...a, hosts: new Map(a.hosts.map((h) => [h.host, h])), lastPreheatPoll: 0, lastReconcile: 0 });
+      if (a) loaded.set(id, { ...a, hosts: new Map(a.hosts.map((h) => [h.host, h])), lastPreheatPoll: 0, lastReconcile: 0, reconciledAt: new Map() });
     }
     const ops = new Map<string, HostOp>();
     for (const id of opIds) {
