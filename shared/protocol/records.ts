@@ -150,9 +150,11 @@ export async function readHosts(redis: Redis, prefix = 'stagecoach'): Promise<Ho
 }
 
 /**
- * Who holds each host's record, by the rule of readHosts, in two round trips whatever the number
- * of hosts: the source of the newest record and the conflicting sources (empty when none).
- * Hosts nobody registered are absent.
+ * Who holds each host's record, by the rule of readHosts, in three round trips whatever the
+ * number of hosts: the source of the newest record and the conflicting sources (empty when none).
+ * Hosts nobody registered are absent. A relay claims a host when its `P:relay:<c>:agents` lists
+ * it (as for readHosts), so only listed relay records are read: one ZMSCORE per colo and one HMGET
+ * per claim, instead of one HMGET per host and colo.
  */
 export async function readRecordSources(redis: Redis, prefix: string, hosts: readonly string[]): Promise<Map<string, { source: Source; conflict: string[] }>> {
   const k = keys(prefix);
@@ -160,25 +162,34 @@ export async function readRecordSources(redis: Redis, prefix: string, hosts: rea
   const out = new Map<string, { source: Source; conflict: string[] }>();
   if (uniq.length === 0) return out;
   const colos = await relayColos(redis, prefix);
-  const sources: Source[] = colos.map((c) => ({ kind: 'relay', colo: c }));
-  const pipe = redis.pipeline();
-  for (const h of uniq) {
-    pipe.hmget(k.agent(h), 'lastSeen');
-    for (const c of colos) pipe.hmget(k.relayAgent(c, h), 'lastSeen');
-  }
-  const res = (await pipe.exec()) ?? [];
-  const per = colos.length + 1;
+  const listed = redis.pipeline();
+  for (const c of colos) listed.zmscore(k.relayAgents(c), ...uniq);
+  const members = colos.length ? ((await listed.exec()) ?? []) : [];
+  const wanted: { host: string; source: Source }[] = [];
   uniq.forEach((h, i) => {
-    const claims: SourcedRecord[] = [];
-    [{ kind: 'host', host: h } as Source, ...sources].forEach((source, j) => {
-      const v = res[i * per + j]?.[1] as (string | null)[] | undefined;
-      if (v?.[0] != null) claims.push({ source, fields: { lastSeen: v[0] } });
+    wanted.push({ host: h, source: { kind: 'host', host: h } });
+    colos.forEach((c, j) => {
+      const scores = members[j]?.[1] as (string | null)[] | undefined;
+      if (scores?.[i] != null) wanted.push({ host: h, source: { kind: 'relay', colo: c } });
     });
-    const r = resolve(h, claims);
-    if (!r) return;
-    const won = claims.find((c) => sourceName(c.source) === r.source)!;
-    out.set(h, { source: won.source, conflict: r.conflict ?? [] });
   });
+  const pipe = redis.pipeline();
+  for (const w of wanted) pipe.hmget(w.source.kind === 'host' ? k.agent(w.host) : k.relayAgent(w.source.colo, w.host), 'lastSeen');
+  const res = (await pipe.exec()) ?? [];
+  const claims = new Map<string, SourcedRecord[]>();
+  wanted.forEach((w, i) => {
+    const v = res[i]?.[1] as (string | null)[] | undefined;
+    if (v?.[0] == null) return;
+    const list = claims.get(w.host) ?? [];
+    list.push({ source: w.source, fields: { lastSeen: v[0] } });
+    claims.set(w.host, list);
+  });
+  for (const [h, list] of claims) {
+    const r = resolve(h, list);
+    if (!r) continue;
+    const won = list.find((c) => sourceName(c.source) === r.source)!;
+    out.set(h, { source: won.source, conflict: r.conflict ?? [] });
+  }
   return out;
 }
 
