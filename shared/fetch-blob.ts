@@ -1,7 +1,7 @@
 /**
  * Blobs over the read API: `fetchBlob`, a resumable, multi-source, digest-verified download into
  * a file (the passes over the candidates, origin as the last resort, the digest check). One
- * request is shared/fetch-pull.ts. Used through shared/fetch.ts.
+ * request is shared/fetch-pull.ts, over shared/fetch-range.ts. Used through shared/fetch.ts.
  */
 import { createHash } from 'node:crypto';
 import { constants as fsc } from 'node:fs';
@@ -13,7 +13,6 @@ import { abortableSleep, abortError, throwIfAborted } from './fetch-http.js';
 import { adoptPartial, type DownloadState, LocalFailure, pull, truncateAll } from './fetch-pull.js';
 import { describeError as describe, normalizeAll, normalizeSource, withOrigin } from './fetch-sources.js';
 import { unserved } from './fetch-stall.js';
-import { tlsError } from './tls.js';
 
 /** Progress of a blob download. */
 export interface FetchProgress {
@@ -93,8 +92,9 @@ export interface FetchBlobResult {
  * - `out` already holding the right bytes → nothing is fetched (`alreadyPresent`).
  * - Bytes go to `out + '.partial'`; an existing partial is re-hashed and continued.
  * - On an error or a stall mid-body the download continues from the next candidate with
- *   `Range: bytes=<have>-` (the 206 Content-Range start and total are checked; a 200 answer means
- *   starting over from 0 with that source). After a full pass without progress it waits
+ *   `Range: bytes=<have>-`. Each request follows the rules of shared/fetch-range.ts, the same as
+ *   a stage's upstream fill (status, Content-Range, ETag, Content-Encoding, size; a 200 to a Range
+ *   request continues after the bytes held). After a full pass without progress it waits
  *   (backoff) and wraps around, at most `retries` times in a row. Then `origin` joins, first in
  *   the passes that follow with the stages behind it (at once when every stage of a pass
  *   answered 404 or could not serve, or none is left), and the count starts again. A source that
@@ -190,7 +190,7 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
           } catch (err) {
             if (err instanceof LocalFailure) throw scError('SC_ERR_INTERNAL', `writing ${partial}: ${err.message}`, { path: partial }, err.inner);
             if (signal?.aborted) throw abortError(signal);
-            const e = tlsError(err, source) ?? toScError(err);
+            const e = toScError(err); // pull fails with ScErrors (fetchRange's rules)
             failures.push({ source, error: e });
             if (unserved.has(err as object)) cannotServe = true;
             else if (e.code !== 'SC_ERR_BLOB_NOT_FOUND') unservedPass = false;

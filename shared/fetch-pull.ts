@@ -1,26 +1,23 @@
 /**
- * One blob request to one source (the inner loop of fetchBlob, shared/fetch-blob.ts): a Range
- * GET appended to the partial file, with the idle timeout and the stall checks
- * (shared/fetch-stall.ts), and the partial file's own bookkeeping.
+ * One blob request of the host to one source (the inner loop of fetchBlob, shared/fetch-blob.ts):
+ * the ranged request of shared/fetch-range.ts (its rules are the stage's too) appended to the
+ * partial file in batched writes that overlap the network, the disk and sha256, with the stall
+ * checks (shared/fetch-stall.ts), and the partial file's own bookkeeping.
  */
 import { createHash, type Hash } from 'node:crypto';
 import type { FileHandle } from 'node:fs/promises';
-import got, { type Request as GotRequest } from 'got';
 import type { Digest } from './digest.js';
-import { scError } from './errors.js';
-import { abortError, errorFromBody, readBounded, responseOf } from './fetch-http.js';
+import { isScError } from './errors.js';
+import { fetchRange, type RangeSink, SinkFailure } from './fetch-range.js';
 import { UNSERVED_CODES, unserved, watchStall } from './fetch-stall.js';
-import { gotTls } from './tls.js';
 
 /** Downloaded bytes are written to disk in batches of about this many bytes. */
 const WRITE_BATCH = 1 << 20;
 
-/** A local failure (disk): never retried on another source. */
-export class LocalFailure extends Error {
-  constructor(readonly inner: unknown) {
-    super((inner as Error)?.message ?? String(inner));
-  }
-}
+/** A local failure (disk): never retried on another source. The sink failure of fetchRange. */
+export const LocalFailure = SinkFailure;
+/** A local failure (disk). */
+export type LocalFailure = SinkFailure;
 
 /** The partial file of one fetchBlob and what is known about its bytes. */
 export interface DownloadState {
@@ -84,83 +81,54 @@ export interface PullArgs {
 }
 
 /**
- * One request to one source, appending to the partial file from `st.have`. Returns when the
- * response ended (the caller checks whether the blob is complete); throws on any failure, after
- * keeping every byte received so far.
+ * One request to one source, appending to the partial file from `st.have` (fetchRange's rules).
+ * Resolves once the partial holds the whole blob (the caller checks its digest); throws on any
+ * failure, after keeping every byte received so far: an ScError (in `unserved` when the source
+ * cannot serve now: a 502/503 with one of UNSERVED_CODES, or a failed stall check), or a
+ * LocalFailure for the disk.
  */
 export async function pull(st: DownloadState, a: PullArgs): Promise<void> {
-  const start = st.have;
-  const headers: Record<string, string> = { 'user-agent': 'stagecoach-fetch' };
-  if (start > 0) headers.range = `bytes=${start}-`;
-  const req = got.stream(`${a.source}/v1/blobs/${a.digest}`, { ...gotTls(),
-    headers,
-    retry: { limit: 0 },
-    throwHttpErrors: false,
-    decompress: false,
-    followRedirect: false,
-  });
-  let timer: NodeJS.Timeout | undefined;
-  const stall = watchStall(req, a);
-  const arm = () => {
-    clearTimeout(timer);
-    timer = setTimeout(() => req.destroy(scError('SC_ERR_TIMEOUT', `${a.source}: nothing received for ${a.idleTimeoutMs} ms`)), a.idleTimeoutMs);
-    stall.activity();
-  };
-  // Failures surface through responseOf / the body iterator (stream.errored); this listener only
-  // keeps an error emitted between two awaits from becoming an uncaught exception.
-  req.on('error', () => {});
-  const onAbort = () => req.destroy(abortError(a.signal!));
-  a.signal?.addEventListener('abort', onAbort, { once: true });
-  arm();
+  let stall = null as ReturnType<typeof watchStall> | null;
+  let status = 0;
   try {
-    const res = await responseOf(req);
-    arm();
-    const status = res.statusCode;
-    const h = res.headers;
-    if (status !== 200 && status !== 206) {
-      const body = await readBounded(req, 64 * 1024).catch(() => Buffer.alloc(0));
-      if (status === 404) throw scError('SC_ERR_BLOB_NOT_FOUND', `${a.source}: blob ${a.digest} not found`);
-      if (status === 416) throw scError('SC_ERR_SIZE_MISMATCH', `${a.source}: Range ${start}- not satisfiable, its blob is smaller than ${a.size} bytes`);
-      const e = errorFromBody(status, body, a.source);
-      if ((status === 502 || status === 503) && UNSERVED_CODES.has(e.code)) unserved.add(e);
-      throw e;
-    }
-    const etag = typeof h.etag === 'string' ? h.etag.replace(/^W\//, '') : undefined;
-    if (etag !== undefined && etag !== `"${a.digest}"`) throw scError('SC_ERR_UPSTREAM', `${a.source}: ETag ${etag.slice(0, 80)} is not ${a.digest}`);
-    const enc = h['content-encoding'];
-    if (enc && enc !== 'identity') throw scError('SC_ERR_UPSTREAM', `${a.source}: unexpected Content-Encoding ${String(enc).slice(0, 40)}`);
-    const len = h['content-length'] === undefined ? undefined : Number(h['content-length']);
-    if (status === 206) {
-      const m = /^bytes (\d+)-(\d+)\/(\d+|\*)$/.exec(String(h['content-range'] ?? ''));
-      if (!m) throw scError('SC_ERR_UPSTREAM', `${a.source}: 206 without a valid Content-Range`);
-      const [from, to, total] = [Number(m[1]), Number(m[2]), m[3] === '*' ? undefined : Number(m[3])];
-      if (from !== start) throw scError('SC_ERR_UPSTREAM', `${a.source}: asked for bytes from ${start}, got a range from ${from}`);
-      if (total !== undefined && total !== a.size) throw scError('SC_ERR_SIZE_MISMATCH', `${a.source}: blob is ${total} bytes, expected ${a.size}`);
-      if (to < from || to >= a.size) throw scError('SC_ERR_UPSTREAM', `${a.source}: bad Content-Range ${from}-${to}`);
-    } else {
-      if (len !== undefined && len !== a.size) throw scError('SC_ERR_SIZE_MISMATCH', `${a.source}: blob is ${len} bytes, expected ${a.size}`);
-      if (st.have > 0) await truncateAll(st); // a 200 to a Range request: start over with this source
-    }
-    await copyBody(st, req, a, arm);
-    if (st.have < a.size && (status === 200 || (len !== undefined && st.have - start < len))) {
-      throw scError('SC_ERR_UPSTREAM', `${a.source}: body ended early at byte ${st.have} of ${a.size}`);
-    }
+    await fetchRange(fileSink(st, a), {
+      source: a.source,
+      digest: a.digest,
+      size: a.size,
+      idleTimeoutMs: a.idleTimeoutMs,
+      userAgent: 'stagecoach-fetch',
+      signal: a.signal,
+      hooks: {
+        started: (req) => {
+          stall = watchStall(req, a);
+        },
+        answered: (s) => {
+          status = s;
+          stall?.activity();
+        },
+        chunk: (n) => {
+          st.downloaded += n;
+          stall?.activity();
+        },
+      },
+    });
   } catch (err) {
-    throw err instanceof LocalFailure ? err : (stall.error ?? err);
+    if (err instanceof SinkFailure) throw err;
+    // The stall check's own error (in `unserved`), not the copy fetchRange made of it.
+    const e = stall?.error ?? err;
+    if ((status === 502 || status === 503) && isScError(e) && UNSERVED_CODES.has(e.code)) unserved.add(e);
+    throw e;
   } finally {
-    clearTimeout(timer);
-    stall.stop();
-    a.signal?.removeEventListener('abort', onAbort);
-    if (!req.destroyed) req.destroy();
+    stall?.stop();
   }
 }
 
 /**
- * Streams the body into the partial file in batches, hashing what was written. One batch write
- * is in flight while the next batch is received and the previous one hashed, so the network,
- * the disk and sha256 overlap; `st.have` counts only bytes whose write completed.
+ * The partial file as fetchRange's sink: chunks are gathered into batches of WRITE_BATCH bytes,
+ * and one batch write is in flight while the next batch is received and the previous one hashed,
+ * so the network, the disk and sha256 overlap; `st.have` counts only bytes whose write completed.
  */
-async function copyBody(st: DownloadState, req: GotRequest, a: PullArgs, arm: () => void): Promise<void> {
+function fileSink(st: DownloadState, a: PullArgs): RangeSink {
   let batch: Buffer[] = [];
   let batchLen = 0;
   let writing: Promise<void> | null = null;
@@ -199,31 +167,17 @@ async function copyBody(st: DownloadState, req: GotRequest, a: PullArgs, arm: ()
     // that are not in the file.
     for (const b of bufs) st.hash.update(b);
   };
-  let overflow = false;
-  try {
-    for await (const raw of req as AsyncIterable<Buffer>) {
-      arm();
-      st.downloaded += raw.length;
-      let chunk = raw;
-      const room = a.size - st.have - writingLen - batchLen;
-      if (chunk.length > room) {
-        chunk = chunk.subarray(0, room);
-        overflow = true;
-      }
-      if (chunk.length) {
-        batch.push(chunk);
-        batchLen += chunk.length;
-      }
-      if (batchLen >= WRITE_BATCH) await flush();
-      else a.progress(a.source, writingLen + batchLen);
-      if (overflow) break;
-    }
-  } catch (err) {
-    await flush();
-    await settle();
-    throw err;
-  }
-  await flush();
-  await settle();
-  if (overflow) throw scError('SC_ERR_SIZE_MISMATCH', `${a.source}: sent more than ${a.size} bytes`);
+  return {
+    offset: () => st.have,
+    write(chunk) {
+      batch.push(chunk);
+      batchLen += chunk.length;
+      if (batchLen >= WRITE_BATCH) return flush();
+      a.progress(a.source, writingLen + batchLen);
+    },
+    async flush() {
+      await flush();
+      await settle();
+    },
+  };
 }

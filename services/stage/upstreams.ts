@@ -8,7 +8,11 @@
  * - a broken, stalled (no byte for `idleTimeoutMs`) or failed attempt is retried on the same
  *   upstream after a backoff (`backoffMs`, doubling up to `maxBackoffMs`), `retriesPerUpstream`
  *   times, then the next upstream is used (and the failed one is marked down for `upstreamDownMs`);
- * - every retry asks only for the missing bytes (`Range: bytes=<have>-`);
+ * - every retry asks only for the missing bytes (`Range: bytes=<have>-`); one attempt is the
+ *   ranged request of shared/fetch-range.ts, whose rules (status, Content-Range, ETag,
+ *   Content-Encoding, size, idle timeout as SC_ERR_TIMEOUT, a 200 to a Range request continuing
+ *   after the bytes held) are the host's too; the blob size learnt from the first answer must be
+ *   the size of every later one;
  * - a 404 on a fresh fetch is authoritative (the blob is gone); a fetch fails after
  *   `maxAttempts` consecutive attempts that brought no new byte.
  * got is used with `retry: {limit: 0}`: this loop is the only retry logic.
@@ -20,7 +24,8 @@ import { Agent as HttpAgent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import got, { type Response } from 'got';
 import type { Digest } from '../../shared/digest.js';
-import { isScError, scError, toScError } from '../../shared/errors.js';
+import { type ScError, scError, toScError } from '../../shared/errors.js';
+import { fetchRange, SinkFailure } from '../../shared/fetch-range.js';
 import { sleep } from './clock.js';
 import { gotTls, nodeTls } from '../../shared/tls.js';
 import { type TrackedAttempt, type UpstreamHealth, UpstreamHealthTracker, type UpstreamHealthOptions, failureCode } from './upstream-health.js';
@@ -31,7 +36,7 @@ export { UPSTREAM_HEALTH_DEFAULTS, type UpstreamHealth, type UpstreamHealthOptio
 export interface FetchSink {
   /** Bytes already held: the next attempt starts here. */
   offset(): number;
-  /** Called with the blob size from each response (Content-Length or Content-Range total). May throw. */
+  /** Called with the blob size from each answer that passed the checks (shared/fetch-range.ts). May throw, and may forget what is held. */
   onSize(size: number, upstream: string): void | Promise<void>;
   /** Appends a chunk at `offset()`; resolves once written (backpressure). */
   write(chunk: Buffer): Promise<void>;
@@ -59,13 +64,6 @@ export interface SmallResponse {
   body: Buffer;
 }
 
-class SinkFailure extends Error {
-  constructor(readonly inner: unknown) {
-    super('sink failed');
-  }
-}
-
-const RANGE_RE = /^bytes (\d+)-(\d+)\/(\d+)$/;
 const SMALL_LIMIT = 1024 * 1024;
 
 /** The ordered upstreams of one stage. Thread-safe in the Node sense: many fetches may run at once. */
@@ -141,31 +139,32 @@ export class Upstreams {
     let url = this.order()[0];
     let triesHere = 0;
     let noProgress = 0;
-    let size: number | null = null;
+    // The blob size, from the first answer that gave one; every later answer must agree.
+    const known: { size: number | null } = { size: null };
     for (;;) {
       if (signal.aborted) throw scError('SC_ERR_UNAVAILABLE', 'stage is closing');
       const before = sink.offset();
       try {
-        size = await this.#attempt(url, digest, sink, signal, size);
+        const size = await this.#attempt(url, digest, sink, signal, known);
         if (sink.offset() > before && !sources.includes(url)) sources.push(url);
-        if (sink.offset() === size) {
-          this.markUp(url);
-          return { size, sources };
-        }
-        throw scError('SC_ERR_UPSTREAM', 'upstream response ended early', { have: sink.offset(), size });
+        this.markUp(url);
+        return { size, sources };
       } catch (err) {
         if (err instanceof SinkFailure) throw err.inner;
         if (signal.aborted) throw scError('SC_ERR_UNAVAILABLE', 'stage is closing');
         const progressed = sink.offset() > before;
         if (progressed && !sources.includes(url)) sources.push(url);
         const e = toScError(err);
+        // Every byte is held although the attempt failed after the last one (bytes past the
+        // announced end): complete; the fill's sha256 check decides.
+        if (known.size !== null && sink.offset() === known.size) return { size: known.size, sources };
         if (e.code === 'SC_ERR_BLOB_NOT_FOUND' && before === 0 && !progressed) throw e;
-        if (e.code === 'SC_ERR_BAD_RANGE' && size === null) await this.#reset(sink);
+        if (e.code === 'SC_ERR_BAD_RANGE' && known.size === null) await this.#reset(sink);
         o.log.warn({ upstream: url, digest, have: sink.offset(), code: e.code, msg: e.message }, 'upstream attempt failed');
         noProgress = progressed ? 0 : noProgress + 1;
         if (this.#health.degraded) this.#health.noUpstream(`cannot fetch ${digest}: ${e.message}`, err);
         if (noProgress >= o.maxAttempts) {
-          throw scError('SC_ERR_NO_UPSTREAM', `no upstream could deliver ${digest}: ${e.message}`, { attempts: noProgress }, err);
+          throw scError('SC_ERR_NO_UPSTREAM', `no upstream could deliver ${digest}: ${e.code}: ${e.message}`, { attempts: noProgress, code: e.code }, err);
         }
         triesHere = progressed ? 1 : triesHere + 1;
         let delay = Math.min(o.maxBackoffMs, o.backoffMs * 2 ** Math.max(0, triesHere - 1));
@@ -190,108 +189,65 @@ export class Upstreams {
     }
   }
 
-  /** One upstream attempt from `sink.offset()`. Returns the blob size; throws on any failure. */
-  async #attempt(url: string, digest: Digest, sink: FetchSink, signal: AbortSignal, knownSize: number | null): Promise<number> {
+  /**
+   * One upstream attempt from `sink.offset()`: a ranged request (shared/fetch-range.ts, the same
+   * rules as a host's download), reported to the health tracker and the metrics. `known.size`
+   * is the blob size once an answer gave it. Resolves with the size once the sink holds the whole
+   * blob; throws an ScError, or a SinkFailure for the sink's own errors.
+   */
+  async #attempt(url: string, digest: Digest, sink: FetchSink, signal: AbortSignal, known: { size: number | null }): Promise<number> {
     const o = this.#o;
-    const start = sink.offset();
-    const headers: Record<string, string> = { 'accept-encoding': 'identity', 'user-agent': 'stagecoach-stage' };
-    if (start > 0) headers.range = `bytes=${start}-`;
-    const stream = got.stream(`${url}/v1/blobs/${digest}`, { ...gotTls(),
-      headers,
-      retry: { limit: 0 },
-      throwHttpErrors: false,
-      decompress: false,
-      agent: this.#agents,
-    });
-    let idle: unknown;
     let lastByte = o.clock.now();
-    const arm = () => {
-      lastByte = o.clock.now();
-      o.clock.clearTimeout(idle);
-      idle = o.clock.setTimeout(() => stream.destroy(scError('SC_ERR_TIMEOUT', `upstream idle for ${o.idleTimeoutMs} ms`)), o.idleTimeoutMs);
-    };
-    const onAbort = () => stream.destroy(scError('SC_ERR_UNAVAILABLE', 'stage is closing'));
-    signal.addEventListener('abort', onAbort, { once: true });
-    let endedDegraded = false;
-    const tracked: TrackedAttempt = {
-      url,
-      answered: false,
-      quietMs: () => o.clock.now() - lastByte,
-      end: () => {
-        endedDegraded = true;
-        stream.destroy(scError('SC_ERR_NO_UPSTREAM', 'stage degraded: no upstream answers'));
-      },
-    };
-    this.#health.attempts.add(tracked);
-    arm();
+    let degradedEnd: ScError | null = null;
     let outcome = 'error';
+    const tracked: TrackedAttempt = { url, answered: false, quietMs: () => o.clock.now() - lastByte, end: () => {} };
+    this.#health.attempts.add(tracked);
     try {
-      const res = await new Promise<Response>((resolve, reject) => {
-        stream.once('response', resolve);
-        stream.once('error', reject);
-      })
-        .catch((err: unknown) => {
-          if (!signal.aborted && !endedDegraded) this.#health.failed(url, failureCode(err));
-          throw err;
-        });
-      tracked.answered = true;
-      this.#health.answered(url);
-      outcome = String(res.statusCode);
-      let size: number;
-      let skip = 0;
-      if (res.statusCode === 200) {
-        size = Number(res.headers['content-length']);
-        skip = start; // the upstream ignored our Range: drop what we already hold
-      } else if (res.statusCode === 206) {
-        const m = RANGE_RE.exec(String(res.headers['content-range'] ?? ''));
-        if (!m || Number(m[1]) !== start) throw scError('SC_ERR_UPSTREAM', `bad Content-Range ${String(res.headers['content-range']).slice(0, 80)}`);
-        size = Number(m[3]);
-        if (Number(m[2]) !== size - 1) throw scError('SC_ERR_UPSTREAM', 'upstream sent a shorter range than asked');
-      } else if (res.statusCode === 404) {
-        throw scError('SC_ERR_BLOB_NOT_FOUND', `upstream ${url} has no ${digest}`);
-      } else if (res.statusCode === 416 && start > 0) {
-        throw scError('SC_ERR_BAD_RANGE', `upstream refused resume at ${start}`);
-      } else {
-        throw scError('SC_ERR_UPSTREAM', `upstream answered HTTP ${res.statusCode}`, { upstream: url });
-      }
-      if (!Number.isSafeInteger(size) || size < 0) throw scError('SC_ERR_UPSTREAM', 'upstream sent no usable size');
-      if (knownSize !== null && size !== knownSize) throw scError('SC_ERR_SIZE_MISMATCH', `upstream size ${size} differs from ${knownSize}`);
-      try {
-        await sink.onSize(size, url);
-      } catch (err) {
-        throw new SinkFailure(err);
-      }
-      if (sink.offset() !== start) return size; // the sink reset itself (held more than the blob): start over
-      let pos = start - skip;
-      for await (const c of stream as AsyncIterable<Buffer>) {
-        arm();
-        o.metrics.upstreamBytes.inc({ upstream: url }, c.length);
-        let chunk = c;
-        if (skip > 0) {
-          const n = Math.min(skip, chunk.length);
-          skip -= n;
-          pos += n;
-          chunk = chunk.subarray(n);
-          if (chunk.length === 0) continue;
-        }
-        if (pos + chunk.length > size) throw scError('SC_ERR_SIZE_MISMATCH', 'upstream sent more bytes than announced');
-        try {
-          await sink.write(chunk);
-        } catch (err) {
-          throw new SinkFailure(err);
-        }
-        pos += chunk.length;
-      }
-      return size;
-    } catch (err) {
-      if (err instanceof SinkFailure || isScError(err)) throw err;
-      throw scError('SC_ERR_UPSTREAM', `upstream ${url}: ${(err as Error).message}`, undefined, err);
+      const r = await fetchRange(
+        {
+          offset: () => sink.offset(),
+          begin: async (size) => {
+            known.size = size;
+            await sink.onSize(size, url);
+          },
+          write: (chunk) => sink.write(chunk),
+        },
+        {
+          source: url,
+          digest,
+          size: known.size,
+          idleTimeoutMs: o.idleTimeoutMs,
+          userAgent: 'stagecoach-stage',
+          clock: o.clock,
+          signal,
+          agent: this.#agents,
+          hooks: {
+            started: (_req, end) => {
+              tracked.end = () => {
+                degradedEnd = scError('SC_ERR_NO_UPSTREAM', 'stage degraded: no upstream answers');
+                end(degradedEnd);
+              };
+            },
+            answered: (status) => {
+              lastByte = o.clock.now();
+              tracked.answered = true;
+              this.#health.answered(url);
+              outcome = String(status);
+            },
+            unanswered: (err) => {
+              if (err !== degradedEnd) this.#health.failed(url, failureCode(err));
+            },
+            chunk: (n) => {
+              lastByte = o.clock.now();
+              o.metrics.upstreamBytes.inc({ upstream: url }, n);
+            },
+          },
+        },
+      );
+      return r.size;
     } finally {
-      o.clock.clearTimeout(idle);
-      signal.removeEventListener('abort', onAbort);
       this.#health.attempts.delete(tracked);
       o.metrics.upstreamRequests.inc({ upstream: url, kind: 'blob', outcome });
-      if (!stream.destroyed) stream.destroy();
     }
   }
 
