@@ -1,41 +1,38 @@
 /**
- * A tiny read-API server (same paths as origin and stage) with fault injection, for the fetch
- * and get tests: a real HTTP server on 127.0.0.1 port 0 that can delay or fail /healthz, cut or
- * stall a blob body after N bytes, ignore Range, and serve any file under any digest (tampering).
+ * The fetch and get tests' view of the fault-injecting upstream (test/helpers/fault-upstream.ts):
+ * `startReadServer(faults)` with faults as one object of knobs (delay or fail /healthz, cut,
+ * stall or freeze a blob body after N bytes, trickle it, ignore Range) and blobs served from
+ * files under any digest (tampering); plus the small fixtures those tests share.
  */
 import { generateKeyPairSync, type KeyObject } from 'node:crypto';
-import { createReadStream } from 'node:fs';
-import { mkdtemp, rm, stat, writeFile } from 'node:fs/promises';
-import { createServer, type ServerResponse } from 'node:http';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import express from 'express';
-import { type Digest, digestFile, parseDigest, sha256Of } from '../../shared/digest.js';
-import { scError } from '../../shared/errors.js';
-import { errorHandler, type Listening, listen } from '../../shared/http.js';
-import { sendFileRange, startBlobReply } from '../../shared/http/read-api.js';
-import { silentLogger } from '../../shared/log.js';
+import { type Digest, sha256Of } from '../../shared/digest.js';
+import { type Listening, listen } from '../../shared/http.js';
 import { type Manifest, signManifest, type UnsignedManifest } from '../../shared/manifest.js';
+import { type BlobRequest, type Fault, startFaultUpstream } from '../helpers/fault-upstream.js';
 
-/** Behaviour knobs; change them between requests. */
+/** Behaviour knobs; replace them between requests (`server.faults = {...}`). Each is a standing `Fault`. */
 export interface Faults {
-  /** Delay before answering /healthz, ms. */
+  /** Delay before answering /healthz, ms (`health-delay`). */
   healthDelayMs?: number;
-  /** Status for /healthz (default 200 with {"ok":true}). */
+  /** Status for /healthz (default 200 with {"ok":true}) (`health-status`). */
   healthStatus?: number;
-  /** Send this many body bytes per blob response, then drop the connection. */
+  /** Send this many body bytes per blob response, then drop the connection (`cut`). */
   cutAfter?: number;
-  /** Send this many body bytes per blob response, then hang (until the server closes). */
+  /** Send this many body bytes per blob response, then hang (until the server closes) (`stall`). */
   stallAfter?: number;
-  /** Answer every blob request with the full 200, ignoring Range. */
+  /** Answer every blob request with the full 200, ignoring Range (`ignore-range`). */
   ignoreRange?: boolean;
   /**
    * Send this many body bytes per blob response, then freeze like a link gone silent without a
    * FIN: that response stalls, and every later request (/healthz included) is accepted and never
-   * answered, until the faults change or the server closes. Blob requests are still recorded.
+   * answered, until the faults change or the server closes. Blob requests are still recorded (`freeze`).
    */
   freezeAfter?: number;
-  /** Send the blob body in pieces of `bytes`, one every `everyMs` (a busy source: slow, but alive). */
+  /** Send the blob body in pieces of `bytes`, one every `everyMs` (a busy source: slow, but alive) (`trickle`). */
   trickle?: { bytes: number; everyMs: number };
 }
 
@@ -43,116 +40,50 @@ export interface ReadServer extends Listening {
   faults: Faults;
   /** True once a `freezeAfter` response reached its limit (cleared when `faults` is replaced). */
   readonly frozen: boolean;
-  /** Every blob request seen: method and Range header. */
-  blobRequests: { method: string; range?: string }[];
+  /** Every blob request seen: method and Range header (and more, see `BlobRequest`). */
+  blobRequests: BlobRequest[];
   /** Serves the file at `path` as blob `digest` (its real digest unless given: tampering). */
   addBlob(path: string, digest?: Digest): Promise<Digest>;
   /** Serves `m` at /v1/bundles/<name>/<version> (any JSON, unchecked). */
   setManifest(name: string, version: string, m: unknown): void;
 }
 
-/** Starts a read-API server on 127.0.0.1:0. */
-export async function startReadServer(faults: Faults = {}): Promise<ReadServer> {
-  const blobs = new Map<Digest, { path: string; size: number }>();
-  const manifests = new Map<string, unknown>();
-  const blobRequests: ReadServer['blobRequests'] = [];
-  const app = express();
-  const state = { faults, frozen: false };
-
-  app.get('/healthz', async (req, res) => {
-    const f = state.faults;
-    if (state.frozen) return; // never answered; the client's deadline or close() ends it
-    if (f.healthDelayMs) {
-      // Wait, unless the client goes away first (so no timer outlives the test).
-      await new Promise<void>((r) => {
-        const t = setTimeout(r, f.healthDelayMs);
-        res.once('close', () => {
-          clearTimeout(t);
-          r();
-        });
-      });
-      if (res.destroyed || req.destroyed) return;
-    }
-    const status = f.healthStatus ?? 200;
-    res.status(status).json({ ok: status === 200 });
-  });
-  app.get('/v1/bundles/:name/:version', (req, res) => {
-    const m = manifests.get(`${req.params.name}@${req.params.version}`);
-    if (m === undefined) throw scError('SC_ERR_MANIFEST_NOT_FOUND');
-    res.json(m);
-  });
-  app.get('/v1/blobs/:ref', async (req, res) => {
-    const f = state.faults;
-    blobRequests.push({ method: req.method, range: req.headers.range });
-    if (state.frozen) return;
-    const digest = parseDigest(req.params.ref);
-    const b = blobs.get(digest);
-    if (!b) throw scError('SC_ERR_BLOB_NOT_FOUND');
-    if (f.ignoreRange) delete req.headers.range;
-    const limit = f.cutAfter ?? f.stallAfter ?? f.freezeAfter;
-    const r = startBlobReply(req, res, digest, b.size);
-    if (r === 'not-modified') return;
-    if (limit === undefined && !f.trickle) {
-      if (req.method === 'HEAD') res.end();
-      else await sendFileRange(res, b.path, r.start, r.end);
-      return;
-    }
-    const end = limit === undefined ? r.end : Math.min(r.end, r.start + limit - 1);
-    if (end >= r.start) {
-      const piece = f.trickle ? { highWaterMark: f.trickle.bytes } : {};
-      let first = true;
-      for await (const chunk of createReadStream(b.path, { start: r.start, end, ...piece })) {
-        if (f.trickle && !first && !(await pause(f.trickle.everyMs, res))) return;
-        first = false;
-        await new Promise<void>((resolve, reject) => res.write(chunk, (err) => (err ? reject(err) : resolve())));
-      }
-    }
-    if (end >= r.end) res.end();
-    else if (f.cutAfter !== undefined) res.socket?.destroy();
-    else if (f.freezeAfter !== undefined) state.frozen = true;
-    // else: stall with the response open; close() ends it.
-  });
-  app.use(errorHandler(silentLogger));
-
-  const l = await listen(createServer(app), '127.0.0.1', 0);
-  return {
-    ...l,
-    get faults() {
-      return state.faults;
-    },
-    set faults(v: Faults) {
-      state.faults = v;
-      state.frozen = false;
-    },
-    get frozen() {
-      return state.frozen;
-    },
-    blobRequests,
-    async addBlob(path, digest) {
-      const { size } = await stat(path);
-      const d = digest ?? (await digestFile(path)).digest;
-      blobs.set(d, { path, size });
-      return d;
-    },
-    setManifest(name, version, m) {
-      manifests.set(`${name}@${version}`, m);
-    },
-  };
+/** The standing faults `f` stands for (a body limit: cut before stall before freeze). */
+function toFaults(f: Faults): Fault[] {
+  const out: Fault[] = [];
+  if (f.healthDelayMs) out.push({ kind: 'health-delay', ms: f.healthDelayMs });
+  if (f.healthStatus !== undefined) out.push({ kind: 'health-status', status: f.healthStatus });
+  if (f.cutAfter !== undefined) out.push({ kind: 'cut', afterBytes: f.cutAfter });
+  if (f.stallAfter !== undefined) out.push({ kind: 'stall', afterBytes: f.stallAfter });
+  if (f.freezeAfter !== undefined) out.push({ kind: 'freeze', afterBytes: f.freezeAfter });
+  if (f.ignoreRange) out.push({ kind: 'ignore-range' });
+  if (f.trickle) out.push({ kind: 'trickle', ...f.trickle });
+  return out;
 }
 
-/** Waits `ms`, or until `res` closes; true when the wait ran out with `res` still open. */
-function pause(ms: number, res: ServerResponse): Promise<boolean> {
-  return new Promise((resolve) => {
-    const t = setTimeout(() => {
-      res.off('close', onClose);
-      resolve(!res.destroyed);
-    }, ms);
-    const onClose = () => {
-      clearTimeout(t);
-      resolve(false);
-    };
-    res.once('close', onClose);
-  });
+/** Starts a read-API server on 127.0.0.1:0. */
+export async function startReadServer(faults: Faults = {}): Promise<ReadServer> {
+  const up = await startFaultUpstream({ faults: toFaults(faults) });
+  let current = faults;
+  return {
+    server: up.server,
+    url: up.url,
+    port: up.port,
+    close: up.close,
+    get faults() {
+      return current;
+    },
+    set faults(v: Faults) {
+      current = v;
+      up.setFaults(toFaults(v));
+    },
+    get frozen() {
+      return up.frozen;
+    },
+    blobRequests: up.requests,
+    addBlob: (path, digest) => up.addBlobFile(path, digest),
+    setManifest: up.setManifest,
+  };
 }
 
 /** A temp dir, removed by `cleanup`. */
