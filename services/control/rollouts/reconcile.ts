@@ -5,7 +5,7 @@
  * job records when their reports were lost (e.g. with a Redis crash).
  */
 import type { Redis } from 'ioredis';
-import { type AgentProducer, CONVERT_STEPS, rescueSequence, type SequenceStep, stepBaseId } from '../../../shared/protocol/index.js';
+import { type AgentProducer, CONVERT_STEPS, readRoutes, rescueSequence, type SequenceStep, stepBaseId } from '../../../shared/protocol/index.js';
 import { failureOf } from '../../../shared/protocol/index.js';
 import { type JobOutcome, jobOutcomes } from '../queues.js';
 import { failHost, withLogLine } from './host-reducer.js';
@@ -40,18 +40,23 @@ export async function enqueuePending(a: ActiveRollout, deps: ReconcileDeps, stor
     a.hosts.set(id, change(a.hosts.get(id)!));
     store.touchHost(a, id);
   };
-  for (const h of a.hosts.values()) {
+  const due = [...a.hosts.values()].filter((h) => (h.status === 'queued' && !h.enqueued) || (h.rescue?.state === 'queued' && !h.rescue.enqueued));
+  if (due.length === 0) return;
+  // Every due host's route in one lookup, instead of one per enqueued sequence.
+  const routes = await readRoutes(deps.redis, deps.prefix, due.map((h) => h.host));
+  for (const h of due) {
     const id = h.host;
+    const route = routes.get(id);
     if (h.status === 'queued' && !h.enqueued) {
       todo.push(
-        deps.producer.enqueueSequence(id, a.spec.id, convertSteps(a.spec), { ttlMs, now: deps.now() }).then(() => {
+        deps.producer.enqueueSequence(id, a.spec.id, convertSteps(a.spec), { ttlMs, now: deps.now(), route }).then(() => {
           update(id, (cur) => ({ ...cur, enqueued: true }));
         }),
       );
     }
     if (h.rescue && h.rescue.state === 'queued' && !h.rescue.enqueued) {
       todo.push(
-        deps.producer.enqueueSequence(id, rescueRunId(a.spec.id), rescueSequence(), { ttlMs, now: deps.now() }).then(() => {
+        deps.producer.enqueueSequence(id, rescueRunId(a.spec.id), rescueSequence(), { ttlMs, now: deps.now(), route }).then(() => {
           const now = deps.now();
           const line = { host: id, rollout: a.spec.id, seq: 0, step: 'rescue', event: 'queued', ts: now };
           update(id, (cur) => ({ ...cur, rescue: { ...cur.rescue!, enqueued: true }, log: withLogLine(cur.log, line, now) }));
