@@ -22,11 +22,15 @@
  * The relay URLs are tried in order; a connection failure moves to the next one, and so does a
  * reply body over MAX_RELAY_REPLY_BYTES (SC_ERR_REPLY_TOO_LARGE, never buffered).
  */
-import { Agent as HttpAgent, request as httpRequest } from 'node:http';
-import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
-import { type ScError, scError } from '../../shared/errors.js';
+import { Agent as HttpAgent } from 'node:http';
+import { Agent as HttpsAgent } from 'node:https';
+import got from 'got';
+import pRetry, { AbortError, type Options as RetryOptions } from 'p-retry';
+import { isScError, type ScError, scError } from '../../shared/errors.js';
+import { abortError, readBounded, responseOf } from '../../shared/fetch-http.js';
+import { attemptError } from '../../shared/fetch-range.js';
 import type { Logger } from '../../shared/log.js';
-import { nodeTls } from '../../shared/tls.js';
+import { gotTls } from '../../shared/tls.js';
 import type { HostRecord } from '../../shared/protocol/index.js';
 import type { JobProgress, ReportFields, StepJob, StepTransport } from '../../shared/protocol/transport.js';
 
@@ -40,6 +44,18 @@ export const MAX_RELAY_REPLY_BYTES = 1 << 20;
 // One keep-alive pool per process: an in-process fleet shares it.
 const httpAgent = new HttpAgent({ keepAlive: true, maxSockets: Number.POSITIVE_INFINITY, keepAliveMsecs: 30_000 });
 const httpsAgent = new HttpsAgent({ keepAlive: true, maxSockets: Number.POSITIVE_INFINITY, keepAliveMsecs: 30_000 });
+
+/**
+ * Codes of a report that no relay took yet (unreachable, 5xx, silent, or a TLS failure, which
+ * moved on to the next relay as any connection failure does): worth sending again.
+ */
+const TRANSIENT = new Set(['SC_ERR_UNAVAILABLE', 'SC_ERR_UPSTREAM', 'SC_ERR_TIMEOUT', 'SC_ERR_TLS']);
+
+/**
+ * How started/reboot events, completions and failures are re-sent while no relay answers:
+ * 250 ms doubling up to 5 s between attempts, for up to `retryMs` in all (maxRetryTime).
+ */
+const REPORT_RETRY = { retries: Number.POSITIVE_INFINITY, factor: 2, minTimeout: 250, maxTimeout: 5000, randomize: false } as const satisfies RetryOptions;
 
 /** Options of RelayTransport. */
 export interface RelayTransportOptions {
@@ -218,21 +234,19 @@ export class RelayTransport implements StepTransport {
     return r.body;
   }
 
-  /** Retries `fn` while no relay answers (connection errors, 5xx) for up to retryMs. */
-  async #retrying<T>(fn: () => Promise<T>): Promise<T> {
-    const deadline = Date.now() + this.#o.retryMs;
-    let delay = 250;
-    for (;;) {
-      try {
-        return await fn();
-      } catch (err) {
-        const e = err as ScError;
-        const transient = e.code === 'SC_ERR_UNAVAILABLE' || e.code === 'SC_ERR_UPSTREAM' || e.code === 'SC_ERR_TIMEOUT';
-        if (!transient || this.#closed || Date.now() > deadline) throw err;
-        await new Promise((r) => setTimeout(r, delay));
-        delay = Math.min(5000, delay * 2);
-      }
-    }
+  /**
+   * Runs `fn` under REPORT_RETRY while no relay answers (TRANSIENT codes) for up to retryMs; any
+   * other failure, or one after close(), is thrown at once.
+   */
+  #retrying<T>(fn: () => Promise<T>): Promise<T> {
+    return pRetry(
+      () =>
+        fn().catch((err: unknown) => {
+          if (!TRANSIENT.has((err as ScError)?.code) || this.#closed) throw new AbortError(err as Error);
+          throw err;
+        }),
+      { ...REPORT_RETRY, maxRetryTime: this.#o.retryMs },
+    );
   }
 
   #check(r: Reply): void {
@@ -242,70 +256,71 @@ export class RelayTransport implements StepTransport {
     throw scError(code as 'SC_ERR_UPSTREAM', `relay answered ${r.status}: ${err?.message ?? ''}`.trim());
   }
 
-  /** One request to the current relay; a connection failure moves to the next relay and throws SC_ERR_UNAVAILABLE. */
-  #call(method: string, path: string, body: unknown, timeoutMs: number, signal?: AbortSignal, extra: Record<string, string> = {}): Promise<Reply> {
+  /**
+   * One request to the current relay. A connection failure (no answer: refused, reset, TLS) moves
+   * to the next relay and throws SC_ERR_UNAVAILABLE (SC_ERR_TLS for a certificate problem); a
+   * socket silent for `timeoutMs` throws SC_ERR_TIMEOUT; a reply body over MAX_RELAY_REPLY_BYTES
+   * moves on too and throws SC_ERR_REPLY_TOO_LARGE, having read at most that much of it.
+   */
+  async #call(method: string, path: string, body: unknown, timeoutMs: number, signal?: AbortSignal, extra: Record<string, string> = {}): Promise<Reply> {
     const base = this.#o.relays[this.#urlIndex % this.#o.relays.length];
     const url = new URL(path, base.endsWith('/') ? base : `${base}/`);
     const payload = body === undefined ? undefined : Buffer.from(JSON.stringify(body));
-    const https = url.protocol === 'https:';
-    return new Promise<Reply>((resolve, reject) => {
-      const req = (https ? httpsRequest : httpRequest)(
-        url,
-        {
-          method,
-          agent: https ? httpsAgent : httpAgent,
-          ...(https ? nodeTls() : {}),
-          signal,
-          headers: {
-            authorization: `Bearer ${this.#o.token}`,
-            'x-stagecoach-host': this.#o.hostId,
-            accept: 'application/json',
-            ...(payload ? { 'content-type': 'application/json', 'content-length': String(payload.length) } : {}),
-            ...extra,
-          },
-        },
-        (res) => {
-          const chunks: Buffer[] = [];
-          let size = 0;
-          const tooLarge = (what: string) => {
-            // A relay that sends this is misbehaving: the next request goes to the next relay.
-            this.#urlIndex++;
-            reject(scError('SC_ERR_REPLY_TOO_LARGE', `relay ${base} sent ${what}; replies are capped at ${MAX_RELAY_REPLY_BYTES} bytes`, { max: MAX_RELAY_REPLY_BYTES }));
-            chunks.length = 0;
-            req.destroy();
-          };
-          const declared = Number(res.headers['content-length']);
-          if (Number.isFinite(declared) && declared > MAX_RELAY_REPLY_BYTES) {
-            tooLarge(`a ${declared}-byte reply`);
-            return;
-          }
-          res.on('data', (c: Buffer) => {
-            if (req.destroyed) return;
-            size += c.length;
-            if (size > MAX_RELAY_REPLY_BYTES) tooLarge('a reply of more than that');
-            else chunks.push(c);
-          });
-          res.on('end', () => {
-            const text = Buffer.concat(chunks).toString('utf8');
-            let parsed: unknown = null;
-            try {
-              parsed = text ? JSON.parse(text) : null;
-            } catch {
-              parsed = null;
-            }
-            this.#lastAnswer = Date.now();
-            resolve({ status: res.statusCode ?? 0, body: parsed });
-          });
-          res.on('error', (err) => reject(scError('SC_ERR_UNAVAILABLE', `relay ${base}: ${err.message}`)));
-        },
-      );
-      req.setTimeout(timeoutMs, () => req.destroy(scError('SC_ERR_TIMEOUT', `relay ${base} did not answer within ${timeoutMs} ms`)));
-      req.on('error', (err) => {
-        if ((err as ScError).code === 'SC_ERR_TIMEOUT') return reject(err);
-        if (!signal?.aborted) this.#urlIndex++;
-        reject(scError('SC_ERR_UNAVAILABLE', `relay ${base}: ${(err as NodeJS.ErrnoException).code ?? err.message}`));
-      });
-      req.end(payload);
+    const req = got.stream(url, {
+      ...gotTls(),
+      method: method as 'GET' | 'POST',
+      ...(payload ? { body: payload } : {}),
+      agent: { http: httpAgent, https: httpsAgent },
+      retry: { limit: 0 }, // #retrying is the only retry policy
+      throwHttpErrors: false,
+      followRedirect: false,
+      decompress: false, // and so no Accept-Encoding: the wire stays what it was on node:http
+      timeout: { socket: timeoutMs }, // no byte either way for timeoutMs (the long poll's bound)
+      signal,
+      headers: {
+        'user-agent': undefined,
+        authorization: `Bearer ${this.#o.token}`,
+        'x-stagecoach-host': this.#o.hostId,
+        accept: 'application/json',
+        ...(payload ? { 'content-type': 'application/json' } : {}),
+        ...extra,
+      },
     });
+    // Failures surface through responseOf / readBounded; this keeps one emitted between two awaits from being uncaught.
+    req.on('error', () => {});
+    const tooLarge = (what: string) => {
+      // A relay that sends this is misbehaving: the next request goes to the next relay.
+      this.#urlIndex++;
+      return scError('SC_ERR_REPLY_TOO_LARGE', `relay ${base} sent ${what}; replies are capped at ${MAX_RELAY_REPLY_BYTES} bytes`, { max: MAX_RELAY_REPLY_BYTES });
+    };
+    let answered = false;
+    try {
+      const res = await responseOf(req);
+      answered = true;
+      const declared = Number(res.headers['content-length']);
+      if (Number.isFinite(declared) && declared > MAX_RELAY_REPLY_BYTES) throw tooLarge(`a ${declared}-byte reply`);
+      const data = await readBounded(req, MAX_RELAY_REPLY_BYTES).catch((err: unknown) => {
+        throw isScError(err, 'SC_ERR_TOO_LARGE') ? tooLarge('a reply of more than that') : err;
+      });
+      const text = data.toString('utf8');
+      let parsed: unknown = null;
+      try {
+        parsed = text ? JSON.parse(text) : null;
+      } catch {
+        parsed = null;
+      }
+      this.#lastAnswer = Date.now();
+      return { status: res.statusCode, body: parsed };
+    } catch (err) {
+      if (isScError(err)) throw err;
+      if (signal?.aborted) throw abortError(signal);
+      const e = attemptError(err, `relay ${base}`);
+      if (e.code === 'SC_ERR_TIMEOUT') throw e;
+      if (!answered) this.#urlIndex++;
+      // Not reached, or cut off mid-reply: the relay is unavailable (a certificate problem stays SC_ERR_TLS).
+      throw e.code === 'SC_ERR_UPSTREAM' ? scError('SC_ERR_UNAVAILABLE', e.message, undefined, err) : e;
+    } finally {
+      if (!req.destroyed) req.destroy();
+    }
   }
 }
