@@ -4,10 +4,8 @@
  */
 import type { ServerResponse } from 'node:http';
 import { scError } from '../../shared/errors.js';
+import { ReadBuffer } from '../../shared/http/read-api.js';
 import type { Fill } from './fill-state.js';
-
-/** Reader chunk for file reads: large enough for throughput, small enough that 500 readers stay cheap. */
-const READ_CHUNK = 128 * 1024;
 
 /** Resolves when `p` settles (or `event` fires) or `res` closes, leaving no listener behind. */
 function untilOrClosed(p: Promise<void> | null, res: ServerResponse, event?: 'drain'): Promise<void> {
@@ -30,8 +28,18 @@ function untilOrClosed(p: Promise<void> | null, res: ServerResponse, event?: 'dr
  * chunk written. Resolves when done or when the client left.
  */
 export async function streamFill(fill: Fill, res: ServerResponse, start: number, end: number, onBytes: (n: number) => void): Promise<void> {
+  // Behind the edge, file reads go into this reader's share of the body-buffer budget (one
+  // buffer, reused once the socket took it; smaller as more readers share the process).
+  const rb = new ReadBuffer();
+  try {
+    await follow(fill, res, start, end, onBytes, rb);
+  } finally {
+    rb.close();
+  }
+}
+
+async function follow(fill: Fill, res: ServerResponse, start: number, end: number, onBytes: (n: number) => void, rb: ReadBuffer): Promise<void> {
   let pos = start;
-  let own: Buffer | undefined;
   while (pos <= end) {
     if (res.destroyed || res.writableEnded) return;
     if (fill.state === 'failed' || fill.state === 'gone') {
@@ -43,8 +51,7 @@ export async function streamFill(fill: Fill, res: ServerResponse, start: number,
       await untilOrClosed(fill.changed(), res);
       continue;
     }
-    const n = Math.min(avail - pos, READ_CHUNK);
-    const shared = fill.fromTail(pos, n);
+    const shared = fill.fromTail(pos, avail - pos);
     if (shared) {
       // the upstream's own chunk, shared by every reader at the edge: no copy, no read
       if (res.destroyed) return;
@@ -55,12 +62,12 @@ export async function streamFill(fill: Fill, res: ServerResponse, start: number,
       continue;
     }
     // behind the edge: read the file into this reader's one buffer, reused once the socket took it
-    own ??= Buffer.allocUnsafe(READ_CHUNK);
-    const got = await fill.read(own, n, pos);
+    const own = rb.buffer();
+    const got = await fill.read(own, Math.min(avail - pos, own.length), pos);
     if (got <= 0) throw scError('SC_ERR_INTERNAL', `short read at ${pos} of a fill`);
     if (res.destroyed) return;
     const flushed = new Promise<void>((r) => {
-      res.write(got === own!.length ? own! : own!.subarray(0, got), () => r());
+      res.write(got === own.length ? own : own.subarray(0, got), () => r());
     });
     pos += got;
     onBytes(got);

@@ -36,7 +36,7 @@
  * For the server's metrics and request log it sets `res.locals.route` (`healthz`, `metrics`,
  * `blob`, `bundles`, `manifest`) and, for blobs, `res.locals.bytesOut` (body bytes written).
  */
-import { createReadStream } from 'node:fs';
+import { type FileHandle, open } from 'node:fs/promises';
 import type { ServerResponse } from 'node:http';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -158,13 +158,150 @@ export async function sendStream(res: ServerResponse, open: () => Readable | Pro
   return sent;
 }
 
-/** `OpenBlob.send` for a complete blob file: bytes [start, end] of `path`, streamed. */
-export function sendFileRange(res: ServerResponse, path: string, start: number, end: number, onBytes?: (n: number) => void): Promise<number> {
+/**
+ * Memory for blob bodies: every reader (a response being sent from a file) reads into one
+ * buffer of its own, reused chunk after chunk, and sends it only once the socket took the
+ * previous one. The buffer is READ_MAX while few readers share the process and halves as more
+ * do, so that all of them together hold about READ_BUDGET (never below READ_MIN each): peak
+ * memory stays flat in object size, and in client count up to READ_BUDGET / READ_MIN readers.
+ * Large chunks keep the CPU per byte low (fewer reads, writes and wake-ups per GiB).
+ */
+const READ_MAX = 1 << 20;
+const READ_MIN = 64 << 10;
+const READ_BUDGET = 16 << 20;
+let activeReaders = 0;
+
+/** Bytes of the read buffer of one reader while `readers` readers are active. */
+export function readChunkBytes(readers: number): number {
+  let n = READ_MAX;
+  while (n > READ_MIN && n * readers > READ_BUDGET) n >>= 1;
+  return n;
+}
+
+/**
+ * One reader's share of the body-buffer budget (see READ_BUDGET). `buffer()` gives the buffer
+ * for the next read (the same one, unless the number of readers moved enough to resize it);
+ * call `close()` exactly once when the reader is done.
+ */
+export class ReadBuffer {
+  #buf: Buffer | null = null;
+  #open = true;
+
+  constructor() {
+    activeReaders++;
+  }
+
+  /** The buffer to read the next chunk into; valid until the next call. */
+  buffer(): Buffer {
+    const want = readChunkBytes(activeReaders);
+    if (this.#buf?.length !== want) this.#buf = Buffer.allocUnsafeSlow(want);
+    return this.#buf;
+  }
+
+  /** Gives the share back. Idempotent. */
+  close(): void {
+    if (!this.#open) return;
+    this.#open = false;
+    activeReaders--;
+    this.#buf = null;
+  }
+}
+
+/** Readers counted by `ReadBuffer` right now (for tests and diagnostics). */
+export function readBufferReaders(): number {
+  return activeReaders;
+}
+
+/**
+ * Writes into `res` chunk by chunk, each resolving once the socket took it (so its buffer may be
+ * reused) or `res` closed. One `close` listener for the whole body, not one per chunk.
+ */
+export class ChunkWriter {
+  #res: ServerResponse;
+  #waiting: (() => void) | null = null;
+  #closed = false;
+  #onClose = () => {
+    this.#closed = true;
+    this.#wake();
+  };
+
+  constructor(res: ServerResponse) {
+    this.#res = res;
+    res.once('close', this.#onClose);
+  }
+
+  /** True once the response closed (client gone, or destroyed). */
+  get closed(): boolean {
+    return this.#closed || this.#res.destroyed;
+  }
+
+  /** Writes `chunk`; resolves when it was handed to the socket, or when `res` closed. */
+  write(chunk: Buffer): Promise<void> {
+    return new Promise<void>((resolve) => {
+      if (this.closed) {
+        resolve();
+        return;
+      }
+      this.#waiting = resolve;
+      this.#res.write(chunk, () => this.#wake());
+    });
+  }
+
+  /** Drops the close listener. */
+  dispose(): void {
+    this.#res.off('close', this.#onClose);
+    this.#wake();
+  }
+
+  #wake(): void {
+    const w = this.#waiting;
+    this.#waiting = null;
+    w?.();
+  }
+}
+
+/**
+ * `OpenBlob.send` for a complete blob file: bytes [start, end] of `path`, read at offsets into
+ * one reused buffer (ReadBuffer) and written to `res`, the next read starting only once the
+ * socket took the last chunk. A failure before the first byte (the file cannot be opened) is
+ * thrown; after, `res` is destroyed. Resolves with the bytes written.
+ */
+export async function sendFileRange(res: ServerResponse, path: string, start: number, end: number, onBytes?: (n: number) => void): Promise<number> {
   if (end < start) {
     res.end();
-    return Promise.resolve(0);
+    return 0;
   }
-  return sendStream(res, () => createReadStream(path, { start, end, highWaterMark: 1 << 20 }), onBytes);
+  let fh: FileHandle;
+  try {
+    fh = await open(path, 'r');
+  } catch (err) {
+    if (!res.headersSent) throw err;
+    res.destroy();
+    return 0;
+  }
+  const rb = new ReadBuffer();
+  const out = new ChunkWriter(res);
+  let pos = start;
+  try {
+    while (pos <= end && !out.closed) {
+      const buf = rb.buffer();
+      const { bytesRead } = await fh.read(buf, 0, Math.min(buf.length, end + 1 - pos), pos);
+      if (bytesRead <= 0) throw scError('SC_ERR_INTERNAL', `short read at ${pos} of a blob file`);
+      if (out.closed) break;
+      await out.write(bytesRead === buf.length ? buf : buf.subarray(0, bytesRead));
+      pos += bytesRead;
+      onBytes?.(bytesRead);
+    }
+    if (!out.closed) res.end();
+  } catch (err) {
+    if (!res.headersSent) throw err;
+    res.destroy();
+  } finally {
+    out.dispose();
+    rb.close();
+    await fh.close().catch(() => {});
+  }
+  return pos - start;
 }
 
 /** Status, Content-Length and Content-Range for a blob of `size`; returns the bytes to send. */

@@ -1,0 +1,108 @@
+// Blob bodies from a stage's cache files are sent through bounded, reused read buffers
+// (shared/http/read-api.ts ReadBuffer): the buffer per reader shrinks as readers are added, so
+// all of them hold a bounded total; every reader gives its share back, whether it finished, was
+// answered a Range, or left mid-body. Real origin and stage on 127.0.0.1 port 0.
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { request } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { after, before, describe, it } from 'node:test';
+import { type Digest, sha256Of } from '../../shared/digest.js';
+import { readBufferReaders, readChunkBytes } from '../../shared/http/read-api.js';
+import { silentLogger } from '../../shared/log.js';
+import { type RunningStage, startStage } from '../../services/stage/main.js';
+import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';
+import { waitFor } from '../helpers/test-origin.js';
+
+function get(url: string, headers: Record<string, string> = {}): Promise<{ status: number; body: Buffer }> {
+  return new Promise((resolve, reject) => {
+    const req = request(url, { headers, agent: false }, (res) => {
+      const parts: Buffer[] = [];
+      res.on('data', (c: Buffer) => parts.push(c));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(parts) }));
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+describe('read API: bounded read buffers', () => {
+  let origin: TestOrigin;
+  let stage: RunningStage;
+  let dir: string;
+  let data: Buffer;
+  let digest: Digest;
+  let url: string;
+
+  before(async () => {
+    origin = await startTestOrigin();
+    data = randomBytes(3 * 1024 * 1024 + 12_345);
+    digest = sha256Of(data);
+    await origin.client.putBlob(Readable.from([data]), digest, data.length);
+    dir = await mkdtemp(join(tmpdir(), 'read-api-buffers-'));
+    stage = await startStage({ listen: '127.0.0.1:0', upstreams: [origin.url], cache: join(dir, 'cache'), cacheSize: '64MiB', colo: 'buffers' }, { log: silentLogger });
+    url = `${stage.url}/v1/blobs/${digest}`;
+    const first = await get(url); // the fill; later requests are cache hits
+    assert.equal(first.status, 200);
+    await waitFor(() => stage.fills().every((f) => f.state === 'committed'));
+  });
+
+  after(async () => {
+    await stage?.close();
+    await origin?.close();
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  it('gives each reader less as readers are added, keeping the total bounded', () => {
+    assert.equal(readChunkBytes(1), 1 << 20);
+    let prev = Number.POSITIVE_INFINITY;
+    for (const n of [1, 2, 16, 32, 64, 100, 256, 1000, 10_000]) {
+      const b = readChunkBytes(n);
+      assert.ok(b <= prev, `${n} readers: ${b} bytes each, more than with fewer readers`);
+      assert.ok(b >= 64 * 1024, `${n} readers: ${b} bytes each is below the floor`);
+      if (n <= 256) assert.ok(b * n <= 16 << 20, `${n} readers hold ${b * n} bytes together`);
+      prev = b;
+    }
+  });
+
+  it('serves many concurrent whole and Range reads from the cache with the right bytes, and every reader gives its buffer back', async () => {
+    const ranges: [number, number][] = [
+      [0, data.length - 1],
+      [1, 1],
+      [1_000_000, 2_500_000],
+      [data.length - 70_000, data.length - 1],
+    ];
+    const answers = await Promise.all(
+      Array.from({ length: 40 }, (_, i) => {
+        const [s, e] = ranges[i % ranges.length];
+        const whole = s === 0 && e === data.length - 1;
+        return get(url, whole ? {} : { Range: `bytes=${s}-${e}` }).then((a) => ({ a, s, e, whole }));
+      }),
+    );
+    for (const { a, s, e, whole } of answers) {
+      assert.equal(a.status, whole ? 200 : 206);
+      assert.ok(a.body.equals(data.subarray(s, e + 1)), `bytes ${s}-${e}`);
+    }
+    await waitFor(() => readBufferReaders() === 0);
+  });
+
+  it('gives the buffer back when a client leaves mid-body', async () => {
+    await new Promise<void>((resolve, reject) => {
+      const req = request(url, { agent: false }, (res) => {
+        res.once('data', () => {
+          req.destroy();
+          resolve();
+        });
+      });
+      req.on('error', (err) => (req.destroyed ? undefined : reject(err)));
+      req.end();
+    });
+    await waitFor(() => readBufferReaders() === 0);
+    const again = await get(url);
+    assert.ok(again.body.equals(data));
+  });
+});
