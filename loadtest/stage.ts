@@ -8,14 +8,18 @@
  * - cold herd 2: `herd2Clients` clients on a smaller `herd2MiB` object (bounded run time);
  * - warm: `warmClients` clients GET the cached big object at once (aggregate GB/s, and the ratio
  *   to nginx serving the same file statically).
- * The stage runs as a child process (`node services/cli/bin.js stage …`) so its peak RSS
- * (VmHWM) over the herds is measurable. Prints a table and one JSON line.
- * Run: `npx tsx loadtest/stage.ts [--quick]`. Everything listens on 127.0.0.1; children are
+ * Every peer runs in its own process group (the stage as `node services/cli/bin.js stage …`),
+ * so the server side is measurable from /proc: CPU seconds per GiB served in the warm herd
+ * (utime + stime of every process of the group: nginx's master and workers, varnishd's manager
+ * and child), and peak RSS over all the herds (the sum of VmHWM over the group, and the highest
+ * sampled sum of VmRSS). Prints a table and one JSON line.
+ * Run: `npx tsx loadtest/stage.ts [--quick] [--peers stage,nginx,varnish] [--cpu-prof DIR]`
+ * (`--cpu-prof`: the stage child writes a V8 CPU profile to DIR when it stops). Everything listens on 127.0.0.1; children are
  * killed on exit; each scenario has a deadline.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { mkdtemp, rm, symlink } from 'node:fs/promises';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
@@ -38,6 +42,8 @@ export interface BenchOptions {
   rateBytesPerSec?: number;
   peers?: ('stage' | 'nginx' | 'varnish')[];
   scenarioTimeoutMs?: number;
+  /** Extra node flags for the stage child (e.g. `--cpu-prof --cpu-prof-dir=DIR`). */
+  stageNodeArgs?: string[];
   log?: (line: string) => void;
 }
 
@@ -55,7 +61,14 @@ export interface BenchRow {
   completionRatio: number | null;
   gbps: number | null;
   vsNginxStatic: number | null;
+  /** Peak RSS of the server's process group over all its herds (sum of VmHWM), MiB. */
   rssMiB: number | null;
+  /** Highest sampled sum of VmRSS over the process group during this herd (rss row: all herds), MiB. */
+  rssSampledMiB: number | null;
+  /** Server CPU seconds (user + system, whole process group) during this scenario. */
+  cpuSec: number | null;
+  /** Server CPU seconds per GiB of body served in this scenario. */
+  cpuSecPerGiB: number | null;
   errors: number;
   note?: string;
 }
@@ -203,6 +216,74 @@ function vmMiB(pid: number, field: 'VmHWM' | 'VmRSS'): number | null {
   }
 }
 
+const CLK_TCK = (() => {
+  const r = spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' });
+  const n = Number(r.stdout?.trim());
+  return Number.isFinite(n) && n > 0 ? n : 100;
+})();
+
+/** Fields of /proc/<pid>/stat after the command name (index 0 is field 3, `state`). */
+function statFields(pid: number): string[] | null {
+  try {
+    const t = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return t.slice(t.lastIndexOf(')') + 2).split(' ');
+  } catch {
+    return null;
+  }
+}
+
+/** Live processes of process group `pgid` (a detached child's pid is its group id). */
+export function groupPids(pgid: number): number[] {
+  const out: number[] = [];
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    const f = statFields(Number(name));
+    if (f && Number(f[2]) === pgid) out.push(Number(name));
+  }
+  return out;
+}
+
+/** CPU time (user + system, in clock ticks) of each live process of group `pgid`. */
+export function groupCpu(pgid: number): Map<number, number> {
+  const m = new Map<number, number>();
+  for (const pid of groupPids(pgid)) {
+    const f = statFields(pid);
+    if (f) m.set(pid, Number(f[11]) + Number(f[12]));
+  }
+  return m;
+}
+
+/**
+ * CPU seconds the group spent between two `groupCpu` snapshots. A process that started in
+ * between counts whole; one that ended in between is lost (servers keep their workers).
+ */
+export function cpuSeconds(before: Map<number, number>, after: Map<number, number>): number {
+  let ticks = 0;
+  for (const [pid, t] of after) ticks += t - (before.get(pid) ?? 0);
+  return ticks / CLK_TCK;
+}
+
+/** Sum over group `pgid` of a /proc status field, MiB. */
+export function groupMiB(pgid: number, field: 'VmHWM' | 'VmRSS'): number {
+  let sum = 0;
+  for (const pid of groupPids(pgid)) sum += vmMiB(pid, field) ?? 0;
+  return sum;
+}
+
+/** Samples the group's summed VmRSS every `everyMs` until stopped; `stop()` returns the highest. */
+function rssSampler(pgid: number, everyMs = 100): { stop(): number } {
+  let max = groupMiB(pgid, 'VmRSS');
+  const t = setInterval(() => {
+    max = Math.max(max, groupMiB(pgid, 'VmRSS'));
+  }, everyMs);
+  return {
+    stop() {
+      clearInterval(t);
+      return Math.max(max, groupMiB(pgid, 'VmRSS'));
+    },
+  };
+}
+
 function writeRandomFile(path: string, bytes: number): void {
   const buf = Buffer.allocUnsafe(MiB);
   const parts: Buffer[] = [];
@@ -228,9 +309,10 @@ interface Peer {
   idleRssMiB?: number | null;
 }
 
-async function startStagePeer(dir: string, originUrl: string): Promise<Peer> {
+async function startStagePeer(dir: string, originUrl: string, nodeArgs: string[] = []): Promise<Peer> {
   const port = await freePort();
   const c = start(process.execPath, [
+    ...nodeArgs,
     join(ROOT, 'services/cli/bin.js'),
     'stage',
     '--listen',
@@ -249,12 +331,19 @@ async function startStagePeer(dir: string, originUrl: string): Promise<Peer> {
     '--log-level',
     'warn',
   ]);
-  c.stderr?.on('data', () => {});
+  // The tail of the stage's stderr, shown if it dies under the herd (its warnings and a crash stack).
+  let tail = '';
+  c.stderr?.on('data', (b: Buffer) => {
+    tail = (tail + b.toString()).slice(-4000);
+  });
   c.stdout?.on('data', () => {});
+  c.on('exit', (code, signal) => {
+    if (code !== 0 && signal !== 'SIGTERM') process.stderr.write(`stage exited (code ${code}, signal ${signal}):\n${tail}\n`);
+  });
   const url = `http://127.0.0.1:${port}`;
-  await waitHttp(`${url}/healthz`, 'stage');
+  await waitHttp(`${url}/healthz`, 'stage', 60_000); // a loaded machine, or sources run through tsx
   await new Promise((r) => setTimeout(r, 1000));
-  return { name: 'stage', url, pid: c.pid, idleRssMiB: c.pid ? vmMiB(c.pid, 'VmRSS') : null, stop: () => stop(c) };
+  return { name: 'stage', url, pid: c.pid, idleRssMiB: c.pid ? groupMiB(c.pid, 'VmRSS') : null, stop: () => stop(c) };
 }
 
 async function startNginxPeer(dir: string, originPort: number, staticRoot: string): Promise<Peer | string> {
@@ -317,6 +406,9 @@ function row(p: Partial<BenchRow> & Pick<BenchRow, 'peer' | 'scenario' | 'client
     gbps: null,
     vsNginxStatic: null,
     rssMiB: null,
+    rssSampledMiB: null,
+    cpuSec: null,
+    cpuSecPerGiB: null,
     errors: 0,
     ...p,
   };
@@ -371,7 +463,7 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
       mkdirSync(peerDir, { recursive: true });
       const p =
         name === 'stage'
-          ? await startStagePeer(peerDir, info.url)
+          ? await startStagePeer(peerDir, info.url, o.stageNodeArgs)
           : name === 'nginx'
             ? await startNginxPeer(peerDir, originPort, staticRoot)
             : await startVarnishPeer(peerDir, originPort);
@@ -380,6 +472,18 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
         rows.push(row({ peer: name, scenario: 'cold-herd', clients: 0, objectMiB: 0, note: p }));
         continue;
       }
+      const pgid = p.pid;
+      let rssMax = 0;
+      /** Runs `n` clients on `url`, with the server group's CPU seconds and highest sampled RSS over the run. */
+      const herd = async (url: string, n: number) => {
+        const before = pgid ? groupCpu(pgid) : null;
+        const sampler = pgid ? rssSampler(pgid) : null;
+        const r = await runClients(url, n, o.scenarioTimeoutMs);
+        const cpu = pgid && before ? cpuSeconds(before, groupCpu(pgid)) : null;
+        const rss = sampler?.stop() ?? null;
+        if (rss !== null) rssMax = Math.max(rssMax, rss);
+        return { r, cpu, cpuPerGiB: cpu === null || r.bytes === 0 ? null : cpu / (r.bytes / 2 ** 30), rss };
+      };
       try {
         for (const [scenario, digest, n, mib] of [
           ['cold-herd', bigD, o.herdClients, o.bigMiB],
@@ -387,7 +491,7 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
         ] as const) {
           const before = await originCounters(info.url);
           o.log(`${name}: ${scenario}, ${n} clients x ${mib} MiB`);
-          const r = await runClients(`${p.url}/v1/blobs/${digest}`, n, o.scenarioTimeoutMs);
+          const { r, cpu, cpuPerGiB, rss } = await herd(`${p.url}/v1/blobs/${digest}`, n);
           const after = await originCounters(info.url);
           const transfer = (mib * MiB) / o.rateBytesPerSec;
           const c99 = pct(r.done, 99);
@@ -403,23 +507,40 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
               ttfbP99: pct(r.ttfb, 99),
               completionP99: c99,
               completionRatio: c99 === null ? null : c99 / transfer,
+              cpuSec: cpu,
+              cpuSecPerGiB: cpuPerGiB,
+              rssSampledMiB: rss,
               errors: r.errors,
             }),
           );
           o.log(`  ${JSON.stringify(rows.at(-1))}`);
         }
-        if (name === 'stage' && p.pid) {
-          rows.push(row({ peer: name, scenario: 'rss', clients: Math.max(o.herdClients, o.herd2Clients), objectMiB: o.bigMiB, rssMiB: vmMiB(p.pid, 'VmHWM'), note: `idle RSS before the herds: ${p.idleRssMiB?.toFixed(0)} MiB` }));
-        }
         if (name === 'nginx' && p.staticUrl) {
           o.log(`nginx static: warm, ${o.warmClients} clients x ${o.bigMiB} MiB`);
-          const s = await runClients(`${p.staticUrl}/v1/blobs/${bigD}`, o.warmClients, o.scenarioTimeoutMs);
+          const { r: s, cpu, cpuPerGiB, rss } = await herd(`${p.staticUrl}/v1/blobs/${bigD}`, o.warmClients);
           nginxStaticGbps = s.bytes / s.wall / 1e9;
-          rows.push(row({ peer: 'nginx-static', scenario: 'warm', clients: o.warmClients, objectMiB: o.bigMiB, gbps: nginxStaticGbps, vsNginxStatic: 1, errors: s.errors }));
+          rows.push(row({ peer: 'nginx-static', scenario: 'warm', clients: o.warmClients, objectMiB: o.bigMiB, gbps: nginxStaticGbps, vsNginxStatic: 1, cpuSec: cpu, cpuSecPerGiB: cpuPerGiB, rssSampledMiB: rss, errors: s.errors }));
+          o.log(`  ${JSON.stringify(rows.at(-1))}`);
         }
         o.log(`${name}: warm, ${o.warmClients} clients x ${o.bigMiB} MiB`);
-        const w = await runClients(`${p.url}/v1/blobs/${bigD}`, o.warmClients, o.scenarioTimeoutMs);
-        rows.push(row({ peer: name, scenario: 'warm', clients: o.warmClients, objectMiB: o.bigMiB, gbps: w.bytes / w.wall / 1e9, errors: w.errors }));
+        const { r: w, cpu, cpuPerGiB, rss } = await herd(`${p.url}/v1/blobs/${bigD}`, o.warmClients);
+        rows.push(row({ peer: name, scenario: 'warm', clients: o.warmClients, objectMiB: o.bigMiB, gbps: w.bytes / w.wall / 1e9, cpuSec: cpu, cpuSecPerGiB: cpuPerGiB, rssSampledMiB: rss, errors: w.errors }));
+        o.log(`  ${JSON.stringify(rows.at(-1))}`);
+        if (pgid) {
+          // After every herd of this peer (cold and warm): VmHWM is the peak since the process started.
+          const procs = groupPids(pgid).length;
+          rows.push(
+            row({
+              peer: name,
+              scenario: 'rss',
+              clients: Math.max(o.herdClients, o.herd2Clients, o.warmClients),
+              objectMiB: o.bigMiB,
+              rssMiB: groupMiB(pgid, 'VmHWM'),
+              rssSampledMiB: rssMax,
+              note: `${procs} process${procs === 1 ? '' : 'es'}; RSS before the herds: ${p.idleRssMiB?.toFixed(0) ?? '-'} MiB`,
+            }),
+          );
+        }
       } finally {
         await p.stop();
       }
@@ -433,7 +554,7 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
   return rows;
 }
 
-const HEADERS = ['peer', 'scenario', 'clients', 'MiB', 'origin req', 'origin bytes ×', 'TTFB p50 s', 'TTFB p99 s', 'done p99 s', 'done ÷ transfer', 'GB/s', 'vs nginx static', 'RSS MiB', 'errors'];
+const HEADERS = ['peer', 'scenario', 'clients', 'MiB', 'origin req', 'origin bytes ×', 'TTFB p50 s', 'TTFB p99 s', 'done p99 s', 'done ÷ transfer', 'GB/s', 'vs nginx static', 'CPU s', 'CPU s/GiB', 'peak RSS MiB', 'sampled RSS MiB', 'errors'];
 
 /** Formats rows as table cells (HEADERS order). */
 function cells(rows: BenchRow[]): (string | number)[][] {
@@ -451,7 +572,10 @@ function cells(rows: BenchRow[]): (string | number)[][] {
     f(r.completionRatio),
     f(r.gbps),
     f(r.vsNginxStatic),
+    f(r.cpuSec),
+    f(r.cpuSecPerGiB),
     f(r.rssMiB, 0),
+    f(r.rssSampledMiB, 0),
     r.errors,
   ]);
 }
@@ -461,17 +585,29 @@ export function formatTable(rows: BenchRow[]): string {
   return textTable(HEADERS, cells(rows));
 }
 
+/** Options from the command line: `--quick`, `--peers a,b`, `--cpu-prof DIR` (stage child profile). */
+function cliOptions(quick: boolean, peers?: string, cpuProf?: string): BenchOptions {
+  const o: BenchOptions = quick ? { bigMiB: 32, herd2MiB: 16, herd2Clients: 50, warmClients: 8 } : {};
+  if (peers) o.peers = peers.split(',').filter((x): x is 'stage' | 'nginx' | 'varnish' => x === 'stage' || x === 'nginx' || x === 'varnish');
+  if (cpuProf) {
+    mkdirSync(cpuProf, { recursive: true });
+    o.stageNodeArgs = ['--cpu-prof', `--cpu-prof-dir=${resolve(cpuProf)}`];
+  }
+  return o;
+}
+
 /** The stage suite in the loadtest/report.ts format (`npm run bench -- stage`). */
 export async function run(opts: Record<string, string | undefined>): Promise<SuiteResult> {
-  const quick = opts.quick !== undefined;
-  const rows = await benchStage(quick ? { bigMiB: 32, herd2MiB: 16, herd2Clients: 50, warmClients: 8 } : {});
+  const rows = await benchStage(cliOptions(opts.quick !== undefined, opts.peers, opts['cpu-prof']));
   return {
     suite: 'stage',
     headers: HEADERS,
     rows: cells(rows),
     notes: [
       'origin: the same test origin for every peer, throttled to 25 MB/s, in its own process; stage run as `node services/cli/bin.js stage`',
-      'goals: origin bytes 1.00× per colo; waiters TTFB p99 ≤ 0.2 s; completion ≤ 1.1× the origin transfer time; warm ≥ 0.8× nginx static; stage RSS ≤ 150 MiB',
+      'goals: origin bytes 1.00× per colo; waiters TTFB p99 ≤ 0.2 s; completion ≤ 1.1× the origin transfer time; warm ≥ 0.8× nginx static; stage peak RSS ≤ 100 MiB',
+      'CPU s, CPU s/GiB: the server process group (all its processes) from /proc/<pid>/stat utime+stime over the scenario, per GiB of body the clients received; the clients run in the benchmark process and are not counted',
+      'peak RSS: sum of VmHWM over the server process group after all its herds; sampled RSS: highest sum of VmRSS, sampled every 100 ms during the herds',
       ...rows.filter((r) => r.note).map((r) => `${r.peer} ${r.scenario}: ${r.note}`),
     ],
     data: { rows },
@@ -492,14 +628,17 @@ const isMain = process.argv[1] && import.meta.url === pathToFileURL(resolve(proc
 if (isMain && process.argv[2] === '--serve-origin') {
   await serveOrigin(process.argv.slice(3));
 } else if (isMain) {
-  const quick = process.argv.includes('--quick');
+  const arg = (name: string) => {
+    const i = process.argv.indexOf(name);
+    return i > 0 ? process.argv[i + 1] : undefined;
+  };
   for (const sig of ['SIGINT', 'SIGTERM'] as const) {
     process.once(sig, () => {
       killAll();
       process.exit(130);
     });
   }
-  const rows = await benchStage(quick ? { bigMiB: 32, herd2MiB: 16, herd2Clients: 50, warmClients: 8 } : {});
+  const rows = await benchStage(cliOptions(process.argv.includes('--quick'), arg('--peers'), arg('--cpu-prof')));
   process.stdout.write(`${formatTable(rows)}\n`);
   process.stdout.write(`${JSON.stringify({ bench: 'stage', rows })}\n`);
 }
