@@ -3,21 +3,20 @@
  * fetch-once. The final byte of a response is held back until the fill is verified.
  */
 import type { ServerResponse } from 'node:http';
+import { drained } from '../../shared/bundle/tar-io.js';
 import { scError } from '../../shared/errors.js';
-import { ReadBuffer } from '../../shared/http/read-api.js';
+import { ChunkWriter, ReadBuffer } from '../../shared/http/read-api.js';
 import type { Fill } from './fill-state.js';
 
-/** Resolves when `p` settles (or `event` fires) or `res` closes, leaving no listener behind. */
-function untilOrClosed(p: Promise<void> | null, res: ServerResponse, event?: 'drain'): Promise<void> {
+/** Resolves when `p` settles or `res` closes, leaving no listener behind. */
+function untilOrClosed(p: Promise<void>, res: ServerResponse): Promise<void> {
   return new Promise((resolve) => {
     const done = () => {
       res.off('close', done);
-      if (event) res.off(event, done);
       resolve();
     };
     res.once('close', done);
-    if (event) res.once(event, done);
-    void p?.then(done);
+    void p.then(done);
   });
 }
 
@@ -31,14 +30,16 @@ export async function streamFill(fill: Fill, res: ServerResponse, start: number,
   // Behind the edge, file reads go into this reader's share of the body-buffer budget (one
   // buffer, reused once the socket took it; smaller as more readers share the process).
   const rb = new ReadBuffer();
+  const out = new ChunkWriter(res);
   try {
-    await follow(fill, res, start, end, onBytes, rb);
+    await follow(fill, res, start, end, onBytes, rb, out);
   } finally {
+    out.dispose();
     rb.close();
   }
 }
 
-async function follow(fill: Fill, res: ServerResponse, start: number, end: number, onBytes: (n: number) => void, rb: ReadBuffer): Promise<void> {
+async function follow(fill: Fill, res: ServerResponse, start: number, end: number, onBytes: (n: number) => void, rb: ReadBuffer, out: ChunkWriter): Promise<void> {
   let pos = start;
   while (pos <= end) {
     if (res.destroyed || res.writableEnded) return;
@@ -58,20 +59,19 @@ async function follow(fill: Fill, res: ServerResponse, start: number, end: numbe
       const ok = res.write(shared);
       pos += shared.length;
       onBytes(shared.length);
-      if (!ok) await untilOrClosed(null, res, 'drain');
+      if (!ok) await drained(res);
       continue;
     }
     // behind the edge: read the file into this reader's one buffer, reused once the socket took it
     const own = rb.buffer();
     const got = await fill.read(own, Math.min(avail - pos, own.length), pos);
     if (got <= 0) throw scError('SC_ERR_INTERNAL', `short read at ${pos} of a fill`);
-    if (res.destroyed) return;
-    const flushed = new Promise<void>((r) => {
-      res.write(got === own.length ? own : own.subarray(0, got), () => r());
-    });
+    if (out.closed) return;
+    // the buffer is reused only once the socket took this chunk
+    const written = out.write(got === own.length ? own : own.subarray(0, got));
     pos += got;
     onBytes(got);
-    await untilOrClosed(flushed, res);
+    await written;
   }
   res.end();
 }

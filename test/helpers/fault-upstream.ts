@@ -20,6 +20,7 @@ import { createHash } from 'node:crypto';
 import { open, stat } from 'node:fs/promises';
 import { createServer, type ServerResponse } from 'node:http';
 import express, { type Request, type Response } from 'express';
+import { drained } from '../../shared/bundle/tar-io.js';
 import { type Digest, digestFile, parseDigest, sha256Of } from '../../shared/digest.js';
 import { scError } from '../../shared/errors.js';
 import { errorHandler, type Listening, listen } from '../../shared/http.js';
@@ -161,19 +162,6 @@ function pause(ms: number, res: ServerResponse): Promise<boolean> {
       resolve(false);
     };
     res.once('close', onClose);
-  });
-}
-
-/** Resolves once `res` can take more (or is gone). */
-function drained(res: ServerResponse): Promise<void> {
-  return new Promise<void>((r) => {
-    const done = () => {
-      res.off('drain', done);
-      res.off('close', done);
-      r();
-    };
-    res.on('drain', done);
-    res.on('close', done);
   });
 }
 

@@ -15,20 +15,7 @@ import { readBufferReaders, readChunkBytes } from '../../shared/http/read-api.js
 import { silentLogger } from '../../shared/log.js';
 import { type RunningStage, startStage } from '../../services/stage/main.js';
 import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';
-import { waitFor } from '../helpers/test-origin.js';
-
-function get(url: string, headers: Record<string, string> = {}): Promise<{ status: number; body: Buffer }> {
-  return new Promise((resolve, reject) => {
-    const req = request(url, { headers, agent: false }, (res) => {
-      const parts: Buffer[] = [];
-      res.on('data', (c: Buffer) => parts.push(c));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(parts) }));
-      res.on('error', reject);
-    });
-    req.on('error', reject);
-    req.end();
-  });
-}
+import { httpGet as get, waitFor } from '../helpers/test-origin.js';
 
 describe('read API: bounded read buffers', () => {
   let origin: TestOrigin;
