@@ -1,7 +1,9 @@
 /**
- * The agent's worker-thread unpack (services/agent/unpack-worker.mjs) applies the age STREAM
- * rules itself: it must give the codec's tree for a good bundle and fail closed — SC_ERR_DECRYPT
- * — wherever the payload is damaged or cut, exactly as the single-thread decryptStream does.
+ * The worker-thread unpack (shared/bundle/unpack-worker.mjs) applies the age STREAM rules itself:
+ * it must give the codec's tree for a good bundle and fail closed — SC_ERR_DECRYPT — wherever
+ * the payload is damaged or cut, exactly as the single-thread decryptStream does. The damaged
+ * files are unpacked `verified` (no digest check), so that the worker's own rules are what
+ * refuses them; without it the same files fail as SC_ERR_DIGEST_MISMATCH.
  */
 import assert from 'node:assert/strict';
 import { createReadStream } from 'node:fs';
@@ -13,10 +15,11 @@ import { after, before, describe, it } from 'node:test';
 import { type FleetKeys, makeFleetKeys, packBundleFile } from '../../services/demo/fleet.js';
 import { AGE_CHUNK_SIZE, generateAgeIdentity, makeSampleRootfs, unpackBundle } from '../../shared/bundle/index.js';
 import type { Manifest } from '../../shared/manifest.js';
-import { unpackFile } from '../../services/agent/unpack.js';
+import { unpackFile } from '../../shared/bundle/unpack-file.js';
 import { treeSnapshot } from '../helpers/tree.js';
 
 const isDecrypt = (e: { code?: string }) => e.code === 'SC_ERR_DECRYPT';
+const isMismatch = (e: { code?: string }) => e.code === 'SC_ERR_DIGEST_MISMATCH';
 
 describe('agent: worker-thread unpack', () => {
   let root: string;
@@ -87,7 +90,8 @@ describe('agent: worker-thread unpack', () => {
   it('fails closed on a flipped bit in the first, a middle and the last payload chunk', async () => {
     for (const at of [(s: number) => s - 2 * AGE_CHUNK_SIZE - 100, (s: number) => Math.floor(s / 2), (s: number) => s - 5]) {
       const f = await damaged(flip(at));
-      await assert.rejects(unpackFile(f, m.blob, { dir: fresh(), identities: keys.agent.identities, workerMinBytes: 0 }), isDecrypt);
+      await assert.rejects(unpackFile(f, m.blob, { dir: fresh(), identities: keys.agent.identities, workerMinBytes: 0, verified: true }), isDecrypt);
+      await assert.rejects(unpackFile(f, m.blob, { dir: fresh(), identities: keys.agent.identities, workerMinBytes: 0 }), isMismatch);
     }
   });
 
@@ -95,10 +99,10 @@ describe('agent: worker-thread unpack', () => {
     const size = m.blob.size;
     for (const cut of [size - 1, size - 17, size - (AGE_CHUNK_SIZE + 16) * 2, size - (AGE_CHUNK_SIZE + 16) * 2 - 7]) {
       const f = await damaged((p) => truncate(p, cut));
-      await assert.rejects(unpackFile(f, { ...m.blob, size: cut }, { dir: fresh(), identities: keys.agent.identities, workerMinBytes: 0 }), isDecrypt);
+      await assert.rejects(unpackFile(f, { ...m.blob, size: cut }, { dir: fresh(), identities: keys.agent.identities, workerMinBytes: 0, verified: true }), isDecrypt);
     }
     const f = await damaged(flip(() => 40));
-    await assert.rejects(unpackFile(f, m.blob, { dir: fresh(), identities: keys.agent.identities, workerMinBytes: 0 }), isDecrypt);
+    await assert.rejects(unpackFile(f, m.blob, { dir: fresh(), identities: keys.agent.identities, workerMinBytes: 0, verified: true }), isDecrypt);
   });
 
   it('stops on abort and when the meter throws', async () => {

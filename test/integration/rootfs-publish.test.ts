@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { after, before, describe, it } from 'node:test';
 import { setAttribute } from '@napi-rs/xattr';
-import { unpackFile } from '../../services/agent/unpack.js';
+import { unpackFile } from '../../shared/bundle/unpack-file.js';
 import { generateAgeIdentity } from '../../shared/bundle/index.js';
 import { verifyManifest } from '../../shared/manifest.js';
 import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { after, before, describe, it } from 'node:test';
 import { isPermanent } from '../../services/agent/steps/common.js';
-import { unpackFile } from '../../services/agent/unpack.js';
+import { unpackFile } from '../../shared/bundle/unpack-file.js';
 import { generateAgeIdentity, packBundle, packDirStream } from '../../shared/bundle/index.js';
 import { digestFile } from '../../shared/digest.js';
 import { isScError } from '../../shared/errors.js';

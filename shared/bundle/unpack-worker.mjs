@@ -1,7 +1,14 @@
 /**
- * Worker thread of unpack.ts: reads the STREAM payload of an age + zstd bundle file, decrypts
+ * Worker thread of unpack-file.ts: reads the STREAM payload of an age + zstd bundle file, decrypts
  * it chunk by chunk and decompresses it, and posts the tar bytes to the parent in 1 MiB
  * transferred buffers, at most `MAX_INFLIGHT` unacknowledged at a time (backpressure).
+ *
+ * Two options make it the middle of an overlapped pipeline:
+ * - `hash`: the sha256 of the file's first `size` bytes (header included) is computed from the
+ *   very bytes it decrypts, and sent with the end message, so the parent checks the digest of
+ *   exactly what was unpacked without a second pass over the file;
+ * - `follow`: the file is still being written (a download or a copy); the worker reads only below
+ *   the mark the parent sends (`{avail: n}`), and waits for it to rise.
  *
  * Plain JavaScript on purpose: it needs no TypeScript loader, so it starts in ~70 ms instead of
  * ~700 ms under tsx. It imports nothing of ours. The parent (unpack.ts) has already parsed the
@@ -12,14 +19,17 @@
  * chunk's plaintext only after its tag verified. The interop and unit tests hold both to the
  * same behaviour.
  *
- * workerData: `{file, size, payloadKey (Uint8Array), payloadOffset}`.
+ * workerData: `{fd, size, payloadKey (Uint8Array), payloadOffset, hash?, follow?, avail?}`: `fd` is
+ * the parent's open file (threads share the descriptor table; the parent closes it).
  * Messages out: `{chunk: ArrayBuffer, decrypted}` (transferred; `decrypted` = payload plaintext
- * bytes authenticated since the previous message), `{end: true, decrypted}`,
- * `{error: {code, message}}` with code SC_ERR_DECRYPT, SC_ERR_BAD_ARCHIVE or SC_ERR_INTERNAL.
- * Messages in: `{ack: n}`: n chunks were consumed.
+ * bytes authenticated since the previous message), `{end: true, decrypted, digest?}` (digest
+ * `sha256:<hex>` with `hash`), `{error: {code, message}}` with code SC_ERR_DECRYPT,
+ * SC_ERR_BAD_ARCHIVE or SC_ERR_INTERNAL.
+ * Messages in: `{ack: n}`: n chunks were consumed; `{avail: n}` (follow): the first n bytes of the
+ * file are written.
  */
-import { createDecipheriv } from 'node:crypto';
-import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
+import { createDecipheriv, createHash } from 'node:crypto';
+import { fstatSync, readSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { parentPort, workerData } from 'node:worker_threads';
 
@@ -44,12 +54,17 @@ class Failure extends Error {
 }
 
 const port = /** @type {import('node:worker_threads').MessagePort} */ (parentPort);
-const { file, size, payloadKey, payloadOffset } = workerData;
+const { fd, size, payloadKey, payloadOffset, hash, follow } = workerData;
 const key = Buffer.from(payloadKey);
+const hasher = hash ? createHash('sha256') : null;
 
 let inflight = 0;
 /** @type {(() => void) | null} */
 let wake = null;
+/** Bytes of the file that may be read: all of it, or (follow) what the parent says is written. */
+let avail = follow ? (workerData.avail ?? 0) : Number.POSITIVE_INFINITY;
+/** @type {(() => void) | null} */
+let availWake = null;
 port.on('message', (m) => {
   if (typeof m?.ack === 'number') {
     inflight -= m.ack;
@@ -57,7 +72,33 @@ port.on('message', (m) => {
     wake = null;
     w?.();
   }
+  if (typeof m?.avail === 'number') {
+    avail = m.avail;
+    const w = availWake;
+    availWake = null;
+    w?.();
+  }
 });
+
+/** Resolves once the first `n` bytes of the file may be read. @param {number} n */
+async function readable(n) {
+  while (avail < n) await new Promise((r) => (availWake = r));
+}
+
+/**
+ * Reads exactly `want` bytes at `pos` into `buf`; a file that ends first is a truncated payload.
+ * @param {Buffer} buf @param {number} want @param {number} pos
+ */
+async function readAt(buf, want, pos) {
+  await readable(pos + want);
+  let got = 0;
+  while (got < want) {
+    const n = readSync(fd, buf, got, want - got, pos + got);
+    if (n === 0) throw new Failure('SC_ERR_DECRYPT', 'age payload truncated while reading');
+    got += n;
+  }
+  hasher?.update(buf.subarray(0, want));
+}
 
 let out = Buffer.allocUnsafeSlow(OUT_SIZE);
 let fill = 0;
@@ -123,35 +164,27 @@ async function decompress(src) {
 }
 
 async function run() {
-  const fd = openSync(file, 'r');
-  try {
-    const length = Math.min(fstatSync(fd).size, size) - payloadOffset;
-    if (length < TAG) throw new Failure('SC_ERR_DECRYPT', 'age payload truncated');
-    const chunks = Math.max(1, Math.ceil(length / CT_CHUNK));
-    const buf = Buffer.allocUnsafeSlow(READ_CHUNKS * CT_CHUNK);
-    for (let first = 0; first < chunks; first += READ_CHUNKS) {
-      const pos = first * CT_CHUNK;
-      const want = Math.min(buf.length, length - pos);
-      let got = 0;
-      while (got < want) {
-        const n = readSync(fd, buf, got, want - got, payloadOffset + pos + got);
-        if (n === 0) throw new Failure('SC_ERR_DECRYPT', 'age payload truncated while reading');
-        got += n;
-      }
-      for (let off = 0, i = first; off < want; off += CT_CHUNK, i++) {
-        const last = i === chunks - 1;
-        const pt = open(buf.subarray(off, Math.min(off + CT_CHUNK, want)), i, last);
-        if (last && pt.length === 0 && i > 0) throw new Failure('SC_ERR_DECRYPT', 'age payload ends with an empty chunk');
-        decrypted += pt.length;
-        await decompress(pt);
-      }
+  // A file being written is as long as it will be; a finished one may be shorter (truncated).
+  const length = (follow ? size : Math.min(fstatSync(fd).size, size)) - payloadOffset;
+  if (length < TAG) throw new Failure('SC_ERR_DECRYPT', 'age payload truncated');
+  const chunks = Math.max(1, Math.ceil(length / CT_CHUNK));
+  const buf = Buffer.allocUnsafeSlow(READ_CHUNKS * CT_CHUNK);
+  if (hasher) await readAt(buf, payloadOffset, 0);
+  for (let first = 0; first < chunks; first += READ_CHUNKS) {
+    const pos = first * CT_CHUNK;
+    const want = Math.min(buf.length, length - pos);
+    await readAt(buf, want, payloadOffset + pos);
+    for (let off = 0, i = first; off < want; off += CT_CHUNK, i++) {
+      const last = i === chunks - 1;
+      const pt = open(buf.subarray(off, Math.min(off + CT_CHUNK, want)), i, last);
+      if (last && pt.length === 0 && i > 0) throw new Failure('SC_ERR_DECRYPT', 'age payload ends with an empty chunk');
+      decrypted += pt.length;
+      await decompress(pt);
     }
-  } finally {
-    closeSync(fd);
   }
   if (inFrame) throw new Failure('SC_ERR_BAD_ARCHIVE', 'zstd: stream ended in the middle of a frame');
   if (fill > 0) await post();
-  port.postMessage({ end: true, decrypted });
+  port.postMessage({ end: true, decrypted, ...(hasher ? { digest: `sha256:${hasher.digest('hex')}` } : {}) });
 }
 
 run().catch((err) => {
