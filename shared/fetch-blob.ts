@@ -22,6 +22,14 @@ export interface FetchProgress {
   size: number;
   /** The source currently being read, or null before the first request. */
   source: string | null;
+  /**
+   * Bytes written to `out + '.partial'` so far: its first `written` bytes stay as they are until
+   * `restarts` changes (a reader may follow the file up to here). They are verified only when
+   * the fetch resolves.
+   */
+  written: number;
+  /** Times the partial file was emptied (a digest mismatch starts over): the bytes written before are gone. */
+  restarts: number;
 }
 
 /** Options for fetchBlob. */
@@ -160,13 +168,13 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
   } catch (err) {
     throw scError('SC_ERR_INTERNAL', `cannot open ${partial}: ${describe(err)}`, { path: partial }, err);
   }
-  const st: DownloadState = { fh, hash: createHash('sha256'), have: 0, hwm: 0, pieces: [], downloaded: 0 };
+  const st: DownloadState = { fh, hash: createHash('sha256'), have: 0, hwm: 0, pieces: [], downloaded: 0, restarts: 0 };
   let done = false;
   let discard = false;
   try {
     const resumedFrom = await adoptPartial(st, size);
     if (st.have === 0 && candidates.length === 0 && size > 0) throw scError('SC_ERR_NO_UPSTREAM', 'no source to fetch the blob from');
-    const progress = (source: string | null, pending = 0) => opts.onProgress?.({ bytes: st.have + pending, size, source });
+    const progress = (source: string | null, pending = 0) => opts.onProgress?.({ bytes: st.have + pending, size, source, written: st.have, restarts: st.restarts });
     progress(null);
 
     const excluded = new Set<string>();
@@ -225,6 +233,7 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
       if (candidates.every((c) => excluded.has(c))) toLastResort();
       if (restarts > allCandidates.length || candidates.every((c) => excluded.has(c))) throw mismatch;
     }
+    await st.flushing;
     await fh.sync();
     await fh.close();
     await rename(partial, out);

@@ -1,18 +1,20 @@
 /**
  * `stagecoach get NAME@VERSION`: fetch a signed bundle through the nearest healthy stage
  * (falling back to the next one, then origin), verify the manifest signature and the blob
- * digest, and optionally decrypt and unpack it. Success is reported only after both checks.
+ * digest, and optionally decrypt and unpack it (overlapped with the download when the target
+ * directory is empty). Success is reported only after both checks.
  */
 import type { KeyObject } from 'node:crypto';
 import { envOption, trustKeysOf } from '../defaults.js';
 import { byteBar, showsProgress } from '../progress.js';
-import { createReadStream } from 'node:fs';
-import { readFile } from 'node:fs/promises';
+import { readdir, readFile, rm } from 'node:fs/promises';
+import { join } from 'node:path';
 import type { Command } from 'commander';
 import { readIdentityFile } from '../../../shared/bundle/age.js';
-import { unpackBundle } from '../../../shared/bundle/index.js';
+import { unpackFile } from '../../../shared/bundle/unpack-file.js';
 import { isScError, scError } from '../../../shared/errors.js';
 import { type FetchProgress, fetchBlob, fetchManifest, selectSources } from '../../../shared/fetch.js';
+import { fetchAndUnpack } from '../../../shared/fetch-unpack.js';
 import { loadPublicKey } from '../../../shared/manifest.js';
 import { parseRef } from '../../../shared/names.js';
 import { action, collect, makeDir, printJson, requireParentDir, splitList } from '../util.js';
@@ -42,13 +44,24 @@ export function register(program: Command): void {
     .requiredOption('-o, --out <file>', 'where to write the bundle file (downloads go to FILE.partial first)')
     .option('--trust-key <pem>', 'trusted release public key (PEM file); repeatable, at least one (default: STAGECOACH_TRUST_KEY)', collect, [])
     .option('--identity <file>', 'age identity file, to decrypt for --unpack')
-    .option('--unpack <dir>', 'after verifying, decrypt and unpack the bundle into DIR')
+    .option('--unpack <dir>', 'decrypt and unpack the bundle into DIR: while it downloads when DIR is empty (emptied again unless the digest verifies), after verifying otherwise')
     .option('--force', 'replace an existing output file whose content differs')
     .option('--probe-timeout <ms>', 'deadline for each /healthz probe', '2000')
     .option('--idle-timeout <ms>', 'abandon a source that sends nothing for this long', '30000')
     .option('--retries <n>', 'extra passes over the sources after a pass without progress', '3')
     .option('--json', 'print the result as JSON')
     .action(action(async (ref: string, flags: GetFlags) => runGet(ref, flags)));
+}
+
+/** True when `dir` exists and holds nothing (makeDir created it, or it was empty). */
+async function isEmptyDir(dir: string): Promise<boolean> {
+  makeDir(dir);
+  return (await readdir(dir)).length === 0;
+}
+
+/** Removes everything in `dir` (a directory this command found empty). */
+async function emptyDir(dir: string): Promise<void> {
+  for (const name of await readdir(dir)) await rm(join(dir, name), { recursive: true, force: true });
 }
 
 function intFlag(name: string, v: string, min: number): number {
@@ -103,44 +116,39 @@ async function runGet(ref: string, flags: GetFlags): Promise<void> {
     throw scError('SC_ERR_BAD_CONFIG', `${name}@${version} is encrypted: --unpack needs --identity`);
   }
 
-  const bar = byteBar(showsProgress(flags.json), 'fetching', m.blob.size);
+  const fetchOpts = {
+    sources: stageList,
+    origin,
+    digest: m.blob.digest,
+    size: m.blob.size,
+    out: flags.out,
+    overwrite: flags.force === true,
+    idleTimeoutMs,
+    retries,
+  };
   let res: Awaited<ReturnType<typeof fetchBlob>>;
+  let unpacked: { dir: string; entries: number; skipped: number; overlapped: boolean } | undefined;
+  const bar = byteBar(showsProgress(flags.json), flags.unpack ? 'fetching + unpacking' : 'fetching', m.blob.size);
+  const onProgress = (p: FetchProgress) => bar.update(p.bytes, p.source ?? '');
+  const unpackDir = flags.unpack;
   try {
-    res = await fetchBlob({
-      sources: stageList,
-      origin,
-      digest: m.blob.digest,
-      size: m.blob.size,
-      out: flags.out,
-      overwrite: flags.force === true,
-      idleTimeoutMs,
-      retries,
-      onProgress: (p: FetchProgress) => bar.update(p.bytes, p.source ?? ''),
-    });
+    if (unpackDir && (await isEmptyDir(unpackDir))) {
+      // Unpacked while it downloads; the tree counts once the blob verified (shared/fetch-unpack.ts).
+      // Only into a directory that was empty: a failure empties it again, and nothing of the caller's is touched.
+      const r = await fetchAndUnpack({ ...fetchOpts, onProgress }, m.blob, { dir: unpackDir, identities, maxUnpackedBytes: m.blob.unpackedSize }, () => emptyDir(unpackDir));
+      res = r.fetched;
+      unpacked = { dir: unpackDir, entries: r.unpacked.entries, skipped: r.unpacked.skipped, overlapped: r.overlapped };
+    } else {
+      res = await fetchBlob({ ...fetchOpts, onProgress });
+    }
   } finally {
     bar.stop();
   }
 
-  let unpacked: { dir: string; entries: number; skipped: number } | undefined;
-  if (flags.unpack) {
-    makeDir(flags.unpack);
-    // Progress of the unpack: the bundle's bytes read (decrypted, decompressed and untarred behind).
-    const unpackBar = byteBar(showsProgress(flags.json), 'unpacking', res.size);
-    const input = createReadStream(res.path, { highWaterMark: 1 << 20 });
-    let read = 0;
-    input.on('data', (c) => {
-      read += c.length;
-      unpackBar.update(read);
-    });
-    const r = await unpackBundle(input, {
-      dir: flags.unpack,
-      compression: m.blob.compression,
-      encryption: m.blob.encryption,
-      identities,
-      // The signed plaintext size bounds the unpack (a decompression bomb stops there).
-      maxUnpackedBytes: m.blob.unpackedSize,
-    }).finally(() => unpackBar.stop());
-    unpacked = { dir: flags.unpack, entries: r.entries, skipped: r.skipped };
+  if (unpackDir && !unpacked) {
+    // Into a directory that already holds files: after the verified download, never before.
+    const r = await unpackFile(res.path, m.blob, { dir: unpackDir, identities, verified: true, maxUnpackedBytes: m.blob.unpackedSize });
+    unpacked = { dir: unpackDir, entries: r.entries, skipped: r.skipped, overlapped: false };
   }
 
   const result = {
