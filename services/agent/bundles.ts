@@ -26,12 +26,13 @@
  * Every file is written atomically and durably (shared/fs-atomic.ts: temp file, fsync, rename,
  * fsync of the directory).
  */
-import { createReadStream, createWriteStream } from 'node:fs';
-import { mkdir, readFile, rm, stat } from 'node:fs/promises';
+import { createReadStream } from 'node:fs';
+import { mkdir, open, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { Transform } from 'node:stream';
+import { Transform, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { KeyObject } from 'node:crypto';
+import type { WriteMark } from '../../shared/bundle/unpack-file.js';
 import { type Digest, digestHex, HashingStream } from '../../shared/digest.js';
 import { scError } from '../../shared/errors.js';
 import { commitFile, fsyncPath, writeFileAtomic } from '../../shared/fs-atomic.js';
@@ -109,9 +110,16 @@ export class BundleDir {
   /**
    * Copies bundle `m` from `src` into this directory: streamed, sha256-checked against the
    * manifest (SC_ERR_DIGEST_MISMATCH: nothing is left behind), fsynced, renamed, and then the
-   * manifest. Skips what is already complete. `onBytes` gets the running byte count.
+   * manifest. Skips what is already complete. `onBytes` gets the running byte count; `mark`
+   * (with `onStart`, called once the partial file exists) follows the bytes written to
+   * `blobPath + '.partial'`, for a reader that unpacks the copy while it is made.
    */
-  async copyFrom(src: BundleDir, m: Manifest, trusted: KeyObject[], onBytes?: (n: number) => void, signal?: AbortSignal): Promise<{ copied: boolean }> {
+  async copyFrom(
+    src: BundleDir,
+    m: Manifest,
+    trusted: KeyObject[],
+    opts: { onBytes?: (n: number) => void; signal?: AbortSignal; mark?: WriteMark; onStart?: (partial: string) => void } = {},
+  ): Promise<{ copied: boolean }> {
     if (await this.find(m, trusted)) return { copied: false };
     await mkdir(this.dir, { recursive: true });
     const out = this.blobPath(m.blob.digest);
@@ -119,8 +127,23 @@ export class BundleDir {
     if (!st || st.size !== m.blob.size) {
       const partial = `${out}.partial`;
       const hash = new HashingStream();
-      const ws = createWriteStream(partial, { flags: 'w', mode: 0o600 });
-      await pipeline(createReadStream(src.blobPath(m.blob.digest), { highWaterMark: 1 << 20 }), hash, byteMeter(onBytes), ws, { signal });
+      const fh = await open(partial, 'w', 0o600);
+      opts.onStart?.(partial);
+      let at = 0;
+      const sink = new Writable({
+        write(chunk: Buffer, _enc, cb) {
+          fh.write(chunk, 0, chunk.length, at).then(({ bytesWritten }) => {
+            at += bytesWritten;
+            opts.mark?.raise(at);
+            cb(bytesWritten === chunk.length ? null : new Error(`short write to ${partial}`));
+          }, cb);
+        },
+      });
+      try {
+        await pipeline(createReadStream(src.blobPath(m.blob.digest), { highWaterMark: 1 << 20 }), hash, byteMeter(opts.onBytes), sink, { signal: opts.signal });
+      } finally {
+        await fh.close();
+      }
       if (hash.digest() !== m.blob.digest || hash.bytes !== m.blob.size) {
         await rm(partial, { force: true });
         // A local file that fails its digest does not get better on a retry: permanent.

@@ -1,7 +1,7 @@
 /**
  * What the agent refuses, before anything touches the machine: jobs that are forged, expired,
  * addressed to another host or unsigned, jobs of an aborted rollout; and bundles whose manifest
- * signature or blob digest fails, which are never unpacked.
+ * signature or blob digest fails, which are never installed.
  */
 import assert from 'node:assert/strict';
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
@@ -119,7 +119,7 @@ describe('agent: refusals', () => {
   });
 });
 
-describe('agent: bundles that fail verification are never unpacked', () => {
+describe('agent: bundles that fail verification are never installed', () => {
   let f: TestFleet;
   let src: TestOrigin;
   let agents: FleetAgents;
@@ -184,7 +184,7 @@ describe('agent: bundles that fail verification are never unpacked', () => {
     assert.deepEqual((await f.inspect(h)).disks.disk2.partitions, []);
   });
 
-  it('a kept blob changed on disk before install-base: it is never unpacked, disk2p1 stays empty', async () => {
+  it('a kept blob changed on disk before install-base: the step fails on its digest and disk2p1 is left wiped, nothing installed', async () => {
     const h = 'x-h3';
     const steps = convertSequence(ref(good.base), ref(good.target));
     const first = await f.enqueue(h, steps.slice(0, 2)); // fetch, partition
@@ -201,9 +201,12 @@ describe('agent: bundles that fail verification are never unpacked', () => {
     assert.equal(o.state, 'failed');
     assert.match(o.failedReason ?? '', /^SC_ERR_DIGEST_MISMATCH: /);
     assert.equal(o.attemptsMade, 1);
+    // The digest is checked in the pass that unpacks: whatever that pass wrote is wiped again.
     const p1 = (await f.inspect(h)).disks.disk2.partitions.find((p) => p.device === 'disk2p1');
-    assert.equal(p1?.filesystem, null, 'disk2p1 was not even formatted');
+    assert.equal(p1?.filesystem, null, 'disk2p1 is left without a filesystem');
     assert.equal(p1?.empty, true);
-    assert.ok(!(await f.actions(h)).some((a) => a.op === 'mkfs' && a.device === 'disk2p1'));
+    const ops = (await f.actions(h)).filter((a) => a.device === 'disk2p1').map((a) => a.op);
+    assert.deepEqual(ops.slice(-2), ['mkfs', 'wipe'], `disk2p1: ${ops}`);
+    assert.ok(!ops.includes('mark-installed'), 'never marked installed');
   });
 });

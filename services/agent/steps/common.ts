@@ -3,15 +3,12 @@
  * a bundle onto a partition, and booting into a device with a one-shot entry.
  */
 import { refString } from '../../../shared/protocol/index.js';
-import { createReadStream } from 'node:fs';
 import { execFile } from 'node:child_process';
 import { mkdir, readFile, rm, stat, symlink } from 'node:fs/promises';
 import { promisify } from 'node:util';
 import { dirname } from 'node:path';
-import { Transform, Writable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
-import { HashingStream } from '../../../shared/digest.js';
-import { type ErrorCode, type ScError, scError } from '../../../shared/errors.js';
+import { Transform } from 'node:stream';
+import { type ErrorCode, isScError, type ScError, scError } from '../../../shared/errors.js';
 import { type Manifest, manifestDigest } from '../../../shared/manifest.js';
 import { fingerprint, parseCarryConfig } from '../carry/index.js';
 import type { CarryConfig } from '../carry/types.js';
@@ -20,7 +17,7 @@ import { render } from '../carry/index.js';
 import type { NetFormat } from '../../../shared/manifest.js';
 import type { BundleRef } from '../../../shared/protocol/index.js';
 import type { MachineDriver } from '../machine/driver.js';
-import { unpackFile } from '../unpack.js';
+import { unpackFile, type WriteMark } from '../../../shared/bundle/unpack-file.js';
 import { type BundleDir, KeptStore, parseBundleRef } from '../bundles.js';
 import type { StepContext } from './step.js';
 
@@ -116,27 +113,19 @@ export async function installedHere(ctx: StepContext, k: KeptStore, device: stri
 }
 
 /**
- * Checks that the blob file of `m` in `dir` still has the signed digest and size, reading it
- * once. Throws a permanent SC_ERR_DIGEST_MISMATCH (a local file does not get better on a retry).
- */
-export async function verifyBlobFile(ctx: StepContext, dir: BundleDir, m: Manifest): Promise<void> {
-  const hash = new HashingStream();
-  await pipeline(createReadStream(dir.blobPath(m.blob.digest), { highWaterMark: 1 << 20 }), hash, new Writable({ write: (_c, _e, cb) => cb() }), {
-    signal: ctx.signal,
-  });
-  if (hash.digest() !== m.blob.digest || hash.bytes !== m.blob.size) {
-    throw permanent('SC_ERR_DIGEST_MISMATCH', `${refString(m)}: the kept blob does not match its signed digest`, { expected: m.blob.digest, actual: hash.digest() });
-  }
-}
-
-/**
- * Installs bundle `m` from `dir` onto `device`. Unless `verified` (its bytes were checked
- * against the signed digest moments ago), the blob is checked first: a blob that fails is
- * never unpacked, and the device is not touched. Then: forget any earlier record, format the
- * device (whatever a crashed earlier run left is gone), stream blob → age → decompress → safe
- * tar into it. A failed unpack wipes the device again, so no half tree can look like an OS.
- * `afterUnpack` runs before the driver marker (install-target applies the config there); the
- * marker and our record are written last.
+ * Installs bundle `m` from `dir` onto `device`: forget any earlier record, format the device
+ * (whatever a crashed earlier run left is gone), stream blob → age → decompress → safe tar into
+ * it, with the blob's sha256 checked in the same pass (shared/bundle/unpack-file.ts). Then
+ * `afterUnpack` (install-target applies the config there), the agent's files, and last the
+ * driver marker and our record: only a verified tree is ever marked installed.
+ *
+ * Bytes that fail the signed digest, or any other failed unpack, wipe the device again, so no
+ * half tree (and no tree from bad bytes) can look like an OS: SC_ERR_DIGEST_MISMATCH is
+ * permanent (a local file does not get better on a retry).
+ *
+ * `follow` unpacks a file (open descriptor `file`) while a writer that hashes what it writes
+ * (the kept copy of install-base) is still making it: `verifiedBy` is that writer's promise, and
+ * the tree counts only once it resolved. `progress` replaces the default progress report (bytes of this blob).
  */
 export async function installBundle(
   ctx: StepContext,
@@ -144,19 +133,25 @@ export async function installBundle(
   dir: BundleDir,
   m: Manifest,
   device: string,
-  opts: { hookPoint: string; verified?: boolean; afterUnpack?: (root: string) => Promise<void> },
+  opts: {
+    hookPoint: string;
+    follow?: { file: number; mark: WriteMark; verifiedBy: Promise<unknown> };
+    signal?: AbortSignal;
+    progress?: (bytes: number) => void;
+    afterUnpack?: (root: string) => Promise<void>;
+  },
 ): Promise<{ entries: number }> {
-  if (!opts.verified) await verifyBlobFile(ctx, dir, m);
   await k.setInstalled(device, null);
   await ctx.driver.mkfs(device);
   const root = await ctx.driver.mountPath(device);
   let n = 0;
   let half = false;
   const size = m.blob.size;
+  const progress = opts.progress ?? ((bytes: number) => ctx.progress({ bytes, total: size }));
   const meter = new Transform({
     transform(chunk: Buffer, _enc, cb) {
       n += chunk.length;
-      ctx.progress({ bytes: n, total: size });
+      progress(n);
       if (!half && n >= size / 2) {
         half = true;
         ctx.crashPoint(opts.hookPoint);
@@ -166,10 +161,21 @@ export async function installBundle(
   });
   let res: { entries: number };
   try {
-    res = await unpackFile(dir.blobPath(m.blob.digest), m.blob, { dir: root, identities: ctx.identities, signal: ctx.signal, meter: () => meter });
+    const file = opts.follow?.file ?? dir.blobPath(m.blob.digest);
+    res = await unpackFile(file, m.blob, {
+      dir: root,
+      identities: ctx.identities,
+      signal: opts.signal ?? ctx.signal,
+      meter: () => meter,
+      verified: opts.follow !== undefined,
+      follow: opts.follow?.mark,
+      workerMinBytes: ctx.unpackWorkerMinBytes,
+    });
+    await opts.follow?.verifiedBy;
   } catch (err) {
-    // Never leave a half-unpacked tree that could look like an OS.
+    // Never leave a half-unpacked tree, or one from bytes that failed, that could look like an OS.
     await ctx.driver.wipe(device).catch(() => {});
+    if (isScError(err, 'SC_ERR_DIGEST_MISMATCH')) throw permanent('SC_ERR_DIGEST_MISMATCH', `${refString(m)}: the blob does not match its signed digest`, err.details);
     throw err;
   }
   const os = await ctx.driver.installedOs(device);

@@ -61,6 +61,11 @@ export interface StepContext {
   crashPoint: CrashPoint;
   /** Clock in ms. */
   now(): number;
+  /**
+   * Blob size from which bundles are unpacked in a worker thread, and B's unpack follows its
+   * copy in install-base (shared/bundle/unpack-file.ts; default 64 MiB). Tests lower it.
+   */
+  unpackWorkerMinBytes?: number;
 }
 
 /** What a step returns; it becomes the job's return value. */
