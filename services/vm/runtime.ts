@@ -17,8 +17,6 @@ import { run } from './exec.js';
 
 /** Where the runtime lives on a host. */
 export const RUNTIME_DIR = '/opt/stagecoach';
-/** The command line of the agent inside the runtime. */
-export const AGENT_EXEC = `${RUNTIME_DIR}/bin/node ${RUNTIME_DIR}/app/dist/services/cli/main.js agent --config /etc/stagecoach/agent.yaml`;
 
 /** The project's root (the directory with package.json and package-lock.json). */
 export function projectRoot(): string {
