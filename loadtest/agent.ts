@@ -127,8 +127,11 @@ export async function benchAgent(opts: AgentBenchOptions = {}): Promise<AgentBen
 
     const identities = keys.agent.identities;
     const best = { overlapped: Number.POSITIVE_INFINITY, wasOverlapped: false, twoPass: Number.POSITIVE_INFINITY, fetch: 0, unpack: 0, file: Number.POSITIVE_INFINITY, peer: Number.POSITIVE_INFINITY, peerKeep: Number.POSITIVE_INFINITY, filePeer: Number.POSITIVE_INFINITY };
+    // Every pipeline starts on a settled disk: what the last one wrote, and its removal (this
+    // file system may discard freed blocks), is on disk before the next clock starts.
     const clean = async (...paths: string[]) => {
       for (const p of paths) await rm(p, { recursive: true, force: true });
+      await sh('sync');
     };
     let lastOverlapped = false;
     for (let i = 0; i < runs; i++) {

@@ -25,7 +25,8 @@ export function machineLine(): string {
 
 /** A Markdown table. */
 export function markdownTable(headers: string[], rows: (string | number)[][]): string {
-  const line = (cells: (string | number)[]) => `| ${cells.map((c) => String(c)).join(' | ')} |`;
+  // A pipe inside a cell (a shell pipeline) is escaped, or it would split the cell.
+  const line = (cells: (string | number)[]) => `| ${cells.map((c) => String(c).replaceAll('|', '\\|')).join(' | ')} |`;
   return [line(headers), line(headers.map(() => '---')), ...rows.map(line)].join('\n');
 }
 
