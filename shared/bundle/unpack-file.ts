@@ -16,7 +16,7 @@
  * The age header is parsed and its MAC checked here (age.ts); the worker gets only the payload
  * key. The worker is plain JavaScript and starts without the TypeScript loader.
  */
-import { closeSync, createReadStream, existsSync, openSync, read } from 'node:fs';
+import { closeSync, createReadStream, existsSync, fstatSync, openSync, read } from 'node:fs';
 import { PassThrough, pipeline, Readable, type Transform, Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
@@ -158,7 +158,7 @@ export async function unpackFile(file: string | number, blob: Manifest['blob'], 
   }
   try {
     const r = await unpackInWorker(file, blob, meter, maxBytes, opts);
-    if (!opts.verified && r.digest !== blob.digest) throw mismatch(blob, r.digest ?? 'none');
+    if (!opts.verified && (r.digest !== blob.digest || r.size !== blob.size)) throw mismatch(blob, r.digest ?? 'none');
     return r.result;
   } catch (err) {
     // Bytes that fail their digest also fail to decrypt or parse: say which, from the file itself.
@@ -176,7 +176,7 @@ async function unpackInWorker(
   meter: Transform,
   maxBytes: number,
   opts: UnpackFileOptions,
-): Promise<{ result: ExtractResult; digest?: Digest }> {
+): Promise<{ result: ExtractResult; digest?: Digest; size: number }> {
   if (opts.signal?.aborted) throw scError('SC_ERR_UNAVAILABLE', 'unpack aborted');
   if (typeof file === 'number') return extractInWorker(file, blob, meter, maxBytes, opts);
   // Opened before the first await: a file being written may be renamed by its writer meanwhile.
@@ -199,8 +199,10 @@ async function extractInWorker(
   meter: Transform,
   maxBytes: number,
   opts: UnpackFileOptions,
-): Promise<{ result: ExtractResult; digest?: Digest }> {
+): Promise<{ result: ExtractResult; digest?: Digest; size: number }> {
   const { payloadKey, payloadOffset } = await readPayload(fd, blob.size, opts.identities, opts.follow, opts.signal);
+  // An abort while the header was read: the listener below would never fire, and a following worker would wait forever.
+  if (opts.signal?.aborted) throw scError('SC_ERR_UNAVAILABLE', 'unpack aborted');
   const follow = opts.follow;
   // execArgv: [] keeps a TypeScript loader given to this process (--import tsx) out of the worker.
   const worker = new Worker(WORKER_FILE, {
@@ -253,9 +255,11 @@ async function extractInWorker(
   });
   const onAbort = () => plain.destroy(scError('SC_ERR_UNAVAILABLE', 'unpack aborted'));
   opts.signal?.addEventListener('abort', onAbort, { once: true });
+  if (opts.signal?.aborted) onAbort();
   try {
     const result = await safeExtract(plain, opts.dir, { maxBytes });
-    return { result, digest };
+    // The digest covers the first `size` bytes: a finished file must also be exactly that long.
+    return { result, digest, size: opts.follow ? blob.size : fstatSync(fd).size };
   } finally {
     unwatch?.();
     opts.signal?.removeEventListener('abort', onAbort);

@@ -101,6 +101,19 @@ describe('overlapped unpack', () => {
     assert.deepEqual(await treeSnapshot(dir), expected);
   });
 
+  it('an unpack following a file stops when aborted while it reads the header (it never waits for a mark that will not rise)', async () => {
+    const src = await readFile(file);
+    const growing = join(root, 'growing-abort');
+    await writeFile(growing, src.subarray(0, 1 << 20));
+    const mark = new WriteMark();
+    mark.raise(1 << 20);
+    const ac = new AbortController();
+    const unpacking = unpackFile(growing, m.blob, { dir: fresh(), identities: keys.agent.identities, workerMinBytes: 0, follow: mark, signal: ac.signal });
+    ac.abort(); // the header's read is in flight
+    const hung = new Promise((_, reject) => setTimeout(() => reject(new Error('the unpack did not stop')), 10_000).unref());
+    await assert.rejects(Promise.race([unpacking, hung]), (e: { code?: string }) => e.code === 'SC_ERR_UNAVAILABLE');
+  });
+
   it('fetches and unpacks in one pass, also across a cut resumed with Range', async () => {
     const a = await upstream();
     const b = await upstream();
