@@ -234,6 +234,7 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
       if (restarts > allCandidates.length || candidates.every((c) => excluded.has(c))) throw mismatch;
     }
     await st.flushing;
+    if (st.flushError) throw new LocalFailure(st.flushError);
     await fh.sync();
     await fh.close();
     await rename(partial, out);

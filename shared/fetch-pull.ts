@@ -41,18 +41,23 @@ export interface DownloadState {
   /** Bytes written when the last background flush started, and that flush while it runs. */
   flushedAt?: number;
   flushing?: Promise<void> | null;
+  /**
+   * The first failure of a background flush. Linux reports a write-back error once per open
+   * file, so the final fsync may not see it again: fetchBlob throws it before the rename.
+   */
+  flushError?: unknown;
 }
 
 /** Starts a background flush of the partial file when FLUSH_EVERY bytes were written since the last one. */
 function flushBehind(st: DownloadState): void {
   if (st.flushing || st.have - (st.flushedAt ?? 0) < FLUSH_EVERY) return;
   st.flushedAt = st.have;
-  // A failure is the final fsync's to report (fetchBlob syncs before the rename).
   st.flushing = st.fh.datasync().then(
     () => {
       st.flushing = null;
     },
-    () => {
+    (err: unknown) => {
+      st.flushError ??= err;
       st.flushing = null;
     },
   );
