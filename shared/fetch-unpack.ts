@@ -12,7 +12,8 @@
  *   over) or the overlapped unpack failed, `reset` empties the target and the verified file is
  *   unpacked again, once, on its own (its error is then the bundle's own);
  * - when the fetch fails, the unpack is stopped and `reset` empties the target: nothing unpacked
- *   from unverified bytes is left.
+ *   from unverified bytes is left (by this process: a caller that can be killed midway unpacks
+ *   into a place that says so, as `get --unpack` does).
  * Bundles the worker does not unpack (unencrypted, not zstd, small) are fetched, then unpacked.
  */
 import { resolve } from 'node:path';
@@ -43,9 +44,16 @@ export async function fetchAndUnpack(
   reset: () => Promise<void>,
 ): Promise<FetchUnpackResult> {
   if (fetch.digest !== blob.digest || fetch.size !== blob.size) throw scError('SC_ERR_BAD_REQUEST', 'fetchAndUnpack: the fetch is not for this blob');
+  // A failure's own error is the one reported; `reset` failing on top of it is not.
+  const resetAfterFailure = () => reset().catch(() => {});
   if (!unpacksInWorker(blob, unpack.workerMinBytes)) {
     const fetched = await fetchBlob(fetch);
-    return { fetched, unpacked: await unpackFile(fetched.path, blob, { ...unpack, verified: true }), overlapped: false };
+    try {
+      return { fetched, unpacked: await unpackFile(fetched.path, blob, { ...unpack, verified: true }), overlapped: false };
+    } catch (err) {
+      await resetAfterFailure();
+      throw err;
+    }
   }
   const partial = `${resolve(fetch.out)}.partial`;
   const mark = new WriteMark();
@@ -76,7 +84,7 @@ export async function fetchAndUnpack(
     stop.abort();
     if (unpacking) {
       await (unpacking as Promise<ExtractResult>).catch(() => {});
-      await reset();
+      await resetAfterFailure();
     }
     throw err;
   }
@@ -86,7 +94,7 @@ export async function fetchAndUnpack(
       return { fetched, unpacked: await unpacking, overlapped: true };
     } catch (err) {
       if (unpack.signal?.aborted) {
-        await reset();
+        await resetAfterFailure();
         throw err;
       }
       // Unpacked again below from the verified file: its error, if any, is the bundle's own.
@@ -100,7 +108,7 @@ export async function fetchAndUnpack(
   try {
     return { fetched, unpacked: await unpackFile(fetched.path, blob, { ...unpack, verified: true }), overlapped: false };
   } catch (err) {
-    await reset();
+    await resetAfterFailure();
     throw err;
   }
 }

@@ -7,7 +7,7 @@
 import type { KeyObject } from 'node:crypto';
 import { envOption, trustKeysOf } from '../defaults.js';
 import { byteBar, showsProgress } from '../progress.js';
-import { readdir, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Command } from 'commander';
 import { readIdentityFile } from '../../../shared/bundle/age.js';
@@ -44,7 +44,7 @@ export function register(program: Command): void {
     .requiredOption('-o, --out <file>', 'where to write the bundle file (downloads go to FILE.partial first)')
     .option('--trust-key <pem>', 'trusted release public key (PEM file); repeatable, at least one (default: STAGECOACH_TRUST_KEY)', collect, [])
     .option('--identity <file>', 'age identity file, to decrypt for --unpack')
-    .option('--unpack <dir>', 'decrypt and unpack the bundle into DIR: while it downloads when DIR is empty (emptied again unless the digest verifies), after verifying otherwise')
+    .option('--unpack <dir>', 'decrypt and unpack the bundle into DIR: while it downloads when DIR is empty (into DIR/.stagecoach-unverified-*, moved up once the digest verified), after verifying otherwise')
     .option('--force', 'replace an existing output file whose content differs')
     .option('--probe-timeout <ms>', 'deadline for each /healthz probe', '2000')
     .option('--idle-timeout <ms>', 'abandon a source that sends nothing for this long', '30000')
@@ -59,9 +59,14 @@ async function isEmptyDir(dir: string): Promise<boolean> {
   return (await readdir(dir)).length === 0;
 }
 
-/** Removes everything in `dir` (a directory this command found empty). */
+/** Removes everything in `dir` (a directory this command made). */
 async function emptyDir(dir: string): Promise<void> {
   for (const name of await readdir(dir)) await rm(join(dir, name), { recursive: true, force: true });
+}
+
+/** A new directory inside the empty `dir` (same file system, even for a mount point) for the unverified tree. */
+async function stagingDir(dir: string): Promise<string | null> {
+  return mkdtemp(join(dir, '.stagecoach-unverified-')).catch(() => null);
 }
 
 function intFlag(name: string, v: string, min: number): number {
@@ -132,12 +137,19 @@ async function runGet(ref: string, flags: GetFlags): Promise<void> {
   const onProgress = (p: FetchProgress) => bar.update(p.bytes, p.source ?? '');
   const unpackDir = flags.unpack;
   try {
-    if (unpackDir && (await isEmptyDir(unpackDir))) {
-      // Unpacked while it downloads; the tree counts once the blob verified (shared/fetch-unpack.ts).
-      // Only into a directory that was empty: a failure empties it again, and nothing of the caller's is touched.
-      const r = await fetchAndUnpack({ ...fetchOpts, onProgress }, m.blob, { dir: unpackDir, identities, maxUnpackedBytes: m.blob.unpackedSize }, () => emptyDir(unpackDir));
-      res = r.fetched;
-      unpacked = { dir: unpackDir, entries: r.unpacked.entries, skipped: r.unpacked.skipped, overlapped: r.overlapped };
+    const staging = unpackDir && (await isEmptyDir(unpackDir)) ? await stagingDir(unpackDir) : null;
+    if (unpackDir && staging) {
+      // Unpacked while it downloads (shared/fetch-unpack.ts) into DIR/.stagecoach-unverified-*,
+      // whose entries move up into DIR only once the blob verified. A failure removes it; a run
+      // killed midway leaves DIR holding only that directory, named for what it is.
+      try {
+        const r = await fetchAndUnpack({ ...fetchOpts, onProgress }, m.blob, { dir: staging, identities, maxUnpackedBytes: m.blob.unpackedSize }, () => emptyDir(staging));
+        for (const entry of await readdir(staging)) await rename(join(staging, entry), join(unpackDir, entry));
+        res = r.fetched;
+        unpacked = { dir: unpackDir, entries: r.unpacked.entries, skipped: r.unpacked.skipped, overlapped: r.overlapped };
+      } finally {
+        await rm(staging, { recursive: true, force: true });
+      }
     } else {
       res = await fetchBlob({ ...fetchOpts, onProgress });
     }
