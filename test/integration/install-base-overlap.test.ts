@@ -6,6 +6,7 @@
  * upstream on 127.0.0.1.
  */
 import assert from 'node:assert/strict';
+import { closeSync, openSync } from 'node:fs';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -13,12 +14,13 @@ import { after, before, describe, it } from 'node:test';
 import { KeptStore } from '../../services/agent/bundles.js';
 import { SimMachine } from '../../services/agent/machine/sim.js';
 import { fetchStep } from '../../services/agent/steps/fetch.js';
+import { installBundle } from '../../services/agent/steps/common.js';
 import { installBaseStep } from '../../services/agent/steps/install-base.js';
 import { partitionStep } from '../../services/agent/steps/partition.js';
 import type { StepContext } from '../../services/agent/steps/step.js';
 import { createSimHosts, type FleetKeys, makeFleetKeys, packBundleFile } from '../../services/demo/fleet.js';
 import { makeSampleRootfs } from '../../shared/bundle/index.js';
-import { unpackFile } from '../../shared/bundle/unpack-file.js';
+import { unpackFile, WriteMark } from '../../shared/bundle/unpack-file.js';
 import { silentLogger } from '../../shared/log.js';
 import type { Manifest } from '../../shared/manifest.js';
 import { type FaultUpstream, startFaultUpstream } from '../helpers/fault-upstream.js';
@@ -119,5 +121,40 @@ describe('install-base: B unpacked while it is kept', () => {
     assert.equal(await driver.installedOs('disk2p1'), null, 'no OS marker');
     assert.equal((await driver.inspect()).disks.disk2.partitions.find((p) => p.device === 'disk2p1')?.empty, true, 'disk2p1 wiped');
     assert.equal(await k.bundles.find(base, keys.agent.trusted), null, 'no kept copy of the bad bytes');
+  });
+
+  it('installBundle following a writer: the tree counts only once the writer says its bytes verified', async () => {
+    const { ctx, driver } = await fetchedHost('gate');
+    const k = await KeptStore.open(driver);
+    const file = join(await driver.mountPath('disk1p1'), 'var/lib/stagecoach/bundles', `${base.blob.digest.slice(7)}.bundle`);
+    const mark = new WriteMark();
+    mark.raise(base.blob.size);
+    /** Settles as `settle` says once the whole tree of B is on disk2p1 (the unpack is done), not before. */
+    const verdictAfterUnpack = (settle: 'resolve' | 'reject') =>
+      (async () => {
+        for (;;) {
+          // disk2p1 has a filesystem (and a mount path) once installBundle formatted it.
+          const root = await driver.mountPath('disk2p1').catch(() => null);
+          const tree = root ? await treeSnapshot(root).catch(() => ({}) as Record<string, string>) : {};
+          if (Object.entries(baseTree).every(([p, sum]) => tree[p] === sum)) break;
+          await new Promise((r) => setTimeout(r, 20));
+        }
+        if (settle === 'reject') throw Object.assign(new Error('the writer found other bytes'), { code: 'SC_ERR_DIGEST_MISMATCH' });
+      })();
+    const fd = openSync(file, 'r');
+    try {
+      await assert.rejects(
+        installBundle(ctx, k, k.bundles, base, 'disk2p1', { hookPoint: 'install-base:mid', follow: { file: fd, mark, verifiedBy: verdictAfterUnpack('reject') } }),
+        (e: { code?: string }) => e.code === 'SC_ERR_DIGEST_MISMATCH',
+      );
+      assert.equal(await k.installed('disk2p1'), null, 'not recorded installed');
+      assert.equal(await driver.installedOs('disk2p1'), null, 'no OS marker');
+      assert.equal((await driver.inspect()).disks.disk2.partitions.find((p) => p.device === 'disk2p1')?.empty, true, 'disk2p1 wiped');
+
+      await installBundle(ctx, k, k.bundles, base, 'disk2p1', { hookPoint: 'install-base:mid', follow: { file: fd, mark, verifiedBy: verdictAfterUnpack('resolve') } });
+      assert.ok(await k.installed('disk2p1'), 'recorded installed once the writer verified');
+    } finally {
+      closeSync(fd);
+    }
   });
 });

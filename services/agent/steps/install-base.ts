@@ -95,11 +95,16 @@ export const installBaseStep: Step = {
           mark: isB ? follow : undefined,
           onStart: isB ? partialOfB : undefined,
         });
-        if (isB) bCopied = copy;
+        if (isB) {
+          bCopied = copy;
+          // B's copy failing stops B's unpack; C's does not (B's tree stays good, and is kept).
+          copy.catch(() => stop.abort());
+        }
         await copy;
         before += m.blob.size;
         copied.push(refString(m));
       }
+      await k.writeKept({ base, target });
     })();
     const unpacking = (async () => {
       if (!install) return 0;
@@ -123,18 +128,12 @@ export const installBaseStep: Step = {
       await ctx.log(`unpacking ${refString(base)} onto ${BASE_DEVICE}`);
       return (await installBundle(ctx, k, k.bundles, b, BASE_DEVICE, opts)).entries;
     })();
-    // A failed copy stops the unpack (its error is then the step's). A failed unpack lets the
-    // copy finish: the copy's digest check says whether B's bytes were the cause.
-    const [c, u] = await Promise.allSettled([
-      copying.catch((err: unknown) => {
-        stop.abort();
-        throw err;
-      }),
-      unpacking,
-    ]);
+    // A failed copy's error is the step's (an unpack that B's failed copy stopped only echoes
+    // it). A failed unpack lets the copies finish: the copy's digest check says whether B's bytes
+    // were the cause.
+    const [c, u] = await Promise.allSettled([copying, unpacking]);
     if (c.status === 'rejected') throw c.reason;
     if (u.status === 'rejected') throw u.reason;
-    await k.writeKept({ base, target });
     return { kept: [refString(base), refString(target)], copied, device: BASE_DEVICE, entries: u.value };
   },
 };

@@ -1,8 +1,8 @@
 /**
  * Step 9, `install-target`: unpack the target bundle (C; D after fetch-other; the kept target
  * on a reinstall) from disk2p2 onto disk1p1, and write the carried configuration into it in the
- * target's own network format. The kept bundle's digest is checked before it is unpacked: a
- * bundle that fails is never unpacked, and disk1p1 is left as it was (wiped).
+ * target's own network format. The kept bundle's digest is checked in the pass that unpacks it:
+ * a bundle that fails is never marked installed, and disk1p1 is wiped again.
  *
  * Precondition: the host runs from disk2p1 (B), so disk 1 is free.
  * Effect check: disk1p1 holds this bundle completely (driver marker and installed.json agree;
