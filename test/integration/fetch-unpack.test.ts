@@ -36,6 +36,25 @@ describe('overlapped unpack', () => {
     return u;
   };
 
+  /**
+   * fetchAndUnpack of the test bundle from `sources` into a fresh directory (worker path forced);
+   * every reset empties that directory and is counted.
+   */
+  const fetchUnpack = (sources: string[], fetchOpts: { retries?: number } = {}) => {
+    const dir = fresh();
+    const counted = { dir, resets: 0 };
+    const run = fetchAndUnpack(
+      { sources, digest: m.blob.digest, size: m.blob.size, out: join(root, `dl-${n++}`), backoffMs: 1, ...fetchOpts },
+      m.blob,
+      { dir, identities: keys.agent.identities, workerMinBytes: 0 },
+      async () => {
+        counted.resets++;
+        await rm(dir, { recursive: true, force: true });
+      },
+    );
+    return { counted, run };
+  };
+
   before(async () => {
     root = await mkdtemp(join(tmpdir(), 'sc-fetch-unpack-'));
     keys = await makeFleetKeys(join(root, 'keys'));
@@ -120,21 +139,13 @@ describe('overlapped unpack', () => {
     await a.addBlobFile(file);
     await b.addBlobFile(file);
     a.fault({ kind: 'cut', afterBytes: 2_000_000 });
-    const dir = fresh();
-    let resets = 0;
-    const r = await fetchAndUnpack(
-      { sources: [a.url, b.url], digest: m.blob.digest, size: m.blob.size, out: join(root, `dl-${n++}`), backoffMs: 1 },
-      m.blob,
-      { dir, identities: keys.agent.identities, workerMinBytes: 0 },
-      async () => {
-        resets++;
-      },
-    );
+    const { counted, run } = fetchUnpack([a.url, b.url]);
+    const r = await run;
     assert.equal(r.overlapped, true);
-    assert.equal(resets, 0);
+    assert.equal(counted.resets, 0);
     assert.deepEqual(r.fetched.sources, [a.url, b.url]);
     assert.ok(b.requests[0].start > 0, 'the second source was asked for the rest only');
-    assert.deepEqual(await treeSnapshot(dir), expected);
+    assert.deepEqual(await treeSnapshot(counted.dir), expected);
     assert.deepEqual(await readFile(r.fetched.path), await readFile(file));
   });
 
@@ -143,21 +154,12 @@ describe('overlapped unpack', () => {
     const good = await upstream();
     await liar.addBlobFile(twin.file, m.blob.digest); // authentic fleet bytes, not the signed blob
     await good.addBlobFile(file);
-    const dir = fresh();
-    let resets = 0;
-    const r = await fetchAndUnpack(
-      { sources: [liar.url, good.url], digest: m.blob.digest, size: m.blob.size, out: join(root, `dl-${n++}`), backoffMs: 1 },
-      m.blob,
-      { dir, identities: keys.agent.identities, workerMinBytes: 0 },
-      async () => {
-        resets++;
-        await rm(dir, { recursive: true, force: true });
-      },
-    );
+    const { counted, run } = fetchUnpack([liar.url, good.url]);
+    const r = await run;
     assert.equal(r.overlapped, false, 'the overlapped tree came from bytes that failed the digest');
-    assert.equal(resets, 1);
+    assert.equal(counted.resets, 1);
     assert.deepEqual(r.fetched.sources, [good.url]);
-    assert.deepEqual(await treeSnapshot(dir), expected);
+    assert.deepEqual(await treeSnapshot(counted.dir), expected);
   });
 
   it('a fetch that fails leaves nothing unpacked', async () => {
@@ -165,21 +167,9 @@ describe('overlapped unpack', () => {
     await a.addBlobFile(file);
     // Every answer carries one wrong byte late in the blob: the unpack has written files by then.
     a.setFaults([{ kind: 'flip', offset: m.blob.size - 200_000 }]);
-    const dir = fresh();
-    let resets = 0;
-    await assert.rejects(
-      fetchAndUnpack(
-        { sources: [a.url], digest: m.blob.digest, size: m.blob.size, out: join(root, `dl-${n++}`), retries: 0, backoffMs: 1 },
-        m.blob,
-        { dir, identities: keys.agent.identities, workerMinBytes: 0 },
-        async () => {
-          resets++;
-          await rm(dir, { recursive: true, force: true });
-        },
-      ),
-      isMismatch,
-    );
-    assert.equal(resets, 1);
-    assert.deepEqual(await readdir(dir).catch(() => []), []);
+    const { counted, run } = fetchUnpack([a.url], { retries: 0 });
+    await assert.rejects(run, isMismatch);
+    assert.equal(counted.resets, 1);
+    assert.deepEqual(await readdir(counted.dir).catch(() => []), []);
   });
 });

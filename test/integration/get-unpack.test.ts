@@ -2,7 +2,7 @@
 // real stage in front, then `stagecoach get --unpack` through the stage, and with the stage dead.
 import assert from 'node:assert/strict';
 import { createWriteStream, existsSync } from 'node:fs';
-import { readFile, stat, writeFile } from 'node:fs/promises';
+import { readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import { after, before, test } from 'node:test';
@@ -51,7 +51,7 @@ before(async () => {
   await origin.client.putManifest(makeManifest(key.privateKey, { digest, size, compression: 'zstd', encryption: 'age' }, 'debian', '12.0'));
   // The same blob under a manifest whose signed unpackedSize is far below the real plaintext.
   const small = makeManifest(key.privateKey, { digest, size, compression: 'zstd', encryption: 'age' }, 'debian', '12.0-small');
-  await origin.client.putManifest(signManifest({ ...small, blob: { ...small.blob, unpackedSize: 64 << 10 } }, key.privateKey));
+  await origin.client.putManifest(signManifest({ ...small, blob: { ...small.blob, unpackedSize: 1 << 20 } }, key.privateKey));
   stage = await startStage({ listen: '127.0.0.1:0', upstreams: [origin.url], cache: join(dir, 'stage-cache'), colo: 'test' }, { log: silentLogger });
 });
 after(async () => {
@@ -76,6 +76,8 @@ test('get --identity --unpack through a stage: the tree appears in DIR', async (
   assert.ok(j.unpacked.entries > 10);
   assert.match(await readFile(join(into, 'etc/os-release'), 'utf8'), /ID=debian/);
   assert.equal((await stat(join(into, 'usr/bin/passwd'))).mode & 0o7777, 0o4755);
+  // Unpacked beside the tree while it downloaded, then moved up: no unverified directory is left.
+  assert.deepEqual((await readdir(into)).filter((n) => n.startsWith('.stagecoach-unverified-')), []);
 });
 
 test('get falls back to origin when the only stage is down, and unpacks', async () => {
@@ -113,4 +115,6 @@ test('get --unpack stops at the manifest\'s signed unpackedSize with SC_ERR_BUND
   assert.equal(r.code, 1);
   assert.match(r.stderr, /^error SC_ERR_BUNDLE_TOO_LARGE: /m);
   assert.equal(r.stdout, '');
+  // DIR was empty: what the failed unpack wrote is gone with its staging directory.
+  assert.deepEqual(await readdir(into), []);
 });

@@ -143,7 +143,7 @@ async function runGet(ref: string, flags: GetFlags): Promise<void> {
       // whose entries move up into DIR only once the blob verified. A failure removes it; a run
       // killed midway leaves DIR holding only that directory, named for what it is.
       try {
-        const r = await fetchAndUnpack({ ...fetchOpts, onProgress }, m.blob, { dir: staging, identities, maxUnpackedBytes: m.blob.unpackedSize }, () => emptyDir(staging));
+        const r = await fetchAndUnpack({ ...fetchOpts, onProgress }, m.blob, { dir: staging, identities }, () => emptyDir(staging));
         for (const entry of await readdir(staging)) await rename(join(staging, entry), join(unpackDir, entry));
         res = r.fetched;
         unpacked = { dir: unpackDir, entries: r.unpacked.entries, skipped: r.unpacked.skipped, overlapped: r.overlapped };
@@ -159,7 +159,7 @@ async function runGet(ref: string, flags: GetFlags): Promise<void> {
 
   if (unpackDir && !unpacked) {
     // Into a directory that already holds files: after the verified download, never before.
-    const r = await unpackFile(res.path, m.blob, { dir: unpackDir, identities, verified: true, maxUnpackedBytes: m.blob.unpackedSize });
+    const r = await unpackFile(res.path, m.blob, { dir: unpackDir, identities, verified: true });
     unpacked = { dir: unpackDir, entries: r.entries, skipped: r.skipped, overlapped: false };
   }
 
