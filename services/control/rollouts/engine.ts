@@ -222,7 +222,8 @@ export class RolloutEngine extends EventEmitter {
       return;
     }
     t.rollout.hosts.set(t.host.host, applyReport(t.host, rep, { now, outcome, rescue: t.rescue }));
-    this.#store.touchHost(t.rollout, t.host.host);
+    if (rep.event === 'progress') this.#store.touchProgress(t.rollout, t.host.host);
+    else this.#store.touchHost(t.rollout, t.host.host);
   }
 
   // ---------------------------------------------------------------- the tick

@@ -36,6 +36,15 @@ export interface StoreDeps {
   onChange: (change: ChangeEvent) => void;
 }
 
+/**
+ * How long a host's progress-only change (a `progress` report: bytes, percent, lastEventAt) may
+ * wait in memory before it is written (ms). Progress is most of the reports of a busy fleet and
+ * only telemetry: the API and the dashboard read the in-memory copy at once; Redis gets it with
+ * the host's next real change, or after this long. A control that dies loses at most this much
+ * of it, which moves no host's state (the host timeout is an hour by default).
+ */
+export const PROGRESS_PERSIST_MS = 10_000;
+
 /** Who a report is about: a rollout host (its conversion or its rescue run) or a host operation. */
 export type ReportTarget = { rollout: ActiveRollout; host: HostState; rescue: boolean } | { op: HostOp };
 
@@ -51,6 +60,8 @@ export class RolloutStore {
   readonly #dirtyHosts = new Map<string, Set<string>>();
   readonly #dirtyRollouts = new Set<string>();
   readonly #dirtyOps = new Set<string>();
+  /** Hosts changed by progress reports only, by rollout, and when the oldest such change was made. */
+  readonly #progressHosts = new Map<string, { hosts: Set<string>; since: number }>();
 
   constructor(deps: StoreDeps) {
     this.#deps = deps;
@@ -92,6 +103,7 @@ export class RolloutStore {
     this.#dirtyHosts.clear();
     this.#dirtyRollouts.clear();
     this.#dirtyOps.clear();
+    this.#progressHosts.clear();
   }
 
   /** One rollout as stored (hosts in hash order), or null. */
@@ -186,6 +198,19 @@ export class RolloutStore {
     this.#dirtyRollouts.add(a.spec.id);
   }
 
+  /**
+   * Marks a host of `a` changed by a progress report only: written with the rollout's next
+   * write, or once PROGRESS_PERSIST_MS passed (see there). Every flush still reports the change.
+   */
+  touchProgress(a: ActiveRollout, host: string): void {
+    let p = this.#progressHosts.get(a.spec.id);
+    if (!p) {
+      p = { hosts: new Set(), since: this.#deps.now() };
+      this.#progressHosts.set(a.spec.id, p);
+    }
+    p.hosts.add(host);
+  }
+
   /** Marks a rollout's status or preheat changed. */
   touchRollout(id: string): void {
     this.#dirtyRollouts.add(id);
@@ -197,14 +222,33 @@ export class RolloutStore {
   }
 
   /**
-   * Writes every marked change in one MULTI (rollout counts and `updatedAt` refreshed), then
-   * drops finished rollouts and operations from memory and reports each change. On a Redis
-   * error nothing is forgotten: the caller reloads.
+   * Writes every marked change in one MULTI (rollout counts and `updatedAt` refreshed), with the
+   * progress-only hosts that are due (touchProgress), then drops finished rollouts and operations
+   * from memory and reports each change, written or not. On a Redis error the caller reloads.
    */
   async flush(): Promise<void> {
-    if (this.#dirtyRollouts.size === 0 && this.#dirtyOps.size === 0) return;
-    const m = this.#deps.redis.multi();
     const now = this.#deps.now();
+    // Progress-only hosts ride along with their rollout's write, or get one when they waited long enough.
+    const quiet: string[] = [];
+    for (const [id, p] of this.#progressHosts) {
+      if (!this.#dirtyRollouts.has(id) && now - p.since < PROGRESS_PERSIST_MS) {
+        quiet.push(id);
+        continue;
+      }
+      let s = this.#dirtyHosts.get(id);
+      if (!s) {
+        s = new Set();
+        this.#dirtyHosts.set(id, s);
+      }
+      for (const h of p.hosts) s.add(h);
+      this.#dirtyRollouts.add(id);
+      this.#progressHosts.delete(id);
+    }
+    if (this.#dirtyRollouts.size === 0 && this.#dirtyOps.size === 0) {
+      for (const id of quiet) this.#deps.onChange({ kind: 'rollout', id });
+      return;
+    }
+    const m = this.#deps.redis.multi();
     const changed: string[] = [];
     const results = new Map<string, HostResult>();
     for (const id of this.#dirtyRollouts) {
@@ -249,6 +293,7 @@ export class RolloutStore {
       if (a && FINISHED_ROLLOUT.includes(a.status.state)) this.active.delete(id);
       this.#deps.onChange({ kind: 'rollout', id });
     }
+    for (const id of quiet) this.#deps.onChange({ kind: 'rollout', id });
     for (const id of opsChanged) {
       const op = this.ops.get(id);
       if (op && opFinished(op)) this.ops.delete(id);
