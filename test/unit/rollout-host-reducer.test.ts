@@ -7,7 +7,7 @@ import { CONVERT_STEPS, POINT_OF_NO_RETURN, type StepReport } from '../../shared
 import type { JobOutcome } from '../../services/control/queues.js';
 import { applyOpReport, applyReport, failHost, failOp, isConfirmed, isIgnoredFinal, LOG_TAIL } from '../../services/control/rollouts/host-reducer.js';
 import type { HostOp, HostState, HostStatus } from '../../services/control/rollouts/model.js';
-import { RECONCILE_MAX_MS, RECONCILE_MS, reconcileDue, settleHost } from '../../services/control/rollouts/reconcile.js';
+import { RECONCILE_MAX_MS, RECONCILE_QUIET_MS, reconcileDue, settleHost } from '../../services/control/rollouts/reconcile.js';
 import { settleOp } from '../../services/control/rollouts/host-ops.js';
 
 const NOW = 1_700_000_000_000;
@@ -390,27 +390,39 @@ describe('reconcile: settling a host from BullMQ records', () => {
 });
 
 describe('reconcile: when a quiet host is looked up', () => {
-  it('not before RECONCILE_MS of silence, then at once', () => {
-    assert.equal(reconcileDue(NOW - RECONCILE_MS + 1, undefined, NOW), false);
-    assert.equal(reconcileDue(NOW - RECONCILE_MS, undefined, NOW), true);
+  it('not before RECONCILE_QUIET_MS of silence, then at once', () => {
+    assert.equal(reconcileDue(NOW - RECONCILE_QUIET_MS + 1, undefined, NOW), false);
+    assert.equal(reconcileDue(NOW - RECONCILE_QUIET_MS, undefined, NOW), true);
+  });
+  it('a host whose progress reports keep coming (every 5 s) is never looked up', () => {
+    let checkedAt: number | undefined;
+    let since = 0;
+    let n = 0;
+    for (let t = 0; t <= 600_000; t += 100) {
+      if (t % 5000 === 0) since = t;
+      if (reconcileDue(since, checkedAt, t)) {
+        n++;
+        checkedAt = t;
+      }
+    }
+    assert.equal(n, 0);
   });
   it('a lookup from before the last report does not count', () => {
-    assert.equal(reconcileDue(NOW - RECONCILE_MS, NOW - RECONCILE_MS - 1, NOW), true);
+    assert.equal(reconcileDue(NOW - RECONCILE_QUIET_MS, NOW - RECONCILE_QUIET_MS - 1, NOW), true);
   });
-  it('again after half the silence: the lookups of a long step thin out', () => {
+  it('again after half the silence: the lookups of a long silence thin out', () => {
     const since = NOW - 60_000;
     assert.equal(reconcileDue(since, NOW - 29_000, NOW), false);
     assert.equal(reconcileDue(since, NOW - 30_000, NOW), true);
-    // Early in a silence, every RECONCILE_MS.
-    assert.equal(reconcileDue(NOW - 3000, NOW - RECONCILE_MS + 1, NOW), false);
-    assert.equal(reconcileDue(NOW - 3000, NOW - RECONCILE_MS, NOW), true);
+    assert.equal(reconcileDue(NOW - 14_000, NOW - 7000 + 1, NOW), false);
+    assert.equal(reconcileDue(NOW - 14_000, NOW - 7000, NOW), true);
   });
   it('never more than RECONCILE_MAX_MS apart', () => {
     const since = NOW - 3_600_000;
     assert.equal(reconcileDue(since, NOW - RECONCILE_MAX_MS + 1, NOW), false);
     assert.equal(reconcileDue(since, NOW - RECONCILE_MAX_MS, NOW), true);
   });
-  it('a one-minute step: five lookups (2, 4, 8, 16, 32 s), where every RECONCILE_MS would be thirty', () => {
+  it('a silent minute: three lookups (12, 24, 48 s), where one per RECONCILE_MS pass would be thirty', () => {
     const since = 0;
     let checkedAt: number | undefined;
     let n = 0;
@@ -420,6 +432,6 @@ describe('reconcile: when a quiet host is looked up', () => {
         checkedAt = t;
       }
     }
-    assert.equal(n, 5);
+    assert.equal(n, 3);
   });
 });

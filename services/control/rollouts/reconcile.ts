@@ -12,8 +12,14 @@ import { failHost, withLogLine } from './host-reducer.js';
 import { type ActiveRollout, type HostState, IN_FLIGHT_HOST, LAST_SEQ, rescueOpen, rescueRunId, type RolloutSpec } from './model.js';
 import type { RolloutStore } from './store.js';
 
-/** A host without news for this long (ms) is looked up in BullMQ; at most one pass per rollout per this long. */
+/** At most one reconcile pass per rollout per this long (ms). */
 export const RECONCILE_MS = 2000;
+/**
+ * A host without news for this long (ms) is looked up in BullMQ. Longer than two of the agents'
+ * progress intervals (5 s), so that a host busy in a long step, whose progress reports keep
+ * coming, is never looked up: the lookups are for hosts that fell silent.
+ */
+export const RECONCILE_QUIET_MS = 12_000;
 /** The longest time (ms) between two lookups of a host that stays quiet (see `reconcileDue`). */
 export const RECONCILE_MAX_MS = 30_000;
 
@@ -104,17 +110,17 @@ export function settleHost(h: HostState, cur: JobOutcome, last: JobOutcome, now:
 /**
  * Whether a host quiet since `since` (its last report, or when it was queued) is due for a
  * lookup at `now`, given when it was last looked up (`checkedAt`, if since then). A host is first
- * looked up RECONCILE_MS into its silence, then again whenever the time since its last lookup
- * reaches half its silence (at least RECONCILE_MS, at most RECONCILE_MAX_MS), so the lookups
- * double apart (2, 4, 8, 16, 32 s…): a step that runs for a minute costs five lookups instead of
- * thirty. A lost report is noticed no later than the host's silence when it was lost, and never
- * more than RECONCILE_MAX_MS late. Pure.
+ * looked up RECONCILE_QUIET_MS into its silence, then again whenever the time since its last
+ * lookup reaches half its silence (at most RECONCILE_MAX_MS), so the lookups double apart (12,
+ * 24, 48 s…): a silent minute costs three lookups. A lost report is noticed no later than the
+ * host's silence when it was lost (at least RECONCILE_QUIET_MS), and never more than
+ * RECONCILE_MAX_MS late. Pure.
  */
 export function reconcileDue(since: number, checkedAt: number | undefined, now: number): boolean {
   const quiet = now - since;
-  if (quiet < RECONCILE_MS) return false;
+  if (quiet < RECONCILE_QUIET_MS) return false;
   if (checkedAt === undefined || checkedAt < since) return true;
-  return now - checkedAt >= Math.min(RECONCILE_MAX_MS, Math.max(RECONCILE_MS, quiet / 2));
+  return now - checkedAt >= Math.min(RECONCILE_MAX_MS, quiet / 2);
 }
 
 /**
