@@ -16,8 +16,8 @@
  */
 import { execFile } from 'node:child_process';
 import type { Stats } from 'node:fs';
-import { constants as fsConstants } from 'node:fs';
-import { chmod, type FileHandle, lchown, link, lstat, lutimes, mkdir, open, rmdir, symlink, unlink, utimes } from 'node:fs/promises';
+import { closeSync, fchmodSync, fchownSync, constants as fsConstants, ftruncateSync, futimesSync, openSync, writeSync } from 'node:fs';
+import { chmod, lchown, link, lstat, lutimes, mkdir, rmdir, symlink, unlink, utimes } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { scError } from '../errors.js';
@@ -38,10 +38,14 @@ function isZero(buf: Buffer, start: number, end: number): boolean {
   return buf.subarray(start, end).equals(end - start === ZERO_BLOCK.length ? ZERO_BLOCK : ZERO_BLOCK.subarray(0, end - start));
 }
 
-/** Writes `chunk` at `pos`, leaving holes for 4 KiB-aligned blocks of zeros. */
-async function writeSparse(fh: FileHandle, chunk: Buffer, pos: number): Promise<void> {
+/**
+ * Writes `chunk` at `pos` into `fd`, leaving holes for 4 KiB-aligned blocks of zeros; returns
+ * where the last byte written ends (`pos` when the chunk was all zeros).
+ */
+function writeSparse(fd: number, chunk: Buffer, pos: number): number {
   const n = chunk.length;
   const B = ZERO_BLOCK.length;
+  let dataEnd = pos;
   let i = 0;
   while (i < n) {
     const end = Math.min(n, i + (B - ((pos + i) % B)));
@@ -56,12 +60,11 @@ async function writeSparse(fh: FileHandle, chunk: Buffer, pos: number): Promise<
       j = e;
     }
     let off = i;
-    while (off < j) {
-      const { bytesWritten } = await fh.write(chunk, off, j - off, pos + off);
-      off += bytesWritten;
-    }
+    while (off < j) off += writeSync(fd, chunk, off, j - off, pos + off);
+    dataEnd = pos + j;
     i = j;
   }
+  return dataEnd;
 }
 
 /** Removes whatever is at `abs` (an empty directory too); missing is fine. */
@@ -162,40 +165,47 @@ export async function applyFixups(root: string, fixups: Map<string, Fixup>, guar
  * existing inode) and returns its finisher: owner, mode, mtime, then extended attributes (after
  * chown, which clears security.capability). The finisher may run while later entries are
  * written.
+ *
+ * The file's own system calls (open, write, truncate, chown, chmod, utimes, close) are made
+ * directly, not through the thread pool: each takes microseconds against the page cache, and a
+ * pool round trip per call made a tree of many small files wait on the pool rather than on the
+ * disk (a root filesystem is tens of thousands of files, most of them small).
  */
 export async function writeFileContent(root: string, rel: string, meta: EntryMeta, content: AsyncIterable<Buffer>, asRoot: boolean, dirs: DirCache): Promise<() => Promise<void>> {
   const p = join(root, rel);
   await dirs.ensureParent(p);
   const flags = fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW;
-  let fh: FileHandle;
+  let fd: number;
   try {
-    fh = await open(p, flags, 0o600);
+    fd = openSync(p, flags, 0o600);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
     await clearPath(p, rel, dirs);
-    fh = await open(p, flags, 0o600);
+    fd = openSync(p, flags, 0o600);
   }
   let pos = 0;
+  /** Where the last byte written ends: short of `pos` when the file ends in a hole. */
+  let dataEnd = 0;
   try {
     for await (const chunk of content) {
-      await writeSparse(fh, chunk, pos);
+      dataEnd = Math.max(dataEnd, writeSparse(fd, chunk, pos));
       pos += chunk.length;
     }
     if (pos !== meta.size) throw scError('SC_ERR_BAD_ARCHIVE', `${rel}: ${pos} bytes of content, ${meta.size} declared`, { path: rel });
   } catch (err) {
-    await fh.close();
+    closeSync(fd);
     throw err;
   }
   return async () => {
     try {
       // Holes at the end: the size comes from truncate.
-      await fh.truncate(pos);
+      if (dataEnd < pos) ftruncateSync(fd, pos);
       // chown first: it clears setuid/setgid and security.capability.
-      if (asRoot) await fh.chown(meta.uid, meta.gid);
-      await fh.chmod(meta.mode);
-      await fh.utimes(meta.mtime, meta.mtime);
+      if (asRoot) fchownSync(fd, meta.uid, meta.gid);
+      fchmodSync(fd, meta.mode);
+      futimesSync(fd, meta.mtime, meta.mtime);
     } finally {
-      await fh.close();
+      closeSync(fd);
     }
     await writeXattrs(p, meta.xattrs, rel);
   };

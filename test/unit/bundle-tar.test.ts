@@ -127,6 +127,26 @@ describe('safeExtract', () => {
     });
   }
 
+  it('keeps zero blocks as holes and every file its exact bytes and size: trailing zeros, all zeros, empty', async () => {
+    const Z = Buffer.alloc(8192);
+    const files: Record<string, Buffer> = {
+      trail: Buffer.concat([Buffer.from('x'), Z]),
+      aligned: Buffer.concat([Buffer.alloc(4096, 7), Z]),
+      zeros: Buffer.alloc(12288),
+      mid: Buffer.concat([Buffer.from('a'), Z, Buffer.from('b')]),
+      lead: Buffer.concat([Z, Buffer.from('tail')]),
+      empty: Buffer.alloc(0),
+    };
+    await extract(Object.entries(files).map(([path, body]) => ({ path, body, mode: 0o640 })));
+    for (const [path, body] of Object.entries(files)) {
+      const st = statSync(join(target, path));
+      assert.equal(st.size, body.length, `${path}: size`);
+      assert.ok(readFileSync(join(target, path)).equals(body), `${path}: bytes`);
+      assert.equal(st.mode & 0o7777, 0o640, `${path}: mode`);
+      assert.equal(Math.floor(st.mtimeMs / 1000), 1_700_000_000, `${path}: mtime`);
+    }
+  });
+
   it('refuses a link that a later entry turns into an escape, and makes no symlink at all', async () => {
     // x -> d/p/../.. is inside while d/p is a directory name; once d/p -> . exists, x is the target's parent.
     const p = extract([
