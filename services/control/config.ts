@@ -60,7 +60,7 @@ export const controlConfigSchema = z.strictObject({
   /** Engine tick in ms: how often waves, budgets and preheats are re-evaluated. */
   tickMs: z.coerce.number().int().min(20).max(10_000).default(500),
   /** Shortest time between two engine passes in ms: reports arriving meanwhile are applied in one batch. */
-  passMs: z.coerce.number().int().min(0).max(5_000).default(100),
+  passMs: z.coerce.number().int().min(0).max(5_000).default(250),
   /** How long a preheat may take before the wave starts anyway (seconds). */
   preheatTimeoutSec: z.coerce.number().int().min(0).max(86_400).default(600),
   /** Lifetime of signed step jobs (seconds): an agent refuses a job older than this. */

@@ -50,6 +50,8 @@ export interface ManifestCacheOptions {
 export class ManifestCache {
   #o: ManifestCacheOptions;
   #mem = new LRUCache<string, CachedManifest>({ max: 1000 });
+  /** Manifests whose signature passed (the trusted keys are fixed for the process's life): checked once, not per request. */
+  #verified = new WeakSet<Manifest>();
   #gone = new Map<string, number>();
   #pending = new Map<string, Promise<CachedManifest>>();
   #gen = 0;
@@ -145,7 +147,9 @@ export class ManifestCache {
   }
 
   #verify(m: Manifest): void {
-    if (this.#o.trusted.length > 0) verifyManifest(m, this.#o.trusted);
+    if (this.#o.trusted.length === 0 || this.#verified.has(m)) return;
+    verifyManifest(m, this.#o.trusted);
+    this.#verified.add(m);
   }
 
   #path(key: string): string {

@@ -122,4 +122,20 @@ describe('rollout store: progress-only changes', () => {
     assert.equal((await stored('h2')).status, 'converted');
     assert.equal(changes.length, 4);
   });
+
+  it('writes a rollout\'s preheat only when it was marked changed, not with every status write', async () => {
+    const store = new RolloutStore({ redis, prefix, now: () => 1, onChange: () => {} });
+    const a = rollout('r-preheat-1', ['h1']);
+    await store.insertRollout(a);
+    const preheat = async () => JSON.parse((await redis.hget(store.key('r', a.spec.id), 'preheat')) ?? 'null');
+    a.preheat.east = { colo: 'east', wave: 0, state: 'done', startedAt: 1, finishedAt: 2, stages: [] };
+    a.status.wave = 1;
+    store.touchRollout(a.spec.id);
+    await store.flush();
+    assert.deepEqual(await preheat(), {});
+    assert.equal(JSON.parse((await redis.hget(store.key('r', a.spec.id), 'status')) ?? 'null').wave, 1);
+    store.touchPreheat(a.spec.id);
+    await store.flush();
+    assert.equal((await preheat()).east.state, 'done');
+  });
 });

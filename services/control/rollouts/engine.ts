@@ -256,7 +256,7 @@ export class RolloutEngine extends EventEmitter {
         else if (!preheated.has(intent.wave)) {
           preheated.add(intent.wave);
           const r = await runPreheat(a, intent.wave, intent.colos, now, this.#deps);
-          if (r.changed) this.#store.touchRollout(a.spec.id);
+          if (r.changed) this.#store.touchPreheat(a.spec.id);
           again = true;
         }
       }

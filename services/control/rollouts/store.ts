@@ -50,7 +50,7 @@ export type ReportTarget = { rollout: ActiveRollout; host: HostState; rescue: bo
 
 /** The rollout and operation state in Redis, with a write-through copy of the active ones. */
 export class RolloutStore {
-  /** Active rollouts by id. Change them, then mark them (touchHost/touchRollout) and flush. */
+  /** Active rollouts by id. Change them, then mark them (touchHost, touchProgress, touchRollout, touchPreheat) and flush. */
   readonly active = new Map<string, ActiveRollout>();
   /** Active host operations by id (same rule, touchOp). */
   readonly ops = new Map<string, HostOp>();
@@ -60,6 +60,8 @@ export class RolloutStore {
   readonly #dirtyHosts = new Map<string, Set<string>>();
   readonly #dirtyRollouts = new Set<string>();
   readonly #dirtyOps = new Set<string>();
+  /** Rollouts whose preheat changed (its JSON is written only then, not with every status write). */
+  readonly #dirtyPreheat = new Set<string>();
   /** Hosts changed by progress reports only, by rollout, and when the oldest such change was made. */
   readonly #progressHosts = new Map<string, { hosts: Set<string>; since: number }>();
 
@@ -103,6 +105,7 @@ export class RolloutStore {
     this.#dirtyHosts.clear();
     this.#dirtyRollouts.clear();
     this.#dirtyOps.clear();
+    this.#dirtyPreheat.clear();
     this.#progressHosts.clear();
   }
 
@@ -211,9 +214,15 @@ export class RolloutStore {
     p.hosts.add(host);
   }
 
-  /** Marks a rollout's status or preheat changed. */
+  /** Marks a rollout's status changed. */
   touchRollout(id: string): void {
     this.#dirtyRollouts.add(id);
+  }
+
+  /** Marks a rollout's preheat changed. */
+  touchPreheat(id: string): void {
+    this.#dirtyRollouts.add(id);
+    this.#dirtyPreheat.add(id);
   }
 
   /** Marks a host operation changed. */
@@ -256,7 +265,8 @@ export class RolloutStore {
       if (!a) continue;
       a.status.counts = countHosts(a.hosts.values());
       a.status.updatedAt = now;
-      m.hset(this.key('r', id), 'status', JSON.stringify(a.status), 'preheat', JSON.stringify(a.preheat));
+      if (this.#dirtyPreheat.has(id)) m.hset(this.key('r', id), 'status', JSON.stringify(a.status), 'preheat', JSON.stringify(a.preheat));
+      else m.hset(this.key('r', id), 'status', JSON.stringify(a.status));
       const hs = this.#dirtyHosts.get(id);
       if (hs && hs.size > 0) {
         const args: string[] = [];
@@ -287,6 +297,7 @@ export class RolloutStore {
     this.#dirtyRollouts.clear();
     this.#dirtyHosts.clear();
     this.#dirtyOps.clear();
+    this.#dirtyPreheat.clear();
     for (const [h, r] of results) this.lastResults.set(h, r);
     for (const id of changed) {
       const a = this.active.get(id);
