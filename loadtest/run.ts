@@ -2,7 +2,8 @@
  * `npm run bench [-- SUITE… [--hosts N --colos M --bundle-mib K …]]`: runs benchmark suites
  * (origin, stage, agent, fleet; all of them when none is named), prints a table and one JSON
  * line per suite, and regenerates loadtest/RESULTS.md. A fleet run of other than 1,000 hosts is
- * kept beside the default one (`fleet-<hosts>`); `fleet --from-json FILE` records a run that was
+ * kept beside the default one (`fleet-<hosts>`), and so is an agent run on a real tree (`agent
+ * --tree DIR`: `agent-real`); `fleet --from-json FILE` records a run that was
  * started on its own (`tsx loadtest/fleet.ts …`, whose last output line is the result). Benchmarks only touch 127.0.0.1, are
  * bounded in size and time, and stop their children when done.
  */
@@ -31,6 +32,7 @@ const { values, positionals } = parseArgs({
     'timeout-sec': { type: 'string' },
     'cpu-prof': { type: 'string' },
     'from-json': { type: 'string' },
+    tree: { type: 'string' },
   },
 });
 
@@ -58,7 +60,8 @@ for (const suite of chosen) {
     const r = await mod.run(values as Record<string, string | undefined>);
     const entry = { ...r, machine: machineLine(), date: new Date().toISOString() };
     const hosts = (r.data as { hosts?: number }).hosts;
-    stored[suite === 'fleet' && hosts !== undefined && hosts !== 1000 ? `fleet-${hosts}` : suite] = entry;
+    const key = suite === 'fleet' && hosts !== undefined && hosts !== 1000 ? `fleet-${hosts}` : suite === 'agent' && values.tree ? 'agent-real' : suite;
+    stored[key] = entry;
     process.stdout.write(`${textTable(r.headers, r.rows)}\n`);
     for (const n of r.notes) process.stdout.write(`  ${n}\n`);
     process.stdout.write(`${JSON.stringify({ suite, machine: entry.machine, date: entry.date, ...r.data })}\n`);
