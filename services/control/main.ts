@@ -18,6 +18,9 @@ import { Board } from './queues.js';
 import { RolloutEngine } from './rollouts/index.js';
 import { createControlApp } from './server.js';
 
+/** How often bull-board's list of queues is refreshed from the registrations (ms). */
+const BOARD_REFRESH_MS = 60_000;
+
 /** A running control plane. */
 export interface RunningControl {
   /** Base URL, e.g. `http://127.0.0.1:7090`. */
@@ -84,7 +87,9 @@ export async function startControl(config: ControlConfig | ControlConfigInput, o
     }
   };
   await refreshBoard();
-  const boardTimer = setInterval(refreshBoard, 10_000);
+  // Reads every host's registration: once a minute, so that a 10,000-host fleet does not pay it
+  // every few seconds for a view that only lists queues.
+  const boardTimer = setInterval(refreshBoard, BOARD_REFRESH_MS);
   boardTimer.unref();
 
   const app = createControlApp({ engine, inventory, audit, board, tokens: secrets.tokens, readTokens: secrets.readTokens, openReads: cfg.openReads, metricsToken: cfg.metricsToken, registry, log, redisReady: () => redis.status === 'ready' });
