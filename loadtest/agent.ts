@@ -31,7 +31,7 @@ import { unpackFile } from '../shared/bundle/unpack-file.js';
 import { fetchBlob } from '../shared/fetch.js';
 import { fetchAndUnpack } from '../shared/fetch-unpack.js';
 import { freePort } from '../shared/redis.js';
-import { machineLine, mbps, type SuiteResult, textTable } from './report.js';
+import { machineLine, mbps, type SuiteResult, textTable, unitNodeFlags } from './report.js';
 
 const BIN = fileURLToPath(new URL('../services/cli/bin.js', import.meta.url));
 
@@ -228,13 +228,6 @@ export async function benchAgent(opts: AgentBenchOptions = {}): Promise<AgentBen
   }
 }
 
-/** The node flags of the deployed agent: those of ExecStart in infra/systemd/stagecoach-agent.service. */
-export function agentNodeFlags(): string[] {
-  const unit = readFileSync(fileURLToPath(new URL('../infra/systemd/stagecoach-agent.service', import.meta.url)), 'utf8');
-  const m = /^ExecStart=\S+((?: --[a-z0-9-]+(?:=\S+)?)*) /m.exec(unit);
-  return m ? m[1].trim().split(/\s+/).filter(Boolean) : [];
-}
-
 /** Runs benchAgent in a child process started with the deployed agent's node flags. */
 function benchAgentAsDeployed(sizeMiB: number, flags: string[], tree?: string): Promise<AgentBenchResult> {
   return new Promise((res, rej) => {
@@ -255,7 +248,7 @@ function benchAgentAsDeployed(sizeMiB: number, flags: string[], tree?: string): 
 /** The suite for `npm run bench` (loadtest/run.ts). */
 export async function run(opts: Record<string, string | undefined>): Promise<SuiteResult> {
   const sizeMiB = Number(opts['size-mib'] ?? opts['bundle-mib'] ?? 1024);
-  const flags = agentNodeFlags();
+  const flags = unitNodeFlags('agent');
   const tree = opts.tree ? resolve(opts.tree) : undefined;
   const r = await benchAgentAsDeployed(sizeMiB, flags, tree);
   const skipped = r.peerMissing.length ? `missing: ${r.peerMissing.join(', ')}` : 'no verification';

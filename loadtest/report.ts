@@ -3,7 +3,9 @@
  * JSON line, stores it in loadtest/results.json (one entry per suite, last run wins), and
  * regenerates loadtest/RESULTS.md from that file.
  */
+import { readFileSync } from 'node:fs';
 import { cpus, totalmem } from 'node:os';
+import { fileURLToPath } from 'node:url';
 
 export interface SuiteResult {
   suite: string;
@@ -47,4 +49,11 @@ export function percentile(xs: number[], p: number): number {
   if (xs.length === 0) return Number.NaN;
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.min(s.length - 1, Math.max(0, Math.ceil((p / 100) * s.length) - 1))];
+}
+
+/** The node flags of a deployed service: those of ExecStart in infra/systemd/stagecoach-<service>.service. */
+export function unitNodeFlags(service: 'agent' | 'stage' | 'control' | 'origin'): string[] {
+  const unit = readFileSync(fileURLToPath(new URL(`../infra/systemd/stagecoach-${service}.service`, import.meta.url)), 'utf8');
+  const m = /^ExecStart=\S+((?: --[a-z0-9-]+(?:=\S+)?)*) /m.exec(unit);
+  return m ? m[1].trim().split(/\s+/).filter(Boolean) : [];
 }

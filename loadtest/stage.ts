@@ -26,7 +26,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { freePort } from '../shared/redis.js';
-import { type SuiteResult, textTable } from './report.js';
+import { type SuiteResult, textTable, unitNodeFlags } from './report.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = resolve(HERE, '..');
@@ -42,7 +42,7 @@ export interface BenchOptions {
   rateBytesPerSec?: number;
   peers?: ('stage' | 'nginx' | 'varnish')[];
   scenarioTimeoutMs?: number;
-  /** Extra node flags for the stage child (e.g. `--cpu-prof --cpu-prof-dir=DIR`). */
+  /** Extra node flags for the stage child (e.g. `--cpu-prof --cpu-prof-dir=DIR`), after the deployed unit's (infra/systemd/stagecoach-stage.service). */
   stageNodeArgs?: string[];
   log?: (line: string) => void;
 }
@@ -463,7 +463,7 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
       mkdirSync(peerDir, { recursive: true });
       const p =
         name === 'stage'
-          ? await startStagePeer(peerDir, info.url, o.stageNodeArgs)
+          ? await startStagePeer(peerDir, info.url, [...unitNodeFlags('stage'), ...(o.stageNodeArgs ?? [])])
           : name === 'nginx'
             ? await startNginxPeer(peerDir, originPort, staticRoot)
             : await startVarnishPeer(peerDir, originPort);
@@ -604,7 +604,7 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
     headers: HEADERS,
     rows: cells(rows),
     notes: [
-      'origin: the same test origin for every peer, throttled to 25 MB/s, in its own process; stage run as `node services/cli/bin.js stage`',
+      `origin: the same test origin for every peer, throttled to 25 MB/s, in its own process; stage run as \`node ${unitNodeFlags('stage').join(' ')} services/cli/bin.js stage\` (the deployed unit's node flags, infra/systemd/stagecoach-stage.service)`,
       'goals: origin bytes 1.00× per colo; waiters TTFB p99 ≤ 0.2 s; completion ≤ 1.1× the origin transfer time; warm ≥ 0.8× nginx static; stage peak RSS ≤ 100 MiB',
       'CPU s, CPU s/GiB: the server process group (all its processes) from /proc/<pid>/stat utime+stime over the scenario, per GiB of body the clients received; the clients run in the benchmark process and are not counted',
       'peak RSS: sum of VmHWM over the server process group after all its herds; sampled RSS: highest sum of VmRSS, sampled every 100 ms during the herds',

@@ -47,7 +47,7 @@ describe('infra examples', () => {
       assert.match(t, /^WantedBy=multi-user\.target$/m, u);
       const cmd = /^ExecStart=(.*)$/m.exec(t)![1];
       // Production runs the compiled JavaScript of the runtime directory (see README, "The agent on a real host").
-      assert.match(cmd, new RegExp(`^/opt/stagecoach/bin/node (--[a-z-]+ )*/opt/stagecoach/app/dist/services/cli/main\\.js ${u.replace(/^stagecoach-|\.service$/g, '')} --config /etc/stagecoach/`), u);
+      assert.match(cmd, new RegExp(`^/opt/stagecoach/bin/node (--[a-z0-9-]+(=[0-9a-z]+)? )*/opt/stagecoach/app/dist/services/cli/main\\.js ${u.replace(/^stagecoach-|\.service$/g, '')} --config /etc/stagecoach/`), u);
     }
   });
 });
