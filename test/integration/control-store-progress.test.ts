@@ -100,11 +100,16 @@ describe('rollout store: progress-only changes', () => {
     assert.deepEqual(changes, [{ kind: 'rollout', id: a.spec.id }]);
     assert.equal(store.active.get(a.spec.id)?.hosts.get('h1')?.steps.fetch.percent, 40);
 
+    // A flush with no new progress reports nothing.
+    await store.flush();
+    assert.equal(changes.length, 1);
+
     // More progress within the window: still not written.
     now += PROGRESS_PERSIST_MS - 1;
     progress('h1', 60);
     await store.flush();
     assert.equal((await stored('h1')).steps.fetch.percent, undefined);
+    assert.equal(changes.length, 2);
 
     // The window since the first unwritten progress is over: written, with its lastEventAt.
     now += 1;

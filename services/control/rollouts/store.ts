@@ -62,8 +62,11 @@ export class RolloutStore {
   readonly #dirtyOps = new Set<string>();
   /** Rollouts whose preheat changed (its JSON is written only then, not with every status write). */
   readonly #dirtyPreheat = new Set<string>();
-  /** Hosts changed by progress reports only, by rollout, and when the oldest such change was made. */
-  readonly #progressHosts = new Map<string, { hosts: Set<string>; since: number }>();
+  /**
+   * Hosts changed by progress reports only, by rollout: when the oldest unwritten change was
+   * made, and whether one came since the last flush (only then is a change reported).
+   */
+  readonly #progressHosts = new Map<string, { hosts: Set<string>; since: number; fresh: boolean }>();
 
   constructor(deps: StoreDeps) {
     this.#deps = deps;
@@ -203,15 +206,16 @@ export class RolloutStore {
 
   /**
    * Marks a host of `a` changed by a progress report only: written with the rollout's next
-   * write, or once PROGRESS_PERSIST_MS passed (see there). Every flush still reports the change.
+   * write, or once PROGRESS_PERSIST_MS passed (see there). The next flush reports the change.
    */
   touchProgress(a: ActiveRollout, host: string): void {
     let p = this.#progressHosts.get(a.spec.id);
     if (!p) {
-      p = { hosts: new Set(), since: this.#deps.now() };
+      p = { hosts: new Set(), since: this.#deps.now(), fresh: true };
       this.#progressHosts.set(a.spec.id, p);
     }
     p.hosts.add(host);
+    p.fresh = true;
   }
 
   /** Marks a rollout's status changed. */
@@ -241,7 +245,8 @@ export class RolloutStore {
     const quiet: string[] = [];
     for (const [id, p] of this.#progressHosts) {
       if (!this.#dirtyRollouts.has(id) && now - p.since < PROGRESS_PERSIST_MS) {
-        quiet.push(id);
+        if (p.fresh) quiet.push(id);
+        p.fresh = false;
         continue;
       }
       let s = this.#dirtyHosts.get(id);
