@@ -1,5 +1,6 @@
 /**
- * Stage benchmark: stagecoach stage vs nginx (proxy_cache_lock) vs Varnish, side by side in one
+ * Stage benchmark: stagecoach stage, alone and behind nginx (services/stage/accel.ts: nginx sends
+ * committed blobs with sendfile), vs nginx (proxy_cache_lock) vs Varnish, side by side in one
  * run, behind the same throttled origin (the test origin in a child process, one shared rate
  * limiter). Scenarios per peer, each on a cold cache:
  * - cold herd: `herdClients` clients GET a `bigMiB` object at once (origin requests and bytes,
@@ -8,12 +9,12 @@
  * - cold herd 2: `herd2Clients` clients on a smaller `herd2MiB` object (bounded run time);
  * - warm: `warmClients` clients GET the cached big object at once (aggregate GB/s, and the ratio
  *   to nginx serving the same file statically).
- * Every peer runs in its own process group (the stage as `node services/cli/bin.js stage …`),
- * so the server side is measurable from /proc: CPU seconds per GiB served in the warm herd
+ * Every peer runs in its own process group (the stage as `node services/cli/bin.js stage …`;
+ * the stage behind nginx as two groups, both counted), so the server side is measurable from /proc: CPU seconds per GiB served in the warm herd
  * (utime + stime of every process of the group: nginx's master and workers, varnishd's manager
  * and child), and peak RSS over all the herds (the sum of VmHWM over the group, and the highest
  * sampled sum of VmRSS). Prints a table and one JSON line.
- * Run: `npx tsx loadtest/stage.ts [--quick] [--peers stage,nginx,varnish] [--cpu-prof DIR]`
+ * Run: `npx tsx loadtest/stage.ts [--quick] [--peers stage,stage+nginx,nginx,varnish] [--cpu-prof DIR]`
  * (`--cpu-prof`: the stage child writes a V8 CPU profile to DIR when it stops). Everything listens on 127.0.0.1; children are
  * killed on exit; each scenario has a deadline.
  */
@@ -26,11 +27,17 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { freePort } from '../shared/redis.js';
+import { renderNginxMain, renderNginxSite } from '../services/stage/accel.js';
+import { parseStageConfig } from '../services/stage/config.js';
 import { type SuiteResult, textTable, unitNodeFlags } from './report.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = resolve(HERE, '..');
 const MiB = 1024 * 1024;
+
+/** The peers: the stage alone, the stage behind nginx (accel.ts), nginx's proxy cache, Varnish. */
+const PEER_NAMES = ['stage', 'stage+nginx', 'nginx', 'varnish'] as const;
+type PeerName = (typeof PEER_NAMES)[number];
 
 /** Benchmark knobs (sizes in MiB, rate in bytes/s, deadline in ms). */
 export interface BenchOptions {
@@ -40,7 +47,7 @@ export interface BenchOptions {
   herd2Clients?: number;
   warmClients?: number;
   rateBytesPerSec?: number;
-  peers?: ('stage' | 'nginx' | 'varnish')[];
+  peers?: PeerName[];
   scenarioTimeoutMs?: number;
   /** Extra node flags for the stage child (e.g. `--cpu-prof --cpu-prof-dir=DIR`), after the deployed unit's (infra/systemd/stagecoach-stage.service). */
   stageNodeArgs?: string[];
@@ -232,19 +239,23 @@ function statFields(pid: number): string[] | null {
   }
 }
 
-/** Live processes of process group `pgid` (a detached child's pid is its group id). */
-export function groupPids(pgid: number): number[] {
+/** Process groups: one id, or several (a server made of two programs, such as the stage behind nginx). */
+type Groups = number | readonly number[];
+
+/** Live processes of process group(s) `pgid` (a detached child's pid is its group id). */
+export function groupPids(pgid: Groups): number[] {
+  const ids = new Set(typeof pgid === 'number' ? [pgid] : pgid);
   const out: number[] = [];
   for (const name of readdirSync('/proc')) {
     if (!/^\d+$/.test(name)) continue;
     const f = statFields(Number(name));
-    if (f && Number(f[2]) === pgid) out.push(Number(name));
+    if (f && ids.has(Number(f[2]))) out.push(Number(name));
   }
   return out;
 }
 
-/** CPU time (user + system, in clock ticks) of each live process of group `pgid`. */
-export function groupCpu(pgid: number): Map<number, number> {
+/** CPU time (user + system, in clock ticks) of each live process of group(s) `pgid`. */
+export function groupCpu(pgid: Groups): Map<number, number> {
   const m = new Map<number, number>();
   for (const pid of groupPids(pgid)) {
     const f = statFields(pid);
@@ -263,15 +274,15 @@ export function cpuSeconds(before: Map<number, number>, after: Map<number, numbe
   return ticks / CLK_TCK;
 }
 
-/** Sum over group `pgid` of a /proc status field, MiB. */
-export function groupMiB(pgid: number, field: 'VmHWM' | 'VmRSS'): number {
+/** Sum over group(s) `pgid` of a /proc status field, MiB. */
+export function groupMiB(pgid: Groups, field: 'VmHWM' | 'VmRSS'): number {
   let sum = 0;
   for (const pid of groupPids(pgid)) sum += vmMiB(pid, field) ?? 0;
   return sum;
 }
 
 /** Samples the group's summed VmRSS every `everyMs` until stopped; `stop()` returns the highest. */
-function rssSampler(pgid: number, everyMs = 100): { stop(): number } {
+function rssSampler(pgid: Groups, everyMs = 100): { stop(): number } {
   let max = groupMiB(pgid, 'VmRSS');
   const t = setInterval(() => {
     max = Math.max(max, groupMiB(pgid, 'VmRSS'));
@@ -303,14 +314,17 @@ const fill = (tmpl: string, vars: Record<string, string | number>) => tmpl.repla
 interface Peer {
   name: string;
   url: string;
-  pid?: number;
+  /** The process groups whose CPU and memory are the peer's. */
+  groups?: number[];
+  /** What each group is, for the rss row's note (one name per group). */
+  groupNames?: string[];
   stop(): Promise<void>;
   staticUrl?: string;
   idleRssMiB?: number | null;
 }
 
-async function startStagePeer(dir: string, originUrl: string, nodeArgs: string[] = []): Promise<Peer> {
-  const port = await freePort();
+async function startStagePeer(dir: string, originUrl: string, nodeArgs: string[] = [], extra: string[] = [], port?: number): Promise<Peer> {
+  port ??= await freePort();
   const c = start(process.execPath, [
     ...nodeArgs,
     join(ROOT, 'services/cli/bin.js'),
@@ -330,6 +344,7 @@ async function startStagePeer(dir: string, originUrl: string, nodeArgs: string[]
     '0',
     '--log-level',
     'warn',
+    ...extra,
   ]);
   // The tail of the stage's stderr, shown if it dies under the herd (its warnings and a crash stack).
   let tail = '';
@@ -343,7 +358,49 @@ async function startStagePeer(dir: string, originUrl: string, nodeArgs: string[]
   const url = `http://127.0.0.1:${port}`;
   await waitHttp(`${url}/healthz`, 'stage', 60_000); // a loaded machine, or sources run through tsx
   await new Promise((r) => setTimeout(r, 1000));
-  return { name: 'stage', url, pid: c.pid, idleRssMiB: c.pid ? groupMiB(c.pid, 'VmRSS') : null, stop: () => stop(c) };
+  return { name: 'stage', url, groups: c.pid ? [c.pid] : undefined, idleRssMiB: c.pid ? groupMiB(c.pid, 'VmRSS') : null, stop: () => stop(c) };
+}
+
+/**
+ * The stage behind nginx (services/stage/accel.ts): the stage with --accel-redirect on a fixed
+ * loopback port, and nginx (one worker) from the config `stagecoach stage --nginx-conf` prints.
+ * Its CPU and memory are both programs'.
+ */
+async function startStageNginxPeer(dir: string, originUrl: string, nodeArgs: string[]): Promise<Peer | string> {
+  if (!existsSync('/usr/sbin/nginx')) return 'nginx not installed (/usr/sbin/nginx): skipped';
+  const stagePort = await freePort();
+  const stage = await startStagePeer(dir, originUrl, nodeArgs, ['--accel-redirect', '/_stagecoach'], stagePort);
+  const prefix = join(dir, 'nginx');
+  mkdirSync(prefix, { recursive: true });
+  const frontPort = await freePort();
+  const config = parseStageConfig({ listen: `127.0.0.1:${stagePort}`, upstreams: [originUrl], cache: join(dir, 'stage-cache'), colo: 'bench', accelRedirect: '/_stagecoach' });
+  const site = renderNginxSite(config, { front: `127.0.0.1:${frontPort}` });
+  writeFileSync(join(prefix, 'nginx.conf'), renderNginxMain(prefix, site, process.getuid?.() === 0 ? 'root' : undefined));
+  const c = start('/usr/sbin/nginx', ['-p', prefix, '-c', join(prefix, 'nginx.conf'), '-g', 'daemon off;']);
+  let err = '';
+  c.stderr?.on('data', (b) => {
+    err += b;
+  });
+  const url = `http://127.0.0.1:${frontPort}`;
+  try {
+    await waitHttp(`${url}/healthz`, 'nginx');
+  } catch {
+    await stop(c);
+    await stage.stop();
+    return `nginx in front of the stage failed to start: ${err.slice(0, 200)}`;
+  }
+  const groups = [...(stage.groups ?? []), ...(c.pid ? [c.pid] : [])];
+  return {
+    name: 'stage+nginx',
+    url,
+    groups,
+    groupNames: ['stage', 'nginx'],
+    idleRssMiB: groupMiB(groups, 'VmRSS'),
+    stop: async () => {
+      await stop(c);
+      await stage.stop();
+    },
+  };
 }
 
 async function startNginxPeer(dir: string, originPort: number, staticRoot: string): Promise<Peer | string> {
@@ -370,7 +427,7 @@ async function startNginxPeer(dir: string, originPort: number, staticRoot: strin
     await stop(c);
     return `nginx failed to start: ${err.slice(0, 200)}`;
   }
-  return { name: 'nginx', url: `http://127.0.0.1:${cachePort}`, staticUrl: `http://127.0.0.1:${staticPort}`, pid: c.pid, stop: () => stop(c) };
+  return { name: 'nginx', url: `http://127.0.0.1:${cachePort}`, staticUrl: `http://127.0.0.1:${staticPort}`, groups: c.pid ? [c.pid] : undefined, stop: () => stop(c) };
 }
 
 async function startVarnishPeer(dir: string, originPort: number): Promise<Peer | string> {
@@ -392,7 +449,7 @@ async function startVarnishPeer(dir: string, originPort: number): Promise<Peer |
     await stop(c);
     return `varnish failed to start: ${err.slice(0, 200)}`;
   }
-  return { name: 'varnish', url: `http://127.0.0.1:${port}`, pid: c.pid, stop: () => stop(c) };
+  return { name: 'varnish', url: `http://127.0.0.1:${port}`, groups: c.pid ? [c.pid] : undefined, stop: () => stop(c) };
 }
 
 function row(p: Partial<BenchRow> & Pick<BenchRow, 'peer' | 'scenario' | 'clients' | 'objectMiB'>): BenchRow {
@@ -423,7 +480,7 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
     herd2Clients: 100,
     warmClients: 32,
     rateBytesPerSec: 25_000_000,
-    peers: ['stage', 'nginx', 'varnish'] as const,
+    peers: PEER_NAMES,
     scenarioTimeoutMs: 180_000,
     log: (l: string) => process.stderr.write(`${l}\n`),
     ...opts,
@@ -459,20 +516,22 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
 
     let nginxStaticGbps: number | null = null;
     for (const name of o.peers) {
-      const peerDir = join(dir, name);
+      const peerDir = join(dir, name.replace('+', '-'));
       mkdirSync(peerDir, { recursive: true });
       const p =
         name === 'stage'
           ? await startStagePeer(peerDir, info.url, [...unitNodeFlags('stage'), ...(o.stageNodeArgs ?? [])])
-          : name === 'nginx'
-            ? await startNginxPeer(peerDir, originPort, staticRoot)
-            : await startVarnishPeer(peerDir, originPort);
+          : name === 'stage+nginx'
+            ? await startStageNginxPeer(peerDir, info.url, unitNodeFlags('stage'))
+            : name === 'nginx'
+              ? await startNginxPeer(peerDir, originPort, staticRoot)
+              : await startVarnishPeer(peerDir, originPort);
       if (typeof p === 'string') {
         o.log(p);
         rows.push(row({ peer: name, scenario: 'cold-herd', clients: 0, objectMiB: 0, note: p }));
         continue;
       }
-      const pgid = p.pid;
+      const pgid = p.groups;
       let rssMax = 0;
       /** Runs `n` clients on `url`, with the server group's CPU seconds and highest sampled RSS over the run. */
       const herd = async (url: string, n: number) => {
@@ -529,6 +588,7 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
         if (pgid) {
           // After every herd of this peer (cold and warm): VmHWM is the peak since the process started.
           const procs = groupPids(pgid).length;
+          const parts = p.groupNames && p.groupNames.length > 1 ? `: ${p.groupNames.map((g, i) => `${g} ${groupMiB(pgid[i], 'VmHWM').toFixed(0)}`).join(' + ')} MiB` : '';
           rows.push(
             row({
               peer: name,
@@ -537,7 +597,7 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
               objectMiB: o.bigMiB,
               rssMiB: groupMiB(pgid, 'VmHWM'),
               rssSampledMiB: rssMax,
-              note: `${procs} process${procs === 1 ? '' : 'es'}; RSS before the herds: ${p.idleRssMiB?.toFixed(0) ?? '-'} MiB`,
+              note: `${procs} process${procs === 1 ? '' : 'es'}${parts}; RSS before the herds: ${p.idleRssMiB?.toFixed(0) ?? '-'} MiB`,
             }),
           );
         }
@@ -588,7 +648,7 @@ export function formatTable(rows: BenchRow[]): string {
 /** Options from the command line: `--quick`, `--peers a,b`, `--cpu-prof DIR` (stage child profile). */
 function cliOptions(quick: boolean, peers?: string, cpuProf?: string): BenchOptions {
   const o: BenchOptions = quick ? { bigMiB: 32, herd2MiB: 16, herd2Clients: 50, warmClients: 8 } : {};
-  if (peers) o.peers = peers.split(',').filter((x): x is 'stage' | 'nginx' | 'varnish' => x === 'stage' || x === 'nginx' || x === 'varnish');
+  if (peers) o.peers = peers.split(',').filter((x): x is PeerName => (PEER_NAMES as readonly string[]).includes(x));
   if (cpuProf) {
     mkdirSync(cpuProf, { recursive: true });
     o.stageNodeArgs = ['--cpu-prof', `--cpu-prof-dir=${resolve(cpuProf)}`];

@@ -106,6 +106,15 @@ export const stageConfigSchema = z.strictObject({
   relayHeartbeatMs: z.coerce.number().int().min(100).default(10_000),
   /** Longest long-poll a host may ask for, s. */
   relayMaxWaitSec: z.coerce.number().int().min(1).max(300).default(60),
+  /**
+   * Hand committed blobs to a front nginx: the internal path prefix its config serves the cache's
+   * `blobs/` from (accel.ts; `stagecoach stage --nginx-conf`). Off when unset.
+   */
+  accelRedirect: z
+    .string()
+    .regex(/^(\/[A-Za-z0-9._-]+)+$/, 'accelRedirect must be a path prefix such as /_stagecoach (segments of [A-Za-z0-9._-])')
+    .refine((p) => !p.split('/').some((s) => s === '.' || s === '..'), 'accelRedirect must not have . or .. segments')
+    .optional(),
 });
 
 /** Input accepted by `parseStageConfig` / `startStage` (defaults applied on parse). */

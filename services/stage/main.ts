@@ -118,7 +118,7 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
       maxWaitSec: config.relayMaxWaitSec,
     });
   }
-  const app = createStageApp({ colo: config.colo, cache, fills, manifests, upstreams, metrics, registry, log, token, relay: relay ?? undefined });
+  const app = createStageApp({ colo: config.colo, cache, fills, manifests, upstreams, metrics, registry, log, token, accelRedirect: config.accelRedirect, relay: relay ?? undefined });
   const server = createServer(app, loadServerTls(config));
   server.on('clientError', onClientError);
   server.keepAliveTimeout = 65_000;

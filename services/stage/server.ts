@@ -15,6 +15,7 @@ import { type FetchOnce, streamFill } from './fill.js';
 import type { ManifestCache } from './manifests.js';
 import type { StageMetrics } from './metrics.js';
 import type { Upstreams } from './upstreams.js';
+import { ACCEL_PIN_MS, accelTarget } from './accel.js';
 
 /** Answers parse errors (a 1 MB header) with a JSON body and a code; the same on origin. */
 export { onClientError } from '../../shared/http/client-error.js';
@@ -31,6 +32,11 @@ export interface StageAppDeps {
   log: Logger;
   /** Bearer token for POST /v1/prefetch; without one, prefetch answers 403. */
   token?: string;
+  /**
+   * Hand committed blobs to a front nginx: the internal path prefix of its blob location
+   * (config `accelRedirect`, accel.ts). Unset: the stage sends every body itself.
+   */
+  accelRedirect?: string;
   /** The colo relay (services/relay/server.ts), mounted at /v1/relay when on. */
   relay?: { router: express.Router; stats(): unknown };
 }
@@ -53,7 +59,23 @@ function stageReadSource(d: StageAppDeps): ReadSource {
       if (hit) {
         metrics.hits.inc();
         cache.acquire(hit);
-        return { size: hit.size, send: (res, start, end) => sendFileRange(res, hit.path, start, end, count), release: () => cache.release(hit) };
+        const blob: OpenBlob = { size: hit.size, send: (res, start, end) => sendFileRange(res, hit.path, start, end, count), release: () => cache.release(hit) };
+        if (d.accelRedirect === undefined) return blob;
+        const target = accelTarget(d.accelRedirect, digest);
+        let handedOff = false;
+        return {
+          ...blob,
+          handOff() {
+            handedOff = true;
+            metrics.accelHandoffs.inc();
+            metrics.accelBytes.inc(hit.size);
+            count(hit.size);
+            return target;
+          },
+          // nginx opens the file just after it reads the answer's headers: the entry stays
+          // pinned (not unlinked by eviction) a while longer so that open never misses it.
+          release: () => (handedOff ? setTimeout(() => cache.release(hit), ACCEL_PIN_MS).unref() : cache.release(hit)),
+        };
       }
       if (fills.isGone(digest)) {
         metrics.negativeHits.inc();

@@ -33,6 +33,11 @@
  * - the errors only a stage can meet: SC_ERR_UPSTREAM (502), SC_ERR_NO_UPSTREAM (503),
  *   SC_ERR_PASSTHROUGH_TOO_LARGE (507), and a blob body cut mid-way when its fill fails.
  *
+ * Behind a front nginx (a stage with `accelRedirect`, services/stage/accel.ts), a whole-blob GET
+ * that came through it (ACCEL_HEADER) with no range or precondition header is answered with the
+ * blob's status and headers, an empty body and `X-Accel-Redirect` (`OpenBlob.handOff`): nginx
+ * sends the file. Every other answer is the router's own, as above.
+ *
  * For the server's metrics and request log it sets `res.locals.route` (`healthz`, `metrics`,
  * `blob`, `bundles`, `manifest`) and, for blobs, `res.locals.bytesOut` (body bytes written).
  */
@@ -58,6 +63,12 @@ export interface OpenBlob {
    * Resolves with the body bytes written, when done or when the client went away.
    */
   send(res: ServerResponse, start: number, end: number): Promise<number>;
+  /**
+   * Present when a front server may send this blob from a file (a stage's committed blob behind
+   * nginx): marks the blob handed off and returns the `X-Accel-Redirect` path. The source keeps
+   * the file for the front server a while after `release`.
+   */
+  handOff?(): string;
   /** Gives back what `openBlob` took (a cache entry, a fill). Called exactly once. */
   release(): void;
 }
@@ -104,6 +115,25 @@ export interface ReadApiOptions {
    * are listed in `Allow`. Default: none (read-only).
    */
   writeMethods?: readonly string[];
+}
+
+/**
+ * Request header a front nginx sets (`proxy_set_header`, services/stage/accel.ts) to say it
+ * will send a blob file named by `X-Accel-Redirect`. Only such requests are handed off, so a
+ * client that reaches the server directly always gets the body.
+ */
+export const ACCEL_HEADER = 'stagecoach-accel';
+
+/**
+ * Requests the router answers itself even behind a front nginx: the front server would answer
+ * these headers by its own rules (multipart ranges, its own 412 and 304, Last-Modified), and
+ * every answer must stay the router's.
+ */
+const OWN_ANSWER_HEADERS = ['range', 'if-range', 'if-match', 'if-unmodified-since', 'if-modified-since'] as const;
+
+/** True when a whole-blob GET may be sent by the front server (see ACCEL_HEADER). */
+function frontMaySend(req: Request): boolean {
+  return req.method === 'GET' && req.headers[ACCEL_HEADER] === '1' && OWN_ANSWER_HEADERS.every((h) => req.headers[h] === undefined);
 }
 
 const SAFE_PATH = /^\/[A-Za-z0-9._~+:/-]*$/;
@@ -378,6 +408,13 @@ export function createReadApiRouter(source: ReadSource, opts: ReadApiOptions = {
       if (r === 'not-modified') return;
       const { start, end } = r;
       if (req.method === 'HEAD') {
+        res.end();
+        return;
+      }
+      if (blob.handOff && frontMaySend(req)) {
+        // The front server sends the file with these headers (its location adds the ETag).
+        res.set('X-Accel-Redirect', blob.handOff());
+        res.set('Content-Length', '0');
         res.end();
         return;
       }

@@ -4,7 +4,6 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { request } from 'node:http';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -17,165 +16,7 @@ import { type RunningStage, startStage } from '../../services/stage/main.js';
 import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';
 import { testManifest } from '../helpers/store-contract.js';
 import { waitFor } from '../helpers/test-origin.js';
-
-interface Answer {
-  status: number;
-  headers: Record<string, string | string[] | undefined>;
-  body: Buffer;
-}
-
-/** One request with the path sent exactly as given (no client-side normalisation). */
-function send(base: string, path: string, method = 'GET', headers: Record<string, string> = {}): Promise<Answer> {
-  const u = new URL(base);
-  return new Promise((resolve, reject) => {
-    const req = request({ host: u.hostname, port: u.port, path, method, headers, agent: false }, (res) => {
-      const parts: Buffer[] = [];
-      res.on('data', (c: Buffer) => parts.push(c));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(parts) }));
-      res.on('error', reject);
-    });
-    req.on('error', reject);
-    req.end();
-  });
-}
-
-function codeOf(a: Answer): string | undefined {
-  try {
-    return (JSON.parse(a.body.toString()) as { error?: { code?: string } }).error?.code;
-  } catch {
-    return undefined;
-  }
-}
-
-/** What a row may use: its own blob (a miss on a cold stage), the published manifest. */
-interface Fixture {
-  data: Buffer;
-  digest: Digest;
-  manifest: Manifest;
-}
-
-/** One request of the table and what both tiers must answer. */
-interface Row {
-  name: string;
-  method?: string;
-  path(f: Fixture): string;
-  headers?(f: Fixture): Record<string, string>;
-  status: number;
-  code?: string;
-  /** Headers compared between origin and stage (and present). */
-  same: string[];
-  /** Expected body, when the answer has one to check. */
-  body?(f: Fixture): Buffer;
-  /** Expected `Allow`: a function of the tier, since origin also takes PUT. */
-  allow?(tier: 'origin' | 'stage'): string;
-}
-
-const BLOB = ['etag', 'accept-ranges', 'cache-control', 'content-type', 'content-length'];
-const ERR = ['cache-control', 'content-type'];
-const withPut = (tier: 'origin' | 'stage') => (tier === 'origin' ? 'GET, HEAD, PUT' : 'GET, HEAD');
-
-const ROWS: Row[] = [
-  { name: 'good blob', path: (f) => `/v1/blobs/${f.digest}`, status: 200, same: BLOB, body: (f) => f.data },
-  { name: 'HEAD blob', method: 'HEAD', path: (f) => `/v1/blobs/${f.digest}`, status: 200, same: BLOB, body: () => Buffer.alloc(0) },
-  {
-    name: 'single Range',
-    path: (f) => `/v1/blobs/${f.digest}`,
-    headers: () => ({ range: 'bytes=10-99' }),
-    status: 206,
-    same: [...BLOB, 'content-range'],
-    body: (f) => f.data.subarray(10, 100),
-  },
-  {
-    name: 'suffix Range',
-    path: (f) => `/v1/blobs/${f.digest}`,
-    headers: () => ({ range: 'bytes=-7' }),
-    status: 206,
-    same: [...BLOB, 'content-range'],
-    body: (f) => f.data.subarray(f.data.length - 7),
-  },
-  {
-    name: 'multi-range answered whole',
-    path: (f) => `/v1/blobs/${f.digest}`,
-    headers: () => ({ range: 'bytes=0-9,100-199' }),
-    status: 200,
-    same: BLOB,
-    body: (f) => f.data,
-  },
-  {
-    name: 'unsatisfiable Range',
-    path: (f) => `/v1/blobs/${f.digest}`,
-    headers: (f) => ({ range: `bytes=${f.data.length + 10}-` }),
-    status: 416,
-    code: 'SC_ERR_BAD_RANGE',
-    same: ['etag', 'accept-ranges', 'content-range', ...ERR],
-  },
-  { name: 'malformed Range', path: (f) => `/v1/blobs/${f.digest}`, headers: () => ({ range: 'bytes=abc' }), status: 416, code: 'SC_ERR_BAD_RANGE', same: ERR },
-  {
-    name: 'If-None-Match',
-    path: (f) => `/v1/blobs/${f.digest}`,
-    headers: (f) => ({ 'if-none-match': `"sha256:${'0'.repeat(64)}", W/"${f.digest}"` }),
-    status: 304,
-    same: ['etag', 'cache-control'],
-    body: () => Buffer.alloc(0),
-  },
-  { name: 'If-None-Match: *', path: (f) => `/v1/blobs/${f.digest}`, headers: () => ({ 'if-none-match': '*' }), status: 304, same: ['etag'] },
-  { name: 'If-None-Match, other ETag', path: (f) => `/v1/blobs/${f.digest}`, headers: () => ({ 'if-none-match': '"x"' }), status: 200, same: BLOB },
-  { name: 'unknown blob', path: () => `/v1/blobs/${sha256Of(randomBytes(8))}`, status: 404, code: 'SC_ERR_BLOB_NOT_FOUND', same: ERR },
-  { name: 'short digest', path: () => '/v1/blobs/sha256:abc', status: 400, code: 'SC_ERR_BAD_DIGEST', same: ERR },
-  { name: 'uppercase digest', path: (f) => `/v1/blobs/sha256:${f.digest.slice(7).toUpperCase()}`, status: 400, code: 'SC_ERR_BAD_DIGEST', same: ERR },
-  { name: '/extra after the digest', path: (f) => `/v1/blobs/${f.digest}/extra`, status: 400, code: 'SC_ERR_BAD_DIGEST', same: ERR },
-  { name: 'percent-encoded digest', path: (f) => `/v1/blobs/sha256%3A${f.digest.slice(7)}`, status: 400, code: 'SC_ERR_BAD_DIGEST', same: ERR },
-  { name: 'empty blob segment', path: () => '/v1/blobs/', status: 400, code: 'SC_ERR_BAD_DIGEST', same: ERR },
-  { name: 'blob traversal', path: () => '/v1/blobs/sha256:../../etc/passwd', status: 400, code: 'SC_ERR_BAD_DIGEST', same: ERR },
-  { name: '/v1/blobs alone', path: () => '/v1/blobs', status: 400, code: 'SC_ERR_BAD_PATH', same: ERR },
-  { name: 'unknown route', path: () => '/v1/nothing', status: 400, code: 'SC_ERR_BAD_PATH', same: ERR },
-  { name: 'unknown top-level route', path: () => '/nope', status: 400, code: 'SC_ERR_BAD_PATH', same: ERR },
-  { name: 'trailing slash', path: () => '/healthz/', status: 400, code: 'SC_ERR_BAD_PATH', same: ERR },
-  { name: 'bundle traversal', path: () => '/v1/bundles/..%2f..%2fetc/passwd', status: 400, code: 'SC_ERR_BAD_PATH', same: ERR },
-  { name: 'POST on a blob', method: 'POST', path: (f) => `/v1/blobs/${f.digest}`, status: 405, code: 'SC_ERR_METHOD_NOT_ALLOWED', same: ERR, allow: withPut },
-  { name: 'DELETE on a blob', method: 'DELETE', path: (f) => `/v1/blobs/${f.digest}`, status: 405, code: 'SC_ERR_METHOD_NOT_ALLOWED', same: ERR, allow: withPut },
-  {
-    name: 'DELETE on a manifest',
-    method: 'DELETE',
-    path: (f) => `/v1/bundles/${f.manifest.name}/${f.manifest.version}`,
-    status: 405,
-    code: 'SC_ERR_METHOD_NOT_ALLOWED',
-    same: ERR,
-    allow: withPut,
-  },
-  { name: 'POST on the listing', method: 'POST', path: () => '/v1/bundles', status: 405, code: 'SC_ERR_METHOD_NOT_ALLOWED', same: [...ERR, 'allow'] },
-  { name: 'DELETE on /healthz', method: 'DELETE', path: () => '/healthz', status: 405, code: 'SC_ERR_METHOD_NOT_ALLOWED', same: [...ERR, 'allow'] },
-  { name: 'POST on /metrics', method: 'POST', path: () => '/metrics', status: 405, code: 'SC_ERR_METHOD_NOT_ALLOWED', same: [...ERR, 'allow'] },
-  {
-    name: 'manifest',
-    path: (f) => `/v1/bundles/${f.manifest.name}/${f.manifest.version}`,
-    status: 200,
-    same: ['etag', 'cache-control', 'content-type', 'content-length'],
-    body: (f) => Buffer.from(canonicalJson(f.manifest)),
-  },
-  {
-    name: 'HEAD manifest',
-    method: 'HEAD',
-    path: (f) => `/v1/bundles/${f.manifest.name}/${f.manifest.version}`,
-    status: 200,
-    same: ['etag', 'cache-control', 'content-type', 'content-length'],
-  },
-  {
-    name: 'manifest If-None-Match',
-    path: (f) => `/v1/bundles/${f.manifest.name}/${f.manifest.version}`,
-    headers: () => ({ 'if-none-match': '*' }),
-    status: 304,
-    same: ['etag', 'cache-control'],
-  },
-  { name: 'unknown manifest', path: () => '/v1/bundles/rescue-os/9.9.9', status: 404, code: 'SC_ERR_MANIFEST_NOT_FOUND', same: ERR },
-  { name: 'bad name', path: () => '/v1/bundles/Bad_Name/1.0', status: 400, code: 'SC_ERR_BAD_NAME', same: ERR },
-  { name: 'bad version', path: () => '/v1/bundles/ok/-bad', status: 400, code: 'SC_ERR_BAD_VERSION', same: ERR },
-  { name: 'bundle path too short', path: () => '/v1/bundles/ok', status: 400, code: 'SC_ERR_BAD_PATH', same: ERR },
-  { name: 'bundle path too long', path: () => '/v1/bundles/a/b/c', status: 400, code: 'SC_ERR_BAD_PATH', same: ERR },
-  { name: 'listing', path: () => '/v1/bundles', status: 200, same: ['cache-control', 'content-type'] },
-  { name: 'healthz', path: () => '/healthz', status: 200, same: ['cache-control', 'content-type'] },
-  { name: 'metrics', path: () => '/metrics', status: 200, same: ['cache-control', 'content-type'] },
-];
+import { type Answer, checkAnswer, type Fixture, ROWS, type Row, send } from '../helpers/read-api-rows.js';
 
 describe('read API contract: origin and stage answer alike', () => {
   let origin: TestOrigin;
@@ -216,17 +57,7 @@ describe('read API contract: origin and stage answer alike', () => {
 
   /** Checks one answer against the row and against origin's answer to the same request. */
   function check(row: Row, i: number, tier: 'origin' | 'stage', a: Answer): void {
-    const f = fixture(i);
-    const what = `${row.name} (${tier}): ${row.method ?? 'GET'} ${row.path(f)}`;
-    assert.equal(a.status, row.status, `${what}: ${a.body.toString().slice(0, 200)}`);
-    assert.equal(codeOf(a), row.code, what);
-    if (row.body) assert.ok(a.body.equals(row.body(f)), `${what}: body`);
-    if (row.allow) assert.equal(a.headers.allow, row.allow(tier), `${what}: Allow`);
-    const o = answers.get(row.name)!;
-    for (const h of row.same) {
-      assert.notEqual(a.headers[h], undefined, `${what}: no ${h}`);
-      assert.deepEqual(a.headers[h], o.headers[h], `${what}: ${h}`);
-    }
+    checkAnswer(row, fixture(i), tier, a, answers.get(row.name)!);
   }
 
   it('origin answers every row as the contract says', () => {

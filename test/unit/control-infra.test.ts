@@ -9,6 +9,7 @@ import { loadAgentConfig } from '../../services/agent/config.js';
 import { loadControlConfig, parseStagesFlag } from '../../services/control/config.js';
 import { loadOriginConfig } from '../../services/origin/config.js';
 import { loadStageConfig } from '../../services/stage/config.js';
+import { renderNginxSite } from '../../services/stage/accel.js';
 
 describe('infra examples', () => {
   it('example configs validate against the service schemas', () => {
@@ -35,6 +36,11 @@ describe('infra examples', () => {
     assert.equal(c.listen, '127.0.0.1:9');
     assert.throws(() => loadControlConfig({ env: {}, flags: { redis: 'redis://x', origin: 'http://o', tokenFile: 't', signingKey: 'k', surprise: 1 } }), /surprise/);
     assert.throws(() => loadControlConfig({ env: {}, flags: { redis: 'http://x', origin: 'http://o', tokenFile: 't', signingKey: 'k' } }), /redis/);
+  });
+
+  it('the example nginx site is what `stage --nginx-conf` prints for the example stage', () => {
+    const s = loadStageConfig({ file: 'infra/config/stage.yaml', env: {}, flags: { accelRedirect: '/_stagecoach' } });
+    assert.equal(readFileSync('infra/nginx/stagecoach-stage.conf', 'utf8'), renderNginxSite(s, { front: '0.0.0.0:7443' }));
   });
 
   it('systemd units restart always and wait for the network', () => {

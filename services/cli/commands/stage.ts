@@ -30,34 +30,41 @@ export function register(program: Command): void {
     .option('--relay-secret-file <file>', 'removed (refused): a stage no longer holds the fleet secret; use --relay-key-file')
     .option('--tls-cert <pem>', 'listen with TLS: certificate (chain) file, with --tls-key (stagecoach tls gen)')
     .option('--tls-key <pem>', 'listen with TLS: private key file of --tls-cert')
+    .option('--accel-redirect <prefix>', 'behind nginx: hand committed blobs to it with X-Accel-Redirect under this internal path, e.g. /_stagecoach')
+    .option('--nginx-conf <host:port>', "print the nginx config that fronts this stage on HOST:PORT (needs --accel-redirect), and exit")
     .option('--config <file>', 'YAML config file (keys as in the README)')
     .option('--log-level <level>', 'pino log level (default info)')
     .action(
       action(async (o: Record<string, string | string[] | undefined>) => {
+        const flags = {
+          listen: o.listen,
+          upstreams: o.upstream,
+          cache: o.cache,
+          cacheSize: o.cacheSize,
+          maxPassthroughBytes: o.maxPassthroughBytes,
+          colo: o.colo,
+          trustKeys: o.trustKey,
+          tokenFile: o.tokenFile,
+          idleTimeoutMs: o.idleTimeout,
+          negativeTtlMs: o.negativeTtl,
+          reconcileIntervalMs: o.reconcileInterval,
+          logLevel: o.logLevel,
+          redis: o.redis,
+          prefix: o.prefix,
+          relayKeyFile: o.relayKeyFile,
+          relaySecretFile: o.relaySecretFile,
+          tlsCert: o.tlsCert,
+          tlsKey: o.tlsKey,
+          accelRedirect: o.accelRedirect,
+        };
+        const src = { file: o.config as string | undefined, flagNames: STAGE_FLAG_NAMES };
+        if (typeof o.nginxConf === 'string') {
+          const [{ loadStageConfig }, { renderNginxSite }] = await Promise.all([import('../../stage/config.js'), import('../../stage/accel.js')]);
+          process.stdout.write(renderNginxSite(loadStageConfig({ ...src, flags }), { front: o.nginxConf }));
+          return;
+        }
         const { runStage } = await import('../../stage/main.js'); // loaded only when this command runs
-        await runStage(
-          {
-            listen: o.listen,
-            upstreams: o.upstream,
-            cache: o.cache,
-            cacheSize: o.cacheSize,
-            maxPassthroughBytes: o.maxPassthroughBytes,
-            colo: o.colo,
-            trustKeys: o.trustKey,
-            tokenFile: o.tokenFile,
-            idleTimeoutMs: o.idleTimeout,
-            negativeTtlMs: o.negativeTtl,
-            reconcileIntervalMs: o.reconcileInterval,
-            logLevel: o.logLevel,
-            redis: o.redis,
-            prefix: o.prefix,
-            relayKeyFile: o.relayKeyFile,
-            relaySecretFile: o.relaySecretFile,
-            tlsCert: o.tlsCert,
-            tlsKey: o.tlsKey,
-          },
-          { file: o.config as string | undefined, flagNames: STAGE_FLAG_NAMES },
-        );
+        await runStage(flags, src);
       }),
     );
 }

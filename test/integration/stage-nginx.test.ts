@@ -1,0 +1,149 @@
+// A stage behind a real nginx (services/stage/accel.ts): nginx sends committed blobs from the
+// cache with X-Accel-Redirect, and every answer through nginx must still be the read API's:
+// the contract table (test/helpers/read-api-rows.ts) is run through nginx cold and warm and
+// compared with origin's answers, header by header.
+import assert from 'node:assert/strict';
+import { type ChildProcess, spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { chmodSync, existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Readable } from 'node:stream';
+import { after, before, describe, it } from 'node:test';
+import { type Digest, sha256Of } from '../../shared/digest.js';
+import { silentLogger } from '../../shared/log.js';
+import type { Manifest } from '../../shared/manifest.js';
+import { freePort } from '../../shared/redis.js';
+import { renderNginxMain, renderNginxSite } from '../../services/stage/accel.js';
+import { type RunningStage, startStage } from '../../services/stage/main.js';
+import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';
+import { type Answer, checkAnswer, type Fixture, ROWS, send } from '../helpers/read-api-rows.js';
+import { testManifest } from '../helpers/store-contract.js';
+import { metricValue, waitFor } from '../helpers/test-origin.js';
+
+const NGINX = '/usr/sbin/nginx';
+
+describe('stage behind nginx (X-Accel-Redirect)', { skip: existsSync(NGINX) ? false : 'nginx is not installed (/usr/sbin/nginx)' }, () => {
+  let origin: TestOrigin;
+  let stage: RunningStage;
+  let nginx: ChildProcess;
+  let nginxLog = '';
+  let front: string;
+  let dir: string;
+  let manifest: Manifest;
+  const blobs: { data: Buffer; digest: Digest }[] = [];
+  const fixture = (i: number): Fixture => ({ ...blobs[i], manifest });
+  const answers = new Map<string, Answer>();
+  const metric = async (name: string) => metricValue(await stage.metrics.metrics(), name);
+
+  before(async () => {
+    origin = await startTestOrigin();
+    for (let i = 0; i < ROWS.length; i++) {
+      const data = randomBytes(256 * 1024 + i);
+      const digest = sha256Of(data);
+      await origin.client.putBlob(Readable.from([data]), digest, data.length);
+      blobs.push({ data, digest });
+    }
+    manifest = testManifest('rescue-os', '1.0.0', { digest: blobs[0].digest, size: blobs[0].data.length });
+    await origin.client.putManifest(manifest);
+    for (const [i, row] of ROWS.entries()) {
+      const f = fixture(i);
+      answers.set(row.name, await send(origin.url, row.path(f), row.method, row.headers?.(f)));
+    }
+    dir = await mkdtemp(join(tmpdir(), 'stage-nginx-'));
+    chmodSync(dir, 0o755); // nginx's workers read the cache
+    stage = await startStage(
+      { listen: `127.0.0.1:${await freePort()}`, upstreams: [origin.url], cache: join(dir, 'cache'), cacheSize: '64MiB', colo: 'front', accelRedirect: '/_stagecoach' },
+      { log: silentLogger },
+    );
+    const port = await freePort();
+    front = `http://127.0.0.1:${port}`;
+    const prefix = join(dir, 'nginx');
+    mkdirSync(prefix);
+    const site = renderNginxSite(stage.config, { front: `127.0.0.1:${port}` });
+    writeFileSync(join(prefix, 'nginx.conf'), renderNginxMain(prefix, site, process.getuid?.() === 0 ? 'root' : undefined));
+    nginx = spawn(NGINX, ['-p', prefix, '-c', join(prefix, 'nginx.conf'), '-g', 'daemon off;'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    nginx.stderr?.on('data', (b: Buffer) => {
+      nginxLog += b.toString();
+    });
+    await waitFor(
+      async () => {
+        if (nginx.exitCode !== null) throw new Error(`nginx exited: ${nginxLog}`);
+        return (await send(front, '/healthz').catch(() => null))?.status === 200;
+      },
+      20_000,
+      'nginx to answer',
+    );
+  });
+
+  after(async () => {
+    if (nginx && nginx.exitCode === null) {
+      const exited = new Promise((r) => nginx.once('exit', r));
+      nginx.kill('SIGTERM');
+      await exited;
+    }
+    await stage?.close();
+    await origin?.close();
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  for (const pass of ['cold', 'warm'] as const) {
+    it(`through nginx, a ${pass} stage answers every row as origin does`, async () => {
+      if (pass === 'warm') {
+        await waitFor(() => stage.fills().every((x) => x.state !== 'filling'), 20_000, 'the fills to finish');
+        assert.ok(stage.fills().filter((x) => x.state === 'committed').length >= 10, 'the cold pass filled the row blobs');
+      }
+      const handoffs = await metric('stage_accel_handoffs_total');
+      for (const [i, row] of ROWS.entries()) {
+        const f = fixture(i);
+        const a = await send(front, row.path(f), row.method, row.headers?.(f));
+        checkAnswer(row, f, 'stage', a, answers.get(row.name)!, `stage via nginx, ${pass}`);
+        if (a.status < 300) assert.equal(a.headers['last-modified'], undefined, `${row.name}: no Last-Modified from nginx`);
+      }
+      // Cold: every blob was a miss, streamed by the stage. Warm: the two whole-blob GETs without
+      // a range or a precondition ("good blob", "If-None-Match, other ETag") went to nginx.
+      assert.equal((await metric('stage_accel_handoffs_total')) - handoffs, pass === 'cold' ? 0 : 2);
+    });
+  }
+
+  it('a warm whole-blob GET is sent by nginx from the file, with the blob headers', async () => {
+    const { data, digest } = blobs[0];
+    const before = { handoffs: await metric('stage_accel_handoffs_total'), served: await metric('stage_bytes_served_total') };
+    const a = await send(front, `/v1/blobs/${digest}`);
+    assert.equal(a.status, 200);
+    assert.ok(a.body.equals(data));
+    assert.equal(a.headers.etag, `"${digest}"`);
+    assert.equal(a.headers['content-length'], String(data.length));
+    assert.equal(a.headers['content-type'], 'application/octet-stream');
+    assert.equal(a.headers['cache-control'], 'public, max-age=31536000, immutable');
+    assert.equal(a.headers['x-accel-redirect'], undefined, 'nginx consumes the redirect');
+    assert.equal((await metric('stage_accel_handoffs_total')) - before.handoffs, 1);
+    assert.equal((await metric('stage_accel_bytes_total')) > 0, true);
+    assert.equal((await metric('stage_bytes_served_total')) - before.served, data.length, 'handed-off bytes count as served');
+  });
+
+  it('a client that reaches the stage directly gets the body; only the front header asks for a handoff', async () => {
+    const { data, digest } = blobs[0];
+    const direct = await send(stage.url, `/v1/blobs/${digest}`);
+    assert.equal(direct.status, 200);
+    assert.ok(direct.body.equals(data));
+    assert.equal(direct.headers['x-accel-redirect'], undefined);
+    const asked = await send(stage.url, `/v1/blobs/${digest}`, 'GET', { 'stagecoach-accel': '1' });
+    assert.equal(asked.status, 200);
+    assert.equal(asked.headers['x-accel-redirect'], `/_stagecoach/blobs/${digest.slice(7)}`);
+    assert.equal(asked.body.length, 0);
+    assert.equal(asked.headers['content-length'], '0');
+  });
+
+  it("nginx refuses its internal blob location from outside, and a client cannot set the front header's value", async () => {
+    const { digest } = blobs[0];
+    const a = await send(front, `/_stagecoach/blobs/${digest.slice(7)}`);
+    assert.notEqual(a.status, 200, 'the internal location is not reachable from outside');
+    assert.equal(a.body.includes(blobs[0].data.subarray(0, 64)), false);
+    // A client's own Stagecoach-Accel is replaced by nginx's; a range still gets the stage's 206.
+    const r = await send(front, `/v1/blobs/${digest}`, 'GET', { 'stagecoach-accel': '0', range: 'bytes=5-9' });
+    assert.equal(r.status, 206);
+    assert.ok(r.body.equals(blobs[0].data.subarray(5, 10)));
+  });
+});
