@@ -274,6 +274,12 @@ export function cpuSeconds(before: Map<number, number>, after: Map<number, numbe
   return ticks / CLK_TCK;
 }
 
+/** The entries of a `groupCpu` snapshot that belong to process group `pgid` now. */
+function onlyGroup(cpu: Map<number, number>, pgid: number): Map<number, number> {
+  const pids = new Set(groupPids(pgid));
+  return new Map([...cpu].filter(([pid]) => pids.has(pid)));
+}
+
 /** Sum over group(s) `pgid` of a /proc status field, MiB. */
 export function groupMiB(pgid: Groups, field: 'VmHWM' | 'VmRSS'): number {
   let sum = 0;
@@ -538,10 +544,16 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
         const before = pgid ? groupCpu(pgid) : null;
         const sampler = pgid ? rssSampler(pgid) : null;
         const r = await runClients(url, n, o.scenarioTimeoutMs);
-        const cpu = pgid && before ? cpuSeconds(before, groupCpu(pgid)) : null;
+        const afterCpu = pgid ? groupCpu(pgid) : null;
+        const cpu = before && afterCpu ? cpuSeconds(before, afterCpu) : null;
         const rss = sampler?.stop() ?? null;
         if (rss !== null) rssMax = Math.max(rssMax, rss);
-        return { r, cpu, cpuPerGiB: cpu === null || r.bytes === 0 ? null : cpu / (r.bytes / 2 ** 30), rss };
+        // A peer of several programs: each one's share of the CPU, for the row's note.
+        const split =
+          pgid && before && afterCpu && p.groupNames && p.groupNames.length > 1
+            ? `CPU ${p.groupNames.map((g, i) => `${g} ${cpuSeconds(onlyGroup(before, pgid[i]), onlyGroup(afterCpu, pgid[i])).toFixed(2)} s`).join(' + ')}`
+            : undefined;
+        return { r, cpu, cpuPerGiB: cpu === null || r.bytes === 0 ? null : cpu / (r.bytes / 2 ** 30), rss, split };
       };
       try {
         for (const [scenario, digest, n, mib] of [
@@ -550,7 +562,7 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
         ] as const) {
           const before = await originCounters(info.url);
           o.log(`${name}: ${scenario}, ${n} clients x ${mib} MiB`);
-          const { r, cpu, cpuPerGiB, rss } = await herd(`${p.url}/v1/blobs/${digest}`, n);
+          const { r, cpu, cpuPerGiB, rss, split } = await herd(`${p.url}/v1/blobs/${digest}`, n);
           const after = await originCounters(info.url);
           const transfer = (mib * MiB) / o.rateBytesPerSec;
           const c99 = pct(r.done, 99);
@@ -570,6 +582,7 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
               cpuSecPerGiB: cpuPerGiB,
               rssSampledMiB: rss,
               errors: r.errors,
+              note: split,
             }),
           );
           o.log(`  ${JSON.stringify(rows.at(-1))}`);
@@ -582,8 +595,8 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
           o.log(`  ${JSON.stringify(rows.at(-1))}`);
         }
         o.log(`${name}: warm, ${o.warmClients} clients x ${o.bigMiB} MiB`);
-        const { r: w, cpu, cpuPerGiB, rss } = await herd(`${p.url}/v1/blobs/${bigD}`, o.warmClients);
-        rows.push(row({ peer: name, scenario: 'warm', clients: o.warmClients, objectMiB: o.bigMiB, gbps: w.bytes / w.wall / 1e9, cpuSec: cpu, cpuSecPerGiB: cpuPerGiB, rssSampledMiB: rss, errors: w.errors }));
+        const { r: w, cpu, cpuPerGiB, rss, split } = await herd(`${p.url}/v1/blobs/${bigD}`, o.warmClients);
+        rows.push(row({ peer: name, scenario: 'warm', clients: o.warmClients, objectMiB: o.bigMiB, gbps: w.bytes / w.wall / 1e9, cpuSec: cpu, cpuSecPerGiB: cpuPerGiB, rssSampledMiB: rss, errors: w.errors, note: split }));
         o.log(`  ${JSON.stringify(rows.at(-1))}`);
         if (pgid) {
           // After every herd of this peer (cold and warm): VmHWM is the peak since the process started.

@@ -99,7 +99,12 @@ export function renderNginxSite(config: StageConfig, opts: NginxSiteOptions): st
     '    proxy_set_header Connection "";',
     '    proxy_set_header Host $http_host;',
     '    proxy_set_header Stagecoach-Accel 1;',
+    // Unbuffered, nginx relays through one buffer of proxy_buffer_size per request: small
+    // ones cost a read and a write per 4 KiB of a streamed fill.
     '    proxy_buffering off;',
+    '    proxy_buffer_size 128k;',
+    '    proxy_buffers 4 128k;',
+    '    proxy_busy_buffers_size 128k;',
     '    proxy_request_buffering off;',
     // The relay's long polls last up to relayMaxWaitSec (at most 300 s).
     '    proxy_read_timeout 330s;',

@@ -1,7 +1,8 @@
 // Blob bodies from a stage's cache files are sent through bounded, reused read buffers
 // (shared/http/read-api.ts ReadBuffer): the buffer per reader shrinks as readers are added, so
-// all of them hold a bounded total; every reader gives its share back, whether it finished, was
-// answered a Range, or left mid-body. Real origin and stage on 127.0.0.1 port 0.
+// all of them hold a bounded total, carved out of one arena; every reader gives its share back,
+// whether it finished, was answered a Range, or left mid-body. Real origin and stage on
+// 127.0.0.1 port 0.
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -11,11 +12,13 @@ import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
 import { type Digest, sha256Of } from '../../shared/digest.js';
-import { readBufferReaders, readChunkBytes } from '../../shared/http/read-api.js';
+import { ReadBuffer, readArenaFreeBytes, readBufferReaders, readChunkBytes } from '../../shared/http/read-api.js';
 import { silentLogger } from '../../shared/log.js';
 import { type RunningStage, startStage } from '../../services/stage/main.js';
 import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';
 import { httpGet as get, waitFor } from '../helpers/test-origin.js';
+
+const ARENA = 16 << 20;
 
 describe('read API: bounded read buffers', () => {
   let origin: TestOrigin;
@@ -56,6 +59,38 @@ describe('read API: bounded read buffers', () => {
     }
   });
 
+  it('carves every buffer out of one arena and gets it back whole, also past its capacity', () => {
+    const free0 = readArenaFreeBytes();
+    const readers: ReadBuffer[] = [];
+    const bufs = new Set<ArrayBufferLike>();
+    let held = 0;
+    // 300 readers: past 256 (the arena's 16 MiB in 64 KiB pieces), readers get a buffer of their own.
+    for (let i = 0; i < 300; i++) {
+      const r = new ReadBuffer();
+      readers.push(r);
+      const b = r.buffer();
+      if (i < 16) bufs.add(b.buffer);
+      held += b.length;
+      assert.ok(b.length >= 64 * 1024);
+    }
+    assert.equal(bufs.size, 1, 'the first readers share one block of memory');
+    assert.equal(readArenaFreeBytes(), free0 - (16 << 20), 'the herd used the whole arena');
+    // Every reader asks again: all are resized to the share of 300 readers, none holds two pieces.
+    for (const r of readers) assert.equal(r.buffer().length, readChunkBytes(300));
+    assert.ok(held > 16 << 20);
+    for (const r of readers.slice(0, 150)) r.close();
+    assert.equal(readBufferReaders(), 150);
+    for (const r of readers.slice(150)) r.close();
+    for (const r of readers) r.close(); // idempotent
+    assert.equal(readBufferReaders(), 0);
+    assert.equal(readArenaFreeBytes(), ARENA, 'every piece came back and joined its buddies');
+    // After it, one reader gets a whole READ_MAX piece again (the halves joined up).
+    const one = new ReadBuffer();
+    assert.equal(one.buffer().length, 1 << 20);
+    one.close();
+    assert.equal(readArenaFreeBytes(), ARENA);
+  });
+
   it('serves many concurrent whole and Range reads from the cache with the right bytes, and every reader gives its buffer back', async () => {
     const ranges: [number, number][] = [
       [0, data.length - 1],
@@ -74,7 +109,7 @@ describe('read API: bounded read buffers', () => {
       assert.equal(a.status, whole ? 200 : 206);
       assert.ok(a.body.equals(data.subarray(s, e + 1)), `bytes ${s}-${e}`);
     }
-    await waitFor(() => readBufferReaders() === 0);
+    await waitFor(() => readBufferReaders() === 0 && readArenaFreeBytes() === ARENA);
   });
 
   it('gives the buffer back when a client leaves mid-body', async () => {
@@ -88,7 +123,7 @@ describe('read API: bounded read buffers', () => {
       req.on('error', (err) => (req.destroyed ? undefined : reject(err)));
       req.end();
     });
-    await waitFor(() => readBufferReaders() === 0);
+    await waitFor(() => readBufferReaders() === 0 && readArenaFreeBytes() === ARENA);
     const again = await get(url);
     assert.ok(again.body.equals(data));
   });
