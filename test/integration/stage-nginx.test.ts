@@ -147,3 +147,43 @@ describe('stage behind nginx (X-Accel-Redirect)', { skip: existsSync(NGINX) ? fa
     assert.ok(r.body.equals(blobs[0].data.subarray(5, 10)));
   });
 });
+
+describe('stage accel: a handed-off blob stays on disk for the front server', () => {
+  it('eviction right after a handoff leaves the file until the pin ends; without a handoff it goes at once', async () => {
+    const origin = await startTestOrigin();
+    const dir = await mkdtemp(join(tmpdir(), 'stage-accel-pin-'));
+    const blobs: { data: Buffer; digest: Digest }[] = [];
+    for (let i = 0; i < 4; i++) {
+      const data = randomBytes(300 * 1024 + i);
+      const digest = sha256Of(data);
+      await origin.client.putBlob(Readable.from([data]), digest, data.length);
+      blobs.push({ data, digest });
+    }
+    // Room for two blobs: each new fill evicts the oldest.
+    const stage = await startStage(
+      { listen: '127.0.0.1:0', upstreams: [origin.url], cache: join(dir, 'cache'), cacheSize: 700 * 1024, colo: 'pin', accelRedirect: '/_sc' },
+      { log: silentLogger },
+    );
+    const onDisk = (i: number) => existsSync(join(dir, 'cache', 'blobs', blobs[i].digest.slice(7)));
+    const fetchWhole = async (i: number) => assert.ok((await send(stage.url, `/v1/blobs/${blobs[i].digest}`)).body.equals(blobs[i].data));
+    try {
+      await fetchWhole(0);
+      await fetchWhole(1);
+      await waitFor(() => onDisk(0) && onDisk(1), 10_000, 'blobs 0 and 1 committed');
+      // Blob 0 is handed off (the front's header); blob 1 only read by the stage itself.
+      const a = await send(stage.url, `/v1/blobs/${blobs[0].digest}`, 'GET', { 'stagecoach-accel': '1' });
+      assert.equal(a.headers['x-accel-redirect'], `/_sc/blobs/${blobs[0].digest.slice(7)}`);
+      await fetchWhole(1); // blob 1 is now the most recent: blob 0 goes first
+      await fetchWhole(2); // evicts blob 0, which nginx may not have opened yet
+      await waitFor(() => onDisk(2), 10_000, 'blob 2 committed');
+      assert.ok(onDisk(0), 'the handed-off blob is still on disk after its eviction');
+      assert.ok(metricValue(await stage.metrics.metrics(), 'stage_cache_deferred_bytes') >= blobs[0].data.length);
+      await fetchWhole(3); // evicts blob 1: read by the stage only, nothing pins it
+      await waitFor(() => !onDisk(1), 10_000, 'blob 1 unlinked at its eviction');
+    } finally {
+      await stage.close();
+      await origin.close();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
