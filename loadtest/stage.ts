@@ -669,6 +669,22 @@ function cliOptions(quick: boolean, peers?: string, cpuProf?: string): BenchOpti
   return o;
 }
 
+/** One note per stagecoach peer: its warm herd beside Varnish's in the same run (CPU per GiB, GB/s). */
+function vsVarnish(rows: BenchRow[]): string[] {
+  const warm = (peer: string) => rows.find((r) => r.peer === peer && r.scenario === 'warm');
+  const v = warm('varnish');
+  const vCpu = v?.cpuSecPerGiB;
+  const vGbps = v?.gbps;
+  if (!vCpu || !vGbps) return [];
+  return ['stage', 'stage+nginx'].flatMap((peer) => {
+    const w = warm(peer);
+    if (!w?.cpuSecPerGiB || !w.gbps) return [];
+    return [
+      `${peer} warm vs Varnish: CPU per GiB ${w.cpuSecPerGiB.toFixed(2)} s vs ${vCpu.toFixed(2)} s (${(w.cpuSecPerGiB / vCpu).toFixed(2)}×), GB/s ${(w.gbps / vGbps).toFixed(2)}× Varnish's`,
+    ];
+  });
+}
+
 /** The stage suite in the loadtest/report.ts format (`npm run bench -- stage`). */
 export async function run(opts: Record<string, string | undefined>): Promise<SuiteResult> {
   const rows = await benchStage(cliOptions(opts.quick !== undefined, opts.peers, opts['cpu-prof']));
@@ -678,7 +694,8 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
     rows: cells(rows),
     notes: [
       `origin: the same test origin for every peer, throttled to 25 MB/s, in its own process; stage run as \`node ${unitNodeFlags('stage').join(' ')} services/cli/bin.js stage\` (the deployed unit's node flags, infra/systemd/stagecoach-stage.service)`,
-      'goals: origin bytes 1.00× per colo; waiters TTFB p99 ≤ 0.2 s; completion ≤ 1.1× the origin transfer time; warm ≥ 0.8× nginx static; stage peak RSS ≤ 100 MiB',
+      'goals: origin bytes 1.00× per colo; waiters TTFB p99 ≤ 0.2 s; completion ≤ 1.1× the origin transfer time; warm ≥ 0.8× nginx static; stage peak RSS ≤ 100 MiB; warm CPU per GiB ≤ Varnish; warm GB/s ≥ Varnish',
+      ...vsVarnish(rows),
       'CPU s, CPU s/GiB: the server process group (all its processes) from /proc/<pid>/stat utime+stime over the scenario, per GiB of body the clients received; the clients run in the benchmark process and are not counted',
       'peak RSS: sum of VmHWM over the server process group after all its herds; sampled RSS: highest sum of VmRSS, sampled every 100 ms during the herds',
       ...rows.filter((r) => r.note).map((r) => `${r.peer} ${r.scenario}: ${r.note}`),
