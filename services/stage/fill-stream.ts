@@ -5,7 +5,7 @@
 import type { ServerResponse } from 'node:http';
 import { drained } from '../../shared/bundle/tar-io.js';
 import { scError } from '../../shared/errors.js';
-import { ChunkWriter, ReadBuffer } from '../../shared/http/read-api.js';
+import { ChunkWriter, ReadBuffer } from '../../shared/http/body-send.js';
 import type { Fill } from './fill-state.js';
 
 /** Resolves when `p` settles or `res` closes, leaving no listener behind. */

@@ -7,7 +7,8 @@ import express, { type NextFunction, type Request, type Response } from 'express
 import { type Digest, parseDigest } from '../../shared/digest.js';
 import { scError } from '../../shared/errors.js';
 import { errorHandler, requireToken } from '../../shared/http.js';
-import { createReadApiRouter, methodNotAllowed, type OpenBlob, type ReadSource, sendFileRange, unknownRoute } from '../../shared/http/read-api.js';
+import { sendFileRange } from '../../shared/http/body-send.js';
+import { createReadApiRouter, methodNotAllowed, type OpenBlob, type ReadSource, unknownRoute } from '../../shared/http/read-api.js';
 import type { Logger } from '../../shared/log.js';
 import type { Registry } from '../../shared/metrics.js';
 import type { BlobCache } from './cache.js';

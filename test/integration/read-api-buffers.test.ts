@@ -1,5 +1,5 @@
 // Blob bodies from a stage's cache files are sent through bounded, reused read buffers
-// (shared/http/read-api.ts ReadBuffer): the buffer per reader shrinks as readers are added, so
+// (shared/http/body-send.ts ReadBuffer): the buffer per reader shrinks as readers are added, so
 // all of them hold a bounded total, carved out of one arena; every reader gives its share back,
 // whether it finished, was answered a Range, or left mid-body. Real origin and stage on
 // 127.0.0.1 port 0.
@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
 import { type Digest, sha256Of } from '../../shared/digest.js';
-import { ReadBuffer, readArenaFreeBytes, readBufferReaders, readChunkBytes } from '../../shared/http/read-api.js';
+import { ReadBuffer, readArenaFreeBytes, readBufferReaders, readChunkBytes } from '../../shared/http/body-send.js';
 import { silentLogger } from '../../shared/log.js';
 import { type RunningStage, startStage } from '../../services/stage/main.js';
 import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';
