@@ -7,8 +7,11 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { request } from 'node:http';
+import { Readable } from 'node:stream';
 import { type Digest, sha256Of } from '../../shared/digest.js';
 import { canonicalJson, type Manifest } from '../../shared/manifest.js';
+import { startTestOrigin, type TestOrigin } from './origin.js';
+import { testManifest } from './store-contract.js';
 
 export interface Answer {
   status: number;
@@ -180,4 +183,36 @@ export function checkAnswer(row: Row, f: Fixture, tier: 'origin' | 'stage', a: A
     assert.notEqual(a.headers[h], undefined, `${what}: no ${h}`);
     assert.deepEqual(a.headers[h], o.headers[h], `${what}: ${h}`);
   }
+}
+
+/** A real origin holding what the rows need, and its answer to every row. */
+export interface ContractOrigin {
+  origin: TestOrigin;
+  /** One blob per row, so that on a cold stage every blob row takes the fill path. */
+  blobs: { data: Buffer; digest: Digest }[];
+  /** What row `i` may use: its own blob, and the published manifest (of blob 0). */
+  fixture(i: number): Fixture;
+  /** Origin's answer to each row, by row name. */
+  answers: Map<string, Answer>;
+}
+
+/** Starts a test origin with one random blob of about `blobBytes` per row and a manifest, and asks it every row. */
+export async function startContractOrigin(blobBytes: number): Promise<ContractOrigin> {
+  const origin = await startTestOrigin();
+  const blobs: { data: Buffer; digest: Digest }[] = [];
+  for (let i = 0; i < ROWS.length; i++) {
+    const data = randomBytes(blobBytes + i);
+    const digest = sha256Of(data);
+    await origin.client.putBlob(Readable.from([data]), digest, data.length);
+    blobs.push({ data, digest });
+  }
+  const manifest = testManifest('rescue-os', '1.0.0', { digest: blobs[0].digest, size: blobs[0].data.length });
+  await origin.client.putManifest(manifest);
+  const fixture = (i: number): Fixture => ({ ...blobs[i], manifest });
+  const answers = new Map<string, Answer>();
+  for (const [i, row] of ROWS.entries()) {
+    const f = fixture(i);
+    answers.set(row.name, await send(origin.url, row.path(f), row.method, row.headers?.(f)));
+  }
+  return { origin, blobs, fixture, answers };
 }

@@ -2,51 +2,34 @@
 // origin and a real stage in front of it, cold (every blob a miss: the fill path) and warm
 // (every blob a cache hit). Each answer must match origin's in status, error code and headers.
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Readable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
-import { type Digest, sha256Of } from '../../shared/digest.js';
+import { sha256Of } from '../../shared/digest.js';
 import { silentLogger } from '../../shared/log.js';
-import { canonicalJson, type Manifest } from '../../shared/manifest.js';
+import { canonicalJson } from '../../shared/manifest.js';
 import { type RunningStage, startStage } from '../../services/stage/main.js';
-import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';
-import { testManifest } from '../helpers/store-contract.js';
+import type { TestOrigin } from '../helpers/origin.js';
 import { waitFor } from '../helpers/test-origin.js';
-import { type Answer, checkAnswer, type Fixture, ROWS, type Row, send } from '../helpers/read-api-rows.js';
+import { type Answer, type ContractOrigin, checkAnswer, type Fixture, ROWS, type Row, send, startContractOrigin } from '../helpers/read-api-rows.js';
 
 describe('read API contract: origin and stage answer alike', () => {
   let origin: TestOrigin;
   let stage: RunningStage;
   let dir: string;
-  let manifest: Manifest;
-  const blobs: { data: Buffer; digest: Digest }[] = [];
-  const fixture = (i: number): Fixture => ({ ...blobs[i], manifest });
-  const answers = new Map<string, Answer>();
+  let c: ContractOrigin;
+  const fixture = (i: number): Fixture => c.fixture(i);
 
   before(async () => {
-    origin = await startTestOrigin();
-    // One blob per row, so that on a cold stage every blob row takes the fill path.
-    for (let i = 0; i < ROWS.length; i++) {
-      const data = randomBytes(64 * 1024 + i);
-      const digest = sha256Of(data);
-      await origin.client.putBlob(Readable.from([data]), digest, data.length);
-      blobs.push({ data, digest });
-    }
-    manifest = testManifest('rescue-os', '1.0.0', { digest: blobs[0].digest, size: blobs[0].data.length });
-    await origin.client.putManifest(manifest);
+    c = await startContractOrigin(64 * 1024);
+    origin = c.origin;
     dir = await mkdtemp(join(tmpdir(), 'read-api-contract-'));
     stage = await startStage(
       { listen: '127.0.0.1:0', upstreams: [origin.url], cache: join(dir, 'cache'), cacheSize: '64MiB', colo: 'contract' },
       { log: silentLogger },
     );
-    for (const [i, row] of ROWS.entries()) {
-      const f = fixture(i);
-      answers.set(row.name, await send(origin.url, row.path(f), row.method, row.headers?.(f)));
-    }
   });
 
   after(async () => {
@@ -57,11 +40,11 @@ describe('read API contract: origin and stage answer alike', () => {
 
   /** Checks one answer against the row and against origin's answer to the same request. */
   function check(row: Row, i: number, tier: 'origin' | 'stage', a: Answer): void {
-    checkAnswer(row, fixture(i), tier, a, answers.get(row.name)!);
+    checkAnswer(row, fixture(i), tier, a, c.answers.get(row.name)!);
   }
 
   it('origin answers every row as the contract says', () => {
-    for (const [i, row] of ROWS.entries()) check(row, i, 'origin', answers.get(row.name)!);
+    for (const [i, row] of ROWS.entries()) check(row, i, 'origin', c.answers.get(row.name)!);
   });
 
   for (const pass of ['cold', 'warm'] as const) {
@@ -82,7 +65,7 @@ describe('read API contract: origin and stage answer alike', () => {
     const [o, s] = await Promise.all([send(origin.url, '/v1/bundles'), send(stage.url, '/v1/bundles')]);
     assert.deepEqual(JSON.parse(s.body.toString()), JSON.parse(o.body.toString()));
     assert.equal((JSON.parse(o.body.toString()) as unknown[]).length, 1);
-    assert.equal(answers.get('manifest')!.headers.etag, `"${sha256Of(canonicalJson(manifest))}"`);
+    assert.equal(c.answers.get('manifest')!.headers.etag, `"${sha256Of(canonicalJson(c.fixture(0).manifest))}"`);
   });
 
   it('a 1 MB header gets 431 SC_ERR_HEADER_TOO_LARGE with a JSON body from both', async () => {
