@@ -94,6 +94,12 @@ export interface FleetBenchResult {
   stepStats: Record<string, { p50: number; p99: number }>;
   /** CPU seconds spent during the rollout, per process group. */
   cpuSec: { control: number; stages: number; agents: number; redis: number; origin: number };
+  /** The stages' CPU (their relays and the bytes they serve) per host step, ms. */
+  stageCpuMsPerHostStep?: number;
+  /** Redis commands run during the rollout (INFO commandstats), per host step, by command: the busiest first. */
+  redisCallsPerHostStep?: { total: number; top: [string, number][] };
+  /** Requests the stages answered during the rollout (stage_http_requests_total), per host step, by method and route. */
+  stageRequestsPerHostStep?: { total: number; byRoute: [string, number][] };
 }
 
 
@@ -109,6 +115,13 @@ function procStat(pid: number): { cpuTicks: number; rssBytes: number } | null {
   } catch {
     return null;
   }
+}
+
+/** Calls per command from INFO commandstats (`cmdstat_hset:calls=12,...`). */
+function commandCalls(text: string): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const m of text.matchAll(/^cmdstat_([^:]+):calls=(\d+)/gm)) out.set(m[1], Number(m[2]));
+  return out;
 }
 
 function info(text: string, key: string): number {
@@ -366,7 +379,22 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
         origin: (self.user + self.system) / 1e6,
       };
     };
+    /** Requests the stages answered so far, by method and route. */
+    const stageRequests = async () => {
+      const out = new Map<string, number>();
+      for (const url of Object.values(stageUrl)) {
+        const text = await new ReadClient(url).metricsText();
+        for (const m of text.matchAll(/^stage_http_requests_total\{([^}]*)\} (\d+)/gm)) {
+          const label = (l: string) => new RegExp(`${l}="([^"]*)"`).exec(m[1])?.[1] ?? '?';
+          const k = `${label('method')} ${label('route')}`;
+          out.set(k, (out.get(k) ?? 0) + Number(m[2]));
+        }
+      }
+      return out;
+    };
+    const requests0 = await stageRequests();
     const cpuStart = await cpuNow();
+    const calls0 = commandCalls(await redis.info('commandstats'));
     const cpu0 = procStat(control.pid!)?.cpuTicks ?? 0;
     const tStart = Date.now();
     const rollout = await api.createRollout({
@@ -405,6 +433,7 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
     clearInterval(sampler);
     const cpuMs = (((procStat(control.pid!)?.cpuTicks ?? cpu0) - cpu0) / CLK_TCK) * 1000;
     const cpuEnd = await cpuNow();
+    const calls1 = commandCalls(await redis.info('commandstats'));
     const cpuSec = Object.fromEntries(
       Object.entries(cpuEnd).map(([k, v]) => [k, Math.round((v - cpuStart[k as keyof typeof cpuStart]) * 10) / 10]),
     ) as FleetBenchResult['cpuSec'];
@@ -415,6 +444,8 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
     const egress = counterValue(originText, 'origin_blob_bytes_out_total');
     let stageToHost = 0;
     let resumes = 0;
+    const requests = await stageRequests();
+    for (const [k, n] of requests0) requests.set(k, (requests.get(k) ?? 0) - n);
     for (const url of Object.values(stageUrl)) {
       const text = await new ReadClient(url).metricsText();
       stageToHost += counterValue(text, 'stage_bytes_served_total');
@@ -436,6 +467,12 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
     const all = [...perStep.values()].flat();
     const steps = all.length;
     const stepStats = Object.fromEntries([...perStep].map(([k, v]) => [k, { p50: percentile(v, 50), p99: percentile(v, 99) }]));
+    // (The bench's own INFO polling and its report read at the end are not rollout work: INFO is left out.)
+    const perStepCalls = [...calls1]
+      .filter(([c]) => c !== 'info')
+      .map(([c, n]): [string, number] => [c, steps ? Math.round(((n - (calls0.get(c) ?? 0)) / steps) * 100) / 100 : 0])
+      .filter(([, n]) => n > 0)
+      .sort((a, b) => b[1] - a[1]);
     return {
       mode,
       hosts: nHosts,
@@ -464,6 +501,12 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
       stepP99Ms: percentile(all, 99),
       stepStats,
       cpuSec,
+      stageCpuMsPerHostStep: steps ? Math.round((cpuSec.stages * 1000 * 100) / steps) / 100 : Number.NaN,
+      stageRequestsPerHostStep: {
+        total: steps ? Math.round(([...requests.values()].reduce((a, n) => a + n, 0) / steps) * 100) / 100 : 0,
+        byRoute: [...requests].map(([k, n]): [string, number] => [k, steps ? Math.round((n / steps) * 100) / 100 : 0]).sort((a, b) => b[1] - a[1]),
+      },
+      redisCallsPerHostStep: { total: Math.round(perStepCalls.reduce((a, [, n]) => a + n, 0) * 10) / 10, top: perStepCalls },
     };
   } finally {
     for (const c of cleanup.reverse()) await c().catch(() => {});
@@ -510,6 +553,16 @@ export function fleetSuite(r: FleetBenchResult): SuiteResult {
     ['Redis clients per idle agent', r.redisClientsPerIdleAgent],
     ['Redis used memory: idle / peak', `${mib(r.redisMemIdleBytes)} / ${mib(r.redisMemPeakBytes)}`],
     ['control CPU per host step', `${r.controlCpuMsPerHostStep} ms (${(r.controlCpuMs / 1000).toFixed(1)} s in all)`],
+    // (absent from results recorded before they were measured)
+    ['stages CPU per host step (relay and bytes served)', r.stageCpuMsPerHostStep !== undefined ? `${r.stageCpuMsPerHostStep} ms` : 'not measured'],
+    [
+      'Redis commands per host step',
+      r.redisCallsPerHostStep ? `${r.redisCallsPerHostStep.total} (${r.redisCallsPerHostStep.top.slice(0, 8).map(([c, n]) => `${c} ${n}`).join(', ')})` : 'not measured',
+    ],
+    [
+      'stage requests per host step',
+      r.stageRequestsPerHostStep ? `${r.stageRequestsPerHostStep.total} (${r.stageRequestsPerHostStep.byRoute.slice(0, 6).map(([k, n]) => `${k} ${n}`).join(', ')})` : 'not measured',
+    ],
     ['BullMQ jobs (steps) per second', r.jobsPerSec],
     ['agent-process RSS per host', `${(r.agentRssPerHostBytes / 1024).toFixed(0)} KiB (${mib(r.agentRssBytes)} peak in all)`],
     ['time per step p50 / p99', `${r.stepP50Ms} / ${r.stepP99Ms} ms`],

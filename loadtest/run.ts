@@ -1,6 +1,6 @@
 /**
  * `npm run bench [-- SUITE… [--hosts N --colos M --bundle-mib K …]]`: runs benchmark suites
- * (origin, stage, agent, fleet; all of them when none is named), prints a table and one JSON
+ * (origin, stage, agent, relay, fleet; all of them when none is named), prints a table and one JSON
  * line per suite, and regenerates loadtest/RESULTS.md. A fleet run of other than 1,000 hosts is
  * kept beside the default one (`fleet-<hosts>`), and so is an agent run on a real tree (`agent
  * --tree DIR`: `agent-real`); `fleet --from-json FILE` records a run that was
@@ -13,7 +13,7 @@ import { parseArgs } from 'node:util';
 import { ensurePeers } from './peers.js';
 import { machineLine, markdownTable, type SuiteResult, textTable } from './report.js';
 
-const SUITES = ['origin', 'stage', 'agent', 'fleet'] as const;
+const SUITES = ['origin', 'stage', 'agent', 'relay', 'fleet'] as const;
 type Suite = (typeof SUITES)[number];
 
 const here = (p: string) => fileURLToPath(new URL(p, import.meta.url));
@@ -33,6 +33,8 @@ const { values, positionals } = parseArgs({
     'cpu-prof': { type: 'string' },
     'from-json': { type: 'string' },
     tree: { type: 'string' },
+    rounds: { type: 'string' },
+    'log-lines': { type: 'string' },
   },
 });
 
