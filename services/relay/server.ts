@@ -51,14 +51,11 @@ import {
   HOST_ID_RE,
   type HostRecord,
   keys,
-  queuePresence,
-  queueReport,
   relayLockToken,
   type RelayKey,
   type StepPayload,
   StepQueueConsumer,
   type StepReport,
-  type Source,
   type RelayStats,
   isFailureCode,
 } from '../../shared/protocol/index.js';
@@ -67,6 +64,7 @@ import { scError } from '../../shared/errors.js';
 import type { Logger } from '../../shared/log.js';
 import { createRedis } from '../../shared/redis.js';
 import { fieldsChecker, hostAuthenticator, pathHost, reportParser } from './auth.js';
+import { RecordBatch } from './record-batch.js';
 
 /** The lock token of every job a relay of `colo` takes (stable across relay restarts; shared/protocol/keys.ts). */
 export { relayLockToken };
@@ -139,7 +137,6 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
   const token = relayLockToken(o.colo);
   const queueName = coloQueueName(o.colo);
   const k = keys(o.prefix);
-  const source: Source = { kind: 'relay', colo: o.colo };
   const redis: Redis = createRedis(o.redisUrl, { forBullmq: true, name: `relay:${o.colo}` });
   redis.on('error', (err) => log.warn({ err: err.message }, 'redis connection error'));
   const consumer = new StepQueueConsumer({
@@ -223,13 +220,8 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
   const authHost = hostAuthenticator(o.keys, o.colo);
   const checkFields = fieldsChecker(o.colo);
   const report = reportParser(now);
-  const write = async (host: string, fields: Partial<HostRecord> | null, r: StepReport | null) => {
-    if (!fields && !r) return;
-    const pipe = redis.multi();
-    if (fields) queuePresence(pipe, o.prefix, source, host, fields, now());
-    if (r) queueReport(pipe, o.prefix, source, r, maxLen);
-    await pipe.exec();
-  };
+  const records = new RecordBatch({ redis, prefix: o.prefix, colo: o.colo, reportsMaxLen: maxLen, now });
+  const write = (host: string, fields: Partial<HostRecord> | null, r: StepReport | null) => records.write(host, fields, r);
   const heldFor = (req: Request, host: string): Held => {
     const id = String(req.params.jobId);
     if (!JOB_ID_RE.test(id)) throw scError('SC_ERR_BAD_PATH', 'bad job id');

@@ -207,21 +207,44 @@ export function decodeReport(fields: string[]): StepReport {
 
 /**
  * Queues the registration/heartbeat writes of one host on a MULTI or pipeline, into the keys of
- * `source` (the host itself, or its colo's relay: keys.ts). Only the given fields change.
+ * `source` (the host itself, or its colo's relay: keys.ts). Only the given fields change. A
+ * relay's writes also name its colo in `P:relays` (unless `announce` is false: a batch of many
+ * hosts' writes names it once, announceRelay).
  */
-export function queuePresence(pipe: ChainableCommander, prefix: string, source: Source, hostId: string, fields: Partial<HostRecord>, now: number): ChainableCommander {
+export function queuePresence(
+  pipe: ChainableCommander,
+  prefix: string,
+  source: Source,
+  hostId: string,
+  fields: Partial<HostRecord>,
+  now: number,
+  announce = true,
+): ChainableCommander {
   const k = keys(prefix);
   const rec = encodeHostRecord({ ...fields, hostId, lastSeen: now });
   if (source.kind === 'host') return pipe.hset(k.agent(hostId), rec).zadd(k.agents, now, hostId);
-  return pipe.hset(k.relayAgent(source.colo, hostId), rec).zadd(k.relayAgents(source.colo), now, hostId).sadd(k.relays, source.colo);
+  pipe.hset(k.relayAgent(source.colo, hostId), rec).zadd(k.relayAgents(source.colo), now, hostId);
+  return announce ? announceRelay(pipe, prefix, source.colo) : pipe;
+}
+
+/** Queues the naming of a relay's colo in `P:relays`, where control finds the relays' keys. */
+export function announceRelay(pipe: ChainableCommander, prefix: string, colo: string): ChainableCommander {
+  return pipe.sadd(keys(prefix).relays, colo);
 }
 
 /**
  * Queues one report on the source's own stream (field `r`: the StepReport as JSON, MAXLEN ~ cap)
- * and rings the report bell, on a MULTI or pipeline.
+ * and rings the report bell (unless `ring` is false: a batch of reports rings it once,
+ * ringReportBell), on a MULTI or pipeline.
  */
-export function queueReport(pipe: ChainableCommander, prefix: string, source: Source, r: StepReport, maxLen = 1_000_000): ChainableCommander {
-  return pipe.xadd(reportStreamOf(prefix, source), 'MAXLEN', '~', maxLen, '*', 'r', JSON.stringify(r)).lpush(keys(prefix).bell, sourceName(source));
+export function queueReport(pipe: ChainableCommander, prefix: string, source: Source, r: StepReport, maxLen = 1_000_000, ring = true): ChainableCommander {
+  pipe.xadd(reportStreamOf(prefix, source), 'MAXLEN', '~', maxLen, '*', 'r', JSON.stringify(r));
+  return ring ? ringReportBell(pipe, prefix, source) : pipe;
+}
+
+/** Queues one ring of the report bell with the name of `source`'s stream: control then reads it. */
+export function ringReportBell(pipe: ChainableCommander, prefix: string, source: Source): ChainableCommander {
+  return pipe.lpush(keys(prefix).bell, sourceName(source));
 }
 
 /**
