@@ -144,7 +144,15 @@ async function startInstance(
     redis?.on('error', (err) => logger.warn({ err: err.message }, 'redis connection error'));
     const transport = redis
       ? undefined
-      : new RelayTransport({ hostId: cfg.hostId, relays: cfg.relay ?? [], token: opts.relayToken ?? readRelayToken(cfg), logger, waitSec: cfg.relayWaitSec });
+      : new RelayTransport({
+          hostId: cfg.hostId,
+          relays: cfg.relay ?? [],
+          token: opts.relayToken ?? readRelayToken(cfg),
+          logger,
+          waitSec: cfg.relayWaitSec,
+          // A heartbeat only when a whole heartbeat period passed without an answered request.
+          quietMs: Math.round(cfg.heartbeatMs * 0.9),
+        });
     const worker = new AgentWorker({
       hostId: cfg.hostId,
       colo: cfg.colo,

@@ -71,7 +71,11 @@ export interface RelayTransportOptions {
   flushMs?: number;
   /** How long completion/failure reports are retried while no relay answers, ms (default 120000). */
   retryMs?: number;
-  /** A heartbeat is sent only after this long without an answered request and without an open poll, ms (default 5000). */
+  /**
+   * A heartbeat is sent only after this long without an answered request and without an open
+   * poll, ms (default 9000: just under the agent's heartbeat period, 10 s). The relay counts
+   * every request as a sign of life, so a host that reports progress sends no heartbeats.
+   */
   quietMs?: number;
 }
 
@@ -95,7 +99,7 @@ export class RelayTransport implements StepTransport {
 
   constructor(o: RelayTransportOptions) {
     if (o.relays.length === 0) throw scError('SC_ERR_BAD_CONFIG', 'relay mode needs at least one relay URL');
-    this.#o = { waitSec: 25, flushMs: 250, retryMs: 120_000, quietMs: 5000, ...o };
+    this.#o = { waitSec: 25, flushMs: 250, retryMs: 120_000, quietMs: 9000, ...o };
   }
 
   async open(): Promise<void> {}
@@ -109,8 +113,9 @@ export class RelayTransport implements StepTransport {
   }
 
   async heartbeat(fields: Partial<HostRecord>): Promise<void> {
-    // While a poll is open, or right after any request, the relay counts the host as alive: only
-    // changed fields, or a long silence (a step without progress), need a request of their own.
+    // While a poll is open, or after any request, the relay counts the host as alive (its
+    // heartbeat tick writes when it last saw each host): only changed fields, or a silence of
+    // quietMs (a step without progress), need a request of their own.
     if (!this.#pending && (this.#polls.size > 0 || Date.now() - this.#lastAnswer < this.#o.quietMs)) return;
     const body = { fields: this.#take(fields) ?? {} };
     const r = await this.#call('POST', `/v1/relay/hosts/${this.#o.hostId}/heartbeat`, body, 15_000).catch((err) => {

@@ -25,8 +25,9 @@
  *   reports; `POST /v1/relay/hosts/:id/heartbeat` and any request's `fields` write its
  *   registration. Both go to this colo's own keys (`P:relay:<colo>:*`, shared/protocol/keys.ts),
  *   the only ones its Redis user may write: a relay cannot rewrite a host of another colo or a
- *   direct-mode host, and control shows its hosts as `transport: relay` in this colo. Hosts with an open poll are kept alive by the relay
- *   (one pipelined write per `heartbeatMs` for all of them).
+ *   direct-mode host, and control shows its hosts as `transport: relay` in this colo. Hosts with an
+ *   open poll, and hosts that made any request since the last tick, are kept alive by the relay
+ *   (one pipelined write of their `lastSeen` per `heartbeatMs` for all of them).
  * - If the relay dies, its jobs stay active under the colo token. A restarted relay re-adopts
  *   them at once (`extendLock` with the same token succeeds) and hands them out again; if none
  *   restarts, BullMQ's stalled-job check (run by every relay of the colo) returns them to wait
@@ -193,12 +194,20 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
     throw err;
   }
 
-  // Heartbeats of hosts with an open poll.
+  /**
+   * Hosts that made an authenticated request since the last heartbeat tick, and when: any request
+   * is a sign of life, so a host reporting a long step's progress needs no heartbeat requests.
+   */
+  let seen = new Map<string, number>();
+  // Heartbeats: hosts with an open poll are alive now; hosts seen since the last tick were alive then.
   const beat = setInterval(() => {
-    if (waiters.size === 0) return;
     const t = now();
+    const last = seen;
+    seen = new Map();
+    for (const host of waiters.keys()) last.set(host, t);
+    if (last.size === 0) return;
     const pipe = redis.pipeline();
-    for (const host of waiters.keys()) pipe.hset(k.relayAgent(o.colo, host), 'lastSeen', String(t)).zadd(k.relayAgents(o.colo), t, host);
+    for (const [host, at] of last) pipe.hset(k.relayAgent(o.colo, host), 'lastSeen', String(at)).zadd(k.relayAgents(o.colo), at, host);
     pipe.exec().catch((err) => log.warn({ err: (err as Error).message }, 'heartbeat write failed'));
   }, hbMs);
 
@@ -217,11 +226,20 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
 
   // ---------------------------------------------------------------- HTTP
 
-  const authHost = hostAuthenticator(o.keys, o.colo);
+  const authenticate = hostAuthenticator(o.keys, o.colo);
+  const authHost = (req: Request): string => {
+    const host = authenticate(req);
+    seen.set(host, now());
+    return host;
+  };
   const checkFields = fieldsChecker(o.colo);
   const report = reportParser(now);
   const records = new RecordBatch({ redis, prefix: o.prefix, colo: o.colo, reportsMaxLen: maxLen, now });
-  const write = (host: string, fields: Partial<HostRecord> | null, r: StepReport | null) => records.write(host, fields, r);
+  const write = (host: string, fields: Partial<HostRecord> | null, r: StepReport | null) => {
+    // A registration write sets lastSeen itself (to a later time than the tick would).
+    if (fields) seen.delete(host);
+    return records.write(host, fields, r);
+  };
   const heldFor = (req: Request, host: string): Held => {
     const id = String(req.params.jobId);
     if (!JOB_ID_RE.test(id)) throw scError('SC_ERR_BAD_PATH', 'bad job id');
