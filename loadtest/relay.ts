@@ -1,13 +1,15 @@
 /**
  * Relay benchmark: the relay's own CPU per host step, measured apart from everything else.
  *
- *   npm run bench -- relay [--hosts 300 --rounds 2 --log-lines 2]
+ *   npm run bench -- relay [--hosts 300 --rounds 2 --log-lines 2 --idle 0 --wait-sec 25]
  *
  * A stage with its colo's relay runs in this process, on a private redis-server; the hosts run in
  * a child process, each one a real RelayTransport (the agent's relay client) doing what the agent
  * does per step: take the job (long poll), report `started`, log lines, report progress once,
  * complete. Jobs are enqueued before the clock starts, as control does, as one flow per host
- * (the conversion's 11 steps, `--rounds` times). Printed: the stage process's CPU time per host
+ * (the conversion's 11 steps, `--rounds` times). `--idle N` adds N hosts with no jobs that
+ * long-poll all along, as the hosts of a large colo that wait for their wave do (`--wait-sec`:
+ * the polls' length, default the agent's). Printed: the stage process's CPU time per host
  * step (this process does nothing else while the hosts run), requests per step, Redis commands
  * per step (INFO commandstats: the relay's own and those inside BullMQ's scripts), and steps per
  * second. The fleet benchmark measures the same relay in a whole rollout, with its idle polls and
@@ -39,11 +41,16 @@ export interface RelayBenchOptions {
   rounds?: number;
   /** Log lines per step. */
   logLines?: number;
+  /** Hosts without jobs that long-poll during the whole run. */
+  idle?: number;
+  /** Long-poll length of every host, s (default the agent's, RelayTransport's default). */
+  waitSec?: number;
 }
 
 /** What benchRelay measured. */
 export interface RelayBenchResult {
   hosts: number;
+  idle: number;
   steps: number;
   wallMs: number;
   stageCpuMs: number;
@@ -64,8 +71,10 @@ function commandCalls(text: string): Map<string, number> {
 interface HostsSpec {
   relay: string;
   hosts: string[];
+  idle: string[];
   steps: number;
   logLines: number;
+  waitSec?: number;
 }
 
 export async function benchRelay(o: RelayBenchOptions = {}): Promise<RelayBenchResult> {
@@ -113,7 +122,8 @@ export async function benchRelay(o: RelayBenchOptions = {}): Promise<RelayBenchR
     for (const h of hosts) await producer.enqueueSequence(h, 'bench-1', seq, { route });
     const steps = nHosts * seq.length;
 
-    const spec: HostsSpec = { relay: stage.url, hosts, steps: seq.length, logLines: o.logLines ?? 2 };
+    const idle = Array.from({ length: o.idle ?? 0 }, (_, i) => `idle${String(i).padStart(5, '0')}`);
+    const spec: HostsSpec = { relay: stage.url, hosts, idle, steps: seq.length, logLines: o.logLines ?? 2, waitSec: o.waitSec };
     const specFile = join(root, 'hosts.json');
     await writeFile(specFile, JSON.stringify(spec));
     const calls0 = commandCalls(await redis.info('commandstats'));
@@ -135,6 +145,7 @@ export async function benchRelay(o: RelayBenchOptions = {}): Promise<RelayBenchR
     const stageCpuMs = (cpu.user + cpu.system) / 1000;
     return {
       hosts: nHosts,
+      idle: idle.length,
       steps,
       wallMs,
       stageCpuMs: Math.round(stageCpuMs),
@@ -160,11 +171,25 @@ async function requestsServed(url: string): Promise<number> {
 /** The hosts: each takes, reports and completes its steps in order, as the agent's step loop does. */
 async function hostsMain(specFile: string): Promise<void> {
   const spec = JSON.parse(await readFile(specFile, 'utf8')) as HostsSpec;
+  const transport = (host: string) =>
+    new RelayTransport({ hostId: host, relays: [spec.relay], token: relayToken(SECRET, COLO, host), logger: silentLogger, ...(spec.waitSec ? { waitSec: spec.waitSec } : {}) });
+  // Hosts waiting for their wave: registered, then long-polling until the busy ones are done.
+  let done = false;
+  const idle = spec.idle.map(async (host) => {
+    const t = transport(host);
+    await t.update({ colo: COLO, state: 'idle' });
+    const closed = (async () => {
+      while (!done) await new Promise((r) => setTimeout(r, 200));
+      await t.close();
+    })();
+    while (!done) await t.next().catch(() => undefined);
+    await closed;
+  });
   await Promise.all(
     spec.hosts.map(async (host) => {
-      const t = new RelayTransport({ hostId: host, relays: [spec.relay], token: relayToken(SECRET, COLO, host), logger: silentLogger, waitSec: 5 });
+      const t = transport(host);
       await t.update({ colo: COLO, state: 'idle' });
-      for (let done = 0; done < spec.steps; ) {
+      for (let n = 0; n < spec.steps; ) {
         const job = await t.next();
         if (!job) continue;
         // (the signed data is not verified here: the relay's cost is the subject, not the agent's)
@@ -174,11 +199,13 @@ async function hostsMain(specFile: string): Promise<void> {
         for (let i = 0; i < spec.logLines; i++) await t.log(job, `line ${i} of ${p.step}`);
         await t.progress(job, { bytes: 1, total: 2, percent: 50 }, { ...r, event: 'progress' });
         await t.complete(job, { ok: true }, { ...r, event: 'completed' });
-        done++;
+        n++;
       }
       await t.close();
     }),
   );
+  done = true;
+  await Promise.all(idle);
 }
 
 /** The relay suite (loadtest/run.ts). */
@@ -187,12 +214,14 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
     hosts: opts.hosts ? Number(opts.hosts) : undefined,
     rounds: opts.rounds ? Number(opts.rounds) : undefined,
     logLines: opts['log-lines'] ? Number(opts['log-lines']) : undefined,
+    idle: opts.idle ? Number(opts.idle) : undefined,
+    waitSec: opts['wait-sec'] ? Number(opts['wait-sec']) : undefined,
   });
   return {
     suite: 'relay',
     headers: ['relay', 'value'],
     rows: [
-      ['hosts / steps', `${r.hosts} / ${r.steps}`],
+      ['hosts / steps / idle hosts polling', `${r.hosts} / ${r.steps} / ${r.idle}`],
       ['stage (relay) CPU per host step', `${r.stageCpuMsPerStep} ms (${(r.stageCpuMs / 1000).toFixed(1)} s in all)`],
       ['relay requests per host step', r.requestsPerStep],
       ['Redis commands per host step', `${r.redisCallsPerStep} (${r.redisTop.map(([c, n]) => `${c} ${n}`).join(', ')})`],

@@ -35,6 +35,8 @@ const { values, positionals } = parseArgs({
     tree: { type: 'string' },
     rounds: { type: 'string' },
     'log-lines': { type: 'string' },
+    idle: { type: 'string' },
+    'wait-sec': { type: 'string' },
   },
 });
 

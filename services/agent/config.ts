@@ -48,8 +48,13 @@ export const agentConfigSchema = z.strictObject({
   relay: list.pipe(z.array(httpUrl)).optional(),
   /** Relay mode: file with this host's relay token (`stagecoach acl relay-token`). */
   relayTokenFile: z.string().min(1).optional(),
-  /** Relay mode: long-poll wait in seconds. */
-  relayWaitSec: z.coerce.number().int().min(1).max(300).default(25),
+  /**
+   * Relay mode: long-poll wait in seconds (the relay answers after at most its relayMaxWaitSec,
+   * 60). Each idle poll costs the relay about half a millisecond of CPU: a colo's waiting hosts
+   * cost it in proportion to hosts ÷ wait. 55 keeps the poll under the common 60 s idle timeout of
+   * proxies and load balancers.
+   */
+  relayWaitSec: z.coerce.number().int().min(1).max(300).default(55),
   /** `sim:DIR` or `linux`. */
   machine: machineSpec,
   /** The colo's stages, in any order (they are probed, fastest healthy first). */

@@ -65,7 +65,7 @@ export interface RelayTransportOptions {
   /** relayToken(secret, hostId). Never logged. */
   token: string;
   logger: Logger;
-  /** Long-poll wait in seconds (default 25). */
+  /** Long-poll wait in seconds (default 55, the agent's relayWaitSec). */
   waitSec?: number;
   /** How long registration fields may wait for a request to ride on, ms (default 250). */
   flushMs?: number;
@@ -99,7 +99,7 @@ export class RelayTransport implements StepTransport {
 
   constructor(o: RelayTransportOptions) {
     if (o.relays.length === 0) throw scError('SC_ERR_BAD_CONFIG', 'relay mode needs at least one relay URL');
-    this.#o = { waitSec: 25, flushMs: 250, retryMs: 120_000, quietMs: 9000, ...o };
+    this.#o = { waitSec: 55, flushMs: 250, retryMs: 120_000, quietMs: 9000, ...o };
   }
 
   async open(): Promise<void> {}
