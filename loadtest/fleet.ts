@@ -35,7 +35,7 @@ import { type RunningStage, startStage } from '../services/stage/main.js';
 import { silentLogger } from '../shared/log.js';
 import { loadPrivateKey, loadPublicKey } from '../shared/manifest.js';
 import { ensureRedis, freePort } from '../shared/redis.js';
-import { type SuiteResult, percentile, textTable } from './report.js';
+import { commandCalls, type SuiteResult, percentile, textTable } from './report.js';
 
 const BIN = fileURLToPath(new URL('../services/cli/bin.js', import.meta.url));
 const SELF = fileURLToPath(import.meta.url);
@@ -117,12 +117,6 @@ function procStat(pid: number): { cpuTicks: number; rssBytes: number } | null {
   }
 }
 
-/** Calls per command from INFO commandstats (`cmdstat_hset:calls=12,...`). */
-function commandCalls(text: string): Map<string, number> {
-  const out = new Map<string, number>();
-  for (const m of text.matchAll(/^cmdstat_([^:]+):calls=(\d+)/gm)) out.set(m[1], Number(m[2]));
-  return out;
-}
 
 function info(text: string, key: string): number {
   const m = new RegExp(`^${key}:(\\d+)`, 'm').exec(text);

@@ -28,7 +28,7 @@ import { startOrigin } from '../services/origin/main.js';
 import { startStage } from '../services/stage/main.js';
 import { silentLogger } from '../shared/log.js';
 import { ensureRedis } from '../shared/redis.js';
-import type { SuiteResult } from './report.js';
+import { commandCalls, type SuiteResult } from './report.js';
 
 const SELF = fileURLToPath(import.meta.url);
 const SECRET = { kid: '1', secret: 'bench-relay-secret-0123456789abcdef' };
@@ -61,11 +61,6 @@ export interface RelayBenchResult {
   stepsPerSec: number;
 }
 
-function commandCalls(text: string): Map<string, number> {
-  const out = new Map<string, number>();
-  for (const m of text.matchAll(/^cmdstat_([^:]+):calls=(\d+)/gm)) out.set(m[1], Number(m[2]));
-  return out;
-}
 
 /** Runs the hosts of one benchmark in a child process: `--hosts-child SPEC.json`. */
 interface HostsSpec {
@@ -175,15 +170,10 @@ async function hostsMain(specFile: string): Promise<void> {
     new RelayTransport({ hostId: host, relays: [spec.relay], token: relayToken(SECRET, COLO, host), logger: silentLogger, ...(spec.waitSec ? { waitSec: spec.waitSec } : {}) });
   // Hosts waiting for their wave: registered, then long-polling until the busy ones are done.
   let done = false;
-  const idle = spec.idle.map(async (host) => {
-    const t = transport(host);
+  const waiting = spec.idle.map(transport);
+  const idle = waiting.map(async (t) => {
     await t.update({ colo: COLO, state: 'idle' });
-    const closed = (async () => {
-      while (!done) await new Promise((r) => setTimeout(r, 200));
-      await t.close();
-    })();
-    while (!done) await t.next().catch(() => undefined);
-    await closed;
+    while (!done) await t.next().catch(() => undefined); // close() ends an open poll at once
   });
   await Promise.all(
     spec.hosts.map(async (host) => {
@@ -205,6 +195,7 @@ async function hostsMain(specFile: string): Promise<void> {
     }),
   );
   done = true;
+  await Promise.all(waiting.map((t) => t.close()));
   await Promise.all(idle);
 }
 

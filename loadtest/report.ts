@@ -57,3 +57,10 @@ export function unitNodeFlags(service: 'agent' | 'stage' | 'control' | 'origin')
   const m = /^ExecStart=\S+((?: --[a-z0-9-]+(?:=\S+)?)*) /m.exec(unit);
   return m ? m[1].trim().split(/\s+/).filter(Boolean) : [];
 }
+
+/** Calls per command from Redis `INFO commandstats` (`cmdstat_hset:calls=12,...`). */
+export function commandCalls(text: string): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const m of text.matchAll(/^cmdstat_([^:]+):calls=(\d+)/gm)) out.set(m[1], Number(m[2]));
+  return out;
+}

@@ -32,7 +32,7 @@ export class RecordBatch {
   readonly #now: () => number;
   #pending: PendingWrite[] = [];
   #scheduled = false;
-  /** Pipelines sent, for the relay's stats and tests. */
+  /** Pipelines sent so far (tests count them). */
   flushes = 0;
 
   constructor(o: { redis: Redis; prefix: string; colo: string; reportsMaxLen: number; now: () => number }) {
