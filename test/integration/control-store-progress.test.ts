@@ -8,6 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import { Redis } from 'ioredis';
 import { type ActiveRollout, type ChangeEvent, emptyCounts, type HostState } from '../../services/control/rollouts/model.js';
+import { HostTable } from '../../services/control/rollouts/host-table.js';
 import { PROGRESS_PERSIST_MS, RolloutStore } from '../../services/control/rollouts/store.js';
 import { deletePrefix, REDIS_URL } from './control-fixture.js';
 
@@ -62,7 +63,7 @@ function rollout(id: string, hosts: string[]): ActiveRollout {
       finishedAt: null,
     },
     preheat: {},
-    hosts: new Map(hosts.map((h) => [h, host(h)])),
+    hosts: new HostTable(hosts.map((h) => [h, host(h)])),
     lastPreheatPoll: 0,
     lastReconcile: 0,
     reconciledAt: new Map(),

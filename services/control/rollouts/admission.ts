@@ -10,7 +10,8 @@ import { type Manifest, manifestDigest, verifyManifest } from '../../../shared/m
 import type { ReadClient } from '../../origin/client.js';
 import type { Inventory } from '../inventory.js';
 import { type CreateRolloutRequest, planWaves, resolveBudget } from '../plan.js';
-import { type ActiveRollout, emptyCounts, type HostState, type RolloutSpec, type RolloutStatus } from './model.js';
+import { type ActiveRollout, emptyCounts, type RolloutSpec, type RolloutStatus } from './model.js';
+import { HostTable } from './host-table.js';
 
 /** Where manifests come from and which keys they must be signed with (none: not checked). */
 export interface ManifestSource {
@@ -82,7 +83,7 @@ export function newRollout(n: NewRollout): ActiveRollout {
     hostCount: selected.length,
   };
   const colo = new Map(selected.map((s) => [s.host, s.colo]));
-  const hosts = new Map<string, HostState>();
+  const hosts = new HostTable();
   waves.forEach((w, wi) => {
     for (const host of w) {
       hosts.set(host, {

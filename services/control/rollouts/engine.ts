@@ -345,7 +345,7 @@ export class RolloutEngine extends EventEmitter {
       if (a.status.pauseReason === 'canary-failed') a.status.canaryAccepted = true;
       a.status.state = 'running';
       a.status.pauseReason = null;
-      a.status.failuresAtResume = [...a.hosts.values()].filter((h) => h.status === 'failed').length;
+      a.status.failuresAtResume = a.hosts.count('failed');
       this.#store.touchRollout(id);
       await this.#tick(a);
       await this.#store.flush();

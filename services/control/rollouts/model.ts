@@ -6,6 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import { type BundleRef, CONVERT_STEPS, POINT_OF_NO_RETURN } from '../../../shared/protocol/index.js';
 import type { Plan } from '../plan.js';
+import type { HostTable } from './host-table.js';
 
 /** Where a host is in a rollout. */
 export type HostStatus = 'pending' | 'queued' | 'running' | 'converted' | 'failed' | 'aborted' | 'skipped';
@@ -167,7 +168,8 @@ export interface ActiveRollout {
   spec: RolloutSpec;
   status: RolloutStatus;
   preheat: Record<string, PreheatColo>;
-  hosts: Map<string, HostState>;
+  /** Its hosts by id, indexed for the engine's passes (host-table.ts). */
+  hosts: HostTable;
   /** When preheat last polled the stages, and when reconcile last looked at BullMQ (ms). */
   lastPreheatPoll: number;
   lastReconcile: number;
@@ -216,27 +218,7 @@ export function emptyCounts(): Counts {
   return { pending: 0, queued: 0, running: 0, converted: 0, failed: 0, aborted: 0, skipped: 0, inFlight: 0, rescued: 0 };
 }
 
-/** The counters of a rollout's hosts. */
-export function countHosts(hosts: Iterable<HostState>): Counts {
-  const c = emptyCounts();
-  for (const h of hosts) {
-    c[h.status]++;
-    if (IN_FLIGHT_HOST.includes(h.status)) c.inFlight++;
-    if (h.rescue?.state === 'done') c.rescued++;
-  }
-  return c;
-}
-
 /** True while the host's rescue sequence is queued or running. */
 export function rescueOpen(h: HostState): boolean {
   return !!h.rescue && (h.rescue.state === 'queued' || h.rescue.state === 'running');
-}
-
-/** True while a host of the rollout is in flight or being rescued. */
-export function hasWorkInFlight(hosts: Iterable<HostState>): boolean {
-  for (const h of hosts) {
-    if (IN_FLIGHT_HOST.includes(h.status)) return true;
-    if (rescueOpen(h)) return true;
-  }
-  return false;
 }

@@ -46,7 +46,7 @@ export async function enqueuePending(a: ActiveRollout, deps: ReconcileDeps, stor
     a.hosts.set(id, change(a.hosts.get(id)!));
     store.touchHost(a, id);
   };
-  const due = [...a.hosts.values()].filter((h) => (h.status === 'queued' && !h.enqueued) || (h.rescue?.state === 'queued' && !h.rescue.enqueued));
+  const due = a.hosts.due();
   if (due.length === 0) return;
   // Every due host's route in one lookup, instead of one per enqueued sequence.
   const routes = await readRoutes(deps.redis, deps.prefix, due.map((h) => h.host));
@@ -131,7 +131,7 @@ export function reconcileDue(since: number, checkedAt: number | undefined, now: 
 export async function reconcileRollout(a: ActiveRollout, now: number, deps: ReconcileDeps, store: RolloutStore): Promise<void> {
   if (now - a.lastReconcile < RECONCILE_MS) return;
   a.lastReconcile = now;
-  const hs = [...a.hosts.values()].filter(
+  const hs = [...a.hosts.working()].filter(
     (h) =>
       ((IN_FLIGHT_HOST.includes(h.status) && h.enqueued) || (h.rescue?.enqueued && rescueOpen(h))) &&
       reconcileDue(h.lastEventAt ?? h.queuedAt ?? 0, a.reconciledAt.get(h.host), now),

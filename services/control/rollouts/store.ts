@@ -10,11 +10,11 @@
  */
 import type { Redis } from 'ioredis';
 import { opFinished } from './host-reducer.js';
+import { HostTable } from './host-table.js';
 import {
   type ActiveRollout,
   type ChangeEvent,
   controlKey,
-  countHosts,
   FINISHED_ROLLOUT,
   type HostOp,
   type HostResult,
@@ -86,7 +86,7 @@ export class RolloutStore {
     const loaded = new Map<string, ActiveRollout>();
     for (const id of ids) {
       const a = await this.read(id);
-      if (a) loaded.set(id, { ...a, hosts: new Map(a.hosts.map((h) => [h.host, h])), lastPreheatPoll: 0, lastReconcile: 0, reconciledAt: new Map() });
+      if (a) loaded.set(id, { ...a, hosts: inWaveOrder(a.spec, a.hosts), lastPreheatPoll: 0, lastReconcile: 0, reconciledAt: new Map() });
     }
     const ops = new Map<string, HostOp>();
     for (const id of opIds) {
@@ -268,7 +268,7 @@ export class RolloutStore {
     for (const id of this.#dirtyRollouts) {
       const a = this.active.get(id);
       if (!a) continue;
-      a.status.counts = countHosts(a.hosts.values());
+      a.status.counts = a.hosts.counts();
       a.status.updatedAt = now;
       if (this.#dirtyPreheat.has(id)) m.hset(this.key('r', id), 'status', JSON.stringify(a.status), 'preheat', JSON.stringify(a.preheat));
       else m.hset(this.key('r', id), 'status', JSON.stringify(a.status));
@@ -316,4 +316,16 @@ export class RolloutStore {
       this.#deps.onChange({ kind: 'op', id });
     }
   }
+}
+
+/** A stored rollout's hosts as a table, in wave order (a hash keeps no order), hosts of no wave last. */
+function inWaveOrder(spec: RolloutSpec, hosts: HostState[]): HostTable {
+  const byId = new Map(hosts.map((h) => [h.host, h]));
+  const t = new HostTable();
+  for (const id of spec.waves.flat()) {
+    const h = byId.get(id);
+    if (h) t.set(id, h);
+  }
+  for (const h of hosts) if (!t.has(h.host)) t.set(h.host, h);
+  return t;
 }

@@ -7,12 +7,12 @@ import { stepBaseId } from '../../../shared/protocol/index.js';
 import type { Redis } from 'ioredis';
 import { scError } from '../../../shared/errors.js';
 import { jobLogTail } from '../queues.js';
-import { type ActiveRollout, type Counts, countHosts, emptyCounts, type HostState, type HostWork, rescueOpen, type RolloutView, TERMINAL_HOST } from './model.js';
+import { type ActiveRollout, type Counts, emptyCounts, type HostState, type HostWork, rescueOpen, type RolloutView, TERMINAL_HOST } from './model.js';
 import type { RolloutStore } from './store.js';
 
 /** A copy of an active rollout as the API returns it (counts fresh; hosts only `withHosts`). */
 export function viewOf(a: ActiveRollout, withHosts: boolean): RolloutView {
-  const status = { ...a.status, counts: countHosts(a.hosts.values()) };
+  const status = { ...a.status, counts: a.hosts.counts() };
   return structuredClone({ spec: a.spec, status, preheat: a.preheat, ...(withHosts ? { hosts: [...a.hosts.values()] } : {}) });
 }
 
@@ -93,7 +93,7 @@ export function heldHosts(store: RolloutStore): Map<string, string> {
 export function activeHostCounts(store: RolloutStore): Counts {
   const hosts = emptyCounts();
   for (const a of store.active.values()) {
-    const c = countHosts(a.hosts.values());
+    const c = a.hosts.counts();
     for (const k of Object.keys(hosts) as (keyof Counts)[]) hosts[k] += c[k];
   }
   return hosts;

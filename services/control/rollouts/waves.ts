@@ -6,8 +6,9 @@
  *
  * The rules, in the order they apply (plan semantics in plan.ts):
  * - a finished rollout gets nothing;
- * - `aborting`: pending hosts are skipped, hosts in flight are asked (once) to stop at their next
- *   step boundary, nothing new starts; once nothing is in flight or being rescued it is `aborted`;
+ * - `aborting`: hosts in flight are asked (once) to stop at their next step boundary, pending
+ *   hosts are skipped, nothing new starts; once nothing is in flight or being rescued it is
+ *   `aborted`;
  * - a host in flight silent for longer than `hostTimeoutMs` fails with SC_ERR_TIMEOUT;
  * - more failures since the last resume than the budget pause a running rollout (`failure-budget`);
  * - while running, wave by wave: preheat (the wave's colos must be settled, else a `preheat`
@@ -19,17 +20,9 @@
  *   finishes: `completed` if every host converted, else `failed`.
  */
 import { CONVERT_STEPS } from '../../../shared/protocol/index.js';
+import { type HostIndex, HostOverlay, type HostTable } from './host-table.js';
 import { failHost } from './host-reducer.js';
-import {
-  FINISHED_ROLLOUT,
-  hasWorkInFlight,
-  type HostState,
-  IN_FLIGHT_HOST,
-  type PreheatColo,
-  type RolloutSpec,
-  type RolloutStatus,
-  TERMINAL_HOST,
-} from './model.js';
+import { FINISHED_ROLLOUT, type HostState, IN_FLIGHT_HOST, type PreheatColo, type RolloutSpec, type RolloutStatus } from './model.js';
 
 /** One decision of the scheduler. Host intents name the host; the rest are about the rollout. */
 export type WaveIntent =
@@ -66,7 +59,7 @@ export interface WaveOptions {
 /** The state an intent changes: the rollout's status and its hosts by id. */
 export interface WaveState {
   status: RolloutStatus;
-  hosts: Map<string, HostState>;
+  hosts: HostIndex;
 }
 
 /**
@@ -116,11 +109,13 @@ export function applyWaveIntent(state: WaveState, intent: WaveIntent, now: numbe
 
 /**
  * What happens next to `rollout` at time `now` (ms), as intents in the order to carry them out.
- * Pure: neither argument is modified. A `preheat` intent is always last: carry it out, then ask
- * again (with the preheat state it produced) to go on within the same tick.
+ * Pure: neither argument is modified (the intents' effects are thought through on an overlay of
+ * `hosts`). A `preheat` intent is always last: carry it out, then ask again (with the preheat
+ * state it produced) to go on within the same tick. Costs the hosts that change and the hosts in
+ * flight, not the rollout's size.
  */
-export function advance(rollout: WaveRollout, hosts: ReadonlyMap<string, HostState>, now: number, opts: WaveOptions = {}): WaveIntent[] {
-  const state: WaveState = { status: { ...rollout.status }, hosts: new Map(hosts) };
+export function advance(rollout: WaveRollout, hosts: HostTable, now: number, opts: WaveOptions = {}): WaveIntent[] {
+  const state: WaveState & { hosts: HostOverlay } = { status: { ...rollout.status }, hosts: new HostOverlay(hosts) };
   const intents: WaveIntent[] = [];
   const emit = (intent: WaveIntent) => {
     intents.push(intent);
@@ -130,11 +125,9 @@ export function advance(rollout: WaveRollout, hosts: ReadonlyMap<string, HostSta
   if (FINISHED_ROLLOUT.includes(s.state)) return intents;
 
   if (s.state === 'aborting') {
-    for (const h of [...state.hosts.values()]) {
-      if (h.status === 'pending') emit({ kind: 'skip-host', host: h.host });
-      else if (IN_FLIGHT_HOST.includes(h.status) && !h.abortRequested) emit({ kind: 'request-abort', host: h.host });
-    }
-    if (!hasWorkInFlight(state.hosts.values())) emit({ kind: 'finish-rollout', state: 'aborted' });
+    for (const h of inFlight(state.hosts)) if (!h.abortRequested) emit({ kind: 'request-abort', host: h.host });
+    for (const h of [...state.hosts.withStatus('pending')]) emit({ kind: 'skip-host', host: h.host });
+    if (!state.hosts.hasWork()) emit({ kind: 'finish-rollout', state: 'aborted' });
     return intents;
   }
 
@@ -142,8 +135,7 @@ export function advance(rollout: WaveRollout, hosts: ReadonlyMap<string, HostSta
   // cannot hold its wave forever. Past the point of no return it gets the rescue sequence.
   const silentMs = opts.hostTimeoutMs ?? 0;
   if (silentMs > 0) {
-    for (const h of [...state.hosts.values()]) {
-      if (!IN_FLIGHT_HOST.includes(h.status)) continue;
+    for (const h of inFlight(state.hosts)) {
       const since = h.lastEventAt ?? h.queuedAt ?? now;
       if (now - since > silentMs) {
         const message = `no report from the host for ${Math.round((now - since) / 1000)} s`;
@@ -153,30 +145,34 @@ export function advance(rollout: WaveRollout, hosts: ReadonlyMap<string, HostSta
   }
 
   // The failure budget: failures since the last resume beyond the budget pause the rollout.
-  const failed = [...state.hosts.values()].filter((h) => h.status === 'failed').length;
+  const failed = state.hosts.count('failed');
   if (s.state === 'running' && failed - s.failuresAtResume > rollout.spec.budget) emit({ kind: 'pause-rollout', reason: 'failure-budget' });
 
   if (s.state === 'running') advanceWaves(rollout, state, now, emit);
 
-  const hs = [...state.hosts.values()];
   if (s.state !== 'running' || s.phase === 'done') {
-    if (hs.every((h) => h.status !== 'pending') && !hasWorkInFlight(hs) && (s.state === 'paused' || s.phase === 'done')) {
-      emit({ kind: 'finish-rollout', state: hs.every((h) => h.status === 'converted') ? 'completed' : 'failed' });
+    const hs = state.hosts;
+    if (hs.count('pending') === 0 && !hs.hasWork() && (s.state === 'paused' || s.phase === 'done')) {
+      emit({ kind: 'finish-rollout', state: hs.count('converted') === hs.size ? 'completed' : 'failed' });
     }
   }
   return intents;
 }
 
+/** The hosts in flight, as a list (emitting intents changes the index being read). */
+function inFlight(hosts: HostIndex): HostState[] {
+  return IN_FLIGHT_HOST.flatMap((st) => [...hosts.withStatus(st)]);
+}
+
 /** The colos of wave `wave`, in host order, each once. */
-export function waveColos(spec: Pick<RolloutSpec, 'waves'>, hosts: ReadonlyMap<string, HostState>, wave: number): string[] {
+export function waveColos(spec: Pick<RolloutSpec, 'waves'>, hosts: Pick<HostIndex, 'get'>, wave: number): string[] {
   return [...new Set(spec.waves[wave].map((id) => hosts.get(id)!.colo))];
 }
 
 /** Preheat → rolling → bake → next wave's preheat … → done, as far as `now` allows. */
-function advanceWaves(rollout: WaveRollout, state: WaveState, now: number, emit: (i: WaveIntent) => void): void {
+function advanceWaves(rollout: WaveRollout, state: WaveState & { hosts: HostOverlay }, now: number, emit: (i: WaveIntent) => void): void {
   const s = state.status;
   const { spec } = rollout;
-  const waveHosts = () => spec.waves[s.wave].map((id) => state.hosts.get(id)!);
   for (;;) {
     if (s.phase === 'preheat') {
       const colos = waveColos(spec, state.hosts, s.wave);
@@ -187,10 +183,9 @@ function advanceWaves(rollout: WaveRollout, state: WaveState, now: number, emit:
       emit({ kind: 'phase', phase: 'rolling', wave: s.wave, bakeUntil: s.bakeUntil });
     }
     if (s.phase === 'rolling') {
-      startHosts(spec, state, waveHosts(), emit);
-      const hs = waveHosts();
-      if (!hs.every((h) => TERMINAL_HOST.includes(h.status))) return;
-      if (s.wave === 0 && spec.plan.canary > 0 && !s.canaryAccepted && hs.some((h) => h.status !== 'converted')) {
+      startHosts(spec, state, s.wave, emit);
+      if (state.hosts.openInWave(s.wave) > 0) return;
+      if (s.wave === 0 && spec.plan.canary > 0 && !s.canaryAccepted && spec.waves[0].some((id) => state.hosts.get(id)!.status !== 'converted')) {
         emit({ kind: 'pause-rollout', reason: 'canary-failed' });
         return;
       }
@@ -208,21 +203,20 @@ function advanceWaves(rollout: WaveRollout, state: WaveState, now: number, emit:
   }
 }
 
-/** Starts pending hosts of the wave, in wave order, within the global and per-colo in-flight limits. */
-function startHosts(spec: WaveRollout['spec'], state: WaveState, wave: HostState[], emit: (i: WaveIntent) => void): void {
-  let inFlight = 0;
-  const perColo = new Map<string, number>();
-  for (const h of state.hosts.values()) {
-    if (!IN_FLIGHT_HOST.includes(h.status)) continue;
-    inFlight++;
-    perColo.set(h.colo, (perColo.get(h.colo) ?? 0) + 1);
-  }
-  for (const h of wave) {
-    if (inFlight >= spec.plan.maxInFlight) break;
-    if (h.status !== 'pending') continue;
-    if ((perColo.get(h.colo) ?? 0) >= spec.plan.maxInFlightPerColo) continue;
+/**
+ * Starts pending hosts of wave `wave`, in wave order, within the global and per-colo in-flight
+ * limits. Looks from where the wave's pending hosts begin, so a wave half done is not walked
+ * from its start on every pass.
+ */
+function startHosts(spec: WaveRollout['spec'], state: WaveState & { hosts: HostOverlay }, wave: number, emit: (i: WaveIntent) => void): void {
+  const hosts = state.hosts;
+  let inFlight = hosts.count('queued') + hosts.count('running');
+  if (inFlight >= spec.plan.maxInFlight) return;
+  const ids = spec.waves[wave];
+  for (let i = hosts.pendingFrom(wave, ids); i < ids.length && inFlight < spec.plan.maxInFlight; i++) {
+    const h = hosts.get(ids[i])!;
+    if (h.status !== 'pending' || hosts.inFlightIn(h.colo) >= spec.plan.maxInFlightPerColo) continue;
     emit({ kind: 'enqueue', host: h.host });
     inFlight++;
-    perColo.set(h.colo, (perColo.get(h.colo) ?? 0) + 1);
   }
 }
