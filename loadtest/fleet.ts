@@ -1,7 +1,7 @@
 /**
  * Fleet benchmark: a whole fleet converted in one run.
  *
- *   npm run bench -- fleet [--hosts 1000 --colos 10 --bundle-mib 8 --mode relay|direct --agent-procs K --stage-procs S --max-in-flight N --timeout-sec T --cpu-prof DIR]
+ *   npm run bench -- fleet [--hosts 1000 --colos 10 --bundle-mib 8 --mode relay|direct --agent-procs K --stage-procs S --max-in-flight N --timeout-sec T --window FROM:TO --cpu-prof DIR]
  *
  * Starts a private redis-server (so INFO is ours alone), an origin (in this process), one stage per
  * colo in S child processes (default one per 50 colos; in relay mode each stage runs its colo's
@@ -13,7 +13,8 @@
  * stage-to-host bytes; Redis connected clients (before agents, idle agents, peak) and used memory
  * (INFO polled every second); control CPU time per host step; BullMQ jobs per second; agent-process
  * RSS per host; time per step p50/p99 (from the reports stream: started → completed); CPU seconds
- * per process group during the rollout.
+ * per process group during the rollout. `--window FROM:TO` measures only while the converted hosts
+ * go from FROM to TO, and stops the run there.
  *
  * The same file is the entry of the agents' child processes (`--child SPEC.json`) and of the
  * stages' (`--stage-child SPEC.json`).
@@ -61,6 +62,11 @@ export interface FleetBenchOptions {
   timeoutSec?: number;
   /** Write V8 CPU profiles of the child processes into this directory. */
   cpuProfDir?: string;
+  /**
+   * Measure only while the converted hosts go from `from` to `to`, and stop there: the steady
+   * state of a large rollout in minutes instead of the whole rollout's hour and a half.
+   */
+  window?: { from: number; to: number };
 }
 
 /** What benchFleet measured. */
@@ -100,6 +106,8 @@ export interface FleetBenchResult {
   redisCallsPerHostStep?: { total: number; top: [string, number][] };
   /** Requests the stages answered during the rollout (stage_http_requests_total), per host step, by method and route. */
   stageRequestsPerHostStep?: { total: number; byRoute: [string, number][] };
+  /** Set when only a window of the rollout was measured: converted hosts at its start and end. */
+  window?: { from: number; to: number };
 }
 
 
@@ -386,11 +394,13 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
       }
       return out;
     };
-    const requests0 = await stageRequests();
-    const cpuStart = await cpuNow();
-    const calls0 = commandCalls(await redis.info('commandstats'));
-    const cpu0 = procStat(control.pid!)?.cpuTicks ?? 0;
-    const tStart = Date.now();
+    let requests0 = await stageRequests();
+    let cpuStart = await cpuNow();
+    let calls0 = commandCalls(await redis.info('commandstats'));
+    let cpu0 = procStat(control.pid!)?.cpuTicks ?? 0;
+    let tStart = Date.now();
+    const tCreate = tStart;
+    let windowFrom: number | null = null;
     const rollout = await api.createRollout({
       base: 'rescue-os@1.0.0',
       target: 'target-os@2.0.0',
@@ -417,8 +427,17 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
       const st = view.status;
       if (Date.now() - lastSay > 10_000) {
         lastSay = Date.now();
-        say(`  ${((Date.now() - tStart) / 1000).toFixed(0)} s: ${st.state} wave ${st.wave} converted ${st.counts.converted} failed ${st.counts.failed} in flight ${st.counts.inFlight}`);
+        say(`  ${((Date.now() - tCreate) / 1000).toFixed(0)} s: ${st.state} wave ${st.wave} converted ${st.counts.converted} failed ${st.counts.failed} in flight ${st.counts.inFlight}`);
       }
+      if (o.window && windowFrom === null && st.counts.converted >= o.window.from) {
+        // The window opens: every count starts again from here.
+        windowFrom = st.counts.converted;
+        [cpuStart, calls0, requests0] = [await cpuNow(), commandCalls(await redis.info('commandstats')), await stageRequests()];
+        cpu0 = procStat(control.pid!)?.cpuTicks ?? 0;
+        tStart = Date.now();
+        say(`  window opens at ${windowFrom} converted`);
+      }
+      if (o.window && windowFrom !== null && st.counts.converted >= o.window.to) break;
       if (['completed', 'failed', 'aborted', 'paused'].includes(st.state)) break;
       if (Date.now() > deadline) break;
       await new Promise((r) => setTimeout(r, 1000));
@@ -432,6 +451,7 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
       Object.entries(cpuEnd).map(([k, v]) => [k, Math.round((v - cpuStart[k as keyof typeof cpuStart]) * 10) / 10]),
     ) as FleetBenchResult['cpuSec'];
     const converted = view.status.counts.converted;
+    if (o.window && windowFrom === null) throw new Error(`the rollout ended before ${o.window.from} hosts converted: no window measured`);
     const failed = view.status.counts.failed;
 
     const originText = await new ReadClient(origin.url).metricsText();
@@ -449,7 +469,10 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
     // Step times from the report streams.
     const started = new Map<string, number>();
     const perStep = new Map<string, number[]>();
+    const tEnd = tStart + wallMs;
     for (const r of await readAllReports(redis, prefix)) {
+      // In a window, the steps that ended inside it.
+      if (o.window && (r.ts < tStart || r.ts > tEnd) && r.event === 'completed') continue;
       const k = `${r.host}|${r.rollout}|${r.seq}`;
       if (r.event === 'started' && !started.has(k)) started.set(k, r.ts);
       if (r.event === 'completed' && started.has(k)) {
@@ -501,6 +524,7 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
         byRoute: [...requests].map(([k, n]): [string, number] => [k, steps ? Math.round((n / steps) * 100) / 100 : 0]).sort((a, b) => b[1] - a[1]),
       },
       redisCallsPerHostStep: { total: Math.round(perStepCalls.reduce((a, [, n]) => a + n, 0) * 10) / 10, top: perStepCalls },
+      ...(o.window ? { window: { from: windowFrom!, to: converted } } : {}),
     };
   } finally {
     for (const c of cleanup.reverse()) await c().catch(() => {});
@@ -530,7 +554,15 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
     cpuProfDir: opts['cpu-prof'],
     timeoutSec: opts['timeout-sec'] ? Number(opts['timeout-sec']) : undefined,
     maxInFlight: opts['max-in-flight'] ? Number(opts['max-in-flight']) : undefined,
+    window: opts.window ? parseWindow(opts.window) : undefined,
   }));
+}
+
+/** `--window FROM:TO`: converted-host counts, FROM < TO. */
+function parseWindow(s: string): { from: number; to: number } {
+  const m = /^(\d+):(\d+)$/.exec(s);
+  if (!m || Number(m[1]) >= Number(m[2])) throw new Error(`--window wants FROM:TO, converted-host counts with FROM < TO (got ${s})`);
+  return { from: Number(m[1]), to: Number(m[2]) };
 }
 
 /** The table of a fleet run. */
@@ -539,7 +571,9 @@ export function fleetSuite(r: FleetBenchResult): SuiteResult {
     ['hosts / colos / mode', `${r.hosts} / ${r.colos} / ${r.mode}`],
     ['bundle bytes (B + C)', mib(r.bundleBytes)],
     ['setup (Redis … agents registered)', `${(r.setupMs / 1000).toFixed(1)} s (agents registered in ${(r.registerMs / 1000).toFixed(1)} s)`],
-    ['rollout wall time', `${(r.wallMs / 1000).toFixed(1)} s`],
+    r.window
+      ? ['measured over', `a window of the rollout: ${r.window.from} → ${r.window.to} hosts converted, ${(r.wallMs / 1000).toFixed(1)} s (rows below: that window only)`]
+      : ['rollout wall time', `${(r.wallMs / 1000).toFixed(1)} s`],
     ['hosts converted / failed', `${r.converted} / ${r.failed}`],
     ['origin blob bytes ÷ (bundle bytes × colos)', `${r.originRatio.toFixed(2)} (stage fill resumes: ${r.stageResumes})`],
     ['stage → host bytes', mib(r.stageToHostBytes)],

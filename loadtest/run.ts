@@ -37,6 +37,7 @@ const { values, positionals } = parseArgs({
     'log-lines': { type: 'string' },
     idle: { type: 'string' },
     'wait-sec': { type: 'string' },
+    window: { type: 'string' },
   },
 });
 
