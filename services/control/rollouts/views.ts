@@ -7,13 +7,33 @@ import { stepBaseId } from '../../../shared/protocol/index.js';
 import type { Redis } from 'ioredis';
 import { scError } from '../../../shared/errors.js';
 import { jobLogTail } from '../queues.js';
-import { type ActiveRollout, type Counts, emptyCounts, type HostState, type HostWork, rescueOpen, type RolloutView, TERMINAL_HOST } from './model.js';
+import { type ActiveRollout, type Counts, emptyCounts, type HostState, type HostWork, rescueOpen, type RolloutSpec, type RolloutView, TERMINAL_HOST } from './model.js';
 import type { RolloutStore } from './store.js';
 
-/** A copy of an active rollout as the API returns it (counts fresh; hosts only `withHosts`). */
+/** One frozen copy per rollout spec (see `viewOf`). */
+const specCopies = new WeakMap<RolloutSpec, RolloutSpec>();
+
+function frozen<T>(v: T): T {
+  if (v && typeof v === 'object') {
+    for (const x of Object.values(v)) frozen(x);
+    Object.freeze(v);
+  }
+  return v;
+}
+
+/**
+ * A copy of an active rollout as the API returns it (counts fresh; hosts only `withHosts`).
+ * A spec never changes after its rollout is created, so every view shares one frozen copy of it
+ * instead of cloning its waves (10,000 host ids in a large rollout) for each request.
+ */
 export function viewOf(a: ActiveRollout, withHosts: boolean): RolloutView {
+  let spec = specCopies.get(a.spec);
+  if (!spec) {
+    spec = frozen(structuredClone(a.spec));
+    specCopies.set(a.spec, spec);
+  }
   const status = { ...a.status, counts: a.hosts.counts() };
-  return structuredClone({ spec: a.spec, status, preheat: a.preheat, ...(withHosts ? { hosts: [...a.hosts.values()] } : {}) });
+  return { spec, ...structuredClone({ status, preheat: a.preheat, ...(withHosts ? { hosts: [...a.hosts.values()] } : {}) }) };
 }
 
 /**
