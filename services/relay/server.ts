@@ -207,7 +207,9 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
     for (const host of waiters.keys()) last.set(host, t);
     if (last.size === 0) return;
     const pipe = redis.pipeline();
-    for (const [host, at] of last) pipe.hset(k.relayAgent(o.colo, host), 'lastSeen', String(at)).zadd(k.relayAgents(o.colo), at, host);
+    // The hash alone: the colo's host index (`relayAgents`) is written with the registration, and
+    // what readers take from it is membership, not its score.
+    for (const [host, at] of last) pipe.hset(k.relayAgent(o.colo, host), 'lastSeen', String(at));
     pipe.exec().catch((err) => log.warn({ err: (err as Error).message }, 'heartbeat write failed'));
   }, hbMs);
 

@@ -16,7 +16,8 @@
  * - `P:colo.<c>:*`         BullMQ queue `colo.<c>`: the step jobs of the colo's relay-mode hosts. Job ids
  *                          there end in `.<host>` (see stepJobId).
  * - `P:relay:<c>:agent:<id>`  hash: registration of a host of the colo, as its relay wrote it.
- * - `P:relay:<c>:agents`   sorted set: the colo's relay-mode hosts → last heartbeat (ms).
+ * - `P:relay:<c>:agents`   sorted set: the colo's relay-mode hosts → when their registration was last
+ *                          written (ms). Readers take membership from it; liveness is the hash's `lastSeen`.
  * - `P:relay:<c>:reports`  stream: the step events of the colo's relay-mode hosts.
  *
  * Shared, and writable by the writers above only with one command each (Redis ≥ 7 ACL selectors;
