@@ -65,7 +65,9 @@ for (const suite of chosen) {
     const r = await mod.run(values as Record<string, string | undefined>);
     const entry = { ...r, machine: machineLine(), date: new Date().toISOString() };
     const hosts = (r.data as { hosts?: number }).hosts;
-    const key = suite === 'fleet' && hosts !== undefined && hosts !== 1000 ? `fleet-${hosts}` : suite === 'agent' && values.tree ? 'agent-real' : suite;
+    // A window of a rollout (--window) is kept apart from whole rollouts.
+    const win = (r.data as { window?: unknown }).window ? '-window' : '';
+    const key = suite === 'fleet' && hosts !== undefined && (hosts !== 1000 || win) ? `fleet-${hosts}${win}` : suite === 'agent' && values.tree ? 'agent-real' : suite;
     stored[key] = entry;
     process.stdout.write(`${textTable(r.headers, r.rows)}\n`);
     for (const n of r.notes) process.stdout.write(`  ${n}\n`);
