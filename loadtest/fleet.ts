@@ -610,7 +610,7 @@ export function fleetSuite(r: FleetBenchResult): SuiteResult {
         .join(', ')}.`,
       'Origin ratio must be 1.00 (one copy per colo). Redis clients per idle agent: 2 in direct mode (a BullMQ Worker and its blocking connection), 0 in relay mode (the relay costs 2 per colo).',
       'Everything runs on this one machine: Redis, origin, stages (relays), control (child process) and the sim agents (child processes) share its cores.',
-      ...(r.window ? [`Only a window of the rollout was measured (--window ${r.window.from}:${r.window.to}): every per-step row counts the steps that ended in it, and the CPU spent in it.`] : []),
+      ...(r.window ? [`Only a window of the rollout was measured (--window), while the converted hosts went from ${r.window.from} to ${r.window.to}: every per-step row counts the steps that ended in it, and the CPU spent in it.`] : []),
     ],
     data: { ...r },
   };
