@@ -7,29 +7,13 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import { Redis } from 'ioredis';
-import { type ActiveRollout, type ChangeEvent, emptyCounts, type HostState } from '../../services/control/rollouts/model.js';
+import { type ActiveRollout, type ChangeEvent, type HostState, newRolloutStatus, pendingHost } from '../../services/control/rollouts/model.js';
 import { HostTable } from '../../services/control/rollouts/host-table.js';
 import { PROGRESS_PERSIST_MS, RolloutStore } from '../../services/control/rollouts/store.js';
 import { deletePrefix, REDIS_URL } from './control-fixture.js';
 
 function host(id: string): HostState {
-  return {
-    host: id,
-    colo: 'east',
-    wave: 0,
-    status: 'running',
-    step: 'fetch',
-    seq: 0,
-    steps: { fetch: { state: 'running' } },
-    enqueued: true,
-    queuedAt: 1,
-    startedAt: 1,
-    finishedAt: null,
-    lastEventAt: 1,
-    error: null,
-    rescue: null,
-    log: [],
-  };
+  return { ...pendingHost(id, 'east', 0), status: 'running', step: 'fetch', steps: { fetch: { state: 'running' } }, enqueued: true, queuedAt: 1, startedAt: 1, lastEventAt: 1 };
 }
 
 function rollout(id: string, hosts: string[]): ActiveRollout {
@@ -49,19 +33,7 @@ function rollout(id: string, hosts: string[]): ActiveRollout {
       budget: 0,
       hostCount: hosts.length,
     },
-    status: {
-      state: 'running',
-      pauseReason: null,
-      wave: 0,
-      phase: 'rolling',
-      phaseSince: 1,
-      bakeUntil: null,
-      failuresAtResume: 0,
-      canaryAccepted: false,
-      counts: emptyCounts(),
-      updatedAt: 1,
-      finishedAt: null,
-    },
+    status: { ...newRolloutStatus(1, 0), phase: 'rolling' },
     preheat: {},
     hosts: new HostTable(hosts.map((h) => [h, host(h)])),
     lastPreheatPoll: 0,

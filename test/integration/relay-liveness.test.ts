@@ -13,7 +13,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import type { Redis } from 'ioredis';
-import { formatRelayKeys, readHosts, relayToken } from '../../shared/protocol/index.js';
+import { formatRelayKeys, keys, readHosts, relayToken } from '../../shared/protocol/index.js';
 import { RelayTransport } from '../../services/relay/client.js';
 import { type RunningStage, startStage } from '../../services/stage/main.js';
 import { silentLogger } from '../../shared/log.js';
@@ -71,6 +71,7 @@ describe('relay liveness', () => {
     const first = (await lastSeen('h-live'))!;
     const quiet = (await lastSeen('h-quiet'))!;
     assert.ok(first > 0 && quiet > 0);
+    const indexed = await redis.zscore(keys(prefix).relayAgents('c1'), 'h-live');
     await new Promise((r) => setTimeout(r, 300));
     // A quick poll: no registration fields, and no poll open when the tick comes.
     const before = Date.now();
@@ -81,6 +82,8 @@ describe('relay liveness', () => {
       return t > first ? t : null;
     }, 5000, "the relay's tick");
     assert.ok(seen >= before && seen <= Date.now(), `lastSeen ${seen} is the time of the request`);
+    // The tick writes the hash alone: the colo's host index keeps its registration time.
+    assert.equal(await redis.zscore(keys(prefix).relayAgents('c1'), 'h-live'), indexed);
     await new Promise((r) => setTimeout(r, 500)); // two more ticks
     assert.equal(await lastSeen('h-quiet'), quiet, 'a host that sent nothing is not kept alive');
     assert.equal(await lastSeen('h-live'), seen, 'nor is one after its last request');

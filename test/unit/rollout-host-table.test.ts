@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { HostOverlay, type HostIndex, HostTable, needsEnqueue } from '../../services/control/rollouts/host-table.js';
-import { type HostState, type HostStatus, IN_FLIGHT_HOST, rescueOpen, TERMINAL_HOST } from '../../services/control/rollouts/model.js';
+import { type HostState, type HostStatus, IN_FLIGHT_HOST, pendingHost, rescueOpen, TERMINAL_HOST } from '../../services/control/rollouts/model.js';
 
 const STATUSES: HostStatus[] = ['pending', 'queued', 'running', 'converted', 'failed', 'aborted', 'skipped'];
 const RESCUES: HostState['rescue'][] = [null, { state: 'queued', enqueued: false, at: 1 }, { state: 'running', enqueued: true, at: 1 }, { state: 'done', enqueued: true, at: 1 }];
@@ -23,24 +23,7 @@ function rng(seed: number): () => number {
 }
 
 function host(id: string, over: Partial<HostState> = {}): HostState {
-  return {
-    host: id,
-    colo: 'c1',
-    wave: 0,
-    status: 'pending',
-    step: null,
-    seq: 0,
-    steps: {},
-    enqueued: false,
-    queuedAt: null,
-    startedAt: null,
-    finishedAt: null,
-    lastEventAt: null,
-    error: null,
-    rescue: null,
-    log: [],
-    ...over,
-  };
+  return { ...pendingHost(id, 'c1', 0), ...over };
 }
 
 function randomHost(id: string, r: () => number): HostState {

@@ -3,7 +3,7 @@
 // an argument), silent hosts, pause and abort, and how a rollout ends. No clock, no Redis.
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
-import type { HostState, HostStatus, PreheatColo, RolloutStatus } from '../../services/control/rollouts/model.js';
+import { type HostState, type HostStatus, type PreheatColo, pendingHost, type RolloutStatus } from '../../services/control/rollouts/model.js';
 import { HostTable } from '../../services/control/rollouts/host-table.js';
 import { advance, applyWaveIntent, type WaveIntent, type WaveRollout } from '../../services/control/rollouts/waves.js';
 
@@ -28,24 +28,7 @@ function setup(s: Setup): { rollout: WaveRollout; hosts: HostTable } {
       const [host, colo = 'c1'] = spec.split(':');
       const over = s.hosts?.[host];
       const fields = typeof over === 'string' ? { status: over } : (over ?? {});
-      hosts.set(host, {
-        host,
-        colo,
-        wave,
-        status: 'pending',
-        step: null,
-        seq: 0,
-        steps: {},
-        enqueued: false,
-        queuedAt: null,
-        startedAt: null,
-        finishedAt: null,
-        lastEventAt: null,
-        error: null,
-        rescue: null,
-        log: [],
-        ...fields,
-      });
+      hosts.set(host, { ...pendingHost(host, colo, wave), ...fields });
     }
   });
   const colos = [...new Set([...hosts.values()].map((h) => h.colo))];

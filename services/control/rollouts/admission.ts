@@ -10,7 +10,7 @@ import { type Manifest, manifestDigest, verifyManifest } from '../../../shared/m
 import type { ReadClient } from '../../origin/client.js';
 import type { Inventory } from '../inventory.js';
 import { type CreateRolloutRequest, planWaves, resolveBudget } from '../plan.js';
-import { type ActiveRollout, emptyCounts, type RolloutSpec, type RolloutStatus } from './model.js';
+import { type ActiveRollout, newRolloutStatus, pendingHost, type RolloutSpec } from './model.js';
 import { HostTable } from './host-table.js';
 
 /** Where manifests come from and which keys they must be signed with (none: not checked). */
@@ -85,38 +85,8 @@ export function newRollout(n: NewRollout): ActiveRollout {
   const colo = new Map(selected.map((s) => [s.host, s.colo]));
   const hosts = new HostTable();
   waves.forEach((w, wi) => {
-    for (const host of w) {
-      hosts.set(host, {
-        host,
-        colo: colo.get(host)!,
-        wave: wi,
-        status: 'pending',
-        step: null,
-        seq: 0,
-        steps: {},
-        enqueued: false,
-        queuedAt: null,
-        startedAt: null,
-        finishedAt: null,
-        lastEventAt: null,
-        error: null,
-        rescue: null,
-        log: [],
-      });
-    }
+    for (const host of w) hosts.set(host, pendingHost(host, colo.get(host)!, wi));
   });
-  const status: RolloutStatus = {
-    state: 'running',
-    pauseReason: null,
-    wave: 0,
-    phase: 'preheat',
-    phaseSince: now,
-    bakeUntil: null,
-    failuresAtResume: 0,
-    canaryAccepted: false,
-    counts: { ...emptyCounts(), pending: selected.length },
-    updatedAt: now,
-    finishedAt: null,
-  };
+  const status = newRolloutStatus(now, selected.length);
   return { spec, status, preheat: {}, hosts, lastPreheatPoll: 0, lastReconcile: now, reconciledAt: new Map() };
 }

@@ -218,6 +218,44 @@ export function emptyCounts(): Counts {
   return { pending: 0, queued: 0, running: 0, converted: 0, failed: 0, aborted: 0, skipped: 0, inFlight: 0, rescued: 0 };
 }
 
+/** A host as a new rollout holds it: pending, nothing done yet. */
+export function pendingHost(host: string, colo: string, wave: number): HostState {
+  return {
+    host,
+    colo,
+    wave,
+    status: 'pending',
+    step: null,
+    seq: 0,
+    steps: {},
+    enqueued: false,
+    queuedAt: null,
+    startedAt: null,
+    finishedAt: null,
+    lastEventAt: null,
+    error: null,
+    rescue: null,
+    log: [],
+  };
+}
+
+/** The status of a new rollout of `hosts` hosts at `now`: running, in the preheat of wave 0. */
+export function newRolloutStatus(now: number, hosts: number): RolloutStatus {
+  return {
+    state: 'running',
+    pauseReason: null,
+    wave: 0,
+    phase: 'preheat',
+    phaseSince: now,
+    bakeUntil: null,
+    failuresAtResume: 0,
+    canaryAccepted: false,
+    counts: { ...emptyCounts(), pending: hosts },
+    updatedAt: now,
+    finishedAt: null,
+  };
+}
+
 /** True while the host's rescue sequence is queued or running. */
 export function rescueOpen(h: HostState): boolean {
   return !!h.rescue && (h.rescue.state === 'queued' || h.rescue.state === 'running');
