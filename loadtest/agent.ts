@@ -11,15 +11,15 @@
  * - from disk: `unpackFile` with the digest checked in the same pass (what the agent's
  *   install steps run on the kept bundle), against `age -d -i KEY FILE | zstd -d | tar x`.
  *
- *   npx tsx loadtest/agent.ts [--size-mib 1024] [--work-dir DIR] [--runs 2]
+ *   npx tsx loadtest/agent.ts [--size-mib 1024] [--work-dir DIR] [--runs 2] [--settle-mib N]
  *
  * prints a table and one JSON line. MB/s are bundle bytes per second of wall time (10^6). The
  * peers verify nothing (no digest, no path checks).
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { createReadStream } from 'node:fs';
-import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { createReadStream, readFileSync } from 'node:fs';
+import { mkdir, mkdtemp, open, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -48,6 +48,12 @@ export interface AgentBenchOptions {
    * files) instead of the sample tree with its incompressible filler; `sizeMiB` is then unused.
    */
   tree?: string;
+  /**
+   * MiB written to a scratch file and deleted before every timed pipeline (see `settleMemory`);
+   * 0 turns it off. Default: the bundle plus its tar stream plus 256 MiB, at most the memory
+   * available less 1 GiB.
+   */
+  settleMiB?: number;
 }
 
 /** The measurements of one benchAgent call (best wall times, ms). */
@@ -79,6 +85,8 @@ export interface AgentBenchResult {
   filePeerMBps: number | null;
   fileRatio: number | null;
   peerMissing: string[];
+  /** MiB written and deleted before every timed pipeline (0: none). */
+  settleMiB: number;
 }
 
 function sh(script: string): Promise<void> {
@@ -90,6 +98,39 @@ function sh(script: string): Promise<void> {
     });
     c.once('exit', (code) => (code === 0 ? res() : rej(new Error(`shell pipeline failed (${code}): ${err.slice(-500)}`))));
   });
+}
+
+/**
+ * Leaves `mib` MiB of memory just freed, so that the next pipeline's page cache and buffers come
+ * from resident memory. On a virtual machine whose balloon reports free pages to the host
+ * (Linux page_reporting, as on this bench's machine), memory left free for a few seconds goes
+ * back to the host, and the first touch of each of its pages then costs a host fault. Measured
+ * here: writing 1 GiB into the page cache took 2.1-2.3 s of system time after 10 s idle, and
+ * 0.18 s right after an earlier write was deleted. Without this, which pipeline paid that
+ * depended on how long the clean-up before it took. Every pipeline, ours and the peers', gets
+ * the same. A bare-metal host has no such cost, and this step changes nothing there.
+ */
+async function settleMemory(dir: string, mib: number): Promise<void> {
+  if (mib <= 0) return;
+  const path = join(dir, 'settle.scratch');
+  const buf = Buffer.alloc(1 << 20, 0x5a);
+  const fh = await open(path, 'w');
+  try {
+    for (let i = 0; i < mib; i++) await fh.write(buf);
+  } finally {
+    await fh.close();
+    await rm(path, { force: true });
+  }
+}
+
+/** MiB of memory available now (MemAvailable of /proc/meminfo), or null where that file is missing. */
+function availableMiB(): number | null {
+  try {
+    const m = /^MemAvailable:\s+(\d+) kB/m.exec(readFileSync('/proc/meminfo', 'utf8'));
+    return m ? Math.floor(Number(m[1]) / 1024) : null;
+  } catch {
+    return null;
+  }
 }
 
 async function timed(fn: () => Promise<unknown>): Promise<number> {
@@ -135,11 +176,16 @@ export async function benchAgent(opts: AgentBenchOptions = {}): Promise<AgentBen
     const identities = keys.agent.identities;
     const best = { overlapped: Number.POSITIVE_INFINITY, wasOverlapped: false, twoPass: Number.POSITIVE_INFINITY, fetch: 0, unpack: 0, file: Number.POSITIVE_INFINITY, peer: Number.POSITIVE_INFINITY, peerKeep: Number.POSITIVE_INFINITY, filePeer: Number.POSITIVE_INFINITY };
     // Every pipeline starts on a settled disk: what the last one wrote, and its removal (this
-    // file system may discard freed blocks), is on disk before the next clock starts.
+    // file system may discard freed blocks), is on disk before the next clock starts. And on
+    // resident memory (settleMemory).
+    const settleMiB =
+      opts.settleMiB ?? Math.max(0, Math.min(Math.ceil((m.blob.size + (m.blob.unpackedSize ?? m.blob.size)) / 2 ** 20) + 256, (availableMiB() ?? 0) - 1024));
     const clean = async (...paths: string[]) => {
       for (const p of paths) await rm(p, { recursive: true, force: true });
       await sh('sync');
+      await settleMemory(root, settleMiB);
     };
+    await clean();
     let lastOverlapped = false;
     for (let i = 0; i < runs; i++) {
       // Overlapped: one pass from the network into the tree.
@@ -217,6 +263,7 @@ export async function benchAgent(opts: AgentBenchOptions = {}): Promise<AgentBen
       filePeerMBps,
       fileRatio: ratio(fileMBps, filePeerMBps),
       peerMissing: missing,
+      settleMiB,
     };
   } finally {
     if (origin && origin.exitCode === null) {
@@ -229,9 +276,18 @@ export async function benchAgent(opts: AgentBenchOptions = {}): Promise<AgentBen
 }
 
 /** Runs benchAgent in a child process started with the deployed agent's node flags. */
-function benchAgentAsDeployed(sizeMiB: number, flags: string[], tree?: string): Promise<AgentBenchResult> {
+function benchAgentAsDeployed(sizeMiB: number, flags: string[], tree?: string, settleMiB?: number): Promise<AgentBenchResult> {
   return new Promise((res, rej) => {
-    const args = [...flags, '--import', 'tsx', fileURLToPath(import.meta.url), '--size-mib', String(sizeMiB), ...(tree ? ['--tree', tree] : [])];
+    const args = [
+      ...flags,
+      '--import',
+      'tsx',
+      fileURLToPath(import.meta.url),
+      '--size-mib',
+      String(sizeMiB),
+      ...(tree ? ['--tree', tree] : []),
+      ...(settleMiB !== undefined ? ['--settle-mib', String(settleMiB)] : []),
+    ];
     const c = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
     let out = '';
     c.stdout.on('data', (d: Buffer) => {
@@ -250,7 +306,8 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
   const sizeMiB = Number(opts['size-mib'] ?? opts['bundle-mib'] ?? 1024);
   const flags = unitNodeFlags('agent');
   const tree = opts.tree ? resolve(opts.tree) : undefined;
-  const r = await benchAgentAsDeployed(sizeMiB, flags, tree);
+  const settle = opts['settle-mib'];
+  const r = await benchAgentAsDeployed(sizeMiB, flags, tree, settle === undefined ? undefined : Number(settle));
   const skipped = r.peerMissing.length ? `missing: ${r.peerMissing.join(', ')}` : 'no verification';
   const rows: (string | number)[][] = [
     ['agent: fetch + verify + decrypt + decompress + unpack, overlapped', r.agentMBps, r.agentMs, r.overlapped ? 'one pass; sha256 checked before the tree counts' : 'fell back to two passes'],
@@ -270,6 +327,9 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
         : `bundle: ${(r.bundleBytes / 2 ** 20).toFixed(0)} MiB (zstd + age, incompressible sample tree), served by an origin child process on 127.0.0.1`,
       `ratio agent/peer, network: ${r.ratio ?? 'n/a'}; from the file: ${r.fileRatio ?? 'n/a'} (goal ≥ 1.0)`,
       `our pipelines run in a node process with the deployed agent's flags (infra/systemd/stagecoach-agent.service): ${flags.join(' ') || 'none'}`,
+      r.settleMiB > 0
+        ? `before every timed pipeline, ours and the peers', ${r.settleMiB} MiB are written to a scratch file and deleted, so that each starts on resident memory: on a VM whose balloon reports free pages to the host, re-touching memory left free for a few seconds costs a host fault per page (see settleMemory in loadtest/agent.ts; --settle-mib 0 turns it off)`
+        : 'memory not settled before the pipelines (--settle-mib 0)',
     ],
     data: { ...r },
   };
@@ -277,8 +337,16 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
 
 const isMain = process.argv[1] && import.meta.url === pathToFileURL(resolve(process.argv[1])).href;
 if (isMain) {
-  const { values } = parseArgs({ options: { 'size-mib': { type: 'string' }, 'work-dir': { type: 'string' }, runs: { type: 'string' }, tree: { type: 'string' } } });
-  const r = await benchAgent({ sizeMiB: Number(values['size-mib'] ?? 1024), workDir: values['work-dir'], runs: Number(values.runs ?? 2), tree: values.tree });
+  const { values } = parseArgs({
+    options: { 'size-mib': { type: 'string' }, 'work-dir': { type: 'string' }, runs: { type: 'string' }, tree: { type: 'string' }, 'settle-mib': { type: 'string' } },
+  });
+  const r = await benchAgent({
+    sizeMiB: Number(values['size-mib'] ?? 1024),
+    workDir: values['work-dir'],
+    runs: Number(values.runs ?? 2),
+    tree: values.tree,
+    settleMiB: values['settle-mib'] === undefined ? undefined : Number(values['settle-mib']),
+  });
   process.stdout.write(
     `${textTable(
       ['pipeline', 'MB/s', 'ms'],

@@ -33,6 +33,7 @@ const { values, positionals } = parseArgs({
     'cpu-prof': { type: 'string' },
     'from-json': { type: 'string' },
     tree: { type: 'string' },
+    'settle-mib': { type: 'string' },
     rounds: { type: 'string' },
     'log-lines': { type: 'string' },
     idle: { type: 'string' },
