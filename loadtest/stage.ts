@@ -214,7 +214,14 @@ async function originCounters(url: string): Promise<{ requests: number; bytes: n
   return { requests: v('origin_blob_requests_total'), bytes: v('origin_blob_bytes_out_total') };
 }
 
-function vmMiB(pid: number, field: 'VmHWM' | 'VmRSS'): number | null {
+/**
+ * Memory fields of /proc/PID/status: peak and current RSS, and the file-backed part of the
+ * current RSS (program and library pages, shared with other processes of the same files and
+ * dropped by the kernel under memory pressure; the rest is RssAnon and RssShmem).
+ */
+type StatusField = 'VmHWM' | 'VmRSS' | 'RssFile';
+
+function vmMiB(pid: number, field: StatusField): number | null {
   try {
     const m = new RegExp(`${field}:\\s+(\\d+) kB`).exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
     return m ? Number(m[1]) / 1024 : null;
@@ -281,7 +288,7 @@ function onlyGroup(cpu: Map<number, number>, pgid: number): Map<number, number> 
 }
 
 /** Sum over group(s) `pgid` of a /proc status field, MiB. */
-export function groupMiB(pgid: Groups, field: 'VmHWM' | 'VmRSS'): number {
+export function groupMiB(pgid: Groups, field: StatusField): number {
   let sum = 0;
   for (const pid of groupPids(pgid)) sum += vmMiB(pid, field) ?? 0;
   return sum;
@@ -610,7 +617,7 @@ export async function benchStage(opts: BenchOptions = {}): Promise<BenchRow[]> {
               objectMiB: o.bigMiB,
               rssMiB: groupMiB(pgid, 'VmHWM'),
               rssSampledMiB: rssMax,
-              note: `${procs} process${procs === 1 ? '' : 'es'}${parts}; RSS before the herds: ${p.idleRssMiB?.toFixed(0) ?? '-'} MiB`,
+              note: `${procs} process${procs === 1 ? '' : 'es'}${parts}; RSS before the herds: ${p.idleRssMiB?.toFixed(0) ?? '-'} MiB; after them ${groupMiB(pgid, 'VmRSS').toFixed(0)} MiB, of which file-backed (program and libraries) ${groupMiB(pgid, 'RssFile').toFixed(0)} MiB`,
             }),
           );
         }
