@@ -39,7 +39,19 @@ async function shot(t: TestContext, page: Page, name: string, fullPage = true): 
   t.diagnostic(`screenshot ${path}`);
 }
 
-const bg = (page: Page, selector: string) => page.locator(selector).evaluate((e) => getComputedStyle(e).backgroundColor);
+/**
+ * The computed background colour of the element `selector` finds. Playwright finds the element,
+ * then evaluates on it in a second call: when the dashboard re-renders in between, the element
+ * found is detached, and a detached element has no computed style (''). Then it looks again.
+ */
+async function bg(page: Page, selector: string): Promise<string> {
+  const deadline = Date.now() + 5000;
+  for (;;) {
+    const c = await page.locator(selector).evaluate((e) => (e.isConnected ? getComputedStyle(e).backgroundColor : ''));
+    if (c || Date.now() > deadline) return c;
+    await page.waitForTimeout(50);
+  }
+}
 
 /** Opens the dashboard with `token` already in sessionStorage (as after pasting it). */
 async function openWithToken(browser: Browser, url: string, token: string, hold?: string): Promise<{ page: Page; release: () => void }> {
