@@ -25,6 +25,7 @@ import {
   type StepRoute,
 } from '../../shared/protocol/index.js';
 import type { Logger } from '../../shared/log.js';
+import type { JobRoute } from './rollouts/model.js';
 
 /** What BullMQ says about one job. */
 export interface JobOutcome {
@@ -43,24 +44,30 @@ function jobKey(prefix: string, route: { transport: 'direct' | 'relay'; queue: s
   return { q: `${prefix}:${route.queue}`, id: routedJobId(route, host, baseId) };
 }
 
-/** Looks up the outcome of many jobs (route-independent ids) in two pipelines (routes, then jobs). */
-export async function jobOutcomes(redis: Redis, prefix: string, jobs: { host: string; jobId: string }[]): Promise<JobOutcome[]> {
+/**
+ * Looks up the outcome of many jobs (route-independent ids). A job whose `route` is given (the
+ * queue its sequence was put in) is looked up there; the others where their host's registration
+ * routes it now (one more round trip, which asks every relay colo's host index).
+ */
+export async function jobOutcomes(redis: Redis, prefix: string, jobs: { host: string; jobId: string; route?: JobRoute }[]): Promise<JobOutcome[]> {
   if (jobs.length === 0) return [];
-  const routes = await readRoutes(redis, prefix, jobs.map((j) => j.host));
+  const unrouted = jobs.filter((j) => !j.route).map((j) => j.host);
+  const registered = unrouted.length ? await readRoutes(redis, prefix, unrouted) : new Map<string, StepRoute>();
+  const routes = jobs.map((j) => j.route ?? registered.get(j.host)!);
   const pipe = redis.pipeline();
-  for (const j of jobs) {
-    const { q, id } = jobKey(prefix, routes.get(j.host)!, j.host, j.jobId);
+  jobs.forEach((j, i) => {
+    const { q, id } = jobKey(prefix, routes[i], j.host, j.jobId);
     pipe.zscore(`${q}:completed`, id);
     pipe.zscore(`${q}:failed`, id);
     pipe.hmget(`${q}:${id}`, 'failedReason', 'pb');
-  }
+  });
   const res = (await pipe.exec()) ?? [];
   return jobs.map((j, i) => {
     const [e1, done] = res[i * 3] ?? [];
     const [e2, failed] = res[i * 3 + 1] ?? [];
     const [, fields] = res[i * 3 + 2] ?? [];
     const [reason, pb] = Array.isArray(fields) ? (fields as (string | null)[]) : [null, null];
-    const byHost = pb === routeLockToken(routes.get(j.host)!, j.host);
+    const byHost = pb === routeLockToken(routes[i], j.host);
     if (e1 || e2) return { state: 'other', byHost: false };
     if (done !== null && done !== undefined) return { state: 'completed', byHost };
     if (failed !== null && failed !== undefined) return { state: 'failed', failedReason: reason ?? undefined, byHost };
@@ -69,7 +76,7 @@ export async function jobOutcomes(redis: Redis, prefix: string, jobs: { host: st
 }
 
 /** The lock token (and worker name) that takes `host`'s jobs on `route`. */
-function routeLockToken(route: StepRoute, host: string): string {
+function routeLockToken(route: JobRoute, host: string): string {
   return route.transport === 'relay' ? relayLockToken(route.queue.slice('colo.'.length)) : hostLockToken(host);
 }
 

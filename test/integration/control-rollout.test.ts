@@ -46,6 +46,7 @@ describe('control: rollout over a sim fleet', () => {
       assert.equal(h.status, 'converted');
       assert.equal(h.steps.verify.state, 'completed');
       assert.ok(h.finishedAt! >= h.startedAt!);
+      assert.deepEqual(h.route, { transport: 'direct', queue: `host.${h.host}` }, 'the queue its sequence was put in');
     }
     // Every machine runs C from disk1p1.
     for (const h of cf.fleet.hosts) {

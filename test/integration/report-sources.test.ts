@@ -5,7 +5,9 @@
  *   relay's colo, whatever the record says; two live claims are a conflict, and the producer
  *   refuses to enqueue for such a host; a claim gone quiet for the window yields to the live one;
  * - control's reader takes a host's reports only from the host's own stream and a relay's only
- *   about hosts that relay registered, and finds reports whose bell ring was lost at its next sweep.
+ *   about hosts that relay registered, and finds reports whose bell ring was lost at its next sweep;
+ * - control looks a job up in the queue its sequence was put in when it knows it, whatever the
+ *   host's registration says later.
  */
 import assert from 'node:assert/strict';
 import { generateKeyPairSync, randomUUID } from 'node:crypto';
@@ -14,6 +16,7 @@ import type { Redis } from 'ioredis';
 import { silentLogger } from '../../shared/log.js';
 import {
   AgentProducer,
+  hostLockToken,
   keys,
   queuePresence,
   queueReport,
@@ -21,10 +24,12 @@ import {
   readHosts,
   readRoutes,
   type Source,
+  StepQueueConsumer,
   type StepReport,
 } from '../../shared/protocol/index.js';
 import { createRedis } from '../../shared/redis.js';
-import { ReportStream } from '../../services/control/rollouts/report-stream.js';
+import { jobOutcomes } from '../../services/control/queues.js';
+import { finalOutcomes, ReportStream } from '../../services/control/rollouts/report-stream.js';
 import { deletePrefix, until } from '../helpers/fleet.js';
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
@@ -157,5 +162,37 @@ describe('report and registration sources', () => {
       return found.length > 0;
     }, 10_000, "h2's first report is read without a ring");
     assert.deepEqual(found.map((r) => `${r.host}:${r.event}`), ['h2:started']);
+  });
+  it('looks a job up in the queue its sequence was put in, not where the registration routes the host now', async () => {
+    await register(host('h1'), 'h1', { colo: 'east' });
+    const { privateKey } = generateKeyPairSync('ed25519');
+    const producer = new AgentProducer({ connection: redis, prefix, signingKey: privateKey });
+    closers.push(() => producer.close());
+    await producer.enqueueSequence('h1', 'r1', [{ step: 'fetch' }]);
+    const queued = { transport: 'direct' as const, queue: 'host.h1' };
+    // The host takes and completes its job, as its agent does.
+    const consumer = new StepQueueConsumer({ queue: 'host.h1', token: hostLockToken('h1'), connection: reader, prefix, lockDurationMs: 30_000, stalledIntervalMs: 30_000, maxStalledCount: 10, logger: silentLogger });
+    closers.push(() => consumer.close());
+    await consumer.open();
+    const job = await consumer.next();
+    assert.equal(job?.id, 'r1.0.fetch');
+    await consumer.complete(job!, {});
+
+    // Then it moves behind colo c1's relay: its own record goes quiet, the relay's is live.
+    await register(host('h1'), 'h1', { colo: 'east' }, Date.now() - RECORD_CONFLICT_WINDOW_MS - 1000);
+    await register(relay('c1'), 'h1', {});
+    assert.deepEqual((await readRoutes(redis, prefix, ['h1'])).get('h1'), { transport: 'relay', queue: 'colo.c1' });
+
+    const [now, remembered] = await jobOutcomes(redis, prefix, [
+      { host: 'h1', jobId: 'r1.0.fetch' },
+      { host: 'h1', jobId: 'r1.0.fetch', route: queued },
+    ]);
+    assert.deepEqual(now, { state: 'other', byHost: false }, 'the relay colo\'s queue never had the job');
+    assert.deepEqual(remembered, { state: 'completed', byHost: true }, 'the job is where it was put, completed by the host');
+
+    const report: StepReport = { host: 'h1', rollout: 'r1', seq: 0, step: 'fetch', event: 'completed', ts: Date.now() };
+    const outcomes = await finalOutcomes(redis, prefix, [report], () => ({ route: queued }));
+    assert.deepEqual(outcomes.get(report), { state: 'completed', byHost: true });
+    assert.equal((await finalOutcomes(redis, prefix, [report], () => false)).size, 0, 'reports nobody follows are not looked up');
   });
 });

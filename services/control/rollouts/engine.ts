@@ -36,7 +36,7 @@ import { checkManifest, newRollout, selectHosts } from './admission.js';
 import { getOp, listOps, newOp, tickOp } from './host-ops.js';
 import { applyOpReport, applyReport, isIgnoredFinal } from './host-reducer.js';
 import { LeaderLease } from './lease.js';
-import { type ActiveRollout, type Counts, FINISHED_ROLLOUT, type HostOp, type HostResult, type HostState, type HostWork, newId, type RolloutView } from './model.js';
+import { type ActiveRollout, type Counts, FINISHED_ROLLOUT, type HostOp, type HostResult, type HostState, type HostWork, newId, type RolloutView, sequenceRoute } from './model.js';
 import { runPreheat } from './preheat.js';
 import { enqueuePending, reconcileRollout } from './reconcile.js';
 import { finalOutcomes, ReportStream } from './report-stream.js';
@@ -180,7 +180,12 @@ export class RolloutEngine extends EventEmitter {
         await this.#exclusive(async () => {
           this.#reportsApplied += entries.filter(([, fields]) => fields).length;
           const reps = await this.#reports.decode(entries);
-          const outcomes = await finalOutcomes(this.#deps.redis, this.#deps.prefix, reps, (r) => !!this.#store.target(r));
+          const outcomes = await finalOutcomes(this.#deps.redis, this.#deps.prefix, reps, (r) => {
+            const t = this.#store.target(r);
+            if (!t) return false;
+            // A rollout host's sequence is looked up in the queue it was put in; an operation's where the host is registered.
+            return 'op' in t ? {} : { route: sequenceRoute(t.host, t.rescue) };
+          });
           for (const rep of reps) {
             try {
               this.#applyReport(rep, outcomes.get(rep));

@@ -4,9 +4,12 @@
  * the counters, whether a rollout still has work in flight, and the Redis key names of control.
  */
 import { randomBytes } from 'node:crypto';
-import { type BundleRef, CONVERT_STEPS, POINT_OF_NO_RETURN } from '../../../shared/protocol/index.js';
+import { type BundleRef, CONVERT_STEPS, POINT_OF_NO_RETURN, type StepRoute } from '../../../shared/protocol/index.js';
 import type { Plan } from '../plan.js';
 import type { HostTable } from './host-table.js';
+
+/** The queue a sequence was put in: where its jobs are, whatever the host's registration says later. */
+export type JobRoute = Pick<StepRoute, 'transport' | 'queue'>;
 
 /** Where a host is in a rollout. */
 export type HostStatus = 'pending' | 'queued' | 'running' | 'converted' | 'failed' | 'aborted' | 'skipped';
@@ -41,6 +44,8 @@ export interface HostState {
   steps: Record<string, StepState>;
   /** True once the signed sequence is in the host's queue. */
   enqueued: boolean;
+  /** The queue the sequence went to, set with `enqueued` (absent in states written before control kept it). */
+  route?: JobRoute;
   abortRequested?: boolean;
   queuedAt: number | null;
   startedAt: number | null;
@@ -48,7 +53,7 @@ export interface HostState {
   lastEventAt: number | null;
   error: { step: string; seq: number; code: string; message: string } | null;
   /** Set when a failure past the point of no return sent the host back to B. */
-  rescue: { state: 'queued' | 'running' | 'done' | 'failed'; enqueued: boolean; at: number; error?: string } | null;
+  rescue: { state: 'queued' | 'running' | 'done' | 'failed'; enqueued: boolean; at: number; error?: string; route?: JobRoute } | null;
   /** Last report lines (progress excluded), oldest first. */
   log: string[];
   /** Filled by `get(id, {logs: true})` for failed hosts: the failed job's BullMQ log tail. */
@@ -254,6 +259,16 @@ export function newRolloutStatus(now: number, hosts: number): RolloutStatus {
     updatedAt: now,
     finishedAt: null,
   };
+}
+
+/**
+ * The queue a host's conversion sequence (or, with `rescue`, its rescue sequence) was put in, while
+ * that sequence is the one enqueued; undefined before it is, and in states written before
+ * control kept it (its jobs are then looked up where the host's registration routes it).
+ */
+export function sequenceRoute(h: HostState, rescue: boolean): JobRoute | undefined {
+  if (rescue) return h.rescue?.enqueued ? h.rescue.route : undefined;
+  return h.enqueued ? h.route : undefined;
 }
 
 /** True while the host's rescue sequence is queued or running. */

@@ -9,7 +9,7 @@ import { type AgentProducer, CONVERT_STEPS, readRoutes, rescueSequence, type Seq
 import { failureOf } from '../../../shared/protocol/index.js';
 import { type JobOutcome, jobOutcomes } from '../queues.js';
 import { failHost, withLogLine } from './host-reducer.js';
-import { type ActiveRollout, type HostState, IN_FLIGHT_HOST, LAST_SEQ, rescueOpen, rescueRunId, type RolloutSpec } from './model.js';
+import { type ActiveRollout, type HostState, IN_FLIGHT_HOST, type JobRoute, sequenceRoute, LAST_SEQ, rescueOpen, rescueRunId, type RolloutSpec } from './model.js';
 import type { RolloutStore } from './store.js';
 
 /** At most one reconcile pass per rollout per this long (ms). */
@@ -52,11 +52,13 @@ export async function enqueuePending(a: ActiveRollout, deps: ReconcileDeps, stor
   const routes = await readRoutes(deps.redis, deps.prefix, due.map((h) => h.host));
   for (const h of due) {
     const id = h.host;
-    const route = routes.get(id);
+    const route = routes.get(id)!;
+    // Remembered with `enqueued`: later lookups of these jobs go to this queue (jobOutcomes).
+    const queued: JobRoute = { transport: route.transport, queue: route.queue };
     if (h.status === 'queued' && !h.enqueued) {
       todo.push(
         deps.producer.enqueueSequence(id, a.spec.id, convertSteps(a.spec), { ttlMs, now: deps.now(), route }).then(() => {
-          update(id, (cur) => ({ ...cur, enqueued: true }));
+          update(id, (cur) => ({ ...cur, enqueued: true, route: queued }));
         }),
       );
     }
@@ -65,7 +67,7 @@ export async function enqueuePending(a: ActiveRollout, deps: ReconcileDeps, stor
         deps.producer.enqueueSequence(id, rescueRunId(a.spec.id), rescueSequence(), { ttlMs, now: deps.now(), route }).then(() => {
           const now = deps.now();
           const line = { host: id, rollout: a.spec.id, seq: 0, step: 'rescue', event: 'queued', ts: now };
-          update(id, (cur) => ({ ...cur, rescue: { ...cur.rescue!, enqueued: true }, log: withLogLine(cur.log, line, now) }));
+          update(id, (cur) => ({ ...cur, rescue: { ...cur.rescue!, enqueued: true, route: queued }, log: withLogLine(cur.log, line, now) }));
         }),
       );
     }
@@ -138,15 +140,17 @@ export async function reconcileRollout(a: ActiveRollout, now: number, deps: Reco
   );
   if (hs.length === 0) return;
   for (const h of hs) a.reconciledAt.set(h.host, now);
-  const jobs: { host: string; jobId: string }[] = [];
+  const jobs: { host: string; jobId: string; route?: JobRoute }[] = [];
   for (const h of hs) {
     if (IN_FLIGHT_HOST.includes(h.status)) {
       const seq = h.status === 'queued' ? 0 : h.seq;
-      jobs.push({ host: h.host, jobId: stepBaseId(a.spec.id, seq, CONVERT_STEPS[seq]) });
-      jobs.push({ host: h.host, jobId: stepBaseId(a.spec.id, LAST_SEQ, CONVERT_STEPS[LAST_SEQ]) });
+      const route = sequenceRoute(h, false);
+      jobs.push({ host: h.host, jobId: stepBaseId(a.spec.id, seq, CONVERT_STEPS[seq]), route });
+      jobs.push({ host: h.host, jobId: stepBaseId(a.spec.id, LAST_SEQ, CONVERT_STEPS[LAST_SEQ]), route });
     } else {
-      jobs.push({ host: h.host, jobId: stepBaseId(rescueRunId(a.spec.id), 0, 'rescue') });
-      jobs.push({ host: h.host, jobId: stepBaseId(rescueRunId(a.spec.id), 0, 'rescue') });
+      const route = sequenceRoute(h, true);
+      jobs.push({ host: h.host, jobId: stepBaseId(rescueRunId(a.spec.id), 0, 'rescue'), route });
+      jobs.push({ host: h.host, jobId: stepBaseId(rescueRunId(a.spec.id), 0, 'rescue'), route });
     }
   }
   const out = await jobOutcomes(deps.redis, deps.prefix, jobs);

@@ -21,6 +21,7 @@ import { decodeReport, keys, parseSourceName, reportStreamOf, type Source, type 
 import type { Logger } from '../../../shared/log.js';
 import { type JobOutcome, jobOutcomes } from '../queues.js';
 import { FINAL_EVENTS } from './host-reducer.js';
+import type { JobRoute } from './model.js';
 import { NAME_RE } from '../../../shared/names.js';
 
 const GROUP = 'control';
@@ -236,17 +237,28 @@ export class ReportStream {
  * What BullMQ says about the job of every final report (completed, failed, refused) that
  * `followed` accepts, in one round trip. A final report is believed only when the named host's
  * own job agrees (host-reducer.ts isConfirmed): a source's word is not enough, not even about
- * its own hosts.
+ * its own hosts. `followed` may say which queue the report's sequence was put in (the job is
+ * looked up there); without it, where the host's registration routes it now.
  */
-export async function finalOutcomes(redis: Redis, prefix: string, reps: StepReport[], followed: (r: StepReport) => boolean): Promise<Map<StepReport, JobOutcome>> {
+export async function finalOutcomes(
+  redis: Redis,
+  prefix: string,
+  reps: StepReport[],
+  followed: (r: StepReport) => false | { route?: JobRoute },
+): Promise<Map<StepReport, JobOutcome>> {
   const out = new Map<StepReport, JobOutcome>();
-  const todo = reps.filter((r) => FINAL_EVENTS.includes(r?.event) && Number.isSafeInteger(r.seq) && typeof r.step === 'string' && followed(r));
+  const todo: { r: StepReport; route?: JobRoute }[] = [];
+  for (const r of reps) {
+    if (!FINAL_EVENTS.includes(r?.event) || !Number.isSafeInteger(r.seq) || typeof r.step !== 'string') continue;
+    const f = followed(r);
+    if (f) todo.push({ r, route: f.route });
+  }
   if (todo.length === 0) return out;
   const res = await jobOutcomes(
     redis,
     prefix,
-    todo.map((r) => ({ host: r.host, jobId: stepBaseId(r.rollout, r.seq, r.step) })),
+    todo.map(({ r, route }) => ({ host: r.host, jobId: stepBaseId(r.rollout, r.seq, r.step), route })),
   );
-  for (const [i, r] of todo.entries()) out.set(r, res[i]);
+  for (const [i, { r }] of todo.entries()) out.set(r, res[i]);
   return out;
 }
