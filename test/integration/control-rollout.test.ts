@@ -89,6 +89,7 @@ describe('control: rollout over a sim fleet', () => {
       return x.status === 'done' || x.status === 'failed' ? x : null;
     }, 120_000, 100);
     assert.equal(done.status, 'done', JSON.stringify(done));
+    assert.deepEqual(done.route, { transport: 'direct', queue: `host.${host.hostId}` }, 'the queue its sequence was put in');
     let run = await readSimRunning(host.dir);
     assert.equal(run.state === 'running' && run.device, 'disk2p1', 'the host runs B');
     assert.equal(run.state === 'running' && run.id, cf.fleet.base.os.id);

@@ -183,8 +183,8 @@ export class RolloutEngine extends EventEmitter {
           const outcomes = await finalOutcomes(this.#deps.redis, this.#deps.prefix, reps, (r) => {
             const t = this.#store.target(r);
             if (!t) return false;
-            // A rollout host's sequence is looked up in the queue it was put in; an operation's where the host is registered.
-            return 'op' in t ? {} : { route: sequenceRoute(t.host, t.rescue) };
+            // A sequence is looked up in the queue it was put in, once it was.
+            return 'op' in t ? { route: t.op.enqueued ? t.op.route : undefined } : { route: sequenceRoute(t.host, t.rescue) };
           });
           for (const rep of reps) {
             try {

@@ -4,7 +4,18 @@
  * and reading operations back. Report handling is host-reducer.ts applyOpReport.
  */
 import type { Redis } from 'ioredis';
-import { type AgentProducer, type BundleRef, failureOf, installOtherSequence, reinstallSequence, rescueSequence, type SequenceStep, refString, stepBaseId } from '../../../shared/protocol/index.js';
+import {
+  type AgentProducer,
+  type BundleRef,
+  failureOf,
+  installOtherSequence,
+  readRoutes,
+  reinstallSequence,
+  rescueSequence,
+  type SequenceStep,
+  refString,
+  stepBaseId,
+} from '../../../shared/protocol/index.js';
 import { scError } from '../../../shared/errors.js';
 import { parseRef } from '../../../shared/names.js';
 import { type JobOutcome, jobOutcomes } from '../queues.js';
@@ -70,15 +81,17 @@ export function settleOp(op: HostOp, cur: JobOutcome, last: JobOutcome, now: num
 export async function tickOp(op: HostOp, deps: HostOpDeps, store: RolloutStore): Promise<void> {
   if (opFinished(op)) return;
   if (!op.enqueued) {
-    await deps.producer.enqueueSequence(op.host, op.id, opSteps(op), { ttlMs: deps.jobTtlMs, now: deps.now() });
-    store.ops.set(op.id, { ...op, enqueued: true });
+    const route = (await readRoutes(deps.redis, deps.prefix, [op.host])).get(op.host)!;
+    await deps.producer.enqueueSequence(op.host, op.id, opSteps(op), { ttlMs: deps.jobTtlMs, now: deps.now(), route });
+    // Remembered with `enqueued`: later lookups of these jobs go to this queue (jobOutcomes).
+    store.ops.set(op.id, { ...op, enqueued: true, route: { transport: route.transport, queue: route.queue } });
     store.touchOp(op.id);
     return;
   }
   const lastSeq = op.steps.length - 1;
   const [cur, last] = await jobOutcomes(deps.redis, deps.prefix, [
-    { host: op.host, jobId: stepBaseId(op.id, op.seq, op.steps[op.seq]) },
-    { host: op.host, jobId: stepBaseId(op.id, lastSeq, op.steps[lastSeq]) },
+    { host: op.host, jobId: stepBaseId(op.id, op.seq, op.steps[op.seq]), route: op.route },
+    { host: op.host, jobId: stepBaseId(op.id, lastSeq, op.steps[lastSeq]), route: op.route },
   ]);
   const next = settleOp(op, cur, last, deps.now());
   if (next === op) return;

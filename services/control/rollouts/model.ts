@@ -139,6 +139,8 @@ export interface HostOp {
   actor: string;
   status: 'queued' | 'running' | 'done' | 'failed';
   enqueued: boolean;
+  /** The queue the sequence went to, set with `enqueued` (absent in records written before control kept it). */
+  route?: JobRoute;
   steps: string[];
   step: string | null;
   seq: number;
