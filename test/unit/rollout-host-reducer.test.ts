@@ -6,7 +6,7 @@ import { describe, it } from 'node:test';
 import { CONVERT_STEPS, POINT_OF_NO_RETURN, type StepReport } from '../../shared/protocol/index.js';
 import type { JobOutcome } from '../../services/control/queues.js';
 import { applyOpReport, applyReport, failHost, failOp, isConfirmed, isIgnoredFinal, LOG_TAIL } from '../../services/control/rollouts/host-reducer.js';
-import type { HostOp, HostState, HostStatus } from '../../services/control/rollouts/model.js';
+import { enqueuedRoute, type HostOp, type HostState, type HostStatus } from '../../services/control/rollouts/model.js';
 import { RECONCILE_MAX_MS, RECONCILE_QUIET_MS, reconcileDue, settleHost } from '../../services/control/rollouts/reconcile.js';
 import { settleOp } from '../../services/control/rollouts/host-ops.js';
 
@@ -433,5 +433,16 @@ describe('reconcile: when a quiet host is looked up', () => {
       }
     }
     assert.equal(n, 3);
+  });
+});
+
+describe('the queue a sequence was put in', () => {
+  const route = { transport: 'relay' as const, queue: 'colo.c1' };
+  it('is known only while that sequence is the one enqueued', () => {
+    assert.deepEqual(enqueuedRoute({ enqueued: true, route }), route);
+    // A host started again (enqueued: false) has a new sequence to put somewhere: the old queue is not its.
+    assert.equal(enqueuedRoute({ enqueued: false, route }), undefined);
+    assert.equal(enqueuedRoute({ enqueued: true }), undefined, 'a record written before control kept it');
+    assert.equal(enqueuedRoute(null), undefined, 'no rescue');
   });
 });

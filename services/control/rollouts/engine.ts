@@ -36,7 +36,7 @@ import { checkManifest, newRollout, selectHosts } from './admission.js';
 import { getOp, listOps, newOp, tickOp } from './host-ops.js';
 import { applyOpReport, applyReport, isIgnoredFinal } from './host-reducer.js';
 import { LeaderLease } from './lease.js';
-import { type ActiveRollout, type Counts, FINISHED_ROLLOUT, type HostOp, type HostResult, type HostState, type HostWork, newId, type RolloutView, sequenceRoute } from './model.js';
+import { type ActiveRollout, type Counts, FINISHED_ROLLOUT, type HostOp, type HostResult, type HostState, type HostWork, newId, type RolloutView, enqueuedRoute } from './model.js';
 import { runPreheat } from './preheat.js';
 import { enqueuePending, reconcileRollout } from './reconcile.js';
 import { finalOutcomes, ReportStream } from './report-stream.js';
@@ -184,7 +184,7 @@ export class RolloutEngine extends EventEmitter {
             const t = this.#store.target(r);
             if (!t) return false;
             // A sequence is looked up in the queue it was put in, once it was.
-            return 'op' in t ? { route: t.op.enqueued ? t.op.route : undefined } : { route: sequenceRoute(t.host, t.rescue) };
+            return { route: enqueuedRoute('op' in t ? t.op : t.rescue ? t.host.rescue : t.host) };
           });
           for (const rep of reps) {
             try {

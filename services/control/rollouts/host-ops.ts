@@ -20,7 +20,7 @@ import { scError } from '../../../shared/errors.js';
 import { parseRef } from '../../../shared/names.js';
 import { type JobOutcome, jobOutcomes } from '../queues.js';
 import { failOp, opFinished } from './host-reducer.js';
-import type { HostOp } from './model.js';
+import { type HostOp, jobRoute } from './model.js';
 import type { RolloutStore } from './store.js';
 
 /** What following an operation needs. */
@@ -84,7 +84,7 @@ export async function tickOp(op: HostOp, deps: HostOpDeps, store: RolloutStore):
     const route = (await readRoutes(deps.redis, deps.prefix, [op.host])).get(op.host)!;
     await deps.producer.enqueueSequence(op.host, op.id, opSteps(op), { ttlMs: deps.jobTtlMs, now: deps.now(), route });
     // Remembered with `enqueued`: later lookups of these jobs go to this queue (jobOutcomes).
-    store.ops.set(op.id, { ...op, enqueued: true, route: { transport: route.transport, queue: route.queue } });
+    store.ops.set(op.id, { ...op, enqueued: true, route: jobRoute(route) });
     store.touchOp(op.id);
     return;
   }

@@ -263,14 +263,18 @@ export function newRolloutStatus(now: number, hosts: number): RolloutStatus {
   };
 }
 
+/** The queue part of a route the producer used: what a host or operation keeps of it. */
+export function jobRoute(r: StepRoute): JobRoute {
+  return { transport: r.transport, queue: r.queue };
+}
+
 /**
- * The queue a host's conversion sequence (or, with `rescue`, its rescue sequence) was put in, while
- * that sequence is the one enqueued; undefined before it is, and in states written before
- * control kept it (its jobs are then looked up where the host's registration routes it).
+ * The queue a sequence (a rollout host's, its rescue's, or an operation's) was put in, while it is
+ * the one enqueued; undefined before it is, and in records written before control kept it (its
+ * jobs are then looked up where the host's registration routes it).
  */
-export function sequenceRoute(h: HostState, rescue: boolean): JobRoute | undefined {
-  if (rescue) return h.rescue?.enqueued ? h.rescue.route : undefined;
-  return h.enqueued ? h.route : undefined;
+export function enqueuedRoute(s: { enqueued: boolean; route?: JobRoute } | null | undefined): JobRoute | undefined {
+  return s?.enqueued ? s.route : undefined;
 }
 
 /** True while the host's rescue sequence is queued or running. */

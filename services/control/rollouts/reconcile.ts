@@ -9,7 +9,7 @@ import { type AgentProducer, CONVERT_STEPS, readRoutes, rescueSequence, type Seq
 import { failureOf } from '../../../shared/protocol/index.js';
 import { type JobOutcome, jobOutcomes } from '../queues.js';
 import { failHost, withLogLine } from './host-reducer.js';
-import { type ActiveRollout, type HostState, IN_FLIGHT_HOST, type JobRoute, sequenceRoute, LAST_SEQ, rescueOpen, rescueRunId, type RolloutSpec } from './model.js';
+import { type ActiveRollout, type HostState, IN_FLIGHT_HOST, enqueuedRoute, type JobRoute, jobRoute, LAST_SEQ, rescueOpen, rescueRunId, type RolloutSpec } from './model.js';
 import type { RolloutStore } from './store.js';
 
 /** At most one reconcile pass per rollout per this long (ms). */
@@ -54,7 +54,7 @@ export async function enqueuePending(a: ActiveRollout, deps: ReconcileDeps, stor
     const id = h.host;
     const route = routes.get(id)!;
     // Remembered with `enqueued`: later lookups of these jobs go to this queue (jobOutcomes).
-    const queued: JobRoute = { transport: route.transport, queue: route.queue };
+    const queued = jobRoute(route);
     if (h.status === 'queued' && !h.enqueued) {
       todo.push(
         deps.producer.enqueueSequence(id, a.spec.id, convertSteps(a.spec), { ttlMs, now: deps.now(), route }).then(() => {
@@ -144,11 +144,11 @@ export async function reconcileRollout(a: ActiveRollout, now: number, deps: Reco
   for (const h of hs) {
     if (IN_FLIGHT_HOST.includes(h.status)) {
       const seq = h.status === 'queued' ? 0 : h.seq;
-      const route = sequenceRoute(h, false);
+      const route = enqueuedRoute(h);
       jobs.push({ host: h.host, jobId: stepBaseId(a.spec.id, seq, CONVERT_STEPS[seq]), route });
       jobs.push({ host: h.host, jobId: stepBaseId(a.spec.id, LAST_SEQ, CONVERT_STEPS[LAST_SEQ]), route });
     } else {
-      const route = sequenceRoute(h, true);
+      const route = enqueuedRoute(h.rescue);
       jobs.push({ host: h.host, jobId: stepBaseId(rescueRunId(a.spec.id), 0, 'rescue'), route });
       jobs.push({ host: h.host, jobId: stepBaseId(rescueRunId(a.spec.id), 0, 'rescue'), route });
     }
