@@ -5,10 +5,10 @@
  * tests).
  */
 import { timingSafeEqual, createHash } from 'node:crypto';
-import type { Server } from 'node:http';
+import type { IncomingMessage, Server, ServerResponse } from 'node:http';
 import { Server as HttpsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
-import type { NextFunction, Request, RequestHandler, Response } from 'express';
+import type { Request, RequestHandler } from 'express';
 import parseRange from 'range-parser';
 import { type Digest, parseDigest } from './digest.js';
 import { type ErrorCode, ScError, scError, toScError } from './errors.js';
@@ -65,9 +65,13 @@ export function requireToken(expected: string): RequestHandler {
   };
 }
 
-/** The one place per server where an error becomes an HTTP response. */
+/**
+ * The one place per server where an error becomes an HTTP response: express apps and the plain
+ * `router` the stage's relay runs on (services/relay/server.ts) alike, so it writes with Node's
+ * own response API.
+ */
 export function errorHandler(log: Logger) {
-  return (err: unknown, req: Request, res: Response, _next: NextFunction): void => {
+  return (err: unknown, req: IncomingMessage & { originalUrl?: string }, res: ServerResponse, _next: (err?: unknown) => void): void => {
     let e: ScError;
     const status = (err as { status?: number; statusCode?: number; type?: string })?.status;
     if (err instanceof ScError) e = err;
@@ -75,14 +79,22 @@ export function errorHandler(log: Logger) {
     else if ((err as { type?: string })?.type === 'entity.too.large') e = scError('SC_ERR_TOO_LARGE');
     else if (status === 400 || (err as { code?: string })?.code === 'ERR_INVALID_URL') e = scError('SC_ERR_BAD_PATH');
     else e = toScError(err);
-    if (e.status >= 500) log.error({ err, code: e.code, url: req.originalUrl }, 'request failed');
-    else log.debug({ code: e.code, url: req.originalUrl }, 'request refused');
+    const url = req.originalUrl ?? req.url;
+    if (e.status >= 500) log.error({ err, code: e.code, url }, 'request failed');
+    else log.debug({ code: e.code, url }, 'request refused');
     if (res.headersSent) {
       res.destroy();
       return;
     }
-    res.status(e.status).set('Cache-Control', 'no-store').json(e.toJSON());
+    sendJson(res, e.status, e.toJSON(), { 'Cache-Control': 'no-store' });
   };
+}
+
+/** Answers `body` as JSON (what express's `res.json` sends, without an ETag). */
+export function sendJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { ...headers, 'Content-Type': 'application/json; charset=utf-8', 'Content-Length': Buffer.byteLength(text) });
+  res.end(text);
 }
 
 /** Catches requests no route took, with a stable code. */

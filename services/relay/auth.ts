@@ -7,7 +7,7 @@
  * parseHostInput's for malformed input), turned into a response by the relay's router.
  */
 import { timingSafeEqual } from 'node:crypto';
-import type { Request } from 'express';
+import type { IncomingMessage } from 'node:http';
 import { LRUCache } from 'lru-cache';
 import {
   HOST_ID_RE,
@@ -27,12 +27,12 @@ import { scError } from '../../shared/errors.js';
  * authenticated host id, or throws SC_ERR_UNAUTHORIZED (no token or host header) or
  * SC_ERR_FORBIDDEN (bad host id, malformed token, unknown key id, wrong MAC).
  */
-export function hostAuthenticator(keys: readonly RelayKey[], colo: string): (req: Request) => string {
+export function hostAuthenticator(keys: readonly RelayKey[], colo: string): (req: IncomingMessage) => string {
   // The colo's key per key id; each host's expected MAC, computed once (an HMAC per request adds
   // up at thousands of hosts).
   const coloKeys = new Map(keys.map((x) => [x.kid, x.key]));
   const macs = new LRUCache<string, Buffer>({ max: 100_000 });
-  return (req: Request): string => {
+  return (req: IncomingMessage): string => {
     const m = /^Bearer\s+(\S+)\s*$/i.exec(req.headers.authorization ?? '');
     const host = req.headers['x-stagecoach-host'];
     if (!m || typeof host !== 'string') throw scError('SC_ERR_UNAUTHORIZED', 'relay requests need a host token and X-Stagecoach-Host');
@@ -53,7 +53,7 @@ export function hostAuthenticator(keys: readonly RelayKey[], colo: string): (req
 }
 
 /** Throws SC_ERR_FORBIDDEN unless the request's `:id` is the authenticated `host`. */
-export function pathHost(req: Request, host: string): void {
+export function pathHost(req: { params: Record<string, unknown> }, host: string): void {
   if (req.params.id !== host) throw scError('SC_ERR_FORBIDDEN', 'a host token only serves its own host');
 }
 

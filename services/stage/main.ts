@@ -20,7 +20,7 @@ import { FetchOnce, type FillInfo } from './fill.js';
 import { ManifestCache } from './manifests.js';
 import { createStageMetrics } from './metrics.js';
 import { type ReconcileResult, Reconciler } from './reconcile.js';
-import { createStageApp, onClientError } from './server.js';
+import { createStageHandler, onClientError } from './server.js';
 import type { Relay, RelayStats } from '../relay/server.js';
 // The relay wire only: the queue protocol (BullMQ, ioredis: about 20 MiB) loads with the relay, when it is on.
 import { parseRelayKeys, readRelayKeys } from '../../shared/protocol/relay-wire.js';
@@ -118,7 +118,7 @@ export async function startStage(input: StageConfigInput | StageConfig, deps: St
       maxWaitSec: config.relayMaxWaitSec,
     });
   }
-  const app = createStageApp({ colo: config.colo, cache, fills, manifests, upstreams, metrics, registry, log, token, accelRedirect: config.accelRedirect, relay: relay ?? undefined });
+  const app = createStageHandler({ colo: config.colo, cache, fills, manifests, upstreams, metrics, registry, log, token, accelRedirect: config.accelRedirect, relay: relay ?? undefined });
   const server = createServer(app, loadServerTls(config));
   server.on('clientError', onClientError);
   server.keepAliveTimeout = 65_000;

@@ -3,7 +3,9 @@
  * cache, fills and upstreams, plus POST /v1/prefetch, GET /v1/fills and the colo relay. Errors
  * become responses only in shared/http.ts `errorHandler`.
  */
+import type { RequestListener } from 'node:http';
 import express, { type NextFunction, type Request, type Response } from 'express';
+import Router from 'router';
 import { type Digest, parseDigest } from '../../shared/digest.js';
 import { scError } from '../../shared/errors.js';
 import { errorHandler, requireToken } from '../../shared/http.js';
@@ -38,8 +40,8 @@ export interface StageAppDeps {
    * (config `accelRedirect`, accel.ts). Unset: the stage sends every body itself.
    */
   accelRedirect?: string;
-  /** The colo relay (services/relay/server.ts), mounted at /v1/relay when on. */
-  relay?: { router: express.Router; stats(): unknown };
+  /** The colo relay (services/relay/server.ts), mounted at /v1/relay when on, in front of the express app. */
+  relay?: { router: Router.Router; stats(): unknown };
 }
 
 /** Most digests one prefetch call may name. */
@@ -163,25 +165,38 @@ function stageReadSource(d: StageAppDeps): ReadSource {
   };
 }
 
-/** Builds the express app of a stage. */
-export function createStageApp(d: StageAppDeps): express.Express {
-  const { cache, fills, metrics } = d;
+/**
+ * Builds a stage's request handler: a plain router that counts every request and, when the
+ * relay is on, answers `/v1/relay` with the relay's own router (services/relay: its paths and
+ * checks, without the cost of an express app per request); everything else goes on to the
+ * express app of the read API, prefetch and fills. Errors of both become responses in
+ * `errorHandler`.
+ */
+export function createStageHandler(d: StageAppDeps): RequestListener {
+  const { metrics } = d;
+  const app = createStageApp(d);
+  const errors = errorHandler(d.log);
+  const front = new Router({ caseSensitive: true, strict: true });
+  front.use((req, res, next) => {
+    res.on('finish', () => {
+      const route = (req.route?.path as string | undefined) ?? 'other';
+      metrics.http.requests.inc({ method: req.method ?? 'other', route, status: String(res.statusCode) });
+    });
+    next();
+  });
+  if (d.relay) front.use('/v1/relay', d.relay.router);
+  return (req, res) => front(req, res, (err?: unknown) => (err ? errors(err, req, res, () => {}) : app(req, res)));
+}
+
+/** The express app of a stage: everything but the relay. */
+function createStageApp(d: StageAppDeps): express.Express {
+  const { cache, fills } = d;
   const app = express();
   app.disable('x-powered-by');
   app.set('etag', false);
   app.set('case sensitive routing', true);
   app.set('strict routing', true);
 
-  app.use((req, res, next) => {
-    res.on('finish', () => {
-      const route = (req.route?.path as string | undefined) ?? 'other';
-      metrics.http.requests.inc({ method: req.method, route, status: String(res.statusCode) });
-    });
-    next();
-  });
-
-  // The relay keeps its own paths and checks (services/relay); mounted before the read API.
-  if (d.relay) app.use('/v1/relay', d.relay.router);
   app.use(createReadApiRouter(stageReadSource(d)));
 
   // ---- preheat ----

@@ -184,6 +184,42 @@ describe('relay mode', () => {
     assert.equal(await f.redis.hget(key, 'ip'), '"10.9.9.9"', 'a malformed heartbeat writes nothing');
   });
 
+  it("answers bad requests on the relay's paths as the rest of the stage does, and counts them by route", async () => {
+    // The relay runs on its own router in front of the stage's express app (services/stage/server.ts):
+    // its refusals, malformed bodies and unknown paths must still get the stage's one error shape.
+    const id = 'c1-edges';
+    const url = f.stages.c1[0].url;
+    const auth = { authorization: `Bearer ${relayToken({ kid: '1', secret: f.relaySecret }, 'c1', id)}`, 'x-stagecoach-host': id };
+    const refused = async (r: Response, status: number, code: string) => {
+      assert.equal(r.status, status, code);
+      assert.match(r.headers.get('content-type') ?? '', /^application\/json; charset=utf-8$/);
+      assert.equal(r.headers.get('cache-control'), 'no-store');
+      assert.equal(((await r.json()) as { error: { code: string } }).error.code, code);
+    };
+    const beat = (body: string, headers: Record<string, string> = auth) =>
+      fetch(`${url}/v1/relay/hosts/${id}/heartbeat`, { method: 'POST', headers: { ...headers, 'content-type': 'application/json' }, body });
+    await refused(await beat('{"fields": '), 400, 'SC_ERR_BAD_REQUEST');
+    await refused(await beat(JSON.stringify({ fields: { state: 'idle' }, pad: 'x'.repeat(300_000) })), 413, 'SC_ERR_TOO_LARGE');
+    await refused(await beat('{}', {}), 401, 'SC_ERR_UNAUTHORIZED');
+    await refused(await fetch(`${url}/v1/relay/hosts/c1-other/next?wait=0`, { headers: auth }), 403, 'SC_ERR_FORBIDDEN');
+    await refused(await fetch(`${url}/v1/relay/jobs/x/complete`, { method: 'POST', headers: { ...auth, 'content-type': 'application/json' }, body: '{}' }), 409, 'SC_ERR_CONFLICT');
+    await refused(await fetch(`${url}/v1/relay/hosts/${id}/nope`, { headers: auth }), 400, 'SC_ERR_BAD_PATH');
+    await refused(await fetch(`${url}/v1/relay/HOSTS/${id}/next?wait=0`, { headers: auth }), 400, 'SC_ERR_BAD_PATH');
+    // A poll with nothing held answers 204 after its wait; a well-formed heartbeat is written.
+    const t0 = Date.now();
+    const polled = await fetch(`${url}/v1/relay/hosts/${id}/next?wait=1`, { headers: auth });
+    assert.equal(polled.status, 204);
+    assert.ok(Date.now() - t0 >= 900, 'the poll waited its second');
+    assert.equal((await beat(JSON.stringify({ fields: { state: 'idle' } }))).status, 204);
+    assert.equal(await f.redis.hget(keys(f.prefix).relayAgent('c1', id), 'state'), '"idle"');
+    // The stage's request counter labels relay requests with their route, as it labels the read API's.
+    const metrics = await (await fetch(`${url}/metrics`)).text();
+    const count = (route: string, status: string) =>
+      Number(new RegExp(`stage_http_requests_total\\{[^}]*method="[A-Z]+",route="${route.replace(/[/:]/g, (c) => `\\${c}`)}",status="${status}"[^}]*\\} (\\d+)`).exec(metrics)?.[1] ?? 0);
+    assert.ok(count('/hosts/:id/next', '204') >= 1, 'polls are counted by route');
+    assert.ok(count('/hosts/:id/heartbeat', '400') >= 1, 'refused heartbeats are counted by route');
+  });
+
   it('accepts a token only at its own colo, under a key id it knows: two during a rotation', async () => {
     const dir = join(f.root, 'rotation');
     await mkdir(dir, { recursive: true });
