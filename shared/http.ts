@@ -97,6 +97,17 @@ export function sendJson(res: ServerResponse, status: number, body: unknown, hea
   res.end(text);
 }
 
+/** Answers 204 with no body. */
+export function noContent(res: ServerResponse): void {
+  res.writeHead(204).end();
+}
+
+/** The first value of query parameter `name` of a plain Node request (express apps have `req.query`). */
+export function queryParam(req: IncomingMessage, name: string): string | null {
+  const q = req.url?.indexOf('?') ?? -1;
+  return q < 0 ? null : new URLSearchParams(req.url!.slice(q + 1)).get(name);
+}
+
 /** Catches requests no route took, with a stable code. */
 export function notFoundHandler(code: ErrorCode = 'SC_ERR_NOT_FOUND'): RequestHandler {
   return (req, _res, next) => next(scError(code, `no route for ${req.method} ${req.path.slice(0, 200)}`));

@@ -64,7 +64,7 @@ import {
 } from '../../shared/protocol/index.js';
 import { stepJobOf } from '../../shared/protocol/transport.js';
 import { scError } from '../../shared/errors.js';
-import { sendJson } from '../../shared/http.js';
+import { noContent, queryParam, sendJson } from '../../shared/http.js';
 import type { Logger } from '../../shared/log.js';
 import { createRedis } from '../../shared/redis.js';
 import { fieldsChecker, hostAuthenticator, pathHost, reportParser } from './auth.js';
@@ -133,12 +133,6 @@ export interface Relay {
 }
 
 const JOB_ID_RE = /^[A-Za-z0-9._-]{1,300}$/;
-
-/** The query string of a request URL, parsed. */
-function searchParams(url: string | undefined): URLSearchParams {
-  const q = url?.indexOf('?') ?? -1;
-  return new URLSearchParams(q >= 0 ? url!.slice(q + 1) : '');
-}
 
 function hostOf(job: Job): string | null {
   const h = (job.data as { payload?: Partial<StepPayload> } | null)?.payload?.host;
@@ -293,7 +287,6 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
     (req: RelayRequest, res: ServerResponse, next: Router.NextFunction): void => {
       fn(req, res).catch(next);
     };
-  const noContent = (res: ServerResponse) => void res.writeHead(204).end();
 
   const router = new Router({ caseSensitive: true, strict: true });
   router.use(json({ limit: '256kb' }));
@@ -313,7 +306,7 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
     wrap(async (req, res) => {
       const host = authHost(req);
       pathHost(req, host);
-      const wait = Math.min(maxWait, Math.max(0, Number(searchParams(req.url).get('wait') ?? 25) || 0));
+      const wait = Math.min(maxWait, Math.max(0, Number(queryParam(req, 'wait') ?? 25) || 0));
       const hdr = req.headers['x-stagecoach-fields'];
       if (typeof hdr === 'string' && hdr) {
         let f: unknown;
