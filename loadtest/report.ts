@@ -58,6 +58,14 @@ export function unitNodeFlags(service: 'agent' | 'stage' | 'control' | 'origin')
   return m ? m[1].trim().split(/\s+/).filter(Boolean) : [];
 }
 
+/** The environment a deployed service's unit sets (its `Environment=NAME=value` lines), e.g. the stage's allocator settings. */
+export function unitEnvironment(service: 'agent' | 'stage' | 'control' | 'origin'): Record<string, string> {
+  const unit = readFileSync(fileURLToPath(new URL(`../infra/systemd/stagecoach-${service}.service`, import.meta.url)), 'utf8');
+  const env: Record<string, string> = {};
+  for (const m of unit.matchAll(/^Environment=([A-Za-z_][A-Za-z0-9_]*)=(\S*)$/gm)) env[m[1]] = m[2];
+  return env;
+}
+
 /** Calls per command from Redis `INFO commandstats` (`cmdstat_hset:calls=12,...`). */
 export function commandCalls(text: string): Map<string, number> {
   const out = new Map<string, number>();

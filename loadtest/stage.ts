@@ -29,7 +29,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { freePort } from '../shared/redis.js';
 import { renderNginxMain, renderNginxSite } from '../services/stage/accel.js';
 import { parseStageConfig } from '../services/stage/config.js';
-import { type SuiteResult, textTable, unitNodeFlags } from './report.js';
+import { type SuiteResult, textTable, unitEnvironment, unitNodeFlags } from './report.js';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 const ROOT = resolve(HERE, '..');
@@ -101,8 +101,8 @@ function killAll(): void {
   children.clear();
 }
 
-function start(cmd: string, args: string[], opts: { cwd?: string } = {}): ChildProcess {
-  const c = spawn(cmd, args, { cwd: opts.cwd ?? ROOT, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+function start(cmd: string, args: string[], opts: { cwd?: string; env?: Record<string, string> } = {}): ChildProcess {
+  const c = spawn(cmd, args, { cwd: opts.cwd ?? ROOT, env: { ...process.env, ...opts.env }, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
   children.add(c);
   c.on('exit', () => children.delete(c));
   return c;
@@ -358,7 +358,7 @@ async function startStagePeer(dir: string, originUrl: string, nodeArgs: string[]
     '--log-level',
     'warn',
     ...extra,
-  ]);
+  ], { env: unitEnvironment('stage') });
   // The tail of the stage's stderr, shown if it dies under the herd (its warnings and a crash stack).
   let tail = '';
   c.stderr?.on('data', (b: Buffer) => {
@@ -700,7 +700,7 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
     headers: HEADERS,
     rows: cells(rows),
     notes: [
-      `origin: the same test origin for every peer, throttled to 25 MB/s, in its own process; stage run as \`node ${unitNodeFlags('stage').join(' ')} services/cli/bin.js stage\` (the deployed unit's node flags, infra/systemd/stagecoach-stage.service)`,
+      `origin: the same test origin for every peer, throttled to 25 MB/s, in its own process; stage run as \`${Object.entries(unitEnvironment('stage')).map(([k, v]) => `${k}=${v} `).join('')}node ${unitNodeFlags('stage').join(' ')} services/cli/bin.js stage\` (the deployed unit's environment and node flags, infra/systemd/stagecoach-stage.service)`,
       'goals: origin bytes 1.00× per colo; waiters TTFB p99 ≤ 0.2 s; completion ≤ 1.1× the origin transfer time; warm ≥ 0.8× nginx static; stage peak RSS ≤ 100 MiB; warm CPU per GiB ≤ Varnish; warm GB/s ≥ Varnish',
       ...vsVarnish(rows),
       'CPU s, CPU s/GiB: the server process group (all its processes) from /proc/<pid>/stat utime+stime over the scenario, per GiB of body the clients received; the clients run in the benchmark process and are not counted',

@@ -47,7 +47,8 @@ export async function sendStream(res: ServerResponse, open: () => Readable | Pro
  */
 const READ_MAX = 1 << 20;
 const READ_MIN = 64 << 10;
-const READ_BUDGET = 16 << 20;
+/** The arena's size: 8 MiB (16 MiB cost the stage 8 MiB of peak RSS for no measurable CPU per GiB; README). */
+export const READ_BUDGET = 8 << 20;
 const PAGE = 4096;
 /** Piece sizes: READ_MIN << order, for order 0 to TOP (READ_MAX). */
 const TOP = Math.log2(READ_MAX / READ_MIN);

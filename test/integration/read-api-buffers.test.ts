@@ -12,13 +12,15 @@ import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
 import { type Digest, sha256Of } from '../../shared/digest.js';
-import { ReadBuffer, readArenaFreeBytes, readBufferReaders, readChunkBytes } from '../../shared/http/body-send.js';
+import { READ_BUDGET, ReadBuffer, readArenaFreeBytes, readBufferReaders, readChunkBytes } from '../../shared/http/body-send.js';
 import { silentLogger } from '../../shared/log.js';
 import { type RunningStage, startStage } from '../../services/stage/main.js';
 import { startTestOrigin, type TestOrigin } from '../helpers/origin.js';
 import { httpGet as get, waitFor } from '../helpers/test-origin.js';
 
-const ARENA = 16 << 20;
+const ARENA = READ_BUDGET;
+/** Readers the arena serves in pieces of 64 KiB (the floor); past them, readers get buffers of their own. */
+const PIECES = ARENA / (64 * 1024);
 
 describe('read API: bounded read buffers', () => {
   let origin: TestOrigin;
@@ -54,7 +56,7 @@ describe('read API: bounded read buffers', () => {
       const b = readChunkBytes(n);
       assert.ok(b <= prev, `${n} readers: ${b} bytes each, more than with fewer readers`);
       assert.ok(b >= 64 * 1024, `${n} readers: ${b} bytes each is below the floor`);
-      if (n <= 256) assert.ok(b * n <= 16 << 20, `${n} readers hold ${b * n} bytes together`);
+      if (n <= PIECES) assert.ok(b * n <= ARENA, `${n} readers hold ${b * n} bytes together`);
       prev = b;
     }
   });
@@ -64,23 +66,25 @@ describe('read API: bounded read buffers', () => {
     const readers: ReadBuffer[] = [];
     const bufs = new Set<ArrayBufferLike>();
     let held = 0;
-    // 300 readers: past 256 (the arena's 16 MiB in 64 KiB pieces), readers get a buffer of their own.
-    for (let i = 0; i < 300; i++) {
+    // More readers than the arena has 64 KiB pieces: past them, readers get a buffer of their own.
+    const N = PIECES + 44;
+    for (let i = 0; i < N; i++) {
       const r = new ReadBuffer();
       readers.push(r);
       const b = r.buffer();
-      if (i < 16) bufs.add(b.buffer);
+      if (i < ARENA / (1 << 20)) bufs.add(b.buffer); // the first readers' 1 MiB pieces fill the arena
       held += b.length;
       assert.ok(b.length >= 64 * 1024);
     }
     assert.equal(bufs.size, 1, 'the first readers share one block of memory');
-    assert.equal(readArenaFreeBytes(), free0 - (16 << 20), 'the herd used the whole arena');
-    // Every reader asks again: all are resized to the share of 300 readers, none holds two pieces.
-    for (const r of readers) assert.equal(r.buffer().length, readChunkBytes(300));
-    assert.ok(held > 16 << 20);
-    for (const r of readers.slice(0, 150)) r.close();
-    assert.equal(readBufferReaders(), 150);
-    for (const r of readers.slice(150)) r.close();
+    assert.equal(readArenaFreeBytes(), free0 - ARENA, 'the herd used the whole arena');
+    // Every reader asks again: all are resized to the share of N readers, none holds two pieces.
+    for (const r of readers) assert.equal(r.buffer().length, readChunkBytes(N));
+    assert.ok(held > ARENA);
+    const half = N >> 1;
+    for (const r of readers.slice(0, half)) r.close();
+    assert.equal(readBufferReaders(), N - half);
+    for (const r of readers.slice(half)) r.close();
     for (const r of readers) r.close(); // idempotent
     assert.equal(readBufferReaders(), 0);
     assert.equal(readArenaFreeBytes(), ARENA, 'every piece came back and joined its buddies');
