@@ -608,7 +608,7 @@ export function fleetSuite(r: FleetBenchResult): SuiteResult {
       `Per step p50/p99 ms: ${Object.entries(r.stepStats)
         .map(([k, v]) => `${k} ${v.p50}/${v.p99}`)
         .join(', ')}.`,
-      'Origin ratio must be 1.00 (one copy per colo). Redis clients per idle agent: 2 in direct mode (a BullMQ Worker and its blocking connection), 0 in relay mode (the relay costs 2 per colo).',
+      'Origin ratio must be 1.00 (one copy per colo). Redis clients per idle agent: 2 in direct mode (a BullMQ Worker and its blocking connection), 0 in relay mode (the relay costs 3 per colo).',
       'Everything runs on this one machine: Redis, origin, stages (relays), control (child process) and the sim agents (child processes) share its cores.',
       ...(r.window ? [`Only a window of the rollout was measured (--window), while the converted hosts went from ${r.window.from} to ${r.window.to}: every per-step row counts the steps that ended in it, and the CPU spent in it.`] : []),
     ],

@@ -1,7 +1,7 @@
 /**
  * The per-colo relay: a stage started with `--redis` consumes its colo's BullMQ queue
  * (`colo.<colo>`, shared/protocol/keys.ts) on behalf of the colo's hosts, which then need no Redis connection:
- * 10,000 hosts cost Redis two connections per colo instead of two per host.
+ * 10,000 hosts cost Redis three connections per colo instead of two per host.
  *
  * - ONE consumer of the colo's queue per relay (StepQueueConsumer, shared/protocol/consumer.ts:
  *   the same manual BullMQ consumer a direct-mode agent uses on its own queue) with ONE stable
@@ -152,6 +152,11 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
   const k = keys(o.prefix);
   const redis: Redis = createRedis(o.redisUrl, { forBullmq: true, name: `relay:${o.colo}` });
   redis.on('error', (err) => log.warn({ err: err.message }, 'redis connection error'));
+  // The relay's own writes and reads go on a connection BullMQ never loads its scripts into: a
+  // pipeline copies every script of its connection (README, "Scaling"). Order across the two is
+  // kept by awaiting: a request's job move and its record write never run at the same time.
+  const writer: Redis = createRedis(o.redisUrl, { forBullmq: true, name: `relay-writes:${o.colo}` });
+  writer.on('error', (err) => log.warn({ err: err.message }, 'redis connection error (writes)'));
   const consumer = new StepQueueConsumer({
     queue: queueName,
     token,
@@ -203,6 +208,7 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
   } catch (err) {
     await consumer.close();
     redis.disconnect();
+    writer.disconnect();
     throw err;
   }
 
@@ -218,7 +224,7 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
     seen = new Map();
     for (const host of waiters.keys()) last.set(host, t);
     if (last.size === 0) return;
-    const pipe = redis.pipeline();
+    const pipe = writer.pipeline();
     // The hash alone: the colo's host index (`relayAgents`) is written with the registration, and
     // what readers take from it is membership, not its score.
     for (const [host, at] of last) pipe.hset(k.relayAgent(o.colo, host), 'lastSeen', String(at));
@@ -248,7 +254,7 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
   };
   const checkFields = fieldsChecker(o.colo);
   const report = reportParser(now);
-  const records = new RecordBatch({ redis, prefix: o.prefix, colo: o.colo, reportsMaxLen: maxLen, now });
+  const records = new RecordBatch({ redis: writer, prefix: o.prefix, colo: o.colo, reportsMaxLen: maxLen, now });
   const write = (host: string, fields: Partial<HostRecord> | null, r: StepReport | null) => {
     // A registration write sets lastSeen itself (to a later time than the tick would).
     if (fields) seen.delete(host);
@@ -332,7 +338,7 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
         const h = id ? held.get(id) : undefined;
         if (h) {
           const rollout = (h.job.data as { payload?: { rollout?: unknown } })?.payload?.rollout;
-          if (typeof rollout === 'string' && (await redis.hget(k.hostctl(host), 'abort')) === rollout) {
+          if (typeof rollout === 'string' && (await writer.hget(k.hostctl(host), 'abort')) === rollout) {
             await abortJob(h, rollout);
             continue;
           }
@@ -438,7 +444,7 @@ export async function startRelay(o: RelayOptions): Promise<Relay> {
       for (const w of [...waiters.values()]) w.wake();
       await consumer.close();
       await fetching;
-      await redis.quit().catch(() => redis.disconnect());
+      await Promise.all([redis.quit().catch(() => redis.disconnect()), writer.quit().catch(() => writer.disconnect())]);
     },
   };
 }

@@ -2,7 +2,7 @@
  * A fleet converted by control: 40 sim hosts in 4 colos, two colos in relay mode (hosts without
  * Redis, their stage runs the colo relay) and two in direct mode. Invariants, not times: every
  * host converted; origin blob bytes = bundle bytes × colos; the in-flight limits held; Redis
- * connections within the documented bound (2 per direct host, 0 per relay host, 2 per relay),
+ * connections within the documented bound (2 per direct host, 0 per relay host, 3 per relay),
  * counted in CLIENT LIST by connection name.
  */
 import assert from 'node:assert/strict';
@@ -96,12 +96,14 @@ describe('fleet: 40 hosts in 4 colos, half of them through relays', () => {
       .filter((n) => n.includes(TAG));
     const direct = names.filter((n) => n.startsWith('agent:'));
     const relays = names.filter((n) => n.startsWith('relay:'));
+    const relayWriters = names.filter((n) => n.startsWith('relay-writes:'));
     const bullNamed = names.filter((n) => n.startsWith(`${fleet.prefix}:`));
     // Relay hosts hold no connection at all; a direct host holds its own and its Worker's blocking one.
     for (const c of RELAY) assert.ok(!direct.some((n) => n.includes(`agent:${c}-`)), `no connection of a relay host in ${c}`);
     assert.equal(direct.length, 20, 'one named connection per direct host');
     assert.equal(relays.length, RELAY.length, 'one named connection per relay');
-    assert.ok(names.length <= 2 * 20 + 2 * RELAY.length, `at most 2 per direct host + 2 per relay; saw ${names.length}: ${[...new Set(bullNamed)].length} BullMQ-named`);
+    assert.equal(relayWriters.length, RELAY.length, 'one connection for its own writes per relay');
+    assert.ok(names.length <= 2 * 20 + 3 * RELAY.length, `at most 2 per direct host + 3 per relay; saw ${names.length}: ${[...new Set(bullNamed)].length} BullMQ-named`);
   });
 
   it('converts every host within the in-flight limits, one origin copy per colo', async () => {
