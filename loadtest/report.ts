@@ -51,16 +51,23 @@ export function percentile(xs: number[], p: number): number {
   return s[Math.min(s.length - 1, Math.max(0, Math.ceil((p / 100) * s.length) - 1))];
 }
 
+type UnitService = 'agent' | 'stage' | 'control' | 'origin';
+
+/** The text of a deployed service's systemd unit (infra/systemd/stagecoach-<service>.service). */
+function readUnit(service: UnitService): string {
+  return readFileSync(fileURLToPath(new URL(`../infra/systemd/stagecoach-${service}.service`, import.meta.url)), 'utf8');
+}
+
 /** The node flags of a deployed service: those of ExecStart in infra/systemd/stagecoach-<service>.service. */
-export function unitNodeFlags(service: 'agent' | 'stage' | 'control' | 'origin'): string[] {
-  const unit = readFileSync(fileURLToPath(new URL(`../infra/systemd/stagecoach-${service}.service`, import.meta.url)), 'utf8');
+export function unitNodeFlags(service: UnitService): string[] {
+  const unit = readUnit(service);
   const m = /^ExecStart=\S+((?: --[a-z0-9-]+(?:=\S+)?)*) /m.exec(unit);
   return m ? m[1].trim().split(/\s+/).filter(Boolean) : [];
 }
 
 /** The environment a deployed service's unit sets (its `Environment=NAME=value` lines), e.g. the stage's allocator settings. */
-export function unitEnvironment(service: 'agent' | 'stage' | 'control' | 'origin'): Record<string, string> {
-  const unit = readFileSync(fileURLToPath(new URL(`../infra/systemd/stagecoach-${service}.service`, import.meta.url)), 'utf8');
+export function unitEnvironment(service: UnitService): Record<string, string> {
+  const unit = readUnit(service);
   const env: Record<string, string> = {};
   for (const m of unit.matchAll(/^Environment=([A-Za-z_][A-Za-z0-9_]*)=(\S*)$/gm)) env[m[1]] = m[2];
   return env;

@@ -7,8 +7,9 @@
  * (or the pipeline's), so a host is never told a report was taken that Redis refused.
  *
  * Why: at a thousand hosts the relay answers hundreds of requests a second, and a MULTI per
- * request costs more than its commands. A pipeline on the relay's connection copies every
- * BullMQ script onto itself when it is made, and its commands go out in a write of their own.
+ * request costs more than its commands. A pipeline's commands go out in a write of their own (on
+ * the relay's writes connection, which holds no BullMQ scripts: a pipeline made on a connection
+ * copies every script of it).
  * A report and the bell ring that follows it still go in one pipeline, in that order, so control
  * never hears a ring before the report is in its stream.
  */
