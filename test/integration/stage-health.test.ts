@@ -4,6 +4,7 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { createServer as createHttpServer } from 'node:http';
 import { createConnection, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -351,4 +352,33 @@ test('busy is not down: an upstream whose /healthz does not answer while a fill 
   const busy = metrics.split('\n').filter((l) => l.startsWith('stage_upstream_checks_total{') && l.includes('outcome="busy"'));
   assert.ok(busy.length === 1 && Number(busy[0].slice(busy[0].lastIndexOf(' ') + 1)) >= 1, `a timed-out check during the fill counted as busy:\n${busy.join('\n')}`);
   up.hangHealth(false);
+});
+
+test('background checks reuse one pooled connection to the upstream, and a check answered over the size limit counts as a failure', async () => {
+  // A plain upstream that counts its connections and answers /healthz: a check that closed its
+  // connection would open one per check (and cost the stage a TCP handshake and a socket each time).
+  let connections = 0;
+  let checks = 0;
+  let huge = false;
+  const srv = createHttpServer((req, res) => {
+    if (req.url !== '/healthz') return void res.writeHead(404).end();
+    checks++;
+    res.setHeader('content-type', 'application/json');
+    res.end(huge ? Buffer.alloc(1024 * 1024 + 1, 0x20) : JSON.stringify({ ok: true, status: 'ok' }));
+  });
+  srv.keepAliveTimeout = 60_000;
+  srv.on('connection', () => connections++);
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+  cleanups.push(() => new Promise((r) => srv.close(r)));
+  const url = `http://127.0.0.1:${(srv.address() as { port: number }).port}`;
+  const s = await stage([url], { upstreamCheckIntervalMs: 50 });
+  await waitFor(async () => checks >= 6, 10_000, 'six background checks');
+  assert.equal(connections, 1, `${checks} checks took ${connections} connections`);
+  const h = await health(s);
+  assert.equal(h.body.upstreamHealth[0].reachable, true);
+  assert.equal(h.body.status, 'ok');
+  // A body over the small-document limit is not an answer: the upstream goes down, the stage degraded.
+  huge = true;
+  await waitStatus(s, 'degraded');
+  assert.equal((await health(s)).body.upstreamHealth[0].reachable, false);
 });
