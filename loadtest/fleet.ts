@@ -1,7 +1,7 @@
 /**
  * Fleet benchmark: a whole fleet converted in one run.
  *
- *   npm run bench -- fleet [--hosts 1000 --colos 10 --bundle-mib 8 --mode relay|direct --agent-procs K --stage-procs S --max-in-flight N --timeout-sec T --window FROM:TO --cpu-prof DIR]
+ *   npm run bench -- fleet [--hosts 1000 --colos 10 --bundle-mib 8 --mode relay|direct --agent-procs K --stage-procs S --max-in-flight N --timeout-sec T --window FROM:TO --idle-sec N --cpu-prof DIR]
  *
  * Starts a private redis-server (so INFO is ours alone), an origin (in this process), one stage per
  * colo in S child processes (default one per 50 colos; in relay mode each stage runs its colo's
@@ -14,7 +14,9 @@
  * (INFO polled every second); control CPU time per host step; BullMQ jobs per second; agent-process
  * RSS per host; time per step p50/p99 (from the reports stream: started → completed); CPU seconds
  * per process group during the rollout. `--window FROM:TO` measures only while the converted hosts
- * go from FROM to TO, and stops the run there.
+ * go from FROM to TO, and stops the run there. `--idle-sec N` first measures the idle fleet for N
+ * seconds (every host registered and long-polling, none converting): the stages' CPU and requests
+ * per second, and the per-step stage CPU less that rate over the rollout's wall time.
  *
  * The same file is the entry of the agents' child processes (`--child SPEC.json`) and of the
  * stages' (`--stage-child SPEC.json`).
@@ -67,6 +69,11 @@ export interface FleetBenchOptions {
    * state of a large rollout in minutes instead of the whole rollout's hour and a half.
    */
   window?: { from: number; to: number };
+  /**
+   * Before the rollout, measure the idle fleet for this many seconds: the stages' CPU and
+   * requests per second while every host waits (long-polls) and none converts.
+   */
+  idleSec?: number;
 }
 
 /** What benchFleet measured. */
@@ -108,6 +115,21 @@ export interface FleetBenchResult {
   stageRequestsPerHostStep?: { total: number; byRoute: [string, number][] };
   /** Set when only a window of the rollout was measured: converted hosts at its start and end. */
   window?: { from: number; to: number };
+  /** Set with `idleSec`: the idle fleet before the rollout, per second (CPU in ms per second). */
+  idle?: {
+    sec: number;
+    stagesCpuMsPerSec: number;
+    controlCpuMsPerSec: number;
+    redisCpuMsPerSec: number;
+    stageRequestsPerSec: [string, number][];
+    /** Redis commands per second (INFO commandstats), the busiest first. */
+    redisCallsPerSec: [string, number][];
+  };
+  /**
+   * With `idle`: the stages' CPU per host step less what the idle fleet's rate would have cost
+   * over the same wall time (the waiting hosts' polls and the relays' own timers), ms.
+   */
+  stageCpuMsPerHostStepNetOfIdle?: number;
 }
 
 
@@ -357,17 +379,6 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
     }
     const registerMs = Date.now() - tAgents;
     await new Promise((r) => setTimeout(r, 2000)); // idle
-    const idleInfo = await redis.info();
-    const clientsIdle = info(idleInfo, 'connected_clients');
-    const memIdle = info(idleInfo, 'used_memory');
-    const rssIdle = children.reduce((s, c) => s + (procStat(c.pid!)?.rssBytes ?? 0), 0);
-    say(`agents: ${nHosts} registered in ${registerMs} ms; redis clients ${clientsBase} → ${clientsIdle}; agent RSS ${(rssIdle / 2 ** 20).toFixed(0)} MiB`);
-    const setupMs = Date.now() - t0;
-
-    // The rollout.
-    let clientsPeak = clientsIdle;
-    let memPeak = memIdle;
-    let rssPeak = rssIdle;
     const cpuNow = async () => {
       const ticks = (cs: ChildProcess[]) => cs.reduce((a, c) => a + (procStat(c.pid!)?.cpuTicks ?? 0), 0) / CLK_TCK;
       const r = await redis.info('cpu');
@@ -394,6 +405,42 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
       }
       return out;
     };
+    // The idle fleet: every host registered, none converting, each waiting host long-polling its
+    // relay. What the stages spend per second here, they spend all through a rollout on the hosts
+    // that wait for their wave, whatever the rate of steps.
+    let idle: FleetBenchResult['idle'];
+    if (o.idleSec) {
+      // The benchmark's own reads of the stages' /metrics (about 10 ms of stage CPU each) stay outside.
+      const q0 = await stageRequests();
+      const [c0, k0] = [await cpuNow(), commandCalls(await redis.info('commandstats'))];
+      const t = Date.now();
+      await new Promise((r) => setTimeout(r, o.idleSec! * 1000));
+      const [c1, k1] = [await cpuNow(), commandCalls(await redis.info('commandstats'))];
+      const sec = (Date.now() - t) / 1000;
+      const q1 = await stageRequests();
+      const perSec = (n: number) => Math.round((n / sec) * 100) / 100;
+      idle = {
+        sec: Math.round(sec * 10) / 10,
+        stagesCpuMsPerSec: perSec((c1.stages - c0.stages) * 1000),
+        controlCpuMsPerSec: perSec((c1.control - c0.control) * 1000),
+        redisCpuMsPerSec: perSec((c1.redis - c0.redis) * 1000),
+        stageRequestsPerSec: [...q1].map(([k, n]): [string, number] => [k, perSec(n - (q0.get(k) ?? 0))]).filter(([k, n]) => n > 0 && k !== 'GET /metrics').sort((a, b) => b[1] - a[1]),
+        redisCallsPerSec: [...k1].filter(([c]) => c !== 'info').map(([c, n]): [string, number] => [c, perSec(n - (k0.get(c) ?? 0))]).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]),
+      };
+      say(`idle fleet over ${idle.sec} s: stages ${idle.stagesCpuMsPerSec} ms CPU/s, control ${idle.controlCpuMsPerSec} ms/s; requests/s ${JSON.stringify(idle.stageRequestsPerSec)}`);
+    }
+    const idleInfo = await redis.info();
+
+    const clientsIdle = info(idleInfo, 'connected_clients');
+    const memIdle = info(idleInfo, 'used_memory');
+    const rssIdle = children.reduce((s, c) => s + (procStat(c.pid!)?.rssBytes ?? 0), 0);
+    say(`agents: ${nHosts} registered in ${registerMs} ms; redis clients ${clientsBase} → ${clientsIdle}; agent RSS ${(rssIdle / 2 ** 20).toFixed(0)} MiB`);
+    const setupMs = Date.now() - t0;
+
+    // The rollout.
+    let clientsPeak = clientsIdle;
+    let memPeak = memIdle;
+    let rssPeak = rssIdle;
     let requests0 = await stageRequests();
     let cpuStart = await cpuNow();
     let calls0 = commandCalls(await redis.info('commandstats'));
@@ -432,7 +479,8 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
       if (o.window && windowFrom === null && st.counts.converted >= o.window.from) {
         // The window opens: every count starts again from here.
         windowFrom = st.counts.converted;
-        [cpuStart, calls0, requests0] = [await cpuNow(), commandCalls(await redis.info('commandstats')), await stageRequests()];
+        requests0 = await stageRequests();
+        [cpuStart, calls0] = [await cpuNow(), commandCalls(await redis.info('commandstats'))];
         cpu0 = procStat(control.pid!)?.cpuTicks ?? 0;
         tStart = Date.now();
         say(`  window opens at ${windowFrom} converted`);
@@ -525,6 +573,9 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
       },
       redisCallsPerHostStep: { total: Math.round(perStepCalls.reduce((a, [, n]) => a + n, 0) * 10) / 10, top: perStepCalls },
       ...(o.window ? { window: { from: windowFrom!, to: converted } } : {}),
+      ...(idle && steps
+        ? { idle, stageCpuMsPerHostStepNetOfIdle: Math.round(((cpuSec.stages * 1000 - idle.stagesCpuMsPerSec * (wallMs / 1000)) / steps) * 100) / 100 }
+        : {}),
     };
   } finally {
     for (const c of cleanup.reverse()) await c().catch(() => {});
@@ -555,6 +606,7 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
     timeoutSec: opts['timeout-sec'] ? Number(opts['timeout-sec']) : undefined,
     maxInFlight: opts['max-in-flight'] ? Number(opts['max-in-flight']) : undefined,
     window: opts.window ? parseWindow(opts.window) : undefined,
+    idleSec: opts['idle-sec'] ? Number(opts['idle-sec']) : undefined,
   }));
 }
 
@@ -591,6 +643,15 @@ export function fleetSuite(r: FleetBenchResult): SuiteResult {
       'stage requests per host step',
       r.stageRequestsPerHostStep ? `${r.stageRequestsPerHostStep.total} (${r.stageRequestsPerHostStep.byRoute.slice(0, 6).map(([k, n]) => `${k} ${n}`).join(', ')})` : 'not measured',
     ],
+    ...(r.idle
+      ? [
+          [
+            `idle fleet before the rollout (${r.idle.sec} s): CPU per second`,
+            `stages ${r.idle.stagesCpuMsPerSec} ms, control ${r.idle.controlCpuMsPerSec} ms, Redis ${r.idle.redisCpuMsPerSec} ms; stage requests ${r.idle.stageRequestsPerSec.map(([k, n]) => `${k} ${n}`).join(', ')} per s; Redis commands ${(r.idle.redisCallsPerSec ?? []).reduce((a, [, n]) => a + n, 0).toFixed(0)} per s (${(r.idle.redisCallsPerSec ?? []).slice(0, 5).map(([c, n]) => `${c} ${n}`).join(', ')})`,
+          ],
+          ['stages CPU per host step, less the idle fleet\'s rate over the same time', `${r.stageCpuMsPerHostStepNetOfIdle} ms`],
+        ]
+      : []),
     ['BullMQ jobs (steps) per second', r.jobsPerSec],
     ['agent-process RSS per host', `${(r.agentRssPerHostBytes / 1024).toFixed(0)} KiB (${mib(r.agentRssBytes)} peak in all)`],
     ['time per step p50 / p99', `${r.stepP50Ms} / ${r.stepP99Ms} ms`],
