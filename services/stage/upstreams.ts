@@ -299,7 +299,11 @@ export class Upstreams {
       headers: { accept: 'application/json', 'user-agent': 'stagecoach-stage' },
       signal,
     });
-    const timer = o.clock.setTimeout(() => req.destroy(scError('SC_ERR_TIMEOUT', 'upstream timed out')), timeoutMs);
+    let timedOut: ScError | null = null;
+    const timer = o.clock.setTimeout(() => {
+      timedOut = scError('SC_ERR_TIMEOUT', 'upstream timed out');
+      req.destroy(timedOut);
+    }, timeoutMs);
     try {
       const res = await new Promise<IncomingMessage>((resolve, reject) => {
         req.once('response', resolve);
@@ -308,11 +312,15 @@ export class Upstreams {
       });
       const parts: Buffer[] = [];
       let n = 0;
-      // An error of the request after the answer began (the timer, an abort) ends the body's iteration.
-      for await (const c of res as AsyncIterable<Buffer>) {
-        n += c.length;
-        if (n > SMALL_LIMIT) throw scError('SC_ERR_UPSTREAM', `upstream document over ${SMALL_LIMIT} bytes`);
-        parts.push(c);
+      try {
+        for await (const c of res as AsyncIterable<Buffer>) {
+          n += c.length;
+          if (n > SMALL_LIMIT) throw scError('SC_ERR_UPSTREAM', `upstream document over ${SMALL_LIMIT} bytes`);
+          parts.push(c);
+        }
+      } catch (err) {
+        // Destroyed mid-body, Node ends the body with ECONNRESET "aborted": say why.
+        throw timedOut ?? err;
       }
       return { upstream: url, status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(parts) };
     } finally {

@@ -354,31 +354,38 @@ test('busy is not down: an upstream whose /healthz does not answer while a fill 
   up.hangHealth(false);
 });
 
-test('background checks reuse one pooled connection to the upstream, and a check answered over the size limit counts as a failure', async () => {
+test('background checks reuse one pooled connection to the upstream; an answer over the size limit, or one whose body stalls, is a failure with its own code', async () => {
   // A plain upstream that counts its connections and answers /healthz: a check that closed its
   // connection would open one per check (and cost the stage a TCP handshake and a socket each time).
   let connections = 0;
   let checks = 0;
-  let huge = false;
+  let answer: 'ok' | 'huge' | 'stall' = 'ok';
   const srv = createHttpServer((req, res) => {
     if (req.url !== '/healthz') return void res.writeHead(404).end();
     checks++;
     res.setHeader('content-type', 'application/json');
-    res.end(huge ? Buffer.alloc(1024 * 1024 + 1, 0x20) : JSON.stringify({ ok: true, status: 'ok' }));
+    if (answer === 'stall') return void res.writeHead(200, { 'content-length': '100' }).write('{"ok":');
+    res.end(answer === 'huge' ? Buffer.alloc(1024 * 1024 + 1, 0x20) : JSON.stringify({ ok: true, status: 'ok' }));
   });
   srv.keepAliveTimeout = 60_000;
   srv.on('connection', () => connections++);
   await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
   cleanups.push(() => new Promise((r) => srv.close(r)));
   const url = `http://127.0.0.1:${(srv.address() as { port: number }).port}`;
-  const s = await stage([url], { upstreamCheckIntervalMs: 50 });
+  const s = await stage([url], { upstreamCheckIntervalMs: 50, upstreamCheckTimeoutMs: 300 });
   await waitFor(async () => checks >= 6, 10_000, 'six background checks');
   assert.equal(connections, 1, `${checks} checks took ${connections} connections`);
   const h = await health(s);
   assert.equal(h.body.upstreamHealth[0].reachable, true);
   assert.equal(h.body.status, 'ok');
   // A body over the small-document limit is not an answer: the upstream goes down, the stage degraded.
-  huge = true;
+  answer = 'huge';
   await waitStatus(s, 'degraded');
-  assert.equal((await health(s)).body.upstreamHealth[0].reachable, false);
+  assert.equal((await health(s)).body.upstreamHealth[0].lastError, 'SC_ERR_UPSTREAM');
+  // Back up, then an answer whose body stops halfway: a timed-out check, named as such.
+  answer = 'ok';
+  await waitStatus(s, 'ok');
+  answer = 'stall';
+  await waitStatus(s, 'degraded');
+  assert.equal((await health(s)).body.upstreamHealth[0].lastError, 'SC_ERR_TIMEOUT');
 });
