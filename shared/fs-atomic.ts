@@ -22,6 +22,7 @@
  * own, so the whole job lives here instead, in one place.
  */
 import { randomBytes } from 'node:crypto';
+import type { WriteStream } from 'node:fs';
 import { mkdir, open, rename, rm } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 
@@ -52,6 +53,18 @@ export async function fsyncPath(path: string): Promise<void> {
   } finally {
     await fh.close();
   }
+}
+
+/**
+ * A write stream on `path`, which exists (opened with `flags`, default 'w') when this resolves.
+ * fs.createWriteStream opens its file in the background instead: a pipeline whose source fails
+ * first settles before that open is done, and a cleanup that then removes the file can run before
+ * the open creates it (seen when the filesystem's journal is busy), leaving the file behind. The
+ * stream closes the file when it finishes or is destroyed.
+ */
+export async function openWriteStream(path: string, o: { flags?: string; mode?: number; highWaterMark?: number } = {}): Promise<WriteStream> {
+  const fh = await open(path, o.flags ?? 'w', o.mode ?? 0o666);
+  return fh.createWriteStream({ highWaterMark: o.highWaterMark });
 }
 
 /** A fresh temp file path for a write to a file in `dir` (see the naming above). */

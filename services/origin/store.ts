@@ -14,14 +14,14 @@
  * garbage collection are in services/origin/gc.ts (safety argument) and guard.ts (the lock).
  */
 import { randomUUID } from 'node:crypto';
-import { createReadStream, createWriteStream } from 'node:fs';
+import { createReadStream } from 'node:fs';
 import { link, mkdir, open, readdir, readFile, rename, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { type Digest, digestHex, parseDigest } from '../../shared/digest.js';
 import { isScError, scError } from '../../shared/errors.js';
-import { fsyncPath, writeFileAtomic } from '../../shared/fs-atomic.js';
+import { fsyncPath, openWriteStream, writeFileAtomic } from '../../shared/fs-atomic.js';
 import { canonicalJson, type Manifest, manifestDigest, parseManifest } from '../../shared/manifest.js';
 import { parseName, parseVersion } from '../../shared/names.js';
 import { collectGarbage, type GcOptions, type GcReport } from './gc.js';
@@ -149,7 +149,7 @@ export class FsBlobStore implements BlobStore {
 
     const tmp = this.#tmpFile(digestHex(digest));
     try {
-      await pipeline(src, verify, createWriteStream(tmp, { flags: 'wx', mode: 0o644, highWaterMark: 1 << 20 }));
+      await pipeline(src, verify, await openWriteStream(tmp, { flags: 'wx', mode: 0o644, highWaterMark: 1 << 20 }));
       const size = check();
       await fsyncPath(tmp);
       await mkdir(dirname(final), { recursive: true });

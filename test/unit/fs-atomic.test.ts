@@ -1,13 +1,15 @@
 /** shared/fs-atomic.ts: atomic, durable file replacement; never a torn file, never a lingering temp file. */
 import assert from 'node:assert/strict';
-import { lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { after, test } from 'node:test';
 import { Worker } from 'node:worker_threads';
-import { commitFile, fsyncPath, tempOwner, tempPathIn, writeFileAtomic } from '../../shared/fs-atomic.js';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { commitFile, fsyncPath, openWriteStream, tempOwner, tempPathIn, writeFileAtomic } from '../../shared/fs-atomic.js';
 
 const root = mkdtempSync(join(tmpdir(), 'sc-fs-atomic-'));
 after(() => rmSync(root, { recursive: true, force: true }));
@@ -151,4 +153,28 @@ test('temp names are hidden and name their owner; commitFile and fsyncPath', asy
   await fsyncPath(d);
   await fsyncPath(join(d, 'blob'));
   await assert.rejects(fsyncPath(join(d, 'nope')), (err: NodeJS.ErrnoException) => err.code === 'ENOENT');
+});
+
+test('openWriteStream: the file exists when it resolves, so a cleanup after a failed pipeline removes it', async () => {
+  const d = fresh();
+  const f = join(d, 'blob.part');
+  const ws = await openWriteStream(f, { flags: 'wx', mode: 0o600 });
+  assert.ok(existsSync(f), 'created before the first write (fs.createWriteStream opens later, in the background)');
+  const broken = Readable.from(
+    (async function* () {
+      yield Buffer.from('half');
+      throw new Error('source broke');
+    })(),
+  );
+  await assert.rejects(pipeline(broken, ws), /source broke/);
+  rmSync(f, { force: true });
+  await new Promise((r) => setTimeout(r, 50));
+  assert.deepEqual(readdirSync(d), [], 'nothing appears after the cleanup');
+  const first = await openWriteStream(join(d, 'x'), { flags: 'wx' });
+  await assert.rejects(openWriteStream(join(d, 'x'), { flags: 'wx' }), (err: NodeJS.ErrnoException) => err.code === 'EEXIST');
+  first.destroy();
+  const out = await openWriteStream(join(d, 'y'));
+  await pipeline(Readable.from([Buffer.from('all of it')]), out);
+  assert.equal(readFileSync(join(d, 'y'), 'utf8'), 'all of it');
+  assert.equal(statSync(join(d, 'x')).mode & 0o777, 0o666 & ~process.umask());
 });
