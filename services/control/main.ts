@@ -3,7 +3,7 @@
  * HTTP server. `startControl` is what tests and the demo call in-process; `runControl` adds the
  * process concerns (logs, SIGINT/SIGTERM).
  */
-import { AgentProducer } from '../../shared/protocol/index.js';
+import { AgentProducer, readHostSources } from '../../shared/protocol/index.js';
 import { ReadClient } from '../origin/client.js';
 import { parseListen } from '../../shared/config.js';
 import { createServer, loadServerTls, trustCa } from '../../shared/tls.js';
@@ -81,14 +81,13 @@ export async function startControl(config: ControlConfig | ControlConfigInput, o
   const refreshBoard = async () => {
     if (!board) return;
     try {
-      await board.refresh(await inventory.records());
+      await board.refresh(await readHostSources(redis, cfg.prefix));
     } catch (err) {
       log.debug({ err: (err as Error).message }, 'bull-board refresh failed');
     }
   };
   await refreshBoard();
-  // Reads every host's registration: once a minute, so that a 10,000-host fleet does not pay it
-  // every few seconds for a view that only lists queues.
+  // Reads the host indexes (not the records): once a minute, for a view that only lists queues.
   const boardTimer = setInterval(refreshBoard, BOARD_REFRESH_MS);
   boardTimer.unref();
 

@@ -16,12 +16,12 @@ import { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import {
   coloQueueName,
-  type HostRecord,
   hostLockToken,
   hostQueueName,
   readRoutes,
   relayLockToken,
   routedJobId,
+  type Source,
   type StepRoute,
 } from '../../shared/protocol/index.js';
 import type { Logger } from '../../shared/log.js';
@@ -91,7 +91,7 @@ export async function jobLogTail(redis: Redis, prefix: string, host: string, job
 /**
  * bull-board mounted under a base path, showing the queues of the first `limit` known hosts in
  * read-only mode (no retry/clean/delete from the UI: writes go through the audited API). The
- * list is refreshed by `refresh(hostIds)`. Queues share control's non-blocking connection.
+ * list is refreshed by `refresh(sources)`. Queues share control's non-blocking connection.
  */
 export class Board {
   readonly adapter: ExpressAdapter;
@@ -115,12 +115,13 @@ export class Board {
   }
 
   /**
-   * Shows the queues of these hosts: the colo queue of each colo with relay hosts, then the host
-   * queues of direct hosts (sorted), at most `limit` in all; closes queues no longer shown.
+   * Shows the queues of the hosts whose record sources are given (readHostSources): the colo
+   * queue of each relay's colo, then the host queues of direct hosts (sorted), at most `limit` in
+   * all; closes queues no longer shown.
    */
-  async refresh(hosts: Pick<HostRecord, 'hostId' | 'colo' | 'transport'>[]): Promise<void> {
-    const colos = [...new Set(hosts.filter((h) => h.transport === 'relay').map((h) => h.colo))].sort();
-    const direct = [...new Set(hosts.filter((h) => h.transport !== 'relay').map((h) => h.hostId))].sort();
+  async refresh(sources: ReadonlyMap<string, Source>): Promise<void> {
+    const colos = [...new Set([...sources.values()].flatMap((s) => (s.kind === 'relay' ? [s.colo] : [])))].sort();
+    const direct = [...sources].flatMap(([host, s]) => (s.kind === 'host' ? [host] : [])).sort();
     const want: string[] = [];
     for (const c of colos) {
       try {

@@ -11,6 +11,7 @@
  */
 import assert from 'node:assert/strict';
 import { generateKeyPairSync, randomUUID } from 'node:crypto';
+import { createServer } from 'node:http';
 import { afterEach, beforeEach, describe, it } from 'node:test';
 import type { Redis } from 'ioredis';
 import { silentLogger } from '../../shared/log.js';
@@ -22,13 +23,17 @@ import {
   queueReport,
   RECORD_CONFLICT_WINDOW_MS,
   readHosts,
+  readHostSources,
   readRoutes,
   type Source,
+  sourceName,
   StepQueueConsumer,
   type StepReport,
 } from '../../shared/protocol/index.js';
 import { createRedis } from '../../shared/redis.js';
-import { jobOutcomes } from '../../services/control/queues.js';
+import express from 'express';
+import { Board, jobOutcomes } from '../../services/control/queues.js';
+import { listen } from '../../shared/http.js';
 import { finalOutcomes, ReportStream } from '../../services/control/rollouts/report-stream.js';
 import { deletePrefix, until } from '../helpers/fleet.js';
 
@@ -194,5 +199,38 @@ describe('report and registration sources', () => {
     const outcomes = await finalOutcomes(redis, prefix, [report], () => ({ route: queued }));
     assert.deepEqual(outcomes.get(report), { state: 'completed', byHost: true });
     assert.equal((await finalOutcomes(redis, prefix, [report], () => false)).size, 0, 'reports nobody follows are not looked up');
+  });
+  it("names each host's source as readHosts does without reading every record, and the board lists the queues it gives", async () => {
+    const now = Date.now();
+    await register(host('d1'), 'd1', { colo: 'east' }, now);
+    await register(relay('c1'), 'r1', {}, now);
+    await register(relay('c1'), 'r2', {}, now);
+    // Moved from direct mode to relay c2: the newer record wins.
+    await register(host('m1'), 'm1', { colo: 'east' }, now - RECORD_CONFLICT_WINDOW_MS - 1000);
+    await register(relay('c2'), 'm1', {}, now);
+    // Moved the other way.
+    await register(relay('c3'), 'm2', {}, now - RECORD_CONFLICT_WINDOW_MS - 1000);
+    await register(host('m2'), 'm2', { colo: 'east' }, now);
+    const sources = await readHostSources(redis, prefix);
+    const byRecords = new Map((await readHosts(redis, prefix)).map((h) => [h.hostId, h.source]));
+    assert.deepEqual(new Map([...sources].map(([h, s]) => [h, sourceName(s)])), byRecords);
+    assert.equal(sourceName(sources.get('m1')!), 'relay.c2');
+    assert.equal(sourceName(sources.get('m2')!), 'host.m2');
+
+    const board = new Board({ redis, prefix, basePath: '/queues', limit: 10, log: silentLogger });
+    closers.push(() => board.close());
+    const app = express();
+    app.use('/queues', board.adapter.getRouter());
+    const l = await listen(createServer(app), '127.0.0.1', 0);
+    closers.push(() => l.close());
+    await board.refresh(sources);
+    const listed = async () => {
+      const r = await fetch(`${l.url}/queues/api/queues?page=1&jobsPerPage=1`);
+      assert.equal(r.status, 200);
+      return ((await r.json()) as { queues: { name: string }[] }).queues.map((q) => q.name).sort();
+    };
+    assert.deepEqual(await listed(), ['colo.c1', 'colo.c2', 'host.d1', 'host.m2'], "relay hosts by their colo's queue, direct hosts by their own");
+    await board.refresh(new Map([['d1', host('d1')]]));
+    assert.deepEqual(await listed(), ['host.d1'], 'queues no longer wanted are dropped');
   });
 });
