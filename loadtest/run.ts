@@ -34,6 +34,7 @@ const { values, positionals } = parseArgs({
     'from-json': { type: 'string' },
     tree: { type: 'string' },
     'settle-mib': { type: 'string' },
+    'fresh-fs': { type: 'string' },
     rounds: { type: 'string' },
     'log-lines': { type: 'string' },
     idle: { type: 'string' },
