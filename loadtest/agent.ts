@@ -111,6 +111,9 @@ function sh(script: string): Promise<void> {
   });
 }
 
+/** `s` as one shell word. */
+const q = (s: string) => `'${s.replaceAll("'", "'\\''")}'`;
+
 /**
  * Where the pipelines' trees go. The install steps unpack onto a partition they have just
  * formatted (install-base: disk2p1; install-target: disk1), and so does every pipeline here, ours
@@ -120,7 +123,7 @@ function sh(script: string): Promise<void> {
  * in the last minutes when it allocates new ones (`recently_deleted`), and each skip reads an
  * inode table block. Measured on this bench's machine with the same 1.7 GiB tar of /usr:
  * `tar x` took 16.5 s (15.9 s system time) where a tree had just been deleted, and 5.4-6.8 s on
- * a fresh file system; `perf` put 40% of the first run's samples under `recently_deleted`.
+ * a fresh file system; `perf` put 49% of the deleted-tree run's samples under `recently_deleted`.
  * Where this process cannot make one (not root, no mkfs.ext4, no loop device), the trees go into
  * directories of the work dir, and the result says why.
  */
@@ -144,7 +147,7 @@ class TreeTargets {
     if (process.platform !== 'linux' || process.getuid?.() !== 0) return new TreeTargets(root, 'not root on Linux: trees go into directories of the work dir');
     const t = new TreeTargets(root, true);
     try {
-      await sh(`truncate -s ${bytes} ${t.#image} && mkdir -p ${t.#mnt}`);
+      await sh(`truncate -s ${bytes} ${q(t.#image)} && mkdir -p ${q(t.#mnt)}`);
       await t.#mount();
       await t.#unmount();
     } catch (err) {
@@ -155,11 +158,11 @@ class TreeTargets {
   }
 
   async #mount(): Promise<void> {
-    await sh(`mkfs.ext4 -q -F ${this.#image} && mount -o loop ${this.#image} ${this.#mnt}`);
+    await sh(`mkfs.ext4 -q -F ${q(this.#image)} && mount -o loop ${q(this.#image)} ${q(this.#mnt)}`);
   }
 
   async #unmount(): Promise<void> {
-    await sh(`umount ${this.#mnt}`);
+    await sh(`umount ${q(this.#mnt)}`);
   }
 
   /** An empty directory for one pipeline's tree (on a new file system when fresh); `done` puts it away. */
@@ -177,7 +180,7 @@ class TreeTargets {
 
   /** Unmounts (if mounted) and deletes the image. */
   async close(): Promise<void> {
-    if (this.fresh === true) await sh(`mountpoint -q ${this.#mnt} && umount ${this.#mnt} || true`).catch(() => {});
+    if (this.fresh === true) await sh(`mountpoint -q ${q(this.#mnt)} && umount ${q(this.#mnt)} || true`).catch(() => {});
     await rm(this.#image, { force: true });
   }
 }
@@ -301,7 +304,7 @@ export async function benchAgent(opts: AgentBenchOptions = {}): Promise<AgentBen
       // From disk: the kept-bundle install, digest checked in the same pass.
       best.file = Math.min(best.file, await onTree(`file-${i}`, (dir) => unpackFile(out, m.blob, { dir, identities })));
       if (missing.length === 0) {
-        best.filePeer = Math.min(best.filePeer, await onTree(`file-peer-${i}`, (dir) => sh(`age -d -i ${keys.files.fleetIdentity} ${out} | zstd -d -q | tar x -C ${dir}`)));
+        best.filePeer = Math.min(best.filePeer, await onTree(`file-peer-${i}`, (dir) => sh(`age -d -i ${q(keys.files.fleetIdentity)} ${q(out)} | zstd -d -q | tar x -C ${q(dir)}`)));
       }
       await clean(out);
 
@@ -322,11 +325,11 @@ export async function benchAgent(opts: AgentBenchOptions = {}): Promise<AgentBen
       if (two < best.twoPass) Object.assign(best, { twoPass: two, ...phases });
 
       if (missing.length === 0) {
-        best.peer = Math.min(best.peer, await onTree(`peer-${i}`, (dir) => sh(`curl -sfS ${url}/v1/blobs/${m.blob.digest} | age -d -i ${keys.files.fleetIdentity} | zstd -d -q | tar x -C ${dir}`)));
+        best.peer = Math.min(best.peer, await onTree(`peer-${i}`, (dir) => sh(`curl -sfS ${url}/v1/blobs/${m.blob.digest} | age -d -i ${q(keys.files.fleetIdentity)} | zstd -d -q | tar x -C ${q(dir)}`)));
         const kept = join(root, `peer-${i}.bundle`);
         best.peerKeep = Math.min(
           best.peerKeep,
-          await onTree(`peer-keep-${i}`, (dir) => sh(`curl -sfS ${url}/v1/blobs/${m.blob.digest} | tee ${kept} | age -d -i ${keys.files.fleetIdentity} | zstd -d -q | tar x -C ${dir}`), kept),
+          await onTree(`peer-keep-${i}`, (dir) => sh(`curl -sfS ${url}/v1/blobs/${m.blob.digest} | tee ${q(kept)} | age -d -i ${q(keys.files.fleetIdentity)} | zstd -d -q | tar x -C ${q(dir)}`), kept),
         );
       }
     }
