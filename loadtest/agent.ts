@@ -275,7 +275,7 @@ export async function benchAgent(opts: AgentBenchOptions = {}): Promise<AgentBen
     const unpacked = m.blob.unpackedSize ?? m.blob.size;
     targets = await TreeTargets.open(root, Math.max(1 << 30, Math.ceil(unpacked * 1.5) + (512 << 20)), opts.freshFs ?? true);
     const trees = targets;
-    /** Times `fn` on a fresh tree target (made, and then put away, outside the clock), then settles. */
+    /** Times `fn` on a fresh tree target, on a settled disk and memory (target made, settled and put away outside the clock); removes `paths` after. */
     const onTree = async (name: string, fn: (dir: string) => Promise<unknown>, ...paths: string[]): Promise<number> => {
       const t = await trees.take(name);
       await clean();
