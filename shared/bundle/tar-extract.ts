@@ -4,7 +4,8 @@
  * the guard to the writers, error mapping), and `scanTar`, which reads a few entries without
  * writing anything.
  */
-import { link, mkdir } from 'node:fs/promises';
+import { linkSync } from 'node:fs';
+import { mkdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import type { Readable } from 'node:stream';
 import * as tar from 'tar';
@@ -134,10 +135,10 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
         } else {
           const p = join(root, rel);
           await settle(target);
-          await dirs.ensureParent(p);
-          await clearPath(p, rel, dirs);
+          dirs.ensureParent(p);
+          clearPath(p, rel, dirs);
           try {
-            await link(join(root, target), p);
+            linkSync(join(root, target), p);
           } catch (err) {
             if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw scError('SC_ERR_BAD_ARCHIVE', `hardlink ${rel}: its target ${target} is not in the archive before it`, { path: rel });
             throw err;
