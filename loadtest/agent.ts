@@ -372,7 +372,7 @@ export async function benchAgent(opts: AgentBenchOptions = {}): Promise<AgentBen
 }
 
 /** Runs benchAgent in a child process started with the deployed agent's node flags. */
-function benchAgentAsDeployed(sizeMiB: number, flags: string[], tree?: string, settleMiB?: number, freshFs?: boolean): Promise<AgentBenchResult> {
+function benchAgentAsDeployed(sizeMiB: number, flags: string[], tree?: string, settleMiB?: number, freshFs?: boolean, runs?: number): Promise<AgentBenchResult> {
   return new Promise((res, rej) => {
     const args = [
       ...flags,
@@ -384,6 +384,7 @@ function benchAgentAsDeployed(sizeMiB: number, flags: string[], tree?: string, s
       ...(tree ? ['--tree', tree] : []),
       ...(settleMiB !== undefined ? ['--settle-mib', String(settleMiB)] : []),
       ...(freshFs === false ? ['--fresh-fs', '0'] : []),
+      ...(runs !== undefined ? ['--runs', String(runs)] : []),
     ];
     const c = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
     let out = '';
@@ -404,7 +405,7 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
   const flags = unitNodeFlags('agent');
   const tree = opts.tree ? resolve(opts.tree) : undefined;
   const settle = opts['settle-mib'];
-  const r = await benchAgentAsDeployed(sizeMiB, flags, tree, settle === undefined ? undefined : Number(settle), opts['fresh-fs'] === '0' ? false : undefined);
+  const r = await benchAgentAsDeployed(sizeMiB, flags, tree, settle === undefined ? undefined : Number(settle), opts['fresh-fs'] === '0' ? false : undefined, opts.runs === undefined ? undefined : Number(opts.runs));
   const skipped = r.peerMissing.length ? `missing: ${r.peerMissing.join(', ')}` : 'no verification';
   const rows: (string | number)[][] = [
     ['agent: fetch + verify + decrypt + decompress + unpack, overlapped', r.agentMBps, r.agentMs, r.overlapped ? 'one pass; sha256 checked before the tree counts' : 'fell back to two passes'],

@@ -35,6 +35,7 @@ const { values, positionals } = parseArgs({
     tree: { type: 'string' },
     'settle-mib': { type: 'string' },
     'fresh-fs': { type: 'string' },
+    runs: { type: 'string' },
     rounds: { type: 'string' },
     'log-lines': { type: 'string' },
     idle: { type: 'string' },
