@@ -5,8 +5,9 @@
  *
  * Two options make it the middle of an overlapped pipeline:
  * - `hash`: the sha256 of the file's first `size` bytes (header included) is computed from the
- *   very bytes it decrypts, and sent with the end message, so the parent checks the digest of
- *   exactly what was unpacked without a second pass over the file;
+ *   very bytes it decrypts (on a third thread that shares the read buffers, see Hasher), and
+ *   sent with the end message, so the parent checks the digest of exactly what was unpacked
+ *   without a second pass over the file;
  * - `follow`: the file is still being written (a download or a copy); the worker reads only below
  *   the mark the parent sends (`{avail: n}`), and waits for it to rise.
  *
@@ -28,10 +29,10 @@
  * Messages in: `{ack: n}`: n chunks were consumed; `{avail: n}` (follow): the first n bytes of the
  * file are written.
  */
-import { createDecipheriv, createHash } from 'node:crypto';
+import { createDecipheriv } from 'node:crypto';
 import { fstatSync, readSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { parentPort, workerData } from 'node:worker_threads';
+import { parentPort, Worker, workerData } from 'node:worker_threads';
 
 const binding = createRequire(import.meta.url)('zstd-napi/binding');
 
@@ -44,6 +45,28 @@ const READ_CHUNKS = 64;
 const OUT_SIZE = 1 << 20;
 /** Posted buffers the parent has not acknowledged yet, at most. */
 const MAX_INFLIGHT = 8;
+/** Read buffers with `hash`: the hashing thread may be this many reads behind, less one. */
+const HASH_BUFFERS = 3;
+
+/**
+ * The hashing thread (`hash`): sha256 of the read buffers, in the order they are handed over,
+ * off this thread, which decrypts and decompresses. Messages in: `{i, len}` (hash the first
+ * `len` bytes of shared buffer `i`), `{digest: true}`; out: `{ack: i}` (buffer `i` may be
+ * refilled), `{digest}`.
+ */
+const HASHER_SOURCE = `
+const { parentPort, workerData } = require('node:worker_threads');
+const { createHash } = require('node:crypto');
+const h = createHash('sha256');
+const views = workerData.buffers.map((b) => new Uint8Array(b));
+parentPort.on('message', (m) => {
+  if (m.digest) parentPort.postMessage({ digest: 'sha256:' + h.digest('hex') });
+  else {
+    h.update(views[m.i].subarray(0, m.len));
+    parentPort.postMessage({ ack: m.i });
+  }
+});
+`;
 
 class Failure extends Error {
   /** @param {string} code @param {string} message */
@@ -56,7 +79,78 @@ class Failure extends Error {
 const port = /** @type {import('node:worker_threads').MessagePort} */ (parentPort);
 const { fd, size, payloadKey, payloadOffset, hash, follow } = workerData;
 const key = Buffer.from(payloadKey);
-const hasher = hash ? createHash('sha256') : null;
+
+/**
+ * sha256 of the bytes read, on a thread of its own (HASHER_SOURCE): on two cores, hashing here
+ * made this thread the pipeline's bottleneck whenever the extractor was fast (large files). The
+ * hash covers exactly the bytes decrypted: each read buffer is shared with the hashing thread,
+ * handed over in read order, and refilled only once that thread has hashed it.
+ */
+class Hasher {
+  /** @param {number} size */
+  constructor(size) {
+    /** @type {Buffer[]} */
+    this.buffers = Array.from({ length: HASH_BUFFERS }, () => Buffer.from(new SharedArrayBuffer(size)));
+    /** @type {Set<number>} buffers handed over and not hashed yet */
+    this.busy = new Set();
+    /** @type {(() => void) | null} */
+    this.wake = null;
+    /** @type {((d: string) => void) | null} */
+    this.onDigest = null;
+    /** @type {Error | null} */
+    this.failed = null;
+    this.thread = new Worker(HASHER_SOURCE, { eval: true, execArgv: [], workerData: { buffers: this.buffers.map((b) => b.buffer) } });
+    this.thread.on('message', (m) => {
+      if (typeof m.ack === 'number') this.busy.delete(m.ack);
+      else if (typeof m.digest === 'string') this.onDigest?.(m.digest);
+      this.#wakeUp();
+    });
+    const fail = (/** @type {Error} */ err) => {
+      this.failed ??= new Failure('SC_ERR_INTERNAL', `hashing thread: ${err.message}`);
+      this.#wakeUp();
+    };
+    this.thread.once('error', fail);
+    this.thread.once('exit', (code) => fail(new Error(`exited (${code})`)));
+  }
+
+  #wakeUp() {
+    const w = this.wake;
+    this.wake = null;
+    w?.();
+  }
+
+  /** Resolves with buffer `i` once the hashing thread is done with it. @param {number} i */
+  async take(i) {
+    while (this.busy.has(i)) {
+      if (this.failed) throw this.failed;
+      await new Promise((r) => (this.wake = r));
+    }
+    return this.buffers[i];
+  }
+
+  /** Hands over the first `len` bytes of buffer `i`. @param {number} i @param {number} len */
+  update(i, len) {
+    this.busy.add(i);
+    this.thread.postMessage({ i, len });
+  }
+
+  /** The digest of everything handed over; the thread is stopped. */
+  async digest() {
+    /** @type {string | null} */
+    let d = null;
+    this.onDigest = (digest) => {
+      d = digest;
+    };
+    this.thread.postMessage({ digest: true });
+    while (d === null) {
+      if (this.failed) throw this.failed;
+      await new Promise((r) => (this.wake = r));
+    }
+    this.thread.removeAllListeners('exit');
+    await this.thread.terminate();
+    return d;
+  }
+}
 
 let inflight = 0;
 /** @type {(() => void) | null} */
@@ -85,11 +179,21 @@ async function readable(n) {
   while (avail < n) await new Promise((r) => (availWake = r));
 }
 
+/** @type {Hasher | null} */
+let hasher = null;
+/** @type {Buffer} */
+let plainBuf;
+/** Reads so far: with `hash`, read `n` goes into the hasher's buffer n % HASH_BUFFERS. */
+let reads = 0;
+
 /**
- * Reads exactly `want` bytes at `pos` into `buf`; a file that ends first is a truncated payload.
- * @param {Buffer} buf @param {number} want @param {number} pos
+ * Reads exactly `want` bytes at `pos` into a read buffer, which it returns (hashed, with `hash`);
+ * a file that ends first is a truncated payload. The buffer is the caller's until the next call.
+ * @param {number} want @param {number} pos
  */
-async function readAt(buf, want, pos) {
+async function readAt(want, pos) {
+  const i = reads++ % HASH_BUFFERS;
+  const buf = hasher ? await hasher.take(i) : plainBuf;
   await readable(pos + want);
   let got = 0;
   while (got < want) {
@@ -97,7 +201,8 @@ async function readAt(buf, want, pos) {
     if (n === 0) throw new Failure('SC_ERR_DECRYPT', 'age payload truncated while reading');
     got += n;
   }
-  hasher?.update(buf.subarray(0, want));
+  hasher?.update(i, want);
+  return buf;
 }
 
 let out = Buffer.allocUnsafeSlow(OUT_SIZE);
@@ -168,12 +273,14 @@ async function run() {
   const length = (follow ? size : Math.min(fstatSync(fd).size, size)) - payloadOffset;
   if (length < TAG) throw new Failure('SC_ERR_DECRYPT', 'age payload truncated');
   const chunks = Math.max(1, Math.ceil(length / CT_CHUNK));
-  const buf = Buffer.allocUnsafeSlow(READ_CHUNKS * CT_CHUNK);
-  if (hasher) await readAt(buf, payloadOffset, 0);
+  const readSize = READ_CHUNKS * CT_CHUNK;
+  if (hash) hasher = new Hasher(readSize);
+  else plainBuf = Buffer.allocUnsafeSlow(readSize);
+  if (hasher) await readAt(payloadOffset, 0);
   for (let first = 0; first < chunks; first += READ_CHUNKS) {
     const pos = first * CT_CHUNK;
-    const want = Math.min(buf.length, length - pos);
-    await readAt(buf, want, payloadOffset + pos);
+    const want = Math.min(readSize, length - pos);
+    const buf = await readAt(want, payloadOffset + pos);
     for (let off = 0, i = first; off < want; off += CT_CHUNK, i++) {
       const last = i === chunks - 1;
       const pt = open(buf.subarray(off, Math.min(off + CT_CHUNK, want)), i, last);
@@ -184,7 +291,7 @@ async function run() {
   }
   if (inFrame) throw new Failure('SC_ERR_BAD_ARCHIVE', 'zstd: stream ended in the middle of a frame');
   if (fill > 0) await post();
-  port.postMessage({ end: true, decrypted, ...(hasher ? { digest: `sha256:${hasher.digest('hex')}` } : {}) });
+  port.postMessage({ end: true, decrypted, ...(hasher ? { digest: await hasher.digest() } : {}) });
 }
 
 run().catch((err) => {

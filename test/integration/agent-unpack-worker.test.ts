@@ -82,6 +82,21 @@ describe('agent: worker-thread unpack', () => {
     assert.deepEqual(await treeSnapshot(b), await treeSnapshot(a));
   });
 
+  it('checks the digest of every byte it read, through the hashing thread and its reused read buffers', async () => {
+    // 24 MiB: more 4 MiB reads than the hashing thread has buffers, so each is refilled.
+    const tree = join(root, 'big-tree');
+    await makeSampleRootfs(tree, { id: 'debian', name: 'Debian', version: '12', netFormat: 'ifupdown', sizeMiB: 24 });
+    const big = join(root, 'big-bundle');
+    const mb = await packBundleFile(keys, { name: 'y', version: '1', role: 'base', dir: tree, os: { id: 'debian', version: '12', netFormat: 'ifupdown' } }, big);
+    assert.ok(mb.blob.size > 6 * 4 * 2 ** 20 * 0.9, `bundle of ${mb.blob.size} bytes`);
+    const out = fresh();
+    await unpackFile(big, mb.blob, { dir: out, identities: keys.agent.identities, workerMinBytes: 0 });
+    assert.deepEqual(await treeSnapshot(out), await treeSnapshot(tree));
+    // The same good file against another signed digest: refused, and the digest it reports is the file's.
+    const other = `sha256:${'0'.repeat(64)}` as const;
+    await assert.rejects(unpackFile(big, { ...mb.blob, digest: other }, { dir: fresh(), identities: keys.agent.identities, workerMinBytes: 0 }), (e: { code?: string; details?: { actual?: string } }) => isMismatch(e) && e.details?.actual === mb.blob.digest);
+  });
+
   it('fails with SC_ERR_DECRYPT for an identity the bundle is not encrypted to', async () => {
     const other = await generateAgeIdentity();
     await assert.rejects(unpackFile(file, m.blob, { dir: fresh(), identities: [other.identity], workerMinBytes: 0 }), isDecrypt);
