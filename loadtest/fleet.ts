@@ -16,7 +16,9 @@
  * per process group during the rollout. `--window FROM:TO` measures only while the converted hosts
  * go from FROM to TO, and stops the run there. `--idle-sec N` first measures the idle fleet for N
  * seconds (every host registered and long-polling, none converting): the stages' CPU and requests
- * per second, and the per-step stage CPU less that rate over the rollout's wall time.
+ * per second, and the per-step stage CPU less that rate over the rollout's wall time; and, as
+ * long, the stages before any agent started, so that their fixed cost and what each waiting host
+ * adds are reported apart.
  *
  * The same file is the entry of the agents' child processes (`--child SPEC.json`) and of the
  * stages' (`--stage-child SPEC.json`).
@@ -119,6 +121,15 @@ export interface FleetBenchResult {
   idle?: {
     sec: number;
     stagesCpuMsPerSec: number;
+    /**
+     * The same stages over the same time before any agent started (no host registered or
+     * polling): their fixed cost, whatever the hosts.
+     */
+    stagesNoHostsCpuMsPerSec: number;
+    /** stagesNoHostsCpuMsPerSec per stage. */
+    stageFixedCpuMsPerSec: number;
+    /** What the hosts add to the stages' idle rate, per host: (stagesCpuMsPerSec − stagesNoHostsCpuMsPerSec) ÷ hosts. */
+    stagesCpuMsPerSecPerHost: number;
     controlCpuMsPerSec: number;
     redisCpuMsPerSec: number;
     stageRequestsPerSec: [string, number][];
@@ -351,6 +362,17 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
       await new Promise((r) => setTimeout(r, 100));
     }
     const clientsBase = info(await redis.info('clients'), 'connected_clients');
+    const stagesCpuSec = () => stageProcs.children.reduce((a, c) => a + (procStat(c.pid!)?.cpuTicks ?? 0), 0) / CLK_TCK;
+    // With `idleSec`: the stages with no host at all, for as long as the idle fleet is measured below.
+    let noHosts: { sec: number; cpuMsPerSec: number } | undefined;
+    if (o.idleSec) {
+      await new Promise((r) => setTimeout(r, 2000));
+      const [c0, t0] = [stagesCpuSec(), Date.now()];
+      await new Promise((r) => setTimeout(r, o.idleSec! * 1000));
+      const sec = (Date.now() - t0) / 1000;
+      noHosts = { sec, cpuMsPerSec: Math.round((((stagesCpuSec() - c0) * 1000) / sec) * 100) / 100 };
+      say(`stages with no hosts over ${sec.toFixed(1)} s: ${noHosts.cpuMsPerSec} ms CPU/s`);
+    }
 
     // Agents, in a few child processes.
     const tAgents = Date.now();
@@ -419,9 +441,14 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
       const sec = (Date.now() - t) / 1000;
       const q1 = await stageRequests();
       const perSec = (n: number) => Math.round((n / sec) * 100) / 100;
+      const stagesCpuMsPerSec = perSec((c1.stages - c0.stages) * 1000);
+      const fixed = noHosts?.cpuMsPerSec ?? 0;
       idle = {
         sec: Math.round(sec * 10) / 10,
-        stagesCpuMsPerSec: perSec((c1.stages - c0.stages) * 1000),
+        stagesCpuMsPerSec,
+        stagesNoHostsCpuMsPerSec: fixed,
+        stageFixedCpuMsPerSec: Math.round((fixed / colos.length) * 100) / 100,
+        stagesCpuMsPerSecPerHost: Math.round(((stagesCpuMsPerSec - fixed) / nHosts) * 1000) / 1000,
         controlCpuMsPerSec: perSec((c1.control - c0.control) * 1000),
         redisCpuMsPerSec: perSec((c1.redis - c0.redis) * 1000),
         stageRequestsPerSec: [...q1].map(([k, n]): [string, number] => [k, perSec(n - (q0.get(k) ?? 0))]).filter(([k, n]) => n > 0 && k !== 'GET /metrics').sort((a, b) => b[1] - a[1]),
@@ -573,9 +600,9 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
       },
       redisCallsPerHostStep: { total: Math.round(perStepCalls.reduce((a, [, n]) => a + n, 0) * 10) / 10, top: perStepCalls },
       ...(o.window ? { window: { from: windowFrom!, to: converted } } : {}),
-      ...(idle && steps
-        ? { idle, stageCpuMsPerHostStepNetOfIdle: Math.round(((cpuSec.stages * 1000 - idle.stagesCpuMsPerSec * (wallMs / 1000)) / steps) * 100) / 100 }
-        : {}),
+      // The idle fleet is reported even when no step ran (a run that only measures it: `--timeout-sec 1`).
+      ...(idle ? { idle } : {}),
+      ...(idle && steps ? { stageCpuMsPerHostStepNetOfIdle: Math.round(((cpuSec.stages * 1000 - idle.stagesCpuMsPerSec * (wallMs / 1000)) / steps) * 100) / 100 } : {}),
     };
   } finally {
     for (const c of cleanup.reverse()) await c().catch(() => {});
@@ -649,7 +676,13 @@ export function fleetSuite(r: FleetBenchResult): SuiteResult {
             `idle fleet before the rollout (${r.idle.sec} s): CPU per second`,
             `stages ${r.idle.stagesCpuMsPerSec} ms, control ${r.idle.controlCpuMsPerSec} ms, Redis ${r.idle.redisCpuMsPerSec} ms; stage requests ${r.idle.stageRequestsPerSec.map(([k, n]) => `${k} ${n}`).join(', ')} per s; Redis commands ${(r.idle.redisCallsPerSec ?? []).reduce((a, [, n]) => a + n, 0).toFixed(0)} per s (${(r.idle.redisCallsPerSec ?? []).slice(0, 5).map(([c, n]) => `${c} ${n}`).join(', ')})`,
           ],
-          ['stages CPU per host step, less the idle fleet\'s rate over the same time', `${r.stageCpuMsPerHostStepNetOfIdle} ms`],
+          [
+            'idle stages apart: with no host / per stage / what each waiting host adds',
+            r.idle.stagesNoHostsCpuMsPerSec === undefined
+              ? 'not measured'
+              : `${r.idle.stagesNoHostsCpuMsPerSec} ms/s / ${r.idle.stageFixedCpuMsPerSec} ms/s / ${r.idle.stagesCpuMsPerSecPerHost} ms/s`,
+          ],
+          ['stages CPU per host step, less the idle fleet\'s rate over the same time', r.stageCpuMsPerHostStepNetOfIdle === undefined ? 'no step ran' : `${r.stageCpuMsPerHostStepNetOfIdle} ms`],
         ]
       : []),
     ['BullMQ jobs (steps) per second', r.jobsPerSec],

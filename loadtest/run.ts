@@ -39,6 +39,8 @@ const { values, positionals } = parseArgs({
     rounds: { type: 'string' },
     'log-lines': { type: 'string' },
     idle: { type: 'string' },
+    'idle-sec': { type: 'string' },
+    peers: { type: 'string' },
     'wait-sec': { type: 'string' },
     window: { type: 'string' },
   },
