@@ -123,13 +123,14 @@ export interface FleetBenchResult {
     stagesCpuMsPerSec: number;
     /**
      * The same stages over the same time before any agent started (no host registered or
-     * polling): their fixed cost, whatever the hosts.
+     * polling): their fixed cost, whatever the hosts. Absent from runs recorded before it was
+     * measured (`--from-json`).
      */
-    stagesNoHostsCpuMsPerSec: number;
+    stagesNoHostsCpuMsPerSec?: number;
     /** stagesNoHostsCpuMsPerSec per stage. */
-    stageFixedCpuMsPerSec: number;
+    stageFixedCpuMsPerSec?: number;
     /** What the hosts add to the stages' idle rate, per host: (stagesCpuMsPerSec − stagesNoHostsCpuMsPerSec) ÷ hosts. */
-    stagesCpuMsPerSecPerHost: number;
+    stagesCpuMsPerSecPerHost?: number;
     controlCpuMsPerSec: number;
     redisCpuMsPerSec: number;
     stageRequestsPerSec: [string, number][];
@@ -364,14 +365,14 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
     const clientsBase = info(await redis.info('clients'), 'connected_clients');
     const stagesCpuSec = () => stageProcs.children.reduce((a, c) => a + (procStat(c.pid!)?.cpuTicks ?? 0), 0) / CLK_TCK;
     // With `idleSec`: the stages with no host at all, for as long as the idle fleet is measured below.
-    let noHosts: { sec: number; cpuMsPerSec: number } | undefined;
+    let noHosts = 0;
     if (o.idleSec) {
       await new Promise((r) => setTimeout(r, 2000));
       const [c0, t0] = [stagesCpuSec(), Date.now()];
       await new Promise((r) => setTimeout(r, o.idleSec! * 1000));
       const sec = (Date.now() - t0) / 1000;
-      noHosts = { sec, cpuMsPerSec: Math.round((((stagesCpuSec() - c0) * 1000) / sec) * 100) / 100 };
-      say(`stages with no hosts over ${sec.toFixed(1)} s: ${noHosts.cpuMsPerSec} ms CPU/s`);
+      noHosts = Math.round((((stagesCpuSec() - c0) * 1000) / sec) * 100) / 100;
+      say(`stages with no hosts over ${sec.toFixed(1)} s: ${noHosts} ms CPU/s`);
     }
 
     // Agents, in a few child processes.
@@ -442,7 +443,7 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
       const q1 = await stageRequests();
       const perSec = (n: number) => Math.round((n / sec) * 100) / 100;
       const stagesCpuMsPerSec = perSec((c1.stages - c0.stages) * 1000);
-      const fixed = noHosts?.cpuMsPerSec ?? 0;
+      const fixed = noHosts;
       idle = {
         sec: Math.round(sec * 10) / 10,
         stagesCpuMsPerSec,
