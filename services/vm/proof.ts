@@ -219,7 +219,9 @@ export async function runProof(o: ProofOptions): Promise<ProofResult> {
           await cut.done();
         }
         if (['completed', 'failed', 'aborted'].includes(r.status.state)) return r;
-        await new Promise((res) => setTimeout(res, 3000));
+        // While a power cut waits for its step, poll often: a fast unpack can cross 30 % and end
+        // between two 3 s polls, and the cut would never happen.
+        await new Promise((res) => setTimeout(res, cut && !cutDone ? 250 : 3000));
       }
     };
 
