@@ -51,7 +51,12 @@ export function decodePax(buf: Buffer): PaxRecords {
 }
 
 /** A tar header as tar-stream's extractor gives it, with `pax` decoded by `decodePax`. */
-export type TarHeader = Omit<tarStream.Header, 'type' | 'pax'> & { type: string; pax: PaxRecords | null };
+export type TarHeader = Omit<tarStream.Header, 'type' | 'pax'> & {
+  type: string;
+  pax: PaxRecords | null;
+  /** Where the entry's content starts in the tar stream (set by tar-stream 3's extractor, not in its types). */
+  byteOffset?: number;
+};
 
 /** One entry from `createTarExtract`: its header and its content stream (consume it before the next). */
 export interface TarEntry extends AsyncIterable<Buffer> {

@@ -28,6 +28,13 @@ export interface ExtractResult {
 export interface ExtractOptions {
   /** Most plaintext tar bytes to read; one more fails with SC_ERR_BUNDLE_TOO_LARGE. */
   maxBytes?: number;
+  /**
+   * Called with offsets of the tar stream, rising, below which the extractor holds no reference
+   * to `src`'s bytes any more: the headers before it are decoded and the contents before it
+   * written. A source that refills its buffers may refill any buffer lying wholly below it (the
+   * unpack worker's, unpack-file.ts); without this, every chunk is left to the garbage collector.
+   */
+  released?: (offset: number) => void;
 }
 
 /** Files whose finishing may run while later entries are written. */
@@ -64,6 +71,7 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
   const guard = new EntryGuard(root);
   const fixups = new Map<string, Fixup>();
   const maxBytes = opts.maxBytes ?? Number.POSITIVE_INFINITY;
+  const released = opts.released;
   let entries = 0;
   let skipped = 0;
   const ex = createTarExtract();
@@ -86,7 +94,8 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
       if (bytes > maxBytes) {
         throw scError('SC_ERR_BUNDLE_TOO_LARGE', `the unpacked tar exceeds ${maxBytes} bytes`, { maxBytes });
       }
-      tail = chunk.length >= 1024 ? chunk.subarray(chunk.length - 1024) : Buffer.concat([tail, chunk]).subarray(-1024);
+      // A copy: the chunk itself may be refilled once released.
+      tail = chunk.length >= 1024 ? Buffer.from(chunk.subarray(chunk.length - 1024)) : Buffer.concat([tail, chunk]).subarray(-1024);
       // The consumer may have failed (and destroyed the extractor) while this chunk was read.
       if (ex.destroying) return;
       if (!ex.write(chunk)) await drained(ex);
@@ -100,6 +109,10 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
 
   const consume = async () => {
     for await (const entry of ex) {
+      // Entries come one at a time: this one's headers are decoded and every earlier one's content
+      // was read to its end (written, or drained), so nothing before its content is referenced.
+      const at = released ? entry.header.byteOffset : undefined;
+      if (at !== undefined) released?.(at);
       const meta = entryMeta(entry.header);
       entries++;
       const rel = guard.check(meta.path, meta.type, meta.linkname);
@@ -108,7 +121,7 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
       fixups.delete(rel);
       if (FILE_TYPES.has(meta.type)) {
         await settle(rel);
-        const finish = await writeFileContent(root, rel, meta, entry, asRoot, dirs);
+        const finish = await writeFileContent(root, rel, meta, entry, asRoot, dirs, at === undefined ? undefined : (n) => released?.(at + n));
         const done: Promise<void> = finish().finally(() => {
           if (pending.get(rel) === done) pending.delete(rel);
         });

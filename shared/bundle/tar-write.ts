@@ -199,9 +199,18 @@ export async function applyFixups(root: string, fixups: Map<string, Fixup>, guar
  *
  * The file's own system calls (open, write, truncate, chown, chmod, utimes, close) are made
  * directly, not through the thread pool, as are those of directories, links and the fixups (see
- * the module doc).
+ * the module doc). `written` hears the content bytes written so far after each chunk: no chunk
+ * before that point is referenced any more.
  */
-export async function writeFileContent(root: string, rel: string, meta: EntryMeta, content: AsyncIterable<Buffer>, asRoot: boolean, dirs: DirCache): Promise<() => Promise<void>> {
+export async function writeFileContent(
+  root: string,
+  rel: string,
+  meta: EntryMeta,
+  content: AsyncIterable<Buffer>,
+  asRoot: boolean,
+  dirs: DirCache,
+  written?: (bytes: number) => void,
+): Promise<() => Promise<void>> {
   const p = join(root, rel);
   dirs.ensureParent(p);
   const flags = fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW;
@@ -220,6 +229,7 @@ export async function writeFileContent(root: string, rel: string, meta: EntryMet
     for await (const chunk of content) {
       dataEnd = Math.max(dataEnd, writeSparse(fd, chunk, pos));
       pos += chunk.length;
+      written?.(pos);
     }
     if (pos !== meta.size) throw scError('SC_ERR_BAD_ARCHIVE', `${rel}: ${pos} bytes of content, ${meta.size} declared`, { path: rel });
   } catch (err) {

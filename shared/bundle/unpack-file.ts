@@ -214,6 +214,19 @@ async function extractInWorker(
   let digest: Digest | undefined;
   // Chunks received and not yet acknowledged: acknowledged when the extractor asks for more.
   let unacked = 0;
+  // Posted buffers the extractor has not released yet, with where each ends in the tar stream.
+  // A released one goes back to the worker (transferred), which fills it again: this thread then
+  // holds a few MiB of the worker's buffers at a time, instead of a new MiB per post left to the
+  // garbage collector (a full collection per 64 MiB of them). A buffer given back too early would
+  // show: transferring detaches it, and a detached chunk reads as empty (a short file fails).
+  const held: { ab: ArrayBuffer; end: number }[] = [];
+  let received = 0;
+  const released = (offset: number) => {
+    while (held.length > 0 && held[0].end <= offset) {
+      const { ab } = held.shift()!;
+      worker.postMessage({ back: ab }, [ab]);
+    }
+  };
   // Object mode: each posted buffer is handed on as it is. In byte mode the extractor's reads
   // would concatenate the buffered chunks into fresh buffers (a copy of every byte, and GC).
   const plain = new Readable({
@@ -237,6 +250,8 @@ async function extractInWorker(
     if (m.chunk) {
       unacked++;
       count(m.decrypted ?? 0);
+      received += m.chunk.byteLength;
+      held.push({ ab: m.chunk, end: received });
       plain.push(Buffer.from(m.chunk));
     } else if (m.end) {
       ended = true;
@@ -257,7 +272,7 @@ async function extractInWorker(
   opts.signal?.addEventListener('abort', onAbort, { once: true });
   if (opts.signal?.aborted) onAbort();
   try {
-    const result = await safeExtract(plain, opts.dir, { maxBytes });
+    const result = await safeExtract(plain, opts.dir, { maxBytes, released });
     // The digest covers the first `size` bytes: a finished file must also be exactly that long.
     return { result, digest, size: opts.follow ? blob.size : fstatSync(fd).size };
   } finally {

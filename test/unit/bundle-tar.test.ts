@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { afterEach, beforeEach, describe, it } from 'node:test';
 import * as tar from 'tar';
 import { packDirStream, safeExtract } from '../../shared/bundle/index.js';
@@ -283,6 +284,63 @@ describe('safeExtract', () => {
     const corrupt = Buffer.from(archive([{ path: 'x', body: 'x' }]));
     corrupt[10] ^= 0xff; // header checksum no longer matches
     await assert.rejects(safeExtract(Readable.from([corrupt]), target), (e: unknown) => isScError(e, 'SC_ERR_BAD_ARCHIVE'));
+  });
+
+  it('reports released offsets below which a source may refill its chunks, and unpacks the same tree when it does', async () => {
+    const src = join(base, 'src');
+    const deep = join(src, 'usr', 'share', 'a-directory-name-long-enough'.repeat(3));
+    mkdirSync(deep, { recursive: true });
+    mkdirSync(join(src, 'etc'));
+    const files = new Map<string, Buffer>();
+    const put = (rel: string, body: Buffer) => {
+      writeFileSync(join(src, rel), body);
+      files.set(rel, body);
+    };
+    // Small files and headers cut by chunk edges, a name past 100 bytes (a PAX header), and a
+    // file of several chunks whose bytes all differ.
+    for (let i = 0; i < 200; i++) put(`etc/f${i}`, Buffer.from(`file ${i}\n`.repeat(i * 7)));
+    put(join('usr', 'share', 'a-directory-name-long-enough'.repeat(3), 'a-file-with-a-long-name'.repeat(2)), Buffer.from('deep\n'));
+    put('usr/big', randomBytes(3 << 20));
+    symlinkSync('../etc/f1', join(src, 'usr/link'));
+    const whole: Buffer[] = [];
+    for await (const c of packDirStream(src)) whole.push(c as Buffer);
+    const bytes = Buffer.concat(whole);
+    // Each chunk its own copy, in sizes that fall everywhere against the 512-byte blocks.
+    const chunks: { buf: Buffer; end: number; refilled: boolean }[] = [];
+    const sizes = [1000, 70_000, 333, 512, 65_536, 4097];
+    for (let off = 0, i = 0; off < bytes.length; i++) {
+      const n = Math.min(sizes[i % sizes.length], bytes.length - off);
+      off += n;
+      chunks.push({ buf: Buffer.from(bytes.subarray(off - n, off)), end: off, refilled: false });
+    }
+    let fed = 0;
+    let last = 0;
+    const source = Readable.from(
+      (function* () {
+        for (const c of chunks) {
+          fed = c.end;
+          yield c.buf;
+        }
+      })(),
+    );
+    const out = join(base, 'out');
+    await safeExtract(source, out, {
+      released: (offset) => {
+        assert.ok(offset >= last && offset <= fed, `released ${offset} after ${last}, with ${fed} bytes given`);
+        last = offset;
+        // What the source would do: fill every chunk wholly below the offset with other bytes.
+        for (const c of chunks) {
+          if (c.end <= offset && !c.refilled) {
+            c.buf.fill(0xa5);
+            c.refilled = true;
+          }
+        }
+      },
+    });
+    for (const [rel, body] of files) assert.ok(readFileSync(join(out, rel)).equals(body), rel);
+    assert.equal(readlinkSync(join(out, 'usr/link')), '../etc/f1');
+    const refilled = chunks.filter((c) => c.refilled).length;
+    assert.ok(refilled >= chunks.length - 3, `only ${refilled} of ${chunks.length} chunks released`);
   });
 
   it('passes on the source stream error', async () => {
