@@ -3,12 +3,12 @@
  * a file (the passes over the candidates, origin as the last resort, the digest check). One
  * request is shared/fetch-pull.ts, over shared/fetch-range.ts. Used through shared/fetch.ts.
  */
-import { createHash } from 'node:crypto';
 import { constants as fsc } from 'node:fs';
 import { type FileHandle, open, rename, stat, unlink } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { type Digest, digestFile, parseDigest } from './digest.js';
 import { isScError, type ScError, scError, toScError } from './errors.js';
+import { partialHash } from './fetch-hash.js';
 import { abortableSleep, abortError, throwIfAborted } from './fetch-http.js';
 import { adoptPartial, type DownloadState, LocalFailure, pull, truncateAll } from './fetch-pull.js';
 import { describeError as describe, normalizeAll, normalizeSource, withOrigin } from './fetch-sources.js';
@@ -74,6 +74,11 @@ export interface FetchBlobOptions {
   backoffMs?: number;
   /** Delete an existing `out` whose content differs, then fetch (default false: SC_ERR_FILE_EXISTS). */
   overwrite?: boolean;
+  /**
+   * Blob size from which the partial file is hashed on a thread of its own, reading back what was
+   * written, instead of on this one (default HASH_THREAD_MIN_BYTES, 64 MiB; see shared/fetch-hash.ts).
+   */
+  hashThreadMinBytes?: number;
   /** Sleep used for backoff; injectable for tests. Must reject when `signal` aborts. */
   sleep?: (ms: number, signal?: AbortSignal) => Promise<void>;
 }
@@ -168,7 +173,7 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
   } catch (err) {
     throw scError('SC_ERR_INTERNAL', `cannot open ${partial}: ${describe(err)}`, { path: partial }, err);
   }
-  const st: DownloadState = { fh, hash: createHash('sha256'), have: 0, hwm: 0, pieces: [], downloaded: 0, restarts: 0 };
+  const st: DownloadState = { fh, hash: partialHash(fh.fd, size, opts.hashThreadMinBytes), have: 0, hwm: 0, pieces: [], downloaded: 0, restarts: 0 };
   let done = false;
   let discard = false;
   try {
@@ -218,7 +223,10 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
         }
       }
       // The partial holds `size` bytes: check them.
-      const actual: Digest = `sha256:${st.hash.copy().digest('hex')}`;
+      const hex = await st.hash.digest().catch((err: unknown) => {
+        throw new LocalFailure(err);
+      });
+      const actual: Digest = `sha256:${hex}`;
       contributed = [...new Set(st.pieces)];
       if (actual === digest) break;
       const mismatch = scError('SC_ERR_DIGEST_MISMATCH', `blob ${digest} from ${contributed.join(', ')} hashed to ${actual}`, {
@@ -235,6 +243,7 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
     }
     await st.flushing;
     if (st.flushError) throw new LocalFailure(st.flushError);
+    await st.hash.close();
     await fh.sync();
     await fh.close();
     await rename(partial, out);
@@ -255,6 +264,8 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
     throw err;
   } finally {
     if (!done) {
+      // The hashing thread reads through this descriptor: it stops before the descriptor closes.
+      await st.hash.close().catch(() => undefined);
       await fh.close().catch(() => undefined);
       // Keep a partial worth resuming; an empty one, or one found corrupt, goes.
       if (discard || st.have === 0) await unlink(partial).catch(() => undefined);

@@ -4,10 +4,10 @@
  * partial file in batched writes that overlap the network, the disk and sha256, with the stall
  * checks (shared/fetch-stall.ts), and the partial file's own bookkeeping.
  */
-import { createHash, type Hash } from 'node:crypto';
 import type { FileHandle } from 'node:fs/promises';
 import type { Digest } from './digest.js';
 import { isScError } from './errors.js';
+import type { PartialHash } from './fetch-hash.js';
 import { fetchRange, type RangeSink, SinkFailure } from './fetch-range.js';
 import { UNSERVED_CODES, unserved, watchStall } from './fetch-stall.js';
 
@@ -28,7 +28,8 @@ export type LocalFailure = SinkFailure;
 /** The partial file of one fetchBlob and what is known about its bytes. */
 export interface DownloadState {
   fh: FileHandle;
-  hash: Hash;
+  /** The sha256 of the partial file's first `have` bytes (fetch-hash.ts). */
+  hash: PartialHash;
   /** Verified-length prefix of the partial file that the hash covers. */
   have: number;
   /** Highest `have` reached in this epoch (progress measure). */
@@ -71,14 +72,18 @@ export async function adoptPartial(st: DownloadState, size: number): Promise<num
     await truncateAll(st);
     return 0;
   }
-  const buf = Buffer.allocUnsafe(Math.min(WRITE_BATCH, len));
-  let pos = 0;
-  while (pos < len) {
-    const { bytesRead } = await st.fh.read(buf, 0, Math.min(buf.length, len - pos), pos);
-    if (bytesRead === 0) break;
-    st.hash.update(buf.subarray(0, bytesRead));
-    pos += bytesRead;
+  let pos = len;
+  if (!st.hash.readsFile) {
+    const buf = Buffer.allocUnsafe(Math.min(WRITE_BATCH, len));
+    pos = 0;
+    while (pos < len) {
+      const { bytesRead } = await st.fh.read(buf, 0, Math.min(buf.length, len - pos), pos);
+      if (bytesRead === 0) break;
+      st.hash.add([buf.subarray(0, bytesRead)]);
+      pos += bytesRead;
+    }
   }
+  st.hash.written(pos);
   st.have = pos;
   st.hwm = pos;
   st.pieces = ['partial'];
@@ -92,7 +97,7 @@ export async function truncateAll(st: DownloadState): Promise<void> {
   } catch (err) {
     throw new LocalFailure(err);
   }
-  st.hash = createHash('sha256');
+  st.hash.reset();
   st.restarts++;
   st.flushedAt = 0;
   st.have = 0;
@@ -184,6 +189,7 @@ function fileSink(st: DownloadState, a: PullArgs): RangeSink {
         if (bytesWritten !== n) throw new LocalFailure(new Error(`short write: ${bytesWritten} of ${n} bytes`));
         writingLen = 0;
         st.have += n;
+        st.hash.written(st.have);
         if (st.have > st.hwm) st.hwm = st.have;
         if (st.pieces[st.pieces.length - 1] !== a.source) st.pieces.push(a.source);
         flushBehind(st);
@@ -196,10 +202,10 @@ function fileSink(st: DownloadState, a: PullArgs): RangeSink {
     // Awaited by the next settle(); this only keeps a failure from being reported as unhandled meanwhile.
     w.catch(() => {});
     writing = w;
-    // Hashed while the write runs. A failed write fails the whole fetch (LocalFailure), and a
-    // later run re-hashes what is on disk (adoptPartial), so the hash never vouches for bytes
-    // that are not in the file.
-    for (const b of bufs) st.hash.update(b);
+    // Hashed while the write runs (inline), or read back once it completed (on a thread). A
+    // failed write fails the whole fetch (LocalFailure), and a later run re-hashes what is on
+    // disk (adoptPartial), so the hash never vouches for bytes that are not in the file.
+    st.hash.add(bufs);
   };
   return {
     offset: () => st.have,
