@@ -8,7 +8,7 @@ import { type FileHandle, open, rename, stat, unlink } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { type Digest, digestFile, parseDigest } from './digest.js';
 import { isScError, type ScError, scError, toScError } from './errors.js';
-import { partialHash } from './fetch-hash.js';
+import { type PartialHash, partialHash } from './fetch-hash.js';
 import { abortableSleep, abortError, throwIfAborted } from './fetch-http.js';
 import { adoptPartial, type DownloadState, LocalFailure, pull, truncateAll } from './fetch-pull.js';
 import { describeError as describe, normalizeAll, normalizeSource, withOrigin } from './fetch-sources.js';
@@ -173,7 +173,14 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
   } catch (err) {
     throw scError('SC_ERR_INTERNAL', `cannot open ${partial}: ${describe(err)}`, { path: partial }, err);
   }
-  const st: DownloadState = { fh, hash: partialHash(fh.fd, size, opts.hashThreadMinBytes), have: 0, hwm: 0, pieces: [], downloaded: 0, restarts: 0 };
+  let hash: PartialHash;
+  try {
+    hash = partialHash(fh.fd, size, opts.hashThreadMinBytes);
+  } catch (err) {
+    await fh.close().catch(() => undefined);
+    throw scError('SC_ERR_INTERNAL', `cannot start hashing ${partial}: ${describe(err)}`, { path: partial }, err);
+  }
+  const st: DownloadState = { fh, hash, have: 0, hwm: 0, pieces: [], downloaded: 0, restarts: 0 };
   let done = false;
   let discard = false;
   try {

@@ -111,6 +111,10 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
     for await (const entry of ex) {
       // Entries come one at a time: this one's headers are decoded and every earlier one's content
       // was read to its end (written, or drained), so nothing before its content is referenced.
+      // That rests on tar-stream 3 (pinned in package-lock.json): it emits the next entry only
+      // once the consumer asks for it, decodes headers into strings and numbers (binary PAX values
+      // are copied, pax.ts), and keeps no view of a chunk it has passed. The "released offsets"
+      // test of bundle-tar.test.ts refills released chunks with other bytes and checks the tree.
       const at = released ? entry.header.byteOffset : undefined;
       if (at !== undefined) released?.(at);
       const meta = entryMeta(entry.header);
