@@ -117,3 +117,12 @@ export function fromErrorBody(status: number, body: unknown): ScError {
   if (status === 404) return new ScError('SC_ERR_NOT_FOUND');
   return new ScError(status >= 500 ? 'SC_ERR_UPSTREAM' : 'SC_ERR_BAD_REQUEST', `HTTP ${status}`);
 }
+
+/** A file system error as an ScError: SC_ERR_NO_SPACE for ENOSPC/EDQUOT, else `fallback`. */
+export function fsFailure(err: unknown, what: string, path?: string, fallback: ErrorCode = 'SC_ERR_INTERNAL'): ScError {
+  if (isScError(err)) return err;
+  const e = err as NodeJS.ErrnoException;
+  const errno = typeof e?.code === 'string' && /^E[A-Z0-9]+$/.test(e.code) ? e.code : undefined;
+  const code: ErrorCode = errno === 'ENOSPC' || errno === 'EDQUOT' ? 'SC_ERR_NO_SPACE' : fallback;
+  return scError(code, `${what}: ${errno ?? ''} ${e?.message ?? String(err)}`.trim(), { ...(errno ? { errno } : {}), ...(path ? { path } : {}) }, err);
+}

@@ -9,11 +9,11 @@ import { mkdir } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import type { Readable } from 'node:stream';
 import * as tar from 'tar';
-import { isScError, type ScError, scError } from '../errors.js';
+import { fsFailure, isScError, type ScError, scError } from '../errors.js';
 import { createTarExtract } from './pax.js';
 import { DEVICE_TYPES, entryMeta, FILE_TYPES } from './tar-entry.js';
 import { archivePath, EntryGuard } from './tar-guard.js';
-import { drained, fsFailure } from './tar-io.js';
+import { drained } from './tar-io.js';
 import { applyFixups, clearPath, DirCache, type Fixup, makeDirEntry, writeFileContent } from './tar-write.js';
 
 /** What `safeExtract` did. */

@@ -17,9 +17,9 @@ import { createReadStream } from 'node:fs';
 import { lstat, readdir, readlink } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { PassThrough, type Readable } from 'node:stream';
-import { scError } from '../errors.js';
+import { fsFailure, scError } from '../errors.js';
 import { deviceNumbers, headerBlocks, type PackEntry, ZEROS_512 } from './tar-entry.js';
-import { drained, fsFailure } from './tar-io.js';
+import { drained } from './tar-io.js';
 import { readXattrs } from './xattr.js';
 
 /** Every packable path under root, sorted, parents before children. Sockets are left out. */
