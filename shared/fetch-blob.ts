@@ -7,7 +7,7 @@ import { constants as fsc } from 'node:fs';
 import { type FileHandle, open, rename, stat, unlink } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { type Digest, digestFile, parseDigest } from './digest.js';
-import { isScError, type ScError, scError, toScError } from './errors.js';
+import { fsFailure, isScError, type ScError, scError, toScError } from './errors.js';
 import { type PartialHash, partialHash } from './fetch-hash.js';
 import { abortableSleep, abortError, throwIfAborted } from './fetch-http.js';
 import { adoptPartial, type DownloadState, LocalFailure, pull, truncateAll } from './fetch-pull.js';
@@ -123,8 +123,9 @@ export interface FetchBlobResult {
  * Throws: SC_ERR_BAD_DIGEST / SC_ERR_BAD_REQUEST for bad input, SC_ERR_FILE_EXISTS (out differs,
  * no `overwrite`), SC_ERR_NO_UPSTREAM (no candidates), SC_ERR_DIGEST_MISMATCH, SC_ERR_BLOB_NOT_FOUND
  * (every source answered 404), SC_ERR_UPSTREAM (sources failed; details list them; the partial is
- * kept for a later resume), SC_ERR_TIMEOUT / SC_ERR_UNAVAILABLE when `signal` aborts, SC_ERR_INTERNAL
- * for local disk errors. One fetch per `out` at a time: concurrent calls for the same `out` are
+ * kept for a later resume), SC_ERR_TIMEOUT / SC_ERR_UNAVAILABLE when `signal` aborts, SC_ERR_NO_SPACE
+ * when the disk is full, SC_ERR_INTERNAL for other local disk errors (both with `details.errno`
+ * and `details.path`; the partial keeps what was written, all of it the blob's own bytes). One fetch per `out` at a time: concurrent calls for the same `out` are
  * not coordinated.
  */
 export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult> {
@@ -208,7 +209,7 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
           try {
             await pull(st, { source, digest, size, idleTimeoutMs, stallCheckMs, probeTimeoutMs, signal, progress });
           } catch (err) {
-            if (err instanceof LocalFailure) throw scError('SC_ERR_INTERNAL', `writing ${partial}: ${err.message}`, { path: partial }, err.inner);
+            if (err instanceof LocalFailure) throw fsFailure(err.inner, `writing ${partial}`, partial);
             if (signal?.aborted) throw abortError(signal);
             const e = toScError(err); // pull fails with ScErrors (fetchRange's rules)
             failures.push({ source, error: e });
@@ -267,7 +268,7 @@ export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult
     };
   } catch (err) {
     if (isScError(err, 'SC_ERR_DIGEST_MISMATCH')) discard = true;
-    if (err instanceof LocalFailure) throw scError('SC_ERR_INTERNAL', `writing ${partial}: ${err.message}`, { path: partial }, err.inner);
+    if (err instanceof LocalFailure) throw fsFailure(err.inner, `writing ${partial}`, partial);
     throw err;
   } finally {
     if (!done) {

@@ -162,6 +162,26 @@ export async function pull(st: DownloadState, a: PullArgs): Promise<void> {
 }
 
 /**
+ * Writes `bufs` at `pos`, going on after a short write: the next write then fails with the
+ * reason (ENOSPC for a full disk, EFBIG), which the caller reports.
+ */
+async function writeAll(fh: FileHandle, bufs: Buffer[], pos: number): Promise<void> {
+  let rest = bufs;
+  for (;;) {
+    const { bytesWritten } = await fh.writev(rest, pos);
+    pos += bytesWritten;
+    let skip = bytesWritten;
+    while (rest.length > 0 && skip >= rest[0].length) {
+      skip -= rest[0].length;
+      rest = rest.slice(1);
+    }
+    if (rest.length === 0) return;
+    if (bytesWritten === 0) throw new Error(`nothing written at byte ${pos}`);
+    rest = [rest[0].subarray(skip), ...rest.slice(1)];
+  }
+}
+
+/**
  * The partial file as fetchRange's sink: chunks are gathered into batches of WRITE_BATCH bytes,
  * and one batch write is in flight while the next batch is received and the previous one hashed,
  * so the network, the disk and sha256 overlap; `st.have` counts only bytes whose write completed.
@@ -171,10 +191,18 @@ function fileSink(st: DownloadState, a: PullArgs): RangeSink {
   let batchLen = 0;
   let writing: Promise<void> | null = null;
   let writingLen = 0;
+  // The first failed write. Every later flush throws it instead of writing: `st.have` did not
+  // move past the failed batch, so the next batch would land at that batch's offset.
+  let failed: LocalFailure | null = null;
   const settle = async () => {
     const w = writing;
     writing = null;
-    if (w) await w;
+    if (w) {
+      await w.catch((err: unknown) => {
+        failed ??= LocalFailure.of(err);
+      });
+    }
+    if (failed) throw failed;
   };
   const flush = async () => {
     await settle();
@@ -184,9 +212,8 @@ function fileSink(st: DownloadState, a: PullArgs): RangeSink {
     batch = [];
     batchLen = 0;
     writingLen = n;
-    const w = st.fh.writev(bufs, st.have).then(
-      ({ bytesWritten }) => {
-        if (bytesWritten !== n) throw new LocalFailure(new Error(`short write: ${bytesWritten} of ${n} bytes`));
+    const w = writeAll(st.fh, bufs, st.have).then(
+      () => {
         writingLen = 0;
         st.have += n;
         st.hash.written(st.have);

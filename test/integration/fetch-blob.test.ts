@@ -1,9 +1,11 @@
 import assert from 'node:assert/strict';
-import { existsSync } from 'node:fs';
+import { execFileSync, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import type { Digest } from '../../shared/digest.js';
+import { isScError } from '../../shared/errors.js';
 import { type FetchBlobOptions, fetchBlob as fetchBlobWith } from '../../shared/fetch.js';
 import { countingSleep, pseudoRandom, rangeStart, type ReadServer, startReadServer, tempDir, writeBlob } from './fetch-fixture.js';
 
@@ -235,6 +237,35 @@ for (const [mode, hashThreadMinBytes] of [
     });
     await assert.rejects(p, { code: 'SC_ERR_UNAVAILABLE' });
     assert.ok(existsSync(`${out}.partial`));
+  });
+
+  // The disk fills part-way through the second write batch (a 1600 KiB file system; batches are
+  // about 1 MiB). The batch after it must not be written at all: it used to land at the failed
+  // batch's offset (the partial's length had not moved past it), leaving the blob's later bytes
+  // in the middle of the partial kept for a resume.
+  test('a full disk fails the fetch with SC_ERR_NO_SPACE and keeps a partial that holds only the blob\'s own prefix', async (t) => {
+    const a = await server();
+    const mnt = join(dir, 'small-fs');
+    mkdirSync(mnt);
+    if (spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=1600k', 'tmpfs', mnt]).status !== 0) {
+      t.skip('cannot mount a small tmpfs here');
+      return;
+    }
+    try {
+      const out = join(mnt, 'out.bin');
+      let err: unknown;
+      await fetchBlob({ sources: [a.url], digest, size: SIZE, out }).catch((e: unknown) => {
+        err = e;
+      });
+      assert.ok(isScError(err, 'SC_ERR_NO_SPACE'), `expected SC_ERR_NO_SPACE, got ${(err as Error)?.message}`);
+      assert.deepEqual(err.details, { errno: 'ENOSPC', path: `${out}.partial` });
+      assert.equal(existsSync(out), false);
+      const partial = await readFile(`${out}.partial`);
+      assert.ok(partial.length > 1 << 20, `partial of ${partial.length} bytes`);
+      assert.ok(partial.equals(data.subarray(0, partial.length)), 'the partial is a prefix of the blob');
+    } finally {
+      execFileSync('umount', [mnt]);
+    }
   });
 
   test('bad input is refused with codes', async () => {
