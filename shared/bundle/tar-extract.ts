@@ -120,12 +120,12 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
       const meta = entryMeta(entry.header);
       entries++;
       const rel = guard.check(meta.path, meta.type, meta.linkname);
-      guard.wrote(rel);
       // The last entry for a path decides what is there: forget earlier plans for it.
       fixups.delete(rel);
       if (FILE_TYPES.has(meta.type)) {
         await settle(rel);
         const finish = await writeFileContent(root, rel, meta, entry, asRoot, dirs, at === undefined ? undefined : (n) => released?.(at + n));
+        guard.wrote(rel);
         const done: Promise<void> = finish().finally(() => {
           if (pending.get(rel) === done) pending.delete(rel);
         });
@@ -141,6 +141,7 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
       await settle(rel);
       if (meta.type === 'directory') {
         await makeDirEntry(root, rel, meta, asRoot, dirs);
+        guard.wrote(rel);
         fixups.set(rel, { kind: 'dir', mode: meta.mode, mtime: meta.mtime });
       } else if (meta.type === 'symlink') {
         fixups.set(rel, { kind: 'symlink', target: meta.linkname, mtime: meta.mtime, uid: meta.uid, gid: meta.gid, xattrs: meta.xattrs });
@@ -160,6 +161,7 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
             if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw scError('SC_ERR_BAD_ARCHIVE', `hardlink ${rel}: its target ${target} is not in the archive before it`, { path: rel });
             throw err;
           }
+          guard.wrote(rel);
         }
       } else if (meta.type === 'fifo') {
         fixups.set(rel, { kind: 'fifo', mode: meta.mode, mtime: meta.mtime, uid: meta.uid, gid: meta.gid, xattrs: meta.xattrs });

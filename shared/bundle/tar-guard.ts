@@ -115,7 +115,11 @@ export class EntryGuard {
     return this.#disk.get(rel) ?? undefined;
   }
 
-  /** Records that the archive has put something at `rel`: what was on disk there is gone. */
+  /**
+   * Records that the archive has put a file, a directory or a hardlink at `rel`: what was on
+   * disk there is gone. Not for entries made at the end (symlinks, FIFOs) or skipped (devices):
+   * until then, what was on disk is still there.
+   */
   wrote(rel: string): void {
     this.#disk.set(rel, null);
   }

@@ -176,6 +176,20 @@ describe('safeExtract', () => {
     assertNothingOutside();
   });
 
+  // A device is skipped and a FIFO made only at the end: neither replaces the symlink on disk at
+  // its path while later entries are written, so what is below that path still goes through it.
+  // Also when the guard looked at that symlink before (a link whose target walks through it).
+  for (const kind of ['chardev', 'fifo'] as const) {
+    for (const before of [[], [{ path: 'l', kind: 'symlink', linkpath: 'pre/..' }]] as RawEntry[][]) {
+      it(`refuses a path below a ${kind} entry standing where a symlink already in the target points outside${before.length ? ', looked at before' : ''}`, async () => {
+        mkdirSync(join(base, 'outside'));
+        symlinkSync(join(base, 'outside'), join(target, 'pre'));
+        await assert.rejects(extract([...before, { path: 'pre', kind }, { path: 'pre/evil', body: 'x' }]), isUnsafe);
+        assert.deepEqual(readdirSync(join(base, 'outside')), []);
+      });
+    }
+  }
+
   it('accepts chains that stay inside (usr/bin/X11 -> ., lib -> usr/lib, deep relative links)', async () => {
     await extract([
       { path: 'usr/bin/', kind: 'dir' },
