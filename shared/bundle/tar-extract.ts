@@ -6,7 +6,7 @@
  */
 import { linkSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { resolve } from 'node:path';
 import type { Readable } from 'node:stream';
 import * as tar from 'tar';
 import { fsFailure, isScError, type ScError, scError } from '../errors.js';
@@ -14,7 +14,7 @@ import { createTarExtract } from './pax.js';
 import { DEVICE_TYPES, entryMeta, FILE_TYPES } from './tar-entry.js';
 import { archivePath, EntryGuard } from './tar-guard.js';
 import { drained } from './tar-io.js';
-import { applyFixups, clearPath, DirCache, type Fixup, makeDirEntry, writeFileContent } from './tar-write.js';
+import { applyFixups, clearPath, DirCache, type Fixup, makeDirEntry, under, writeFileContent } from './tar-write.js';
 
 /** What `safeExtract` did. */
 export interface ExtractResult {
@@ -79,7 +79,8 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
   /** Files whose finishing (owner, mode, mtime, xattrs) still runs, by path. */
   const pending = new Map<string, Promise<void>>();
   const settle = async (rel: string) => {
-    await pending.get(rel);
+    const p = pending.get(rel);
+    if (p) await p;
   };
 
   // Feeds the extractor, counting plaintext bytes; keeps the last 1 KiB to check the end marker.
@@ -123,9 +124,10 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
       // The last entry for a path decides what is there: forget earlier plans for it.
       fixups.delete(rel);
       if (FILE_TYPES.has(meta.type)) {
-        await settle(rel);
+        if (pending.size > 0) await settle(rel);
         const finish = await writeFileContent(root, rel, meta, entry, asRoot, dirs, at === undefined ? undefined : (n) => released?.(at + n));
         guard.wrote(rel);
+        if (!finish) continue;
         const done: Promise<void> = finish().finally(() => {
           if (pending.get(rel) === done) pending.delete(rel);
         });
@@ -134,11 +136,14 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
         if (pending.size >= MAX_PENDING_FILES) await Promise.race(pending.values());
         continue;
       }
-      // Entries without content: drain whatever the header declared.
-      for await (const _ of entry) {
-        /* nothing: only files have content */
+      // Entries without content: drain whatever the header declared (most declare none; a
+      // directory's declared size is no content to tar-stream, and its stream never ends).
+      if (entry.header.size && entry.header.type !== 'directory') {
+        for await (const _ of entry) {
+          /* nothing: only files have content */
+        }
       }
-      await settle(rel);
+      if (pending.size > 0) await settle(rel);
       if (meta.type === 'directory') {
         await makeDirEntry(root, rel, meta, asRoot, dirs);
         guard.wrote(rel);
@@ -151,12 +156,12 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
         if (k === 'symlink' || k === 'hardlink') {
           fixups.set(rel, { kind: 'hardlink', target });
         } else {
-          const p = join(root, rel);
-          await settle(target);
+          const p = under(root, rel);
+          if (pending.size > 0) await settle(target);
           dirs.ensureParent(p);
           clearPath(p, rel, dirs);
           try {
-            linkSync(join(root, target), p);
+            linkSync(under(root, target), p);
           } catch (err) {
             if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw scError('SC_ERR_BAD_ARCHIVE', `hardlink ${rel}: its target ${target} is not in the archive before it`, { path: rel });
             throw err;

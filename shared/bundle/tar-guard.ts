@@ -26,8 +26,15 @@ import { type ScError, scError } from '../errors.js';
 /** Most symlinks followed in one path walk (Linux MAXSYMLINKS). */
 const MAX_LINK_FOLLOWS = 40;
 
+/**
+ * A path that is already normal (`a/b/c` or `a/b/`): no empty, `.` or `..` segment, not
+ * absolute, no NUL. Most archive paths are, and skip the split and join.
+ */
+const NORMAL_PATH = /^(?!\.\.?(?:\/|$))(?:[^/\0]+\/(?!\.\.?(?:\/|$)))*[^/\0]+\/?$/;
+
 /** Normalises an archive path to `a/b/c` ('' for the root); throws SC_ERR_UNSAFE_ARCHIVE. */
 export function archivePath(p: string, what: string): string {
+  if (NORMAL_PATH.test(p)) return p.endsWith('/') ? p.slice(0, -1) : p;
   if (p.includes('\0')) throw unsafe(`${what} contains a NUL byte`, p);
   if (p.startsWith('/')) throw unsafe(`${what} is absolute`, p);
   const parts = p.split('/').filter((s) => s !== '' && s !== '.');
@@ -90,6 +97,11 @@ export class EntryGuard {
   /** Every path that has been a symlink in this archive, with its (last) target. */
   readonly #symlinks = new Map<string, string>();
   readonly #checked = new Set<string>();
+  /**
+   * The parent directory of the last path whose parents all checked out, while no symlink has
+   * been added since: the next entry in the same directory (the usual case) skips the walk.
+   */
+  #lastParent: string | null = null;
   /** lstat of paths on disk that were not written by this archive: symlink target or null. */
   readonly #disk = new Map<string, string | null>();
 
@@ -118,14 +130,19 @@ export class EntryGuard {
   /**
    * Records that the archive has put a file, a directory or a hardlink at `rel`: what was on
    * disk there is gone. Not for entries made at the end (symlinks, FIFOs) or skipped (devices):
-   * until then, what was on disk is still there.
+   * until then, what was on disk is still there. Only a path looked at before needs it; one
+   * looked at later is seen as the archive left it.
    */
   wrote(rel: string): void {
-    this.#disk.set(rel, null);
+    if (this.#disk.has(rel)) this.#disk.set(rel, null);
   }
 
   /** Throws SC_ERR_UNSAFE_ARCHIVE unless no proper prefix of `rel` is a symlink. */
   #checkParents(rel: string, raw: string, what: string): void {
+    const slash = rel.lastIndexOf('/');
+    if (slash < 0) return;
+    const parent = rel.slice(0, slash);
+    if (parent === this.#lastParent) return;
     const parts = rel.split('/');
     let prefix = '';
     for (let i = 0; i < parts.length - 1; i++) {
@@ -135,6 +152,7 @@ export class EntryGuard {
       if (this.diskLink(prefix) !== undefined) throw unsafe(`${what} goes through the existing symlink ${prefix}`, raw);
       this.#checked.add(prefix);
     }
+    this.#lastParent = parent;
   }
 
   /** Throws SC_ERR_UNSAFE_ARCHIVE when the symlink at `rel` with `target` leaves the root. */
@@ -157,6 +175,7 @@ export class EntryGuard {
       this.checkLinkTarget(rel, linkname, raw, this.soFar);
       this.#symlinks.set(rel, linkname);
       this.#checked.delete(rel);
+      this.#lastParent = null;
     } else if (type === 'link') {
       const target = archivePath(linkname, 'hardlink target');
       if (!target) throw unsafe('hardlink target is the extraction root or empty', raw);
@@ -168,6 +187,7 @@ export class EntryGuard {
         this.checkLinkTarget(rel, asLink, raw, this.soFar);
         this.#symlinks.set(rel, asLink);
         this.#checked.delete(rel);
+        this.#lastParent = null;
       }
     }
     return rel;

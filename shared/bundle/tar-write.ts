@@ -44,7 +44,6 @@ import {
   writeSync,
 } from 'node:fs';
 import { chmod, lchown, utimes } from 'node:fs/promises';
-import { dirname, join } from 'node:path';
 import { promisify } from 'node:util';
 import { scError } from '../errors.js';
 import type { EntryMeta } from './tar-entry.js';
@@ -61,6 +60,8 @@ export type Fixup =
 const ZERO_BLOCK = Buffer.alloc(4096);
 
 function isZero(buf: Buffer, start: number, end: number): boolean {
+  // Most blocks of data have a byte other than zero at one end: no compare for them.
+  if (buf[start] !== 0 || buf[end - 1] !== 0) return false;
   return buf.subarray(start, end).equals(end - start === ZERO_BLOCK.length ? ZERO_BLOCK : ZERO_BLOCK.subarray(0, end - start));
 }
 
@@ -91,6 +92,15 @@ function writeSparse(fd: number, chunk: Buffer, pos: number): number {
     i = j;
   }
   return dataEnd;
+}
+
+/**
+ * `root/rel`, for a root from path.resolve and a path the guard has normalised (`a/b/c`, '' for
+ * the root itself): no join needed.
+ */
+export function under(root: string, rel: string): string {
+  if (rel === '') return root;
+  return root.endsWith('/') ? root + rel : `${root}/${rel}`;
 }
 
 /** Removes whatever is at `abs` (an empty directory too); missing is fine. */
@@ -133,7 +143,7 @@ async function makeFifos(paths: string[]): Promise<void> {
  * entries changes a directory's mtime and a 0555 directory must stay writable until then).
  */
 export async function applyFixups(root: string, fixups: Map<string, Fixup>, guard: EntryGuard, asRoot: boolean, dirs: DirCache): Promise<void> {
-  const abs = (rel: string) => (rel ? join(root, rel) : root);
+  const abs = (rel: string) => under(root, rel);
   const batch = async <T>(items: T[], fn: (x: T) => Promise<void>) => {
     for (let i = 0; i < items.length; i += 32) await Promise.all(items.slice(i, i + 32).map(fn));
   };
@@ -193,9 +203,9 @@ export async function applyFixups(root: string, fixups: Map<string, Fixup>, guar
 
 /**
  * Writes one regular file's content into a fresh file (never through a link, never into an
- * existing inode) and returns its finisher: owner, mode, mtime, then extended attributes (after
- * chown, which clears security.capability). The finisher may run while later entries are
- * written.
+ * existing inode), then its owner, mode and mtime. Extended attributes come after chown (which
+ * clears security.capability), from the finisher returned (null when there are none), which
+ * may run while later entries are written.
  *
  * The file's own system calls (open, write, truncate, chown, chmod, utimes, close) are made
  * directly, not through the thread pool, as are those of directories, links and the fixups (see
@@ -210,8 +220,8 @@ export async function writeFileContent(
   asRoot: boolean,
   dirs: DirCache,
   written?: (bytes: number) => void,
-): Promise<() => Promise<void>> {
-  const p = join(root, rel);
+): Promise<(() => Promise<void>) | null> {
+  const p = under(root, rel);
   dirs.ensureParent(p);
   const flags = fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW;
   let fd: number;
@@ -236,19 +246,18 @@ export async function writeFileContent(
     closeSync(fd);
     throw err;
   }
-  return async () => {
-    try {
-      // Holes at the end: the size comes from truncate.
-      if (dataEnd < pos) ftruncateSync(fd, pos);
-      // chown first: it clears setuid/setgid and security.capability.
-      if (asRoot) fchownSync(fd, meta.uid, meta.gid);
-      fchmodSync(fd, meta.mode);
-      futimesSync(fd, meta.mtime, meta.mtime);
-    } finally {
-      closeSync(fd);
-    }
-    await writeXattrs(p, meta.xattrs, rel);
-  };
+  try {
+    // Holes at the end: the size comes from truncate.
+    if (dataEnd < pos) ftruncateSync(fd, pos);
+    // chown first: it clears setuid/setgid and security.capability.
+    if (asRoot) fchownSync(fd, meta.uid, meta.gid);
+    fchmodSync(fd, meta.mode);
+    futimesSync(fd, meta.mtime, meta.mtime);
+  } finally {
+    closeSync(fd);
+  }
+  if (meta.xattrs.length === 0) return null;
+  return () => writeXattrs(p, meta.xattrs, rel);
 }
 
 /** Directories known to exist under the root, so each parent is created (or checked) once. */
@@ -262,7 +271,7 @@ export class DirCache {
 
   /** Ensures the parent directory of `abs` exists (the guard has checked it has no symlink). */
   ensureParent(abs: string): void {
-    const parent = dirname(abs);
+    const parent = abs.slice(0, abs.lastIndexOf('/'));
     if (parent.length <= this.#root.length || this.#known.has(parent)) return;
     mkdirSync(parent, { recursive: true, mode: 0o755 });
     this.#known.add(parent);
@@ -281,7 +290,7 @@ export class DirCache {
 
 /** Creates (or keeps) a directory; owner and xattrs now, mode and mtime in the fixups. */
 export async function makeDirEntry(root: string, rel: string, meta: EntryMeta, asRoot: boolean, dirs: DirCache): Promise<void> {
-  const p = rel ? join(root, rel) : root;
+  const p = under(root, rel);
   if (rel) {
     dirs.ensureParent(p);
     try {

@@ -13,6 +13,7 @@ import { randomBytes } from 'node:crypto';
 import { afterEach, beforeEach, describe, it } from 'node:test';
 import * as tar from 'tar';
 import { packDirStream, safeExtract } from '../../shared/bundle/index.js';
+import { archivePath } from '../../shared/bundle/tar-guard.js';
 import { isScError } from '../../shared/errors.js';
 
 type Kind = 'file' | 'dir' | 'symlink' | 'hardlink' | 'chardev' | 'fifo';
@@ -189,6 +190,40 @@ describe('safeExtract', () => {
       });
     }
   }
+
+  // The guard remembers the last directory whose parents checked out; a symlink made at a path
+  // (directly, or as a hardlink to one) must end that, even right in that directory.
+  it('refuses a path below a directory that a later entry made a symlink, in the directory just checked', async () => {
+    const cases: RawEntry[][] = [
+      [{ path: 'b/', kind: 'dir' }, { path: 'b/f1', body: '1' }, { path: 'b', kind: 'symlink', linkpath: '.' }, { path: 'b/f2', body: '2' }],
+      [{ path: 'a/b/', kind: 'dir' }, { path: 'a/b/f1', body: '1' }, { path: 'a/b', kind: 'symlink', linkpath: '.' }, { path: 'a/b/f2', body: '2' }],
+      [{ path: 's', kind: 'symlink', linkpath: '.' }, { path: 'd/', kind: 'dir' }, { path: 'd/f1', body: '1' }, { path: 'd', kind: 'hardlink', linkpath: 's' }, { path: 'd/f2', body: '2' }],
+    ];
+    for (const entries of cases) {
+      rmSync(target, { recursive: true, force: true });
+      mkdirSync(target);
+      await assert.rejects(extract(entries), (e: unknown) => isUnsafe(e) && /goes through the symlink/.test((e as Error).message));
+      assert.ok(!listAll(target).some((p) => p.endsWith('f2')));
+    }
+  });
+
+  it('normalises archive paths the same whether they are already normal or not', () => {
+    const same: [string, string][] = [
+      ['a/b/c', 'a/b/c'],
+      ['a/b/', 'a/b'],
+      ['./a/b', 'a/b'],
+      ['a//b/./c/', 'a/b/c'],
+      ['.hidden/..x/x..', '.hidden/..x/x..'],
+      ['...', '...'],
+      ['', ''],
+      ['.', ''],
+      ['./', ''],
+    ];
+    for (const [raw, want] of same) assert.equal(archivePath(raw, 'path'), want, JSON.stringify(raw));
+    for (const raw of ['..', '../a', 'a/..', 'a/../b', 'a/b/..', '/a', '/', 'a\0b', 'a/\0']) {
+      assert.throws(() => archivePath(raw, 'path'), (e: unknown) => isUnsafe(e), JSON.stringify(raw));
+    }
+  });
 
   it('accepts chains that stay inside (usr/bin/X11 -> ., lib -> usr/lib, deep relative links)', async () => {
     await extract([
