@@ -130,11 +130,11 @@ export class EntryGuard {
   /**
    * Records that the archive has put a file, a directory or a hardlink at `rel`: what was on
    * disk there is gone. Not for entries made at the end (symlinks, FIFOs) or skipped (devices):
-   * until then, what was on disk is still there. Only a path looked at before needs it; one
-   * looked at later is seen as the archive left it.
+   * until then, what was on disk is still there. Kept for every such path: the link walks meet
+   * most of them again, and would otherwise lstat each.
    */
   wrote(rel: string): void {
-    if (this.#disk.has(rel)) this.#disk.set(rel, null);
+    this.#disk.set(rel, null);
   }
 
   /** Throws SC_ERR_UNSAFE_ARCHIVE unless no proper prefix of `rel` is a symlink. */
