@@ -98,8 +98,9 @@ export class EntryGuard {
   readonly #symlinks = new Map<string, string>();
   readonly #checked = new Set<string>();
   /**
-   * The parent directory of the last path whose parents all checked out, while no symlink has
-   * been added since: the next entry in the same directory (the usual case) skips the walk.
+   * The parent directory of the last path whose parents all checked out, until a symlink is
+   * added at it or above it: the next entry in the same directory (the usual case) skips the
+   * walk.
    */
   #lastParent: string | null = null;
   /** lstat of paths on disk that were not written by this archive: symlink target or null. */
@@ -135,6 +136,12 @@ export class EntryGuard {
    */
   wrote(rel: string): void {
     this.#disk.set(rel, null);
+  }
+
+  /** A symlink is now at `rel`: the parent skipped is no longer known safe if it is at or below it. */
+  #linkAdded(rel: string): void {
+    const last = this.#lastParent;
+    if (last !== null && (last === rel || last.startsWith(`${rel}/`))) this.#lastParent = null;
   }
 
   /** Throws SC_ERR_UNSAFE_ARCHIVE unless no proper prefix of `rel` is a symlink. */
@@ -175,7 +182,7 @@ export class EntryGuard {
       this.checkLinkTarget(rel, linkname, raw, this.soFar);
       this.#symlinks.set(rel, linkname);
       this.#checked.delete(rel);
-      this.#lastParent = null;
+      this.#linkAdded(rel);
     } else if (type === 'link') {
       const target = archivePath(linkname, 'hardlink target');
       if (!target) throw unsafe('hardlink target is the extraction root or empty', raw);
@@ -187,7 +194,7 @@ export class EntryGuard {
         this.checkLinkTarget(rel, asLink, raw, this.soFar);
         this.#symlinks.set(rel, asLink);
         this.#checked.delete(rel);
-        this.#lastParent = null;
+        this.#linkAdded(rel);
       }
     }
     return rel;

@@ -191,12 +191,13 @@ describe('safeExtract', () => {
     }
   }
 
-  // The guard remembers the last directory whose parents checked out; a symlink made at a path
-  // (directly, or as a hardlink to one) must end that, even right in that directory.
+  // The guard remembers the last directory whose parents checked out; a symlink made at that
+  // directory or above it (directly, or as a hardlink to one) must end that.
   it('refuses a path below a directory that a later entry made a symlink, in the directory just checked', async () => {
     const cases: RawEntry[][] = [
       [{ path: 'b/', kind: 'dir' }, { path: 'b/f1', body: '1' }, { path: 'b', kind: 'symlink', linkpath: '.' }, { path: 'b/f2', body: '2' }],
       [{ path: 'a/b/', kind: 'dir' }, { path: 'a/b/f1', body: '1' }, { path: 'a/b', kind: 'symlink', linkpath: '.' }, { path: 'a/b/f2', body: '2' }],
+      [{ path: 'x/y/z/', kind: 'dir' }, { path: 'x/y/z/f1', body: '1' }, { path: 'x', kind: 'symlink', linkpath: '.' }, { path: 'x/y/z/f2', body: '2' }],
       [{ path: 's', kind: 'symlink', linkpath: '.' }, { path: 'd/', kind: 'dir' }, { path: 'd/f1', body: '1' }, { path: 'd', kind: 'hardlink', linkpath: 's' }, { path: 'd/f2', body: '2' }],
     ];
     for (const entries of cases) {
