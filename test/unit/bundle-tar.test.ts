@@ -26,6 +26,8 @@ interface RawEntry {
   mode?: number;
   body?: string | Buffer;
   mtime?: number;
+  /** The size field, when it should differ from the body's length. */
+  size?: number;
 }
 
 function octal(buf: Buffer, off: number, len: number, value: number): void {
@@ -41,7 +43,7 @@ function rawEntry(e: RawEntry): Buffer {
   octal(h, 100, 8, e.mode ?? (kind === 'dir' ? 0o755 : 0o644));
   octal(h, 108, 8, 0);
   octal(h, 116, 8, 0);
-  octal(h, 124, 12, kind === 'file' ? body.length : 0);
+  octal(h, 124, 12, e.size ?? (kind === 'file' ? body.length : 0));
   octal(h, 136, 12, e.mtime ?? 1_700_000_000);
   h.fill(0x20, 148, 156);
   h.write(TYPEFLAG[kind], 156, 1, 'latin1');
@@ -206,6 +208,13 @@ describe('safeExtract', () => {
       await assert.rejects(extract(entries), (e: unknown) => isUnsafe(e) && /goes through the symlink/.test((e as Error).message));
       assert.ok(!listAll(target).some((p) => p.endsWith('f2')));
     }
+  });
+
+  // tar-stream reads no content for a directory whatever size its header declares, and its entry
+  // stream never ends: draining it used to hang the extraction (and the agent's step) for ever.
+  it('extracts past a directory whose header declares a size', { timeout: 20_000 }, async () => {
+    await extract([{ path: 'd/', kind: 'dir', size: 1024 }, { path: 'd/f', body: 'content' }]);
+    assert.equal(readFileSync(join(target, 'd/f'), 'utf8'), 'content');
   });
 
   it('normalises archive paths the same whether they are already normal or not', () => {
