@@ -123,10 +123,11 @@ export interface FetchBlobResult {
  * Throws: SC_ERR_BAD_DIGEST / SC_ERR_BAD_REQUEST for bad input, SC_ERR_FILE_EXISTS (out differs,
  * no `overwrite`), SC_ERR_NO_UPSTREAM (no candidates), SC_ERR_DIGEST_MISMATCH, SC_ERR_BLOB_NOT_FOUND
  * (every source answered 404), SC_ERR_UPSTREAM (sources failed; details list them; the partial is
- * kept for a later resume), SC_ERR_TIMEOUT / SC_ERR_UNAVAILABLE when `signal` aborts, SC_ERR_NO_SPACE
- * when the disk is full, SC_ERR_INTERNAL for other local disk errors (both with `details.errno`
- * and `details.path`; the partial keeps what was written, all of it the blob's own bytes). One fetch per `out` at a time: concurrent calls for the same `out` are
- * not coordinated.
+ * kept for a later resume), SC_ERR_TIMEOUT / SC_ERR_UNAVAILABLE when `signal` aborts,
+ * SC_ERR_NO_SPACE when the disk is full, SC_ERR_INTERNAL for other local disk errors (both with
+ * `details.errno` and `details.path`; the partial keeps what was written, all of it the blob's
+ * own bytes). One fetch per `out` at a time: concurrent calls for the same `out` are not
+ * coordinated.
  */
 export async function fetchBlob(opts: FetchBlobOptions): Promise<FetchBlobResult> {
   const digest = parseDigest(opts.digest);
