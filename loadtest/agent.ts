@@ -11,7 +11,7 @@
  * - from disk: `unpackFile` with the digest checked in the same pass (what the agent's
  *   install steps run on the kept bundle), against `age -d -i KEY FILE | zstd -d | tar x`.
  *
- *   npx tsx loadtest/agent.ts [--size-mib 1024] [--work-dir DIR] [--runs 2] [--settle-mib N] [--fresh-fs 0]
+ *   npx tsx loadtest/agent.ts [--size-mib 1024] [--work-dir DIR] [--runs 3] [--settle-mib N] [--fresh-fs 0]
  *
  * Every tree, ours and the peers', goes onto a new file system when this process can make one
  * (TreeTargets), as the install steps unpack onto a partition they have just formatted.
@@ -34,7 +34,7 @@ import { unpackFile } from '../shared/bundle/unpack-file.js';
 import { fetchBlob } from '../shared/fetch.js';
 import { fetchAndUnpack } from '../shared/fetch-unpack.js';
 import { freePort } from '../shared/redis.js';
-import { machineLine, mbps, type SuiteResult, textTable, unitNodeFlags } from './report.js';
+import { machineLine, mbps, median, type SuiteResult, textTable, unitNodeFlags } from './report.js';
 
 const BIN = fileURLToPath(new URL('../services/cli/bin.js', import.meta.url));
 
@@ -44,7 +44,7 @@ export interface AgentBenchOptions {
   sizeMiB?: number;
   /** Where the temp dir goes (default the OS temp dir). Needs about 6× sizeMiB free. */
   workDir?: string;
-  /** Timed runs per pipeline; the best is reported (default 2). */
+  /** Timed runs per pipeline, alternating; the median is reported, with the spread (default 3). */
   runs?: number;
   /**
    * Pack this directory as it is (real content: libraries, binaries, text; tens of thousands of
@@ -65,7 +65,7 @@ export interface AgentBenchOptions {
   freshFs?: boolean;
 }
 
-/** The measurements of one benchAgent call (best wall times, ms). */
+/** The measurements of one benchAgent call (median wall times over the runs, ms). */
 export interface AgentBenchResult {
   bundleBytes: number;
   /** The tar stream's size (the manifest's unpackedSize). */
@@ -73,9 +73,9 @@ export interface AgentBenchResult {
   /** Overlapped fetch + verify + unpack (fetchAndUnpack). */
   agentMs: number;
   agentMBps: number;
-  /** True when the best overlapped run took the overlapped path (not the fallback). */
+  /** True when every overlapped run took the overlapped path (not the fallback). */
   overlapped: boolean;
-  /** The same work in two passes, and its phases in that run. */
+  /** The same work in two passes, and the median of each of its phases. */
   twoPassMs: number;
   twoPassFetchMs: number;
   twoPassUnpackMs: number;
@@ -84,7 +84,7 @@ export interface AgentBenchResult {
   /** `curl | tee FILE | age -d | zstd -d | tar x`: the peer that also keeps the bundle, as the agent must. */
   peerKeepMs: number | null;
   peerMBps: number | null;
-  /** agentMBps / peerMBps. Goal ≥ 1.0. */
+  /** agentMBps / peerMBps (of the medians). Goal ≥ 1.0. */
   ratio: number | null;
   /** From the file on disk: unpackFile with the digest checked in the same pass. */
   fileMs: number;
@@ -93,6 +93,15 @@ export interface AgentBenchResult {
   filePeerMs: number | null;
   filePeerMBps: number | null;
   fileRatio: number | null;
+  /** Runs of each pipeline. */
+  runs: number;
+  /** Every run's wall time, ms, in run order, by pipeline (`peer*` empty when a CLI is missing). */
+  samples: { agent: number[]; twoPass: number[]; file: number[]; peer: number[]; peerKeep: number[]; filePeer: number[] };
+  /**
+   * Ours ÷ the peer's speed in each run, where both ran back to back (peer ms ÷ our ms), network
+   * and from the file: the run-to-run spread of the ratio. Empty when a CLI is missing.
+   */
+  pairedRatios: { network: number[]; file: number[] };
   peerMissing: string[];
   /** MiB written and deleted before every timed pipeline (0: none). */
   settleMiB: number;
@@ -110,6 +119,8 @@ function sh(script: string): Promise<void> {
     c.once('exit', (code) => (code === 0 ? res() : rej(new Error(`shell pipeline failed (${code}): ${err.slice(-500)}`))));
   });
 }
+
+const round2 = (x: number) => Math.round(x * 100) / 100;
 
 /** `s` as one shell word. */
 const q = (s: string) => `'${s.replaceAll("'", "'\\''")}'`;
@@ -226,11 +237,13 @@ async function timed(fn: () => Promise<unknown>): Promise<number> {
 
 /**
  * Builds the bundle, starts an origin child process holding it, and times both pipelines
- * (`runs` times each, alternating, best kept). Cleans up its temp dir and child.
+ * (`runs` times each, alternating; the medians are reported, with every run's time). Cleans up
+ * its temp dir and child.
  */
 export async function benchAgent(opts: AgentBenchOptions = {}): Promise<AgentBenchResult> {
   const sizeMiB = opts.sizeMiB ?? 1024;
-  const runs = opts.runs ?? 2;
+  const runs = opts.runs ?? 3;
+  if (!Number.isInteger(runs) || runs < 1) throw new Error(`runs must be a positive integer, not ${runs}`);
   const root = await mkdtemp(join(opts.workDir ?? tmpdir(), 'sc-bench-agent-'));
   const missing = ['curl', 'age', 'zstd', 'tar'].filter((c) => spawnSync('which', [c], { stdio: 'ignore' }).status !== 0);
   let origin: ReturnType<typeof spawn> | undefined;
@@ -260,7 +273,8 @@ export async function benchAgent(opts: AgentBenchOptions = {}): Promise<AgentBen
     await rm(bundleFile, { force: true });
 
     const identities = keys.agent.identities;
-    const best = { overlapped: Number.POSITIVE_INFINITY, wasOverlapped: false, twoPass: Number.POSITIVE_INFINITY, fetch: 0, unpack: 0, file: Number.POSITIVE_INFINITY, peer: Number.POSITIVE_INFINITY, peerKeep: Number.POSITIVE_INFINITY, filePeer: Number.POSITIVE_INFINITY };
+    const t: AgentBenchResult['samples'] & { fetch: number[]; unpack: number[] } = { agent: [], twoPass: [], fetch: [], unpack: [], file: [], peer: [], peerKeep: [], filePeer: [] };
+    let allOverlapped = true;
     // Every pipeline starts on a settled disk: what the last one wrote, and its removal (this
     // file system may discard freed blocks), is on disk before the next clock starts. And on
     // resident memory (settleMemory).
@@ -286,7 +300,6 @@ export async function benchAgent(opts: AgentBenchOptions = {}): Promise<AgentBen
         for (const p of paths) await rm(p, { recursive: true, force: true });
       }
     };
-    let lastOverlapped = false;
     for (let i = 0; i < runs; i++) {
       // Overlapped: one pass from the network into the tree.
       const out = join(root, `fetched-${i}`);
@@ -294,17 +307,14 @@ export async function benchAgent(opts: AgentBenchOptions = {}): Promise<AgentBen
         const r = await fetchAndUnpack({ sources: [url], digest: m.blob.digest, size: m.blob.size, out }, m.blob, { dir, identities }, async () => {
           for (const e of await readdir(dir)) await rm(join(dir, e), { recursive: true, force: true });
         });
-        lastOverlapped = r.overlapped;
+        allOverlapped &&= r.overlapped;
       });
-      if (ms < best.overlapped) {
-        best.overlapped = ms;
-        best.wasOverlapped = lastOverlapped;
-      }
+      t.agent.push(ms);
 
       // From disk: the kept-bundle install, digest checked in the same pass.
-      best.file = Math.min(best.file, await onTree(`file-${i}`, (dir) => unpackFile(out, m.blob, { dir, identities })));
+      t.file.push(await onTree(`file-${i}`, (dir) => unpackFile(out, m.blob, { dir, identities })));
       if (missing.length === 0) {
-        best.filePeer = Math.min(best.filePeer, await onTree(`file-peer-${i}`, (dir) => sh(`age -d -i ${q(keys.files.fleetIdentity)} ${q(out)} | zstd -d -q | tar x -C ${q(dir)}`)));
+        t.filePeer.push(await onTree(`file-peer-${i}`, (dir) => sh(`age -d -i ${q(keys.files.fleetIdentity)} ${q(out)} | zstd -d -q | tar x -C ${q(dir)}`)));
       }
       await clean(out);
 
@@ -322,40 +332,47 @@ export async function benchAgent(opts: AgentBenchOptions = {}): Promise<AgentBen
         },
         tout,
       );
-      if (two < best.twoPass) Object.assign(best, { twoPass: two, ...phases });
+      t.twoPass.push(two);
+      t.fetch.push(phases.fetch);
+      t.unpack.push(phases.unpack);
 
       if (missing.length === 0) {
-        best.peer = Math.min(best.peer, await onTree(`peer-${i}`, (dir) => sh(`curl -sfS ${url}/v1/blobs/${m.blob.digest} | age -d -i ${q(keys.files.fleetIdentity)} | zstd -d -q | tar x -C ${q(dir)}`)));
+        t.peer.push(await onTree(`peer-${i}`, (dir) => sh(`curl -sfS ${url}/v1/blobs/${m.blob.digest} | age -d -i ${q(keys.files.fleetIdentity)} | zstd -d -q | tar x -C ${q(dir)}`)));
         const kept = join(root, `peer-${i}.bundle`);
-        best.peerKeep = Math.min(
-          best.peerKeep,
-          await onTree(`peer-keep-${i}`, (dir) => sh(`curl -sfS ${url}/v1/blobs/${m.blob.digest} | tee ${q(kept)} | age -d -i ${q(keys.files.fleetIdentity)} | zstd -d -q | tar x -C ${q(dir)}`), kept),
-        );
+        t.peerKeep.push(await onTree(`peer-keep-${i}`, (dir) => sh(`curl -sfS ${url}/v1/blobs/${m.blob.digest} | tee ${q(kept)} | age -d -i ${q(keys.files.fleetIdentity)} | zstd -d -q | tar x -C ${q(dir)}`), kept));
       }
     }
-    const agentMBps = mbps(m.blob.size, best.overlapped);
-    const fileMBps = mbps(m.blob.size, best.file);
-    const peerMBps = missing.length ? null : mbps(m.blob.size, best.peer);
-    const filePeerMBps = missing.length ? null : mbps(m.blob.size, best.filePeer);
-    const ratio = (a: number, b: number | null) => (b ? Math.round((a / b) * 100) / 100 : null);
+    const agentMs = median(t.agent);
+    const fileMs = median(t.file);
+    const peerMs = missing.length ? null : median(t.peer);
+    const filePeerMs = missing.length ? null : median(t.filePeer);
+    const agentMBps = mbps(m.blob.size, agentMs);
+    const fileMBps = mbps(m.blob.size, fileMs);
+    const peerMBps = peerMs === null ? null : mbps(m.blob.size, peerMs);
+    const filePeerMBps = filePeerMs === null ? null : mbps(m.blob.size, filePeerMs);
+    const ratio = (a: number, b: number | null) => (b ? round2(a / b) : null);
+    const ms = (xs: number[]) => xs.map(Math.round);
     return {
       bundleBytes: m.blob.size,
       unpackedBytes: m.blob.unpackedSize ?? 0,
-      agentMs: Math.round(best.overlapped),
+      agentMs: Math.round(agentMs),
       agentMBps,
-      overlapped: best.wasOverlapped,
-      twoPassMs: Math.round(best.twoPass),
-      twoPassFetchMs: Math.round(best.fetch),
-      twoPassUnpackMs: Math.round(best.unpack),
-      peerMs: missing.length ? null : Math.round(best.peer),
-      peerKeepMs: missing.length ? null : Math.round(best.peerKeep),
+      overlapped: allOverlapped,
+      twoPassMs: Math.round(median(t.twoPass)),
+      twoPassFetchMs: Math.round(median(t.fetch)),
+      twoPassUnpackMs: Math.round(median(t.unpack)),
+      peerMs: peerMs === null ? null : Math.round(peerMs),
+      peerKeepMs: missing.length ? null : Math.round(median(t.peerKeep)),
       peerMBps,
       ratio: ratio(agentMBps, peerMBps),
-      fileMs: Math.round(best.file),
+      fileMs: Math.round(fileMs),
       fileMBps,
-      filePeerMs: missing.length ? null : Math.round(best.filePeer),
+      filePeerMs: filePeerMs === null ? null : Math.round(filePeerMs),
       filePeerMBps,
       fileRatio: ratio(fileMBps, filePeerMBps),
+      runs,
+      samples: { agent: ms(t.agent), twoPass: ms(t.twoPass), file: ms(t.file), peer: ms(t.peer), peerKeep: ms(t.peerKeep), filePeer: ms(t.filePeer) },
+      pairedRatios: { network: t.peer.map((p, i) => round2(p / t.agent[i])), file: t.filePeer.map((p, i) => round2(p / t.file[i])) },
       peerMissing: missing,
       settleMiB,
       freshFs: trees.fresh,
@@ -407,13 +424,14 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
   const settle = opts['settle-mib'];
   const r = await benchAgentAsDeployed(sizeMiB, flags, tree, settle === undefined ? undefined : Number(settle), opts['fresh-fs'] === '0' ? false : undefined, opts.runs === undefined ? undefined : Number(opts.runs));
   const skipped = r.peerMissing.length ? `missing: ${r.peerMissing.join(', ')}` : 'no verification';
+  const spread = (xs: number[]) => (xs.length > 1 ? `; runs ${Math.min(...xs)}–${Math.max(...xs)} ms` : '');
   const rows: (string | number)[][] = [
-    ['agent: fetch + verify + decrypt + decompress + unpack, overlapped', r.agentMBps, r.agentMs, r.overlapped ? 'one pass; sha256 checked before the tree counts' : 'fell back to two passes'],
-    ['agent: the same in two passes (fetch, then unpack)', mbps(r.bundleBytes, r.twoPassMs), r.twoPassMs, `fetch ${r.twoPassFetchMs} ms, unpack ${r.twoPassUnpackMs} ms`],
-    ['curl | age -d | zstd -d | tar x', r.peerMBps ?? 'skipped', r.peerMs ?? '-', skipped],
-    ['curl | tee FILE | age -d | zstd -d | tar x', r.peerKeepMs ? mbps(r.bundleBytes, r.peerKeepMs) : 'skipped', r.peerKeepMs ?? '-', `${skipped}; keeps the bundle, as the agent must (no fsync)`],
-    ['agent: kept file → verify + decrypt + decompress + unpack, one pass', r.fileMBps, r.fileMs, 'install-base / install-target'],
-    ['age -d FILE | zstd -d | tar x', r.filePeerMBps ?? 'skipped', r.filePeerMs ?? '-', skipped],
+    ['agent: fetch + verify + decrypt + decompress + unpack, overlapped', r.agentMBps, r.agentMs, `${r.overlapped ? 'one pass; sha256 checked before the tree counts' : 'fell back to two passes'}${spread(r.samples.agent)}`],
+    ['agent: the same in two passes (fetch, then unpack)', mbps(r.bundleBytes, r.twoPassMs), r.twoPassMs, `fetch ${r.twoPassFetchMs} ms, unpack ${r.twoPassUnpackMs} ms${spread(r.samples.twoPass)}`],
+    ['curl | age -d | zstd -d | tar x', r.peerMBps ?? 'skipped', r.peerMs ?? '-', `${skipped}${spread(r.samples.peer)}`],
+    ['curl | tee FILE | age -d | zstd -d | tar x', r.peerKeepMs ? mbps(r.bundleBytes, r.peerKeepMs) : 'skipped', r.peerKeepMs ?? '-', `${skipped}; keeps the bundle, as the agent must (no fsync)${spread(r.samples.peerKeep)}`],
+    ['agent: kept file → verify + decrypt + decompress + unpack, one pass', r.fileMBps, r.fileMs, `install-base / install-target${spread(r.samples.file)}`],
+    ['age -d FILE | zstd -d | tar x', r.filePeerMBps ?? 'skipped', r.filePeerMs ?? '-', `${skipped}${spread(r.samples.filePeer)}`],
   ];
   return {
     suite: 'agent',
@@ -423,7 +441,8 @@ export async function run(opts: Record<string, string | undefined>): Promise<Sui
       tree
         ? `bundle: ${(r.bundleBytes / 2 ** 20).toFixed(0)} MiB (zstd + age) of the real tree ${tree} (${(r.unpackedBytes / 2 ** 30).toFixed(2)} GiB as a tar stream), served by an origin child process on 127.0.0.1`
         : `bundle: ${(r.bundleBytes / 2 ** 20).toFixed(0)} MiB (zstd + age, incompressible sample tree), served by an origin child process on 127.0.0.1`,
-      `ratio agent/peer, network: ${r.ratio ?? 'n/a'}; from the file: ${r.fileRatio ?? 'n/a'} (goal ≥ 1.0)`,
+      `MB/s and ms: the median of ${r.runs} runs of each pipeline, run in turn (ours, then the peers, then ours again…), each on a fresh file system`,
+      `ratio agent/peer, network: ${r.ratio ?? 'n/a'}; from the file: ${r.fileRatio ?? 'n/a'} (goal ≥ 1.0)${r.pairedRatios.network.length > 1 ? `; run by run (the peer's time ÷ ours in the same round): network ${r.pairedRatios.network.join(', ')}; from the file ${r.pairedRatios.file.join(', ')}` : ''}`,
       `our pipelines run in a node process with the deployed agent's flags (infra/systemd/stagecoach-agent.service): ${flags.join(' ') || 'none'}`,
       r.settleMiB > 0
         ? `before every timed pipeline, ours and the peers', ${r.settleMiB} MiB are written to a scratch file and deleted, so that each starts on resident memory: on a VM whose balloon reports free pages to the host, re-touching memory left free for a few seconds costs a host fault per page (see settleMemory in loadtest/agent.ts; --settle-mib 0 turns it off)`
@@ -444,7 +463,7 @@ if (isMain) {
   const r = await benchAgent({
     sizeMiB: Number(values['size-mib'] ?? 1024),
     workDir: values['work-dir'],
-    runs: Number(values.runs ?? 2),
+    runs: Number(values.runs ?? 3),
     tree: values.tree,
     settleMiB: values['settle-mib'] === undefined ? undefined : Number(values['settle-mib']),
     freshFs: values['fresh-fs'] === '0' ? false : undefined,
