@@ -612,6 +612,8 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
 }
 
 const mib = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
+/** A per-step value, or what a run without steps (one that only measured the idle fleet) shows; results.json holds NaN as null. */
+const stepped = (v: number | null, unit: string) => (v === null || Number.isNaN(v) ? 'no step ran' : `${v} ${unit}`);
 
 /**
  * The suite entry for loadtest/run.ts. With `from-json FILE`, nothing runs: the result is the
@@ -647,6 +649,7 @@ function parseWindow(s: string): { from: number; to: number } {
 
 /** The table of a fleet run. */
 export function fleetSuite(r: FleetBenchResult): SuiteResult {
+  const noSteps = stepped(r.controlCpuMsPerHostStep, 'ms') === 'no step ran';
   const rows: (string | number)[][] = [
     ['hosts / colos / mode', `${r.hosts} / ${r.colos} / ${r.mode}`],
     ['bundle bytes (B + C)', mib(r.bundleBytes)],
@@ -660,16 +663,20 @@ export function fleetSuite(r: FleetBenchResult): SuiteResult {
     ['Redis clients: base / idle fleet / peak', `${r.redisClientsBase} / ${r.redisClientsIdle} / ${r.redisClientsPeak}`],
     ['Redis clients per idle agent', r.redisClientsPerIdleAgent],
     ['Redis used memory: idle / peak', `${mib(r.redisMemIdleBytes)} / ${mib(r.redisMemPeakBytes)}`],
-    ['control CPU per host step', `${r.controlCpuMsPerHostStep} ms (${(r.controlCpuMs / 1000).toFixed(1)} s in all)`],
+    ['control CPU per host step', `${stepped(r.controlCpuMsPerHostStep, 'ms')} (${(r.controlCpuMs / 1000).toFixed(1)} s in all)`],
     // (absent from results recorded before they were measured)
-    ['stages CPU per host step (relay and bytes served)', r.stageCpuMsPerHostStep !== undefined ? `${r.stageCpuMsPerHostStep} ms` : 'not measured'],
+    ['stages CPU per host step (relay and bytes served)', r.stageCpuMsPerHostStep !== undefined ? stepped(r.stageCpuMsPerHostStep, 'ms') : 'not measured'],
     [
       'Redis commands per host step',
-      r.redisCallsPerHostStep ? `${r.redisCallsPerHostStep.total} (${r.redisCallsPerHostStep.top.slice(0, 8).map(([c, n]) => `${c} ${n}`).join(', ')})` : 'not measured',
+      noSteps
+        ? 'no step ran'
+        : r.redisCallsPerHostStep ? `${r.redisCallsPerHostStep.total} (${r.redisCallsPerHostStep.top.slice(0, 8).map(([c, n]) => `${c} ${n}`).join(', ')})` : 'not measured',
     ],
     [
       'stage requests per host step',
-      r.stageRequestsPerHostStep ? `${r.stageRequestsPerHostStep.total} (${r.stageRequestsPerHostStep.byRoute.slice(0, 6).map(([k, n]) => `${k} ${n}`).join(', ')})` : 'not measured',
+      noSteps
+        ? 'no step ran'
+        : r.stageRequestsPerHostStep ? `${r.stageRequestsPerHostStep.total} (${r.stageRequestsPerHostStep.byRoute.slice(0, 6).map(([k, n]) => `${k} ${n}`).join(', ')})` : 'not measured',
     ],
     ...(r.idle
       ? [
@@ -688,7 +695,7 @@ export function fleetSuite(r: FleetBenchResult): SuiteResult {
       : []),
     ['BullMQ jobs (steps) per second', r.jobsPerSec],
     ['agent-process RSS per host', `${(r.agentRssPerHostBytes / 1024).toFixed(0)} KiB (${mib(r.agentRssBytes)} peak in all)`],
-    ['time per step p50 / p99', `${r.stepP50Ms} / ${r.stepP99Ms} ms`],
+    ['time per step p50 / p99', r.stepP50Ms === null || Number.isNaN(r.stepP50Ms) ? 'no step ran' : `${r.stepP50Ms} / ${r.stepP99Ms} ms`],
     [
       'CPU during the rollout: control / stages / agents / Redis / origin',
       // (absent from results recorded before the processes were measured apart)
@@ -700,9 +707,11 @@ export function fleetSuite(r: FleetBenchResult): SuiteResult {
     headers: ['fleet', 'value'],
     rows,
     notes: [
-      `Per step p50/p99 ms: ${Object.entries(r.stepStats)
-        .map(([k, v]) => `${k} ${v.p50}/${v.p99}`)
-        .join(', ')}.`,
+      Object.keys(r.stepStats).length
+        ? `Per step p50/p99 ms: ${Object.entries(r.stepStats)
+            .map(([k, v]) => `${k} ${v.p50}/${v.p99}`)
+            .join(', ')}.`
+        : 'No step ran: this run only measured the idle fleet (`--timeout-sec`), and its per-step rows are empty.',
       'Origin ratio must be 1.00 (one copy per colo). Redis clients per idle agent: 2 in direct mode (a BullMQ Worker and its blocking connection), 0 in relay mode (the relay costs 3 per colo).',
       'Everything runs on this one machine: Redis, origin, stages (relays), control (child process) and the sim agents (child processes) share its cores.',
       ...(r.window ? [`Only a window of the rollout was measured (--window), while the converted hosts went from ${r.window.from} to ${r.window.to}: every per-step row counts the steps that ended in it, and the CPU spent in it.`] : []),
