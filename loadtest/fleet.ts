@@ -612,8 +612,10 @@ export async function benchFleet(o: FleetBenchOptions = {}): Promise<FleetBenchR
 }
 
 const mib = (b: number) => `${(b / 2 ** 20).toFixed(1)} MiB`;
-/** A per-step value, or what a run without steps (one that only measured the idle fleet) shows; results.json holds NaN as null. */
-const stepped = (v: number | null, unit: string) => (v === null || Number.isNaN(v) ? 'no step ran' : `${v} ${unit}`);
+/** True for a per-step value of a run without steps (one that only measured the idle fleet): NaN, or null as results.json holds it. */
+const noValue = (v: number | null) => v === null || Number.isNaN(v);
+/** A per-step value, or 'no step ran'. */
+const stepped = (v: number | null, unit: string) => (noValue(v) ? 'no step ran' : `${v} ${unit}`);
 
 /**
  * The suite entry for loadtest/run.ts. With `from-json FILE`, nothing runs: the result is the
@@ -649,7 +651,7 @@ function parseWindow(s: string): { from: number; to: number } {
 
 /** The table of a fleet run. */
 export function fleetSuite(r: FleetBenchResult): SuiteResult {
-  const noSteps = stepped(r.controlCpuMsPerHostStep, 'ms') === 'no step ran';
+  const noSteps = noValue(r.controlCpuMsPerHostStep);
   const rows: (string | number)[][] = [
     ['hosts / colos / mode', `${r.hosts} / ${r.colos} / ${r.mode}`],
     ['bundle bytes (B + C)', mib(r.bundleBytes)],
@@ -695,7 +697,7 @@ export function fleetSuite(r: FleetBenchResult): SuiteResult {
       : []),
     ['BullMQ jobs (steps) per second', r.jobsPerSec],
     ['agent-process RSS per host', `${(r.agentRssPerHostBytes / 1024).toFixed(0)} KiB (${mib(r.agentRssBytes)} peak in all)`],
-    ['time per step p50 / p99', r.stepP50Ms === null || Number.isNaN(r.stepP50Ms) ? 'no step ran' : `${r.stepP50Ms} / ${r.stepP99Ms} ms`],
+    ['time per step p50 / p99', noValue(r.stepP50Ms) ? 'no step ran' : `${r.stepP50Ms} / ${r.stepP99Ms} ms`],
     [
       'CPU during the rollout: control / stages / agents / Redis / origin',
       // (absent from results recorded before the processes were measured apart)
