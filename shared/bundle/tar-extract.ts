@@ -13,7 +13,7 @@ import { fsFailure, isScError, type ScError, scError } from '../errors.js';
 import { createTarExtract } from './pax.js';
 import { DEVICE_TYPES, entryMeta, FILE_TYPES } from './tar-entry.js';
 import { archivePath, EntryGuard } from './tar-guard.js';
-import { drained } from './tar-io.js';
+import { Breather, drained } from './tar-io.js';
 import { applyFixups, clearPath, DirCache, type Fixup, makeDirEntry, under, writeFileContent } from './tar-write.js';
 
 /** What `safeExtract` did. */
@@ -35,7 +35,16 @@ export interface ExtractOptions {
    * unpack worker's, unpack-file.ts); without this, every chunk is left to the garbage collector.
    */
   released?: (offset: number) => void;
+  /**
+   * How long the extractor works before it gives the event loop a turn, ms (default 50): its
+   * writes are synchronous, and without turns a caller's timers and sockets (a step's progress
+   * reports, its deadline) would wait for as long as data is buffered.
+   */
+  breatheMs?: number;
 }
+
+/** Default of ExtractOptions.breatheMs. */
+export const EXTRACT_BREATHE_MS = 50;
 
 /** Files whose finishing may run while later entries are written. */
 const MAX_PENDING_FILES = 16;
@@ -76,6 +85,7 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
   let skipped = 0;
   const ex = createTarExtract();
   const dirs = new DirCache(root);
+  const breath = new Breather(opts.breatheMs ?? EXTRACT_BREATHE_MS);
   /** Files whose finishing (owner, mode, mtime, xattrs) still runs, by path. */
   const pending = new Map<string, Promise<void>>();
   const settle = async (rel: string) => {
@@ -100,6 +110,7 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
       // The consumer may have failed (and destroyed the extractor) while this chunk was read.
       if (ex.destroying) return;
       if (!ex.write(chunk)) await drained(ex);
+      if (breath.due()) await breath.breathe();
       if (ex.destroying) return;
     }
     if (bytes > 0 && (tail.length < 1024 || !tail.equals(Buffer.alloc(1024)))) {
@@ -118,6 +129,7 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
       // test of bundle-tar.test.ts refills released chunks with other bytes and checks the tree.
       const at = released ? entry.header.byteOffset : undefined;
       if (at !== undefined) released?.(at);
+      if (breath.due()) await breath.breathe();
       const meta = entryMeta(entry.header);
       entries++;
       const rel = guard.check(meta.path, meta.type, meta.linkname);
@@ -178,7 +190,7 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
     }
     await Promise.all(pending.values());
     if (entries === 0) throw scError('SC_ERR_BAD_ARCHIVE', 'the tar archive has no entries');
-    await applyFixups(root, fixups, guard, asRoot, dirs);
+    await applyFixups(root, fixups, guard, asRoot, dirs, breath);
   };
 
   const failures: unknown[] = [];

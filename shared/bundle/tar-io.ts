@@ -1,6 +1,7 @@
 /**
- * Plumbing shared by the tar packer and extractor: waiting on a writable's back-pressure (file
- * system errors become ScErrors with fsFailure, shared/errors.ts).
+ * Plumbing shared by the tar packer and extractor: waiting on a writable's back-pressure, and
+ * giving the event loop its turns while extracting (file system errors become ScErrors with
+ * fsFailure, shared/errors.ts).
  */
 
 /**
@@ -19,4 +20,33 @@ export function drained(w: { once(ev: string, fn: () => void): unknown; off(ev: 
     w.once('drain', done);
     w.once('close', done);
   });
+}
+
+/**
+ * Gives the event loop a turn (timers, I/O) once `everyMs` of work has passed since the last
+ * one. The extractor's work is synchronous system calls chained by promises that are mostly
+ * resolved already: left alone, a busy unpack keeps the loop from its timers and sockets for as
+ * long as data is buffered (seconds at a time on a loaded machine, tens of seconds on a slow
+ * one), and a step's progress reports, its deadline and its requests wait that long.
+ */
+export class Breather {
+  readonly #everyMs: number;
+  #last = performance.now();
+
+  constructor(everyMs: number) {
+    this.#everyMs = everyMs;
+  }
+
+  /** True when a turn is due. */
+  due(): boolean {
+    return performance.now() - this.#last >= this.#everyMs;
+  }
+
+  /** Resolves after the event loop has run its timers and I/O once. */
+  async breathe(): Promise<void> {
+    // setImmediate from the check phase runs in the next turn, after its timers and poll phases.
+    await new Promise<void>((res) => setImmediate(res));
+    await new Promise<void>((res) => setImmediate(res));
+    this.#last = performance.now();
+  }
 }

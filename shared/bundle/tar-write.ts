@@ -48,6 +48,7 @@ import { promisify } from 'node:util';
 import { scError } from '../errors.js';
 import type { EntryMeta } from './tar-entry.js';
 import { type EntryGuard, LinkWalker } from './tar-guard.js';
+import type { Breather } from './tar-io.js';
 import { writeXattrs } from './xattr.js';
 
 /** Work left for after the stream: the final state wanted at one path. */
@@ -142,7 +143,7 @@ async function makeFifos(paths: string[]): Promise<void> {
  * set of links), hardlinks to them, FIFOs, then directory modes and mtimes (last, since creating
  * entries changes a directory's mtime and a 0555 directory must stay writable until then).
  */
-export async function applyFixups(root: string, fixups: Map<string, Fixup>, guard: EntryGuard, asRoot: boolean, dirs: DirCache): Promise<void> {
+export async function applyFixups(root: string, fixups: Map<string, Fixup>, guard: EntryGuard, asRoot: boolean, dirs: DirCache, breath?: Breather): Promise<void> {
   const abs = (rel: string) => under(root, rel);
   const batch = async <T>(items: T[], fn: (x: T) => Promise<void>) => {
     for (let i = 0; i < items.length; i += 32) await Promise.all(items.slice(i, i + 32).map(fn));
@@ -157,10 +158,14 @@ export async function applyFixups(root: string, fixups: Map<string, Fixup>, guar
     if (t !== undefined) finalLinks.set(rel, t);
   }
   const final = new LinkWalker((p) => (fixups.has(p) ? finalLinks.get(p) : guard.diskLink(p)));
-  for (const [rel, target] of finalLinks) guard.checkLinkTarget(rel, target, rel, final);
+  for (const [rel, target] of finalLinks) {
+    guard.checkLinkTarget(rel, target, rel, final);
+    if (breath?.due()) await breath.breathe();
+  }
 
   for (const [rel, f] of all) {
     if (f.kind !== 'symlink') continue;
+    if (breath?.due()) await breath.breathe();
     const p = abs(rel);
     dirs.ensureParent(p);
     try {
@@ -176,6 +181,7 @@ export async function applyFixups(root: string, fixups: Map<string, Fixup>, guar
   }
   for (const [rel, f] of all) {
     if (f.kind !== 'hardlink') continue;
+    if (breath?.due()) await breath.breathe();
     clearPath(abs(rel), rel, dirs);
     linkSync(abs(f.target), abs(rel));
   }
@@ -196,6 +202,7 @@ export async function applyFixups(root: string, fixups: Map<string, Fixup>, guar
   }
   for (const [rel, f] of all) {
     if (f.kind !== 'dir') continue;
+    if (breath?.due()) await breath.breathe();
     chmodSync(abs(rel), f.mode);
     utimesSync(abs(rel), f.mtime, f.mtime);
   }
