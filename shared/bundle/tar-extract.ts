@@ -85,6 +85,7 @@ export async function safeExtract(src: Readable, targetDir: string, opts: Extrac
   let skipped = 0;
   const ex = createTarExtract();
   const dirs = new DirCache(root);
+  await dirs.checkRoot();
   const breath = new Breather(opts.breatheMs ?? EXTRACT_BREATHE_MS);
   /** Files whose finishing (owner, mode, mtime, xattrs) still runs, by path. */
   const pending = new Map<string, Promise<void>>();

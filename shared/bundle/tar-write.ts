@@ -49,7 +49,7 @@ import { scError } from '../errors.js';
 import type { EntryMeta } from './tar-entry.js';
 import { type EntryGuard, LinkWalker } from './tar-guard.js';
 import type { Breather } from './tar-io.js';
-import { writeXattrs } from './xattr.js';
+import { hasDefaultAcl, writeXattrs } from './xattr.js';
 
 /** Work left for after the stream: the final state wanted at one path. */
 export type Fixup =
@@ -106,12 +106,13 @@ export function under(root: string, rel: string): string {
 
 /** Removes whatever is at `abs` (an empty directory too); missing is fine. */
 export function clearPath(abs: string, rel: string, dirs?: DirCache): void {
-  let st: Stats;
+  let st: Stats | undefined;
   try {
-    st = lstatSync(abs);
+    st = lstatSync(abs, { throwIfNoEntry: false });
   } catch {
     return;
   }
+  if (!st) return;
   try {
     if (st.isDirectory()) {
       dirs?.forget(abs);
@@ -230,14 +231,20 @@ export async function writeFileContent(
 ): Promise<(() => Promise<void>) | null> {
   const p = under(root, rel);
   dirs.ensureParent(p);
+  // In a plain directory the new file's owner and mode are known: no chown or chmod when they
+  // are already the ones wanted (most files of a root filesystem: root's, 0644 or 0755).
+  const plain = dirs.plain(p.slice(0, p.lastIndexOf('/')));
+  const modeByOpen = plain !== null && (meta.mode & 0o7000) === 0 && (meta.mode & plain.umask) === 0;
+  const ownerByOpen = plain !== null && meta.uid === plain.uid && meta.gid === plain.gid;
   const flags = fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW;
+  const createMode = modeByOpen ? meta.mode : 0o600;
   let fd: number;
   try {
-    fd = openSync(p, flags, 0o600);
+    fd = openSync(p, flags, createMode);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
     clearPath(p, rel, dirs);
-    fd = openSync(p, flags, 0o600);
+    fd = openSync(p, flags, createMode);
   }
   let pos = 0;
   /** Where the last byte written ends: short of `pos` when the file ends in a hole. */
@@ -257,8 +264,8 @@ export async function writeFileContent(
     // Holes at the end: the size comes from truncate.
     if (dataEnd < pos) ftruncateSync(fd, pos);
     // chown first: it clears setuid/setgid and security.capability.
-    if (asRoot) fchownSync(fd, meta.uid, meta.gid);
-    fchmodSync(fd, meta.mode);
+    if (asRoot && !ownerByOpen) fchownSync(fd, meta.uid, meta.gid);
+    if (!modeByOpen) fchmodSync(fd, meta.mode);
     futimesSync(fd, meta.mtime, meta.mtime);
   } finally {
     closeSync(fd);
@@ -267,13 +274,59 @@ export async function writeFileContent(
   return () => writeXattrs(p, meta.xattrs, rel);
 }
 
-/** Directories known to exist under the root, so each parent is created (or checked) once. */
+/** The owner a file gets from the process that creates it, and the bits its mode loses. */
+export interface Creator {
+  uid: number;
+  gid: number;
+  umask: number;
+}
+
+/** This process as the creator of files. */
+export function thisCreator(): Creator {
+  return { uid: process.geteuid?.() ?? 0, gid: process.getegid?.() ?? 0, umask: process.umask() };
+}
+
+/**
+ * Directories known to exist under the root, so each parent is created (or checked) once; and
+ * which of them are plain: a file created in a plain directory gets exactly the creator's uid
+ * and gid and the mode it was opened with less the umask, so its writer may skip the chown and
+ * chmod that would change nothing.
+ *
+ * A directory is plain when nothing in it changes what a new file gets: it is not setgid, its
+ * group is the creator's (on a file system mounted `grpid`, files take their directory's group),
+ * and it has no default ACL (which replaces the umask and adds an ACL to each new file). The
+ * root is checked once (`checkRoot`). Below it, a directory is plain when this extraction made it
+ * in a plain parent (mkdir gives it no setgid and no default ACL then), with the creator's group
+ * and no default ACL among its attributes; one that was already there is plain only when it was
+ * plain before, and anything made by `ensureParent` is not. Directory modes (setgid included)
+ * are set in the fixups, after every file is written.
+ */
 export class DirCache {
   readonly #root: string;
   readonly #known = new Set<string>();
+  readonly #plain = new Set<string>();
+  readonly #creator: Creator;
 
-  constructor(root: string) {
+  constructor(root: string, creator: Creator = thisCreator()) {
     this.#root = root;
+    this.#creator = creator;
+  }
+
+  /** Marks the root plain when it is: a directory, not setgid, of the creator's group, without a default ACL. */
+  async checkRoot(): Promise<void> {
+    let st: Stats;
+    try {
+      st = lstatSync(this.#root);
+    } catch {
+      return;
+    }
+    if (!st.isDirectory() || st.mode & 0o2000 || st.gid !== this.#creator.gid) return;
+    if ((await hasDefaultAcl(this.#root)) === false) this.#plain.add(this.#root);
+  }
+
+  /** The creator, when `dir` is plain (see the class doc); null otherwise. */
+  plain(dir: string): Creator | null {
+    return this.#plain.has(dir) ? this.#creator : null;
   }
 
   /** Ensures the parent directory of `abs` exists (the guard has checked it has no symlink). */
@@ -284,33 +337,43 @@ export class DirCache {
     this.#known.add(parent);
   }
 
-  /** Records that the directory `abs` exists. */
-  add(abs: string): void {
+  /**
+   * Records that the directory `abs` exists, now owned by group `gid` (undefined: left as it was
+   * made), with or without a default ACL; `made`: this extraction has just created it.
+   */
+  add(abs: string, made: boolean, gid: number | undefined, defaultAcl: boolean): void {
     this.#known.add(abs);
+    const from = made ? abs.slice(0, abs.lastIndexOf('/')) : abs;
+    if (this.#plain.has(from) && !defaultAcl && (gid === undefined || gid === this.#creator.gid)) this.#plain.add(abs);
+    else this.#plain.delete(abs);
   }
 
   /** Forgets `abs` (and what is below it): it is about to be replaced. */
   forget(abs: string): void {
     for (const d of this.#known) if (d === abs || d.startsWith(`${abs}/`)) this.#known.delete(d);
+    for (const d of this.#plain) if (d === abs || d.startsWith(`${abs}/`)) this.#plain.delete(d);
   }
 }
 
 /** Creates (or keeps) a directory; owner and xattrs now, mode and mtime in the fixups. */
 export async function makeDirEntry(root: string, rel: string, meta: EntryMeta, asRoot: boolean, dirs: DirCache): Promise<void> {
   const p = under(root, rel);
+  let made = false;
   if (rel) {
     dirs.ensureParent(p);
     try {
       mkdirSync(p, { mode: 0o700 });
+      made = true;
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
       if (!lstatSync(p).isDirectory()) {
         clearPath(p, rel, dirs);
         mkdirSync(p, { mode: 0o700 });
+        made = true;
       }
     }
-    dirs.add(p);
   }
   if (asRoot) lchownSync(p, meta.uid, meta.gid);
   if (meta.xattrs.length) await writeXattrs(p, meta.xattrs, rel || '.');
+  dirs.add(p, made, asRoot ? meta.gid : undefined, meta.xattrs.some(([name]) => name === 'system.posix_acl_default'));
 }

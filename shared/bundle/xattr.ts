@@ -97,6 +97,21 @@ export async function readXattrs(path: string, display = path): Promise<[string,
 }
 
 /**
+ * Whether the directory `path` has a default ACL: true or false, or undefined when that cannot
+ * be known (no binding on this platform, or the listing failed). A file system without xattr
+ * support has none.
+ */
+export async function hasDefaultAcl(path: string): Promise<boolean | undefined> {
+  try {
+    const x = await loadXattr();
+    return (await x.listAttributes(path)).includes('system.posix_acl_default');
+  } catch (err) {
+    const errno = xattrErrno(err);
+    return errno === 'ENOTSUP' || errno === 'EOPNOTSUPP' ? false : undefined;
+  }
+}
+
+/**
  * Sets extended attributes on `path` (not following a symlink). Throws SC_ERR_UNSUPPORTED_XATTR
  * for a name outside the carried namespaces, SC_ERR_NO_SPACE when the file system is full,
  * SC_ERR_INTERNAL otherwise (e.g. ENOTSUP: the target file system cannot hold them).

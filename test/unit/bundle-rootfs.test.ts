@@ -23,7 +23,7 @@ import { CAP_NET_RAW_EP, makeRealRootfs, REAL_ROOTFS, treeFacts } from '../helpe
 const asRoot = process.getuid?.() === 0;
 
 /** A tar built from header fields, with an optional PAX record set before it (node-tar encodes the blocks). */
-function rawTar(entries: { path: string; type?: 'File' | 'ExtendedHeader' | 'SymbolicLink' | 'Link' | 'Directory'; body?: string; linkpath?: string; pax?: [string, string | Buffer][] }[]): Buffer {
+function rawTar(entries: { path: string; type?: 'File' | 'ExtendedHeader' | 'SymbolicLink' | 'Link' | 'Directory'; body?: string; linkpath?: string; mode?: number; uid?: number; gid?: number; pax?: [string, string | Buffer][] }[]): Buffer {
   const parts: Buffer[] = [];
   const pad = (n: number) => Buffer.alloc((512 - (n % 512)) % 512);
   for (const e of entries) {
@@ -34,7 +34,7 @@ function rawTar(entries: { path: string; type?: 'File' | 'ExtendedHeader' | 'Sym
       parts.push(h.block as Buffer, body, pad(body.length));
     }
     const body = Buffer.from(e.body ?? '');
-    const h = new tar.Header({ path: e.path, type: e.type ?? 'File', size: body.length, mode: 0o644, mtime: new Date(1_700_000_000_000), linkpath: e.linkpath });
+    const h = new tar.Header({ path: e.path, type: e.type ?? 'File', size: body.length, mode: e.mode ?? 0o644, uid: e.uid ?? 0, gid: e.gid ?? 0, mtime: new Date(1_700_000_000_000), linkpath: e.linkpath });
     h.encode();
     parts.push(h.block as Buffer, body, pad(body.length));
   }
@@ -124,6 +124,46 @@ describe('real root filesystems through the tar codec', { skip: !asRoot && 'need
     // Any other system.* name is refused.
     const other = rawTar([{ path: 'etc/f', body: 'x', pax: [['SCHILY.xattr.system.nfs4_acl', Buffer.from('00', 'hex')]] }]);
     await assert.rejects(safeExtract(Readable.from([other]), join(base, 'nfs4-out')), (e: unknown) => isScError(e, 'SC_ERR_UNSUPPORTED_XATTR') && /etc\/f.*system\.nfs4_acl/.test((e as Error).message));
+  });
+
+  it('gives files their recorded group and mode in a setgid target of another group and under a default ACL', async () => {
+    // What a directory hands to the files created in it (a setgid group, a default ACL, here
+    // other::---, a group other than root's) must never survive into the tree: the recorded
+    // owner and mode win.
+    const facts = (root: string, p: string) => {
+      const st = lstatSync(join(root, p));
+      return { mode: st.mode & 0o7777, uid: st.uid, gid: st.gid };
+    };
+    const setgid = join(base, 'inherit-setgid');
+    mkdirSync(setgid);
+    execFileSync('chown', ['0:4242', setgid]);
+    execFileSync('chmod', ['2775', setgid]);
+    await safeExtract(Readable.from([rawTar([{ path: 'a', body: 'a', mode: 0o644 }])]), setgid);
+    assert.deepEqual(facts(setgid, 'a'), { mode: 0o644, uid: 0, gid: 0 }, "not the setgid target's group");
+
+    const defaultAcl = Buffer.from('02000000' + '01000700ffffffff' + '04000500ffffffff' + '20000000ffffffff', 'hex');
+    const aclRoot = join(base, 'inherit-acl');
+    mkdirSync(aclRoot);
+    await setAttribute(aclRoot, 'system.posix_acl_default', defaultAcl);
+    await safeExtract(Readable.from([rawTar([{ path: 'x', body: 'x', mode: 0o644 }])]), aclRoot);
+    assert.deepEqual(facts(aclRoot, 'x'), { mode: 0o644, uid: 0, gid: 0 }, "not the mode the target's default ACL gives");
+
+    const out = join(base, 'inherit-out');
+    const archive = rawTar([
+      { path: 'plain', body: 'p', mode: 0o644 },
+      { path: 'j/', type: 'Directory', mode: 0o755, pax: [['SCHILY.xattr.system.posix_acl_default', defaultAcl]] },
+      { path: 'j/f', body: 'f', mode: 0o644 },
+      { path: 'j/sub/', type: 'Directory', mode: 0o755 },
+      { path: 'j/sub/g', body: 'g', mode: 0o755 },
+      { path: 'u/', type: 'Directory', mode: 0o2755, gid: 4242 },
+      { path: 'u/h', body: 'h', mode: 0o644 },
+    ]);
+    await safeExtract(Readable.from([archive]), out);
+    assert.deepEqual(facts(out, 'plain'), { mode: 0o644, uid: 0, gid: 0 });
+    assert.deepEqual(facts(out, 'j/f'), { mode: 0o644, uid: 0, gid: 0 }, 'not the mode the default ACL gives');
+    assert.deepEqual(facts(out, 'j/sub/g'), { mode: 0o755, uid: 0, gid: 0 }, 'nor the one it gives below, inherited');
+    assert.deepEqual(facts(out, 'u/h'), { mode: 0o644, uid: 0, gid: 0 }, "nor its directory's group");
+    assert.deepEqual(facts(out, 'u'), { mode: 0o2755, uid: 0, gid: 4242 });
   });
 
   it('keeps a hardlinked symlink as one inode (two names of the same link)', async () => {

@@ -300,6 +300,25 @@ describe('safeExtract', () => {
     assert.equal(mode('secret'), 0o600);
   });
 
+  it('keeps modes exactly under a umask that would take bits from them', async () => {
+    const old = process.umask(0o077);
+    try {
+      await extract([
+        { path: 'etc/', kind: 'dir', mode: 0o755 },
+        { path: 'etc/hosts', body: 'h', mode: 0o644 },
+        { path: 'etc/init', body: 'i', mode: 0o755 },
+        { path: 'top', body: 't', mode: 0o640 },
+      ]);
+    } finally {
+      process.umask(old);
+    }
+    const mode = (p: string) => statSync(join(target, p)).mode & 0o7777;
+    assert.equal(mode('etc'), 0o755);
+    assert.equal(mode('etc/hosts'), 0o644);
+    assert.equal(mode('etc/init'), 0o755);
+    assert.equal(mode('top'), 0o640);
+  });
+
   it('restores directory and symlink mtimes after the contents are written', async () => {
     await extract([
       { path: 'd/', kind: 'dir', mtime: 1_600_000_000 },
