@@ -211,7 +211,8 @@ export async function applyFixups(root: string, fixups: Map<string, Fixup>, guar
 
 /**
  * Writes one regular file's content into a fresh file (never through a link, never into an
- * existing inode), then its owner, mode and mtime. Extended attributes come after chown (which
+ * existing inode), then its owner, mode and mtime (owner and mode only where they differ from
+ * what a plain directory gave the file, see DirCache). Extended attributes come after chown (which
  * clears security.capability), from the finisher returned (null when there are none), which
  * may run while later entries are written.
  *
