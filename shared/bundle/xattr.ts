@@ -67,14 +67,7 @@ function failure(what: string, path: string, err: unknown): ScError {
  */
 export async function readXattrs(path: string, display = path): Promise<[string, Buffer][]> {
   const x = await loadXattr();
-  let names: string[];
-  try {
-    names = await x.listAttributes(path);
-  } catch (err) {
-    const errno = xattrErrno(err);
-    if (errno === 'ENOTSUP' || errno === 'EOPNOTSUPP') return [];
-    throw failure('cannot list the extended attributes of', display, err);
-  }
+  const names = await xattrNames(path, display);
   if (names.length === 0) return [];
   const out: [string, Buffer][] = [];
   for (const name of names.sort()) {
@@ -103,11 +96,21 @@ export async function readXattrs(path: string, display = path): Promise<[string,
  */
 export async function hasDefaultAcl(path: string): Promise<boolean | undefined> {
   try {
-    const x = await loadXattr();
-    return (await x.listAttributes(path)).includes('system.posix_acl_default');
+    return (await xattrNames(path, path)).includes('system.posix_acl_default');
+  } catch {
+    return undefined;
+  }
+}
+
+/** The names of `path`'s extended attributes (not following a symlink); none where the file system has no support. */
+async function xattrNames(path: string, display: string): Promise<string[]> {
+  const x = await loadXattr();
+  try {
+    return await x.listAttributes(path);
   } catch (err) {
     const errno = xattrErrno(err);
-    return errno === 'ENOTSUP' || errno === 'EOPNOTSUPP' ? false : undefined;
+    if (errno === 'ENOTSUP' || errno === 'EOPNOTSUPP') return [];
+    throw failure('cannot list the extended attributes of', display, err);
   }
 }
 

@@ -3,7 +3,7 @@
  * sanitises them on the way) and packDirStream's order and fidelity.
  */
 import assert from 'node:assert/strict';
-import { createReadStream, createWriteStream, existsSync, linkSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, createReadStream, createWriteStream, existsSync, linkSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Readable } from 'node:stream';
@@ -14,6 +14,7 @@ import { afterEach, beforeEach, describe, it } from 'node:test';
 import * as tar from 'tar';
 import { packDirStream, safeExtract } from '../../shared/bundle/index.js';
 import { archivePath } from '../../shared/bundle/tar-guard.js';
+import { DirCache, thisCreator } from '../../shared/bundle/tar-write.js';
 import { isScError } from '../../shared/errors.js';
 
 type Kind = 'file' | 'dir' | 'symlink' | 'hardlink' | 'chardev' | 'fifo';
@@ -317,6 +318,33 @@ describe('safeExtract', () => {
     assert.equal(mode('etc/hosts'), 0o644);
     assert.equal(mode('etc/init'), 0o755);
     assert.equal(mode('top'), 0o640);
+  });
+
+  it('knows which directories give a new file exactly its creator\'s owner and its open mode (no chown or chmod needed there)', async () => {
+    const creator = thisCreator();
+    const dirs = new DirCache(target, creator);
+    mkdirSync(target, { recursive: true });
+    await dirs.checkRoot();
+    assert.deepEqual(dirs.plain(target), creator, 'a plain target');
+    const at = (rel: string) => join(target, rel);
+    dirs.add(at('a'), true, undefined, false);
+    dirs.add(at('a/acl'), true, undefined, true);
+    dirs.add(at('a/acl/below'), true, undefined, false);
+    dirs.add(at('other'), true, creator.gid + 1, false);
+    dirs.add(at('found'), false, undefined, false);
+    assert.deepEqual(dirs.plain(at('a')), creator, 'made here in a plain parent');
+    assert.equal(dirs.plain(at('a/acl')), null, 'a default ACL');
+    assert.equal(dirs.plain(at('a/acl/below')), null, 'made below a default ACL');
+    assert.equal(dirs.plain(at('other')), null, 'another group');
+    assert.equal(dirs.plain(at('found')), null, 'already there');
+    dirs.forget(at('a'));
+    assert.equal(dirs.plain(at('a')), null, 'forgotten');
+    const setgid = join(target, 'sg');
+    mkdirSync(setgid);
+    chmodSync(setgid, 0o2755);
+    const inSetgid = new DirCache(setgid, creator);
+    await inSetgid.checkRoot();
+    assert.equal(inSetgid.plain(setgid), null, 'a setgid target');
   });
 
   it('restores directory and symlink mtimes after the contents are written', async () => {
